@@ -1,0 +1,537 @@
+//! Every option, its default and the reason for it.
+//!
+//! Precedence: CLI flags > environment > TOML file > defaults. Environment
+//! names are `SWITCHBOARD_<OPTION>` (upper case, `SWITCHBOARD_TLS_CERT` for
+//! `tls.cert`), plus the seeds' `HOST`, `PORT`, `WS_PATH`,
+//! `WS_HEARTBEAT_INTERVAL` and `WS_SHUTDOWN_TIMEOUT`.
+//! Durations are written `"30s"`, `"500ms"`, `"2m"`, or as a bare number of
+//! milliseconds (the seeds' `heartbeatInterval: 30000`).
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// How accepted sockets reach the shards (see docs/ARCHITECTURE.md for the measurement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceptMode {
+    /// One acceptor thread hands sockets to the least-loaded shard.
+    Acceptor,
+    /// Every shard has its own SO_REUSEPORT listener; the kernel spreads connections.
+    Reuseport,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// No authentication: development only (refused on public addresses unless allowed).
+    None,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain. With `key`, the listener speaks TLS (wss://).
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() || self.key.is_some()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Loopback by default: a newcomer's first run is not exposed to the network.
+    pub host: String,
+    /// 8080, as in the seeds.
+    pub port: u16,
+    /// Shard threads; 0 means one per available core.
+    pub shards: usize,
+    /// Where clients speak the Switchboard protocol (seed WS_PATH).
+    pub ws_path: String,
+    /// Raw echo endpoint for conformance tests and transport benchmarks.
+    pub echo_path: String,
+    /// The echo endpoint can be switched off in production.
+    pub echo_enabled: bool,
+    /// Acceptor thread by default: measured faster to spread load evenly (ARCHITECTURE.md).
+    pub accept: AcceptMode,
+    /// Open WebSocket connections across all shards; upgrades past it get HTTP 503.
+    pub max_connections: usize,
+    /// Largest frame payload (close 1009 past it). 1 MiB covers any chat or event payload.
+    pub max_frame_size: usize,
+    /// Largest reassembled message (close 1009 past it).
+    pub max_message_size: usize,
+    /// Bytes queued for one connection before it is closed as a slow consumer (1008).
+    /// 4 MiB absorbs bursts of a busy channel without letting one reader hold the shard's memory.
+    pub max_outbound_bytes: usize,
+    /// Largest HTTP request head (431 past it). 8 KiB as common servers do.
+    pub max_header_bytes: usize,
+    /// Time allowed from accept to a complete upgrade request.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub handshake_timeout: Duration,
+    /// Ping every interval (seed heartbeatInterval 30000 ms).
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub heartbeat_interval: Duration,
+    /// A ping not answered within this is a dead peer: close 1011.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub pong_timeout: Duration,
+    /// Close connections that send nothing for this long; 0 switches it off (heartbeats already catch dead peers).
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    /// How long a closing connection waits for the peer's close before the socket is dropped.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub close_timeout: Duration,
+    /// Graceful shutdown deadline (seed WS_SHUTDOWN_TIMEOUT).
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub shutdown_timeout: Duration,
+    /// New connections per client IP per minute; 0 = unlimited (seed 001 uses 10).
+    pub per_ip_connections_per_minute: u32,
+    /// Bytes read from one connection per wake-up before others get their turn.
+    pub read_budget: usize,
+    /// debug, info, warn, error (seed logLevel).
+    pub log_level: String,
+    /// text or json lines.
+    pub log_format: LogFormat,
+    /// Explicit consent to bind a non-loopback address with authentication off.
+    pub allow_unauthenticated_public: bool,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            shards: 0,
+            ws_path: "/ws".into(),
+            echo_path: "/echo".into(),
+            echo_enabled: true,
+            accept: AcceptMode::Acceptor,
+            max_connections: 100_000,
+            max_frame_size: 1 << 20,
+            max_message_size: 1 << 20,
+            max_outbound_bytes: 4 << 20,
+            max_header_bytes: 8 << 10,
+            handshake_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(30),
+            pong_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::ZERO,
+            close_timeout: Duration::from_secs(3),
+            shutdown_timeout: Duration::from_secs(10),
+            per_ip_connections_per_minute: 0,
+            read_budget: 256 << 10,
+            log_level: "info".into(),
+            log_format: LogFormat::Text,
+            allow_unauthenticated_public: false,
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+/// A configuration problem, named precisely enough to fix it from one line.
+#[derive(Debug)]
+pub enum ConfigError {
+    Read {
+        path: PathBuf,
+        err: std::io::Error,
+    },
+    Parse {
+        source: String,
+        message: String,
+    },
+    Invalid {
+        option: &'static str,
+        message: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, err } => {
+                write!(f, "cannot read config file {}: {err}", path.display())
+            }
+            ConfigError::Parse { source, message } => {
+                write!(f, "invalid configuration in {source}: {}", message.trim())
+            }
+            ConfigError::Invalid { option, message } => write!(f, "invalid {option}: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// CLI values that override everything else.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub shards: Option<usize>,
+    pub log_level: Option<String>,
+}
+
+/// Environment variables read, and the option each sets.
+const ENV: &[(&str, &str)] = &[
+    ("HOST", "host"),
+    ("PORT", "port"),
+    ("WS_PATH", "ws_path"),
+    ("WS_HEARTBEAT_INTERVAL", "heartbeat_interval"),
+    ("WS_SHUTDOWN_TIMEOUT", "shutdown_timeout"),
+];
+
+const OPTIONS: &[&str] = &[
+    "host",
+    "port",
+    "shards",
+    "ws_path",
+    "echo_path",
+    "echo_enabled",
+    "accept",
+    "max_connections",
+    "max_frame_size",
+    "max_message_size",
+    "max_outbound_bytes",
+    "max_header_bytes",
+    "handshake_timeout",
+    "heartbeat_interval",
+    "pong_timeout",
+    "idle_timeout",
+    "close_timeout",
+    "shutdown_timeout",
+    "per_ip_connections_per_minute",
+    "read_budget",
+    "log_level",
+    "log_format",
+    "allow_unauthenticated_public",
+    "tls.cert",
+    "tls.key",
+    "auth.mode",
+];
+
+fn env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        toml::Value::Integer(i)
+    } else if let Ok(b) = raw.parse::<bool>() {
+        toml::Value::Boolean(b)
+    } else {
+        toml::Value::String(raw.to_owned())
+    }
+}
+
+fn set_dotted(table: &mut toml::Table, key: &str, value: toml::Value) {
+    match key.split_once('.') {
+        Some((head, rest)) => {
+            let entry = table
+                .entry(head)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if !entry.is_table() {
+                *entry = toml::Value::Table(toml::Table::new());
+            }
+            if let toml::Value::Table(t) = entry {
+                set_dotted(t, rest, value);
+            }
+        }
+        None => {
+            table.insert(key.to_owned(), value);
+        }
+    }
+}
+
+impl Config {
+    /// Load from an optional file, then the process environment, then `cli`.
+    pub fn load(file: Option<&std::path::Path>, cli: &Overrides) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Config::load_from(file, &env, cli)
+    }
+
+    /// As [`Config::load`] with an explicit environment (tests).
+    pub fn load_from(
+        file: Option<&std::path::Path>,
+        env: &[(String, String)],
+        cli: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+                    path: path.to_owned(),
+                    err,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        source: path.display().to_string(),
+                        message: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        let lookup = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        // Seed names first so SWITCHBOARD_* wins when both are set.
+        for (var, key) in ENV {
+            if let Some(v) = lookup(var) {
+                set_dotted(&mut table, key, env_value(v));
+            }
+        }
+        for key in OPTIONS {
+            let var = format!("SWITCHBOARD_{}", key.replace('.', "_").to_uppercase());
+            if let Some(v) = lookup(&var) {
+                let value = if key.starts_with("tls.") || *key == "host" || *key == "log_level" {
+                    toml::Value::String(v.to_owned())
+                } else {
+                    env_value(v)
+                };
+                set_dotted(&mut table, key, value);
+            }
+        }
+        let mut cfg: Config =
+            Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
+                source: if file.is_some() {
+                    "config file or environment".into()
+                } else {
+                    "environment".into()
+                },
+                message: e.to_string(),
+            })?;
+        if let Some(h) = &cli.host {
+            cfg.host = h.clone();
+        }
+        if let Some(p) = cli.port {
+            cfg.port = p;
+        }
+        if let Some(s) = cli.shards {
+            cfg.shards = s;
+        }
+        if let Some(l) = &cli.log_level {
+            cfg.log_level = l.clone();
+        }
+        if cfg.shards == 0 {
+            cfg.shards = std::thread::available_parallelism().map_or(1, |n| n.get());
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check every option; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad =
+            |option: &'static str, message: String| Err(ConfigError::Invalid { option, message });
+        let ip: IpAddr = match self.host.parse() {
+            Ok(ip) => ip,
+            Err(_) if self.host == "localhost" => IpAddr::from([127, 0, 0, 1]),
+            Err(_) => return bad("host", format!("{:?} is not an IP address", self.host)),
+        };
+        if !(1..=256).contains(&self.shards) {
+            return bad("shards", format!("{} is outside 1..=256", self.shards));
+        }
+        for (name, p) in [("ws_path", &self.ws_path), ("echo_path", &self.echo_path)] {
+            if !p.starts_with('/') || p.contains('?') || p.contains(' ') {
+                return bad(name, format!("{p:?} must be an absolute path like /ws"));
+            }
+        }
+        if self.echo_enabled && self.ws_path == self.echo_path {
+            return bad("echo_path", format!("{:?} is also ws_path", self.echo_path));
+        }
+        for (name, v) in [
+            ("max_connections", self.max_connections),
+            ("max_frame_size", self.max_frame_size),
+            ("max_message_size", self.max_message_size),
+            ("max_outbound_bytes", self.max_outbound_bytes),
+            ("read_budget", self.read_budget),
+        ] {
+            if v == 0 {
+                return bad(name, "must be greater than 0".into());
+            }
+        }
+        if self.max_header_bytes < 256 {
+            return bad("max_header_bytes", "must be at least 256".into());
+        }
+        for (name, d) in [
+            ("handshake_timeout", self.handshake_timeout),
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("pong_timeout", self.pong_timeout),
+            ("close_timeout", self.close_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(name, "must be greater than 0".into());
+            }
+        }
+        if crate::logging::parse_level(&self.log_level).is_none() {
+            return bad(
+                "log_level",
+                format!("{:?}: use debug, info, warn or error", self.log_level),
+            );
+        }
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(_), None) => return bad("tls.key", "tls.cert is set but tls.key is not".into()),
+            (None, Some(_)) => return bad("tls.cert", "tls.key is set but tls.cert is not".into()),
+            _ => {}
+        }
+        if !ip.is_loopback()
+            && self.auth.mode == AuthMode::None
+            && !self.allow_unauthenticated_public
+        {
+            return bad(
+                "host",
+                format!(
+                    "{ip} is not a loopback address and auth.mode is \"none\"; configure authentication or set allow_unauthenticated_public = true"
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The address to bind.
+    pub fn bind_ip(&self) -> IpAddr {
+        if self.host == "localhost" {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            self.host.parse().unwrap_or(IpAddr::from([127, 0, 0, 1]))
+        }
+    }
+}
+
+/// Parse `"30s"`, `"250ms"`, `"2m"`, or a bare number of milliseconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(Duration::from_millis(ms));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Ms(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Ms(ms) => Ok(Duration::from_millis(ms)),
+        Raw::Text(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = Config::load_from(None, &[], &Overrides::default()).unwrap();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.host, "127.0.0.1");
+        assert!(c.shards >= 1);
+    }
+
+    #[test]
+    fn precedence_flags_env_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "port = 9000\nws_path = \"/file\"\nheartbeat_interval = \"5s\"\nshards = 3\n[tls]\n",
+        )
+        .unwrap();
+        let e = env(&[
+            ("WS_PATH", "/seed"),
+            ("SWITCHBOARD_SHARDS", "2"),
+            ("WS_HEARTBEAT_INTERVAL", "30000"),
+            ("PORT", "9100"),
+        ]);
+        let cli = Overrides {
+            port: Some(9200),
+            ..Overrides::default()
+        };
+        let c = Config::load_from(Some(&path), &e, &cli).unwrap();
+        assert_eq!(c.port, 9200, "flag beats env and file");
+        assert_eq!(c.ws_path, "/seed", "env beats file");
+        assert_eq!(c.shards, 2);
+        assert_eq!(
+            c.heartbeat_interval,
+            Duration::from_secs(30),
+            "bare number is ms"
+        );
+        let both = env(&[("WS_PATH", "/seed"), ("SWITCHBOARD_WS_PATH", "/sb")]);
+        let c = Config::load_from(None, &both, &Overrides::default()).unwrap();
+        assert_eq!(c.ws_path, "/sb");
+    }
+
+    #[test]
+    fn errors_name_the_option() {
+        let cases = [
+            (env(&[("SWITCHBOARD_SHARDS", "0x")]), "shards"),
+            (env(&[("WS_PATH", "nope")]), "ws_path"),
+            (env(&[("SWITCHBOARD_LOG_LEVEL", "loud")]), "log_level"),
+            (env(&[("HOST", "0.0.0.0")]), "host"),
+            (env(&[("SWITCHBOARD_TLS_CERT", "/x.pem")]), "tls.key"),
+            (
+                env(&[("WS_HEARTBEAT_INTERVAL", "soon")]),
+                "heartbeat_interval",
+            ),
+            (
+                env(&[("SWITCHBOARD_MAX_FRAME_SIZE", "0")]),
+                "max_frame_size",
+            ),
+        ];
+        for (e, word) in cases {
+            let err = Config::load_from(None, &e, &Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains(word), "{err} should name {word}");
+        }
+        let ok = env(&[
+            ("HOST", "0.0.0.0"),
+            ("SWITCHBOARD_ALLOW_UNAUTHENTICATED_PUBLIC", "true"),
+        ]);
+        assert!(Config::load_from(None, &ok, &Overrides::default()).is_ok());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "prot = 1\n").unwrap();
+        let err = Config::load_from(Some(&path), &[], &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("prot"), "{err}");
+    }
+}

@@ -1,0 +1,651 @@
+//! One client connection: a state machine over a [`Transport`].
+//!
+//! ```text
+//! Handshake --101--> Open --close/error/slow/timeout--> Closing --> dropped
+//!     \--4xx/5xx--> Rejecting --response flushed, FIN, EOF or linger--> dropped
+//! ```
+//!
+//! The connection owns almost nothing while idle: the socket, a few flags,
+//! one timer handle. Reads land in the shard's scratch buffer; replies are
+//! appended to the shard's cork buffer and written with one syscall after the
+//! read burst; only what the socket does not take is copied into the
+//! connection's own [`OutQueue`].
+
+pub mod outq;
+pub mod transport;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::http::{Request, Response, parse_request};
+use crate::proto;
+use crate::stats::Counters;
+use crate::timer::{TimerKey, TimerWheel};
+use crate::ws::frame::{self, CloseCode, OpCode};
+use crate::ws::{Flow, Inbound, Limits, Message};
+
+pub use outq::OutQueue;
+pub use transport::{ReadOutcome, Transport, WriteOutcome};
+
+/// Unique connection id: shard index in the top 16 bits, a per-shard sequence below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId(pub u64);
+
+impl ConnId {
+    pub fn new(shard: usize, seq: u64) -> Self {
+        ConnId(((shard as u64) << 48) | (seq & ((1 << 48) - 1)))
+    }
+    pub fn shard(self) -> usize {
+        (self.0 >> 48) as usize
+    }
+}
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.shard(), self.0 & ((1 << 48) - 1))
+    }
+}
+
+/// What a WebSocket connection was opened for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Raw echo (T2): every text and binary message comes back.
+    Echo,
+    /// The Switchboard JSON protocol.
+    App,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerKind {
+    /// The upgrade request did not complete in time.
+    Handshake,
+    /// Time to send a heartbeat ping.
+    Ping,
+    /// The pong for the last ping is due.
+    PongDeadline,
+    /// A closing connection has waited long enough for its peer.
+    Linger,
+}
+
+/// What the shard's timer wheel stores for a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct TimerRef {
+    pub key: usize,
+    pub id: ConnId,
+    pub kind: TimerKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Handshake,
+    Open(Endpoint),
+    /// Our close frame is queued or sent; waiting for the peer's close or EOF.
+    Closing {
+        peer_closed: bool,
+    },
+    /// An HTTP error response is queued; after it, FIN, then wait for EOF.
+    Rejecting {
+        write_shut: bool,
+    },
+}
+
+/// What the shard should do with the connection after a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    Keep,
+    Drop,
+}
+
+/// Limits on open WebSocket connections, shared by all shards.
+#[derive(Debug)]
+pub struct Admission {
+    open: AtomicUsize,
+    max: usize,
+}
+
+impl Admission {
+    pub fn new(max: usize) -> Self {
+        Admission {
+            open: AtomicUsize::new(0),
+            max,
+        }
+    }
+    /// Take a slot; false at the limit.
+    pub fn try_acquire(&self) -> bool {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+    pub fn release(&self) {
+        let _ = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+/// Shard-owned context passed to connection calls.
+pub struct Ctx<'a> {
+    pub cfg: &'a Config,
+    pub limits: Limits,
+    pub cork: &'a mut Vec<u8>,
+    pub wheel: &'a mut TimerWheel<TimerRef>,
+    pub now: Instant,
+    pub key: usize,
+    pub c: &'a mut Counters,
+    pub admission: &'a Admission,
+    pub shutting_down: bool,
+}
+
+pub struct Conn {
+    id: ConnId,
+    io: Transport,
+    peer: SocketAddr,
+    state: State,
+    /// Partial HTTP request head (handshake only).
+    hs: Vec<u8>,
+    inbound: Inbound,
+    out: OutQueue,
+    timer: Option<TimerKey>,
+    /// Edge-triggered readiness as last seen: cleared only on WouldBlock.
+    pub readable: bool,
+    pub writable: bool,
+    /// In the shard's run list (dedup flag).
+    pub queued: bool,
+    awaiting_pong: bool,
+    /// Holds an [`Admission`] slot.
+    counted: bool,
+    rate_limited: bool,
+    /// Wheel tick of the last data received (idle timeout).
+    last_seen: u32,
+}
+
+/// Where replies go while a connection is being served: the shard's cork
+/// buffer when nothing is queued before them, else the connection's queue.
+struct Sink<'a> {
+    cork: &'a mut Vec<u8>,
+    out: &'a mut OutQueue,
+}
+
+impl Sink<'_> {
+    fn frame(&mut self, op: OpCode, payload: &[u8]) {
+        if self.out.is_empty() {
+            frame::encode_frame(self.cork, op, payload);
+        } else {
+            self.out.push_frame(op, payload);
+        }
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        if self.out.is_empty() {
+            self.cork.extend_from_slice(b);
+        } else {
+            self.out.push_bytes(b);
+        }
+    }
+}
+
+enum Route {
+    Upgrade(Endpoint),
+    Reject(Response),
+}
+
+impl Conn {
+    pub fn new(id: ConnId, io: Transport, peer: SocketAddr, rate_limited: bool) -> Self {
+        Conn {
+            id,
+            io,
+            peer,
+            state: State::Handshake,
+            hs: Vec::new(),
+            inbound: Inbound::new(),
+            out: OutQueue::new(),
+            timer: None,
+            readable: true,
+            writable: true,
+            queued: false,
+            awaiting_pong: false,
+            counted: false,
+            rate_limited,
+            last_seen: 0,
+        }
+    }
+
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub fn socket(&mut self) -> &mut mio::net::TcpStream {
+        self.io.socket()
+    }
+
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, State::Open(_))
+    }
+
+    /// Heap bytes this connection holds beyond its slab slot (memory accounting).
+    pub fn heap_bytes(&self) -> usize {
+        self.hs.capacity() + self.inbound.heap_bytes() + self.out.heap_bytes()
+    }
+
+    /// Called once the socket is registered.
+    pub fn start(&mut self, ctx: &mut Ctx<'_>) {
+        ctx.c.sockets += 1;
+        ctx.c.accepted += 1;
+        self.set_timer(ctx, ctx.cfg.handshake_timeout, TimerKind::Handshake);
+    }
+
+    /// Called when the connection leaves the slab, whatever the reason.
+    pub fn release(&mut self, ctx: &mut Ctx<'_>) {
+        if let Some(k) = self.timer.take() {
+            ctx.wheel.cancel(k);
+        }
+        ctx.c.sockets = ctx.c.sockets.saturating_sub(1);
+        if self.counted {
+            self.counted = false;
+            ctx.admission.release();
+            ctx.c.connections = ctx.c.connections.saturating_sub(1);
+        }
+    }
+
+    fn set_timer(&mut self, ctx: &mut Ctx<'_>, after: Duration, kind: TimerKind) {
+        if let Some(k) = self.timer.take() {
+            ctx.wheel.cancel(k);
+        }
+        let r = TimerRef {
+            key: ctx.key,
+            id: self.id,
+            kind,
+        };
+        self.timer = Some(ctx.wheel.insert(ctx.now, after, r));
+    }
+
+    /// Serve a readiness event: flush, then read up to the budget.
+    /// Returns whether the socket may still hold unread bytes (budget used up).
+    pub fn on_ready(&mut self, scratch: &mut [u8], ctx: &mut Ctx<'_>) -> (Next, bool) {
+        if self.writable && (!self.out.is_empty() || self.io.has_pending_output()) {
+            if let Next::Drop = self.after_io(ctx) {
+                return (Next::Drop, false);
+            }
+        }
+        let mut budget = ctx.cfg.read_budget;
+        while self.readable {
+            if budget == 0 {
+                return (self.after_io(ctx), true);
+            }
+            match self.io.read(scratch) {
+                ReadOutcome::Data(n) => {
+                    budget = budget.saturating_sub(n);
+                    ctx.c.bytes_in += n as u64;
+                    let Some(data) = scratch.get_mut(..n) else {
+                        return (Next::Drop, false);
+                    };
+                    self.process(data, ctx);
+                }
+                ReadOutcome::WouldBlock => self.readable = false,
+                ReadOutcome::Eof => {
+                    // Deliver what is queued if the peer only half-closed.
+                    let _ = self.after_io(ctx);
+                    log::debug!("conn={} peer closed ({:?})", self.id, self.state);
+                    return (Next::Drop, false);
+                }
+                ReadOutcome::Error(e) => {
+                    ctx.cork.clear();
+                    log::debug!("conn={} read error: {e}", self.id);
+                    return (Next::Drop, false);
+                }
+            }
+        }
+        (self.after_io(ctx), false)
+    }
+
+    fn process(&mut self, data: &mut [u8], ctx: &mut Ctx<'_>) {
+        match self.state {
+            State::Handshake => self.handshake_bytes(data, ctx),
+            State::Open(ep) => self.ws_bytes(data, ep, ctx),
+            State::Closing { .. } => self.closing_bytes(data, ctx),
+            State::Rejecting { .. } => {} // discard: the answer is already decided
+        }
+    }
+
+    fn handshake_bytes(&mut self, data: &mut [u8], ctx: &mut Ctx<'_>) {
+        let max = ctx.cfg.max_header_bytes;
+        let from_hs = !self.hs.is_empty();
+        let parsed = if from_hs {
+            self.hs.extend_from_slice(data);
+            parse_request(&self.hs, max)
+        } else {
+            parse_request(data, max)
+        };
+        let (req, used) = match parsed {
+            Ok(None) => {
+                if !from_hs {
+                    self.hs.extend_from_slice(data);
+                }
+                return;
+            }
+            Err(e) => {
+                log::debug!("conn={} bad request: {e:?}", self.id);
+                return self.reject(e.response(), ctx);
+            }
+            Ok(Some(r)) => r,
+        };
+        let ep = match self.route(&req, ctx) {
+            Route::Reject(resp) => {
+                log::debug!(
+                    "conn={} {} {} -> {}",
+                    self.id,
+                    req.method,
+                    req.path,
+                    resp.status
+                );
+                return self.reject(resp, ctx);
+            }
+            Route::Upgrade(ep) => ep,
+        };
+        let key = req.ws_key.as_deref().unwrap_or_default();
+        ctx.cork
+            .extend_from_slice(&Response::switching_protocols(key).bytes);
+        self.state = State::Open(ep);
+        ctx.c.upgrades += 1;
+        ctx.c.connections += 1;
+        self.last_seen = ctx.wheel.tick_of(ctx.now) as u32;
+        self.set_timer(ctx, ctx.cfg.heartbeat_interval, TimerKind::Ping);
+        log::debug!("conn={} upgraded {} from {}", self.id, req.path, self.peer);
+        // Bytes after the head are the first frames: decode them now.
+        if from_hs {
+            let mut buf = std::mem::take(&mut self.hs);
+            if let Some(rest) = buf.get_mut(used..)
+                && !rest.is_empty()
+            {
+                self.ws_bytes(rest, ep, ctx);
+            }
+        } else if let Some(rest) = data.get_mut(used..)
+            && !rest.is_empty()
+        {
+            self.ws_bytes(rest, ep, ctx);
+        }
+    }
+
+    fn route(&mut self, req: &Request, ctx: &mut Ctx<'_>) -> Route {
+        let cfg = ctx.cfg;
+        let ep = if cfg.echo_enabled && req.path == cfg.echo_path {
+            Endpoint::Echo
+        } else if req.path == cfg.ws_path {
+            Endpoint::App
+        } else {
+            return Route::Reject(Response::not_found());
+        };
+        if req.method != "GET" {
+            return Route::Reject(Response::method_not_allowed());
+        }
+        if !req.wants_upgrade() || req.ws_version.as_deref() != Some("13") {
+            return Route::Reject(Response::upgrade_required());
+        }
+        if !req.ws_key_valid() {
+            return Route::Reject(Response::bad_key());
+        }
+        if ctx.shutting_down {
+            return Route::Reject(Response::shutting_down());
+        }
+        if self.rate_limited {
+            ctx.c.rejected_rate += 1;
+            return Route::Reject(Response::rate_limited());
+        }
+        if !ctx.admission.try_acquire() {
+            ctx.c.rejected_capacity += 1;
+            return Route::Reject(Response::at_capacity());
+        }
+        self.counted = true;
+        Route::Upgrade(ep)
+    }
+
+    fn reject(&mut self, resp: Response, ctx: &mut Ctx<'_>) {
+        ctx.c.rejected += 1;
+        self.hs = Vec::new();
+        ctx.cork.extend_from_slice(&resp.bytes);
+        self.state = State::Rejecting { write_shut: false };
+        self.set_timer(ctx, ctx.cfg.close_timeout, TimerKind::Linger);
+    }
+
+    fn ws_bytes(&mut self, data: &mut [u8], ep: Endpoint, ctx: &mut Ctx<'_>) {
+        self.last_seen = ctx.wheel.tick_of(ctx.now) as u32;
+        let Conn {
+            inbound,
+            out,
+            awaiting_pong,
+            ..
+        } = self;
+        let mut sink = Sink {
+            cork: &mut *ctx.cork,
+            out,
+        };
+        let c = &mut *ctx.c;
+        let mut peer_close: Option<Option<u16>> = None;
+        let result = inbound.feed(data, &ctx.limits, &mut |m| {
+            match m {
+                Message::Text(s) => {
+                    c.messages_in += 1;
+                    c.messages_out += 1;
+                    match ep {
+                        Endpoint::Echo => sink.frame(OpCode::Text, s.as_bytes()),
+                        Endpoint::App => sink.frame(OpCode::Text, proto::handle_text(s).as_bytes()),
+                    }
+                }
+                Message::Binary(b) => {
+                    c.messages_in += 1;
+                    c.messages_out += 1;
+                    match ep {
+                        Endpoint::Echo => sink.frame(OpCode::Binary, b),
+                        Endpoint::App => sink.frame(OpCode::Text, proto::binary_reply().as_bytes()),
+                    }
+                }
+                // RFC 6455 5.5.3: a Pong carries the Ping's application data.
+                Message::Ping(p) => sink.frame(OpCode::Pong, p),
+                Message::Pong(_) => *awaiting_pong = false,
+                Message::Close(close) => {
+                    peer_close = Some(close.map(|(code, _)| code));
+                    // 5.5.1: reply with a close, echoing the status code.
+                    let mut f = Vec::with_capacity(4);
+                    match close {
+                        Some((code, _)) => frame::encode_close(&mut f, code, ""),
+                        None => frame::encode_header(&mut f, OpCode::Close, 0),
+                    }
+                    sink.bytes(&f);
+                    return Flow::Stop;
+                }
+            }
+            Flow::Continue
+        });
+        match result {
+            Ok(_) if peer_close.is_some() => {
+                log::debug!(
+                    "conn={} closed by peer ({:?})",
+                    self.id,
+                    peer_close.flatten()
+                );
+                self.state = State::Closing { peer_closed: true };
+                self.set_timer(ctx, ctx.cfg.close_timeout, TimerKind::Linger);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                ctx.c.protocol_errors += 1;
+                log::debug!("conn={} protocol error: {}", self.id, e.reason());
+                self.close(e.close_code(), e.reason(), ctx);
+            }
+        }
+    }
+
+    /// Bytes after our close: look only for the peer's close frame.
+    fn closing_bytes(&mut self, data: &mut [u8], ctx: &mut Ctx<'_>) {
+        let mut got_close = false;
+        let r = self.inbound.feed(data, &ctx.limits, &mut |m| {
+            if let Message::Close(_) = m {
+                got_close = true;
+                return Flow::Stop;
+            }
+            Flow::Continue
+        });
+        if got_close || r.is_err() {
+            // A broken stream after our close ends it just the same.
+            self.state = State::Closing { peer_closed: true };
+        }
+    }
+
+    /// Start the closing handshake with `code` (RFC 6455 7.1.2).
+    pub fn close(&mut self, code: CloseCode, reason: &str, ctx: &mut Ctx<'_>) {
+        if !self.is_open() {
+            return;
+        }
+        let mut f = Vec::with_capacity(4 + reason.len());
+        frame::encode_close(&mut f, code.as_u16(), reason);
+        Sink {
+            cork: &mut *ctx.cork,
+            out: &mut self.out,
+        }
+        .bytes(&f);
+        self.state = State::Closing { peer_closed: false };
+        self.set_timer(ctx, ctx.cfg.close_timeout, TimerKind::Linger);
+    }
+
+    /// Move the cork and the queue towards the socket, then apply the outbound
+    /// budget and the closing transitions.
+    pub fn after_io(&mut self, ctx: &mut Ctx<'_>) -> Next {
+        if !ctx.cork.is_empty() {
+            if self.out.is_empty() && self.writable {
+                match self.io.write_direct(ctx.cork) {
+                    Ok(n) => {
+                        ctx.c.bytes_out += n as u64;
+                        if n < ctx.cork.len() {
+                            self.out.push_bytes(ctx.cork.get(n..).unwrap_or_default());
+                        }
+                    }
+                    Err(e) => {
+                        ctx.cork.clear();
+                        log::debug!("conn={} write error: {e}", self.id);
+                        return Next::Drop;
+                    }
+                }
+            } else {
+                self.out.push_bytes(ctx.cork);
+            }
+            ctx.cork.clear();
+        }
+        if self.writable && (!self.out.is_empty() || self.io.has_pending_output()) {
+            let (n, outcome) = self.io.write_queue(&mut self.out);
+            ctx.c.bytes_out += n as u64;
+            match outcome {
+                WriteOutcome::Done => {}
+                WriteOutcome::WouldBlock => self.writable = false,
+                WriteOutcome::Error(e) => {
+                    log::debug!("conn={} write error: {e}", self.id);
+                    return Next::Drop;
+                }
+            }
+        }
+        if self.out.bytes() > ctx.cfg.max_outbound_bytes && self.is_open() {
+            // A slow consumer: it must not hold the shard's memory or time.
+            ctx.c.slow_consumers += 1;
+            log::info!(
+                "conn={} slow consumer: {} bytes queued, closing 1008",
+                self.id,
+                self.out.bytes()
+            );
+            self.out.drop_unsent();
+            self.close(CloseCode::Policy, "slow consumer", ctx);
+            // `close` put the frame behind the kept remainder; try to send it.
+            return self.after_io(ctx);
+        }
+        let drained = self.out.is_empty() && !self.io.has_pending_output();
+        match self.state {
+            State::Closing { peer_closed: true } if drained => Next::Drop,
+            State::Rejecting { write_shut: false } if drained => {
+                self.io.shutdown_write();
+                self.state = State::Rejecting { write_shut: true };
+                Next::Keep
+            }
+            _ => Next::Keep,
+        }
+    }
+
+    /// A timer of this connection fired.
+    pub fn on_timer(&mut self, kind: TimerKind, ctx: &mut Ctx<'_>) -> Next {
+        self.timer = None;
+        match (kind, self.state) {
+            (TimerKind::Handshake, State::Handshake) => {
+                ctx.c.handshake_timeouts += 1;
+                log::debug!("conn={} handshake timeout", self.id);
+                Next::Drop
+            }
+            (TimerKind::Ping, State::Open(_)) => {
+                let idle = ctx.cfg.idle_timeout;
+                let now_tick = ctx.wheel.tick_of(ctx.now) as u32;
+                let tick_ms = ctx.wheel.tick_len().as_millis();
+                if !idle.is_zero()
+                    && u128::from(now_tick.wrapping_sub(self.last_seen)) * tick_ms
+                        >= idle.as_millis()
+                {
+                    self.close(CloseCode::Normal, "idle timeout", ctx);
+                    return self.after_io(ctx);
+                }
+                self.out.push_frame(OpCode::Ping, b"");
+                self.awaiting_pong = true;
+                ctx.c.pings_sent += 1;
+                self.set_timer(ctx, ctx.cfg.pong_timeout, TimerKind::PongDeadline);
+                self.after_io(ctx)
+            }
+            (TimerKind::PongDeadline, State::Open(_)) => {
+                if self.awaiting_pong {
+                    ctx.c.heartbeat_timeouts += 1;
+                    log::info!(
+                        "conn={} no pong within {:?}, closing",
+                        self.id,
+                        ctx.cfg.pong_timeout
+                    );
+                    self.close(CloseCode::Error, "heartbeat timeout", ctx);
+                    return self.after_io(ctx);
+                }
+                let rest = ctx
+                    .cfg
+                    .heartbeat_interval
+                    .saturating_sub(ctx.cfg.pong_timeout)
+                    .max(Duration::from_millis(1));
+                self.set_timer(ctx, rest, TimerKind::Ping);
+                Next::Keep
+            }
+            (TimerKind::Linger, _) => Next::Drop,
+            _ => Next::Keep,
+        }
+    }
+
+    /// Server shutdown: close open connections with 1001, drop handshakes.
+    pub fn begin_shutdown(&mut self, ctx: &mut Ctx<'_>) -> Next {
+        match self.state {
+            State::Handshake => Next::Drop,
+            State::Open(_) => {
+                self.close(CloseCode::Away, "server shutting down", ctx);
+                self.after_io(ctx)
+            }
+            _ => Next::Keep,
+        }
+    }
+
+    /// Queue a frame encoded once for many connections (fan-out).
+    pub fn deliver(&mut self, frame: Arc<[u8]>, ctx: &mut Ctx<'_>) {
+        if self.is_open() {
+            ctx.c.messages_out += 1;
+            self.out.push_shared(frame);
+        }
+    }
+}

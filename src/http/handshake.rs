@@ -1,0 +1,354 @@
+//! Parsing an HTTP/1.1 request head with httparse, and the responses to it.
+//!
+//! Sans-IO: `parse_request` gets the bytes received so far and says "need
+//! more", "here is the request and how many bytes it used", or why it is bad.
+//! Bytes after the head (a pipelined first WebSocket frame) stay with the
+//! caller.
+
+use std::fmt::Write as _;
+
+/// Most headers one request may carry.
+pub const MAX_HEADERS: usize = 64;
+
+/// Why a request head was refused. Each has one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpError {
+    /// Not valid HTTP/1.x (400).
+    Malformed,
+    /// Head longer than the configured limit, or too many headers (431).
+    HeadTooLarge,
+    /// HTTP/1.0 or a method/target we cannot use (400 with a reason).
+    BadVersion,
+}
+
+impl HttpError {
+    pub fn response(self) -> Response {
+        match self {
+            HttpError::Malformed => Response::error(400, "Bad Request", "malformed HTTP request"),
+            HttpError::HeadTooLarge => Response::error(
+                431,
+                "Request Header Fields Too Large",
+                "request head too large",
+            ),
+            HttpError::BadVersion => Response::error(400, "Bad Request", "HTTP/1.1 required"),
+        }
+    }
+}
+
+/// The parts of a request head that Switchboard uses, owned (the bytes they
+/// came from are the shard's scratch buffer).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    /// Path without the query string.
+    pub path: String,
+    pub query: Option<String>,
+    /// `Upgrade: websocket` present.
+    pub upgrade_websocket: bool,
+    /// `Connection` lists the `upgrade` token.
+    pub connection_upgrade: bool,
+    pub ws_key: Option<String>,
+    pub ws_version: Option<String>,
+    pub origin: Option<String>,
+    pub authorization: Option<String>,
+    pub host: Option<String>,
+}
+
+impl Request {
+    /// Is this request asking for a WebSocket upgrade at all?
+    pub fn wants_upgrade(&self) -> bool {
+        self.upgrade_websocket && self.connection_upgrade
+    }
+
+    /// A query parameter, percent-decoded.
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        let q = self.query.as_deref()?;
+        q.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then(|| percent_decode(v))
+        })
+    }
+
+    /// The `Sec-WebSocket-Key` is 16 random bytes in base64: 24 characters
+    /// ending in "==" (RFC 6455 4.2.1 item 5).
+    pub fn ws_key_valid(&self) -> bool {
+        self.ws_key.as_deref().is_some_and(|k| {
+            k.len() == 24
+                && k.ends_with("==")
+                && k.bytes()
+                    .take(22)
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+        })
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            _ => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+fn text(value: &[u8]) -> Option<String> {
+    std::str::from_utf8(value).ok().map(|s| s.trim().to_owned())
+}
+
+/// Parse the request head at the front of `buf`.
+///
+/// `Ok(None)`: incomplete, read more (unless `buf` already holds `max_head`
+/// bytes, which is reported as [`HttpError::HeadTooLarge`]).
+/// `Ok(Some((req, n)))`: the head took the first `n` bytes.
+pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Request, usize)>, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let status = match req.parse(buf) {
+        Ok(s) => s,
+        Err(httparse::Error::TooManyHeaders) => return Err(HttpError::HeadTooLarge),
+        Err(_) => return Err(HttpError::Malformed),
+    };
+    let used = match status {
+        httparse::Status::Partial => {
+            return if buf.len() >= max_head {
+                Err(HttpError::HeadTooLarge)
+            } else {
+                Ok(None)
+            };
+        }
+        httparse::Status::Complete(n) => n,
+    };
+    if used > max_head {
+        return Err(HttpError::HeadTooLarge);
+    }
+    if req.version != Some(1) {
+        return Err(HttpError::BadVersion);
+    }
+    let (Some(method), Some(target)) = (req.method, req.path) else {
+        return Err(HttpError::Malformed);
+    };
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q.to_owned())),
+        None => (target, None),
+    };
+    let mut out = Request {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        query,
+        ..Request::default()
+    };
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("upgrade") {
+            out.upgrade_websocket |= has_token(h.value, "websocket");
+        } else if name.eq_ignore_ascii_case("connection") {
+            out.connection_upgrade |= has_token(h.value, "upgrade");
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            out.ws_key = text(h.value);
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            out.ws_version = text(h.value);
+        } else if name.eq_ignore_ascii_case("origin") {
+            out.origin = text(h.value);
+        } else if name.eq_ignore_ascii_case("authorization") {
+            out.authorization = text(h.value);
+        } else if name.eq_ignore_ascii_case("host") {
+            out.host = text(h.value);
+        }
+    }
+    Ok(Some((out, used)))
+}
+
+/// A complete response, ready to queue. Error responses close the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub bytes: Vec<u8>,
+}
+
+impl Response {
+    /// `101 Switching Protocols` for a validated upgrade.
+    pub fn switching_protocols(ws_key: &str) -> Response {
+        let accept = tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
+        let bytes = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .into_bytes();
+        Response { status: 101, bytes }
+    }
+
+    /// A plain-text error response that ends the connection.
+    pub fn error(status: u16, reason: &str, body: &str) -> Response {
+        Response::error_with(status, reason, body, &[])
+    }
+
+    /// Like [`Response::error`] with extra headers (`Allow`, `Retry-After`, ...).
+    pub fn error_with(status: u16, reason: &str, body: &str, extra: &[(&str, &str)]) -> Response {
+        let mut s = format!("HTTP/1.1 {status} {reason}\r\n");
+        for (k, v) in extra {
+            let _ = write!(s, "{k}: {v}\r\n");
+        }
+        let _ = write!(
+            s,
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}\n",
+            body.len() + 1
+        );
+        Response {
+            status,
+            bytes: s.into_bytes(),
+        }
+    }
+
+    pub fn not_found() -> Response {
+        Response::error(404, "Not Found", "not found")
+    }
+
+    pub fn method_not_allowed() -> Response {
+        Response::error_with(
+            405,
+            "Method Not Allowed",
+            "WebSocket endpoints accept GET only",
+            &[("Allow", "GET")],
+        )
+    }
+
+    pub fn upgrade_required() -> Response {
+        Response::error_with(
+            426,
+            "Upgrade Required",
+            "this endpoint speaks WebSocket (version 13) only",
+            &[
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Version", "13"),
+            ],
+        )
+    }
+
+    pub fn bad_key() -> Response {
+        Response::error(400, "Bad Request", "missing or invalid Sec-WebSocket-Key")
+    }
+
+    pub fn at_capacity() -> Response {
+        Response::error_with(
+            503,
+            "Service Unavailable",
+            "connection limit reached",
+            &[("Retry-After", "1")],
+        )
+    }
+
+    pub fn rate_limited() -> Response {
+        Response::error_with(
+            429,
+            "Too Many Requests",
+            "too many connections from this address",
+            &[("Retry-After", "60")],
+        )
+    }
+
+    pub fn shutting_down() -> Response {
+        Response::error_with(503, "Service Unavailable", "server shutting down", &[])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REQ: &[u8] = b"GET /echo?token=a%20b&x=1 HTTP/1.1\r\nHost: h\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: http://o\r\n\r\n";
+
+    #[test]
+    fn parses_upgrade_and_keeps_trailing_bytes() {
+        let mut buf = REQ.to_vec();
+        buf.extend_from_slice(&[0x81, 0x80, 1, 2, 3, 4]);
+        let (req, used) = parse_request(&buf, 8192).unwrap().unwrap();
+        assert_eq!(used, REQ.len());
+        assert_eq!(req.path, "/echo");
+        assert_eq!(req.query_param("token").as_deref(), Some("a b"));
+        assert_eq!(req.query_param("x").as_deref(), Some("1"));
+        assert!(req.wants_upgrade());
+        assert!(req.ws_key_valid());
+        assert_eq!(req.ws_version.as_deref(), Some("13"));
+        assert_eq!(req.origin.as_deref(), Some("http://o"));
+    }
+
+    #[test]
+    fn every_prefix_is_partial() {
+        for cut in 0..REQ.len() {
+            assert_eq!(parse_request(&REQ[..cut], 8192), Ok(None), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn limits_and_garbage() {
+        assert_eq!(parse_request(REQ, 50), Err(HttpError::HeadTooLarge));
+        let partial = vec![b'G'; 0]
+            .into_iter()
+            .chain(b"GET / HTTP/1.1\r\nX: ".iter().copied());
+        let mut long: Vec<u8> = partial.collect();
+        long.extend(std::iter::repeat_n(b'a', 9000));
+        assert_eq!(parse_request(&long, 8192), Err(HttpError::HeadTooLarge));
+        assert_eq!(
+            parse_request(b"\x16\x03\x01\x02\x00\x01\r\n\r\n", 8192),
+            Err(HttpError::Malformed)
+        );
+        assert_eq!(
+            parse_request(b"GET / HTTP/1.0\r\n\r\n", 8192),
+            Err(HttpError::BadVersion)
+        );
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..100 {
+            many.extend(format!("X-{i}: y\r\n").bytes());
+        }
+        many.extend(b"\r\n");
+        assert_eq!(parse_request(&many, 1 << 20), Err(HttpError::HeadTooLarge));
+    }
+
+    #[test]
+    fn accept_key_matches_rfc_example() {
+        let r = Response::switching_protocols("dGhlIHNhbXBsZSBub25jZQ==");
+        let s = String::from_utf8(r.bytes).unwrap();
+        assert!(s.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+    }
+
+    #[test]
+    fn key_validation() {
+        let mut r = Request::default();
+        assert!(!r.ws_key_valid());
+        r.ws_key = Some("short".into());
+        assert!(!r.ws_key_valid());
+        r.ws_key = Some("dGhlIHNhbXBsZSBub25jZQ==".into());
+        assert!(r.ws_key_valid());
+    }
+
+    #[test]
+    fn percent_decoding_is_total() {
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("a%2Fb+c"), "a/b c");
+    }
+}

@@ -1,0 +1,34 @@
+//! Switchboard: a real-time WebSocket gateway on its own sharded mio event loop.
+//!
+//! See docs/ARCHITECTURE.md for the map of modules and threads.
+
+#![forbid(unsafe_code)]
+
+pub mod accept;
+pub mod config;
+pub mod conn;
+pub mod error;
+pub mod http;
+pub mod logging;
+pub mod proto;
+pub mod server;
+pub mod shard;
+pub mod stats;
+pub mod timer;
+pub mod tls;
+pub mod ws;
+
+pub use config::Config;
+pub use error::StartError;
+pub use server::Server;
+
+/// Raise the open-file soft limit to the hard limit; returns (before, after, hard).
+/// Each connection is one descriptor, so the soft limit caps connections.
+pub fn raise_fd_limit() -> std::io::Result<(u64, u64, u64)> {
+    let (soft, hard) = rlimit::Resource::NOFILE.get()?;
+    if soft < hard {
+        rlimit::Resource::NOFILE.set(hard, hard)?;
+    }
+    let (now, _) = rlimit::Resource::NOFILE.get()?;
+    Ok((soft, now, hard))
+}

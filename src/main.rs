@@ -1,0 +1,131 @@
+//! The `switchboard` binary: CLI -> config -> logging -> server -> signal -> shutdown.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use switchboard::config::{Config, Overrides};
+use switchboard::{Server, logging};
+
+#[derive(Parser)]
+#[command(name = "switchboard", version, about = "Real-time WebSocket gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Address to bind (default 127.0.0.1).
+        #[arg(long)]
+        host: Option<String>,
+        /// Port to listen on (default 8080; 0 picks a free port).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Shard (reactor) threads; default: one per core.
+        #[arg(long)]
+        shards: Option<usize>,
+        /// debug, info, warn or error.
+        #[arg(long, value_name = "LEVEL")]
+        log_level: Option<String>,
+    },
+    /// Print the effective configuration (file + environment + defaults) as TOML.
+    Config {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            config,
+            host,
+            port,
+            shards,
+            log_level,
+        } => {
+            let overrides = Overrides {
+                host,
+                port,
+                shards,
+                log_level,
+            };
+            serve(config, overrides)
+        }
+        Command::Config { config } => {
+            match Config::load(config.as_deref(), &Overrides::default()) {
+                Ok(cfg) => match toml::to_string_pretty(&cfg) {
+                    Ok(s) => {
+                        print!("{s}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("switchboard: {e}");
+                        ExitCode::from(2)
+                    }
+                },
+                Err(e) => {
+                    eprintln!("switchboard: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
+
+fn serve(file: Option<PathBuf>, overrides: Overrides) -> ExitCode {
+    let cfg = match Config::load(file.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(&cfg.log_level, cfg.log_format);
+    match switchboard::raise_fd_limit() {
+        Ok((before, after, hard)) => log::info!(
+            "open-file limit: soft {before} -> {after} (hard {hard}); that caps connections per process"
+        ),
+        Err(e) => log::warn!("cannot read or raise the open-file limit: {e}"),
+    }
+    // Handlers first: a signal during startup must not kill the process uncleanly.
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("switchboard: cannot install signal handlers: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let timeout = cfg.shutdown_timeout;
+    let server = match Server::start(cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let sig = signals
+        .forever()
+        .next()
+        .unwrap_or(signal_hook::consts::SIGTERM);
+    log::info!("signal {sig}: stopping accepts, closing clients with 1001 (timeout {timeout:?})");
+    let report = server.shutdown();
+    if report.shards_timed_out > 0 {
+        log::warn!(
+            "shutdown deadline reached on {} shard(s); remaining sockets were dropped",
+            report.shards_timed_out
+        );
+    }
+    log::info!("stopped ({} connections were open)", report.connections);
+    ExitCode::SUCCESS
+}

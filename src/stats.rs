@@ -1,0 +1,79 @@
+//! Per-shard counters. The shard counts in plain integers on its own thread
+//! and publishes them to atomics once per loop turn, so the hot path never
+//! does an atomic read-modify-write per message.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Counts kept by the shard thread itself.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct Counters { $($(#[$doc])* pub $name: u64,)* }
+
+        /// The published copy, readable from any thread.
+        #[derive(Debug, Default)]
+        pub struct ShardStats { $($name: AtomicU64,)* }
+
+        impl ShardStats {
+            pub fn publish(&self, c: &Counters) {
+                $(self.$name.store(c.$name, Relaxed);)*
+            }
+            pub fn snapshot(&self) -> Counters {
+                Counters { $($name: self.$name.load(Relaxed),)* }
+            }
+        }
+
+        impl Counters {
+            /// Field-wise sum (totals across shards).
+            pub fn add(&mut self, o: &Counters) {
+                $(self.$name += o.$name;)*
+            }
+        }
+    };
+}
+
+counters! {
+    /// Open WebSocket connections (gauge).
+    connections,
+    /// Sockets currently owned, including handshakes and closing ones (gauge).
+    sockets,
+    /// TCP connections accepted by (or handed to) this shard.
+    accepted,
+    /// Successful upgrades.
+    upgrades,
+    /// Requests answered with an HTTP error instead of an upgrade.
+    rejected,
+    /// Of those, 503 at max_connections.
+    rejected_capacity,
+    /// Of those, 429 from the per-IP limit.
+    rejected_rate,
+    /// Data messages received.
+    messages_in,
+    /// Data messages queued for sending.
+    messages_out,
+    bytes_in,
+    bytes_out,
+    /// Connections closed for exceeding max_outbound_bytes.
+    slow_consumers,
+    /// Connections closed for a protocol, UTF-8 or size violation.
+    protocol_errors,
+    /// Connections closed because a pong did not arrive.
+    heartbeat_timeouts,
+    /// Handshakes that timed out.
+    handshake_timeouts,
+    /// Pings sent by the heartbeat.
+    pings_sent,
+    /// Loop iterations.
+    loop_turns,
+}
+
+impl Counters {
+    /// Sum over the given per-shard stats.
+    pub fn total<'a>(stats: impl IntoIterator<Item = &'a ShardStats>) -> Counters {
+        let mut t = Counters::default();
+        for s in stats {
+            t.add(&s.snapshot());
+        }
+        t
+    }
+}
