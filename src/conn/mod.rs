@@ -83,9 +83,12 @@ pub struct TimerRef {
 enum State {
     Handshake,
     Open(Endpoint),
-    /// Our close frame is queued or sent; waiting for the peer's close or EOF.
+    /// Our close frame is queued or sent. Once it is flushed we send FIN
+    /// (the server closes TCP first, RFC 6455 7.1.1), then wait for the
+    /// peer's close frame or EOF, at most `close_timeout`.
     Closing {
         peer_closed: bool,
+        write_shut: bool,
     },
     /// An HTTP error response is queued; after it, FIN, then wait for EOF.
     Rejecting {
@@ -475,7 +478,10 @@ impl Conn {
                     self.id,
                     peer_close.flatten()
                 );
-                self.state = State::Closing { peer_closed: true };
+                self.state = State::Closing {
+                    peer_closed: true,
+                    write_shut: false,
+                };
                 self.set_timer(ctx, ctx.cfg.close_timeout, TimerKind::Linger);
             }
             Ok(_) => {}
@@ -499,7 +505,10 @@ impl Conn {
         });
         if got_close || r.is_err() {
             // A broken stream after our close ends it just the same.
-            self.state = State::Closing { peer_closed: true };
+            self.state = State::Closing {
+                peer_closed: true,
+                write_shut: false,
+            };
         }
     }
 
@@ -515,7 +524,10 @@ impl Conn {
             out: &mut self.out,
         }
         .bytes(&f);
-        self.state = State::Closing { peer_closed: false };
+        self.state = State::Closing {
+            peer_closed: false,
+            write_shut: false,
+        };
         self.set_timer(ctx, ctx.cfg.close_timeout, TimerKind::Linger);
     }
 
@@ -569,7 +581,20 @@ impl Conn {
         }
         let drained = self.out.is_empty() && !self.io.has_pending_output();
         match self.state {
-            State::Closing { peer_closed: true } if drained => Next::Drop,
+            State::Closing {
+                peer_closed: true, ..
+            } if drained => Next::Drop,
+            State::Closing {
+                peer_closed: false,
+                write_shut: false,
+            } if drained => {
+                self.io.shutdown_write();
+                self.state = State::Closing {
+                    peer_closed: false,
+                    write_shut: true,
+                };
+                Next::Keep
+            }
             State::Rejecting { write_shut: false } if drained => {
                 self.io.shutdown_write();
                 self.state = State::Rejecting { write_shut: true };

@@ -43,7 +43,7 @@ pub fn ws(addr: SocketAddr, path: &str) -> WebSocket<TcpStream> {
 /// A raw TCP connection that has completed the upgrade, for hand-made frames.
 pub struct Raw {
     pub stream: TcpStream,
-    buf: Vec<u8>,
+    pub buf: Vec<u8>,
 }
 
 pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -131,7 +131,12 @@ impl Raw {
             if op == 0x8 {
                 assert!(payload.len() >= 2, "close without code");
                 let got = u16::from_be_bytes([payload[0], payload[1]]);
-                assert_eq!(got, code, "close code (reason {:?})", String::from_utf8_lossy(&payload[2..]));
+                assert_eq!(
+                    got,
+                    code,
+                    "close code (reason {:?})",
+                    String::from_utf8_lossy(&payload[2..])
+                );
                 return String::from_utf8(payload[2..].to_vec()).unwrap();
             }
         }
