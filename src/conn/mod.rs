@@ -255,6 +255,12 @@ impl Conn {
             ctx.wheel.cancel(k);
         }
         ctx.c.sockets = ctx.c.sockets.saturating_sub(1);
+        self.leave_open(ctx);
+    }
+
+    /// The connection stops counting as open (its close began, or it is gone):
+    /// its `max_connections` slot is free for the next upgrade.
+    fn leave_open(&mut self, ctx: &mut Ctx<'_>) {
         if self.counted {
             self.counted = false;
             ctx.admission.release();
@@ -423,11 +429,12 @@ impl Conn {
     }
 
     fn ws_bytes(&mut self, data: &mut [u8], ep: Endpoint, ctx: &mut Ctx<'_>) {
-        self.last_seen = ctx.wheel.tick_of(ctx.now) as u32;
+        let now_tick = ctx.wheel.tick_of(ctx.now) as u32;
         let Conn {
             inbound,
             out,
             awaiting_pong,
+            last_seen,
             ..
         } = self;
         let mut sink = Sink {
@@ -439,6 +446,7 @@ impl Conn {
         let result = inbound.feed(data, &ctx.limits, &mut |m| {
             match m {
                 Message::Text(s) => {
+                    *last_seen = now_tick; // data, not control frames, counts as activity
                     c.messages_in += 1;
                     c.messages_out += 1;
                     match ep {
@@ -447,6 +455,7 @@ impl Conn {
                     }
                 }
                 Message::Binary(b) => {
+                    *last_seen = now_tick;
                     c.messages_in += 1;
                     c.messages_out += 1;
                     match ep {
@@ -482,6 +491,7 @@ impl Conn {
                     peer_closed: true,
                     write_shut: false,
                 };
+                self.leave_open(ctx);
                 self.set_timer(ctx, ctx.cfg.close_timeout, TimerKind::Linger);
             }
             Ok(_) => {}
@@ -528,6 +538,7 @@ impl Conn {
             peer_closed: false,
             write_shut: false,
         };
+        self.leave_open(ctx);
         self.set_timer(ctx, ctx.cfg.close_timeout, TimerKind::Linger);
     }
 
@@ -616,9 +627,10 @@ impl Conn {
             (TimerKind::Ping, State::Open(_)) => {
                 let idle = ctx.cfg.idle_timeout;
                 let now_tick = ctx.wheel.tick_of(ctx.now) as u32;
+                // Ticks are floored: one tick less than measured, so never early.
                 let tick_ms = ctx.wheel.tick_len().as_millis();
                 if !idle.is_zero()
-                    && u128::from(now_tick.wrapping_sub(self.last_seen)) * tick_ms
+                    && u128::from(now_tick.wrapping_sub(self.last_seen).saturating_sub(1)) * tick_ms
                         >= idle.as_millis()
                 {
                     self.close(CloseCode::Normal, "idle timeout", ctx);
@@ -641,11 +653,14 @@ impl Conn {
                     self.close(CloseCode::Error, "heartbeat timeout", ctx);
                     return self.after_io(ctx);
                 }
+                // The next ping is due one interval after the last one.
                 let rest = ctx
                     .cfg
                     .heartbeat_interval
-                    .saturating_sub(ctx.cfg.pong_timeout)
-                    .max(Duration::from_millis(1));
+                    .saturating_sub(ctx.cfg.pong_timeout);
+                if rest.is_zero() {
+                    return self.on_timer(TimerKind::Ping, ctx);
+                }
                 self.set_timer(ctx, rest, TimerKind::Ping);
                 Next::Keep
             }

@@ -1,0 +1,200 @@
+//! `switchboard-load`: the load generator for Switchboard (and any RFC 6455
+//! echo server).
+//!
+//! * `echo`: many connections on one mio poll loop, a fixed number of
+//!   messages in flight on each; every echo is checked for loss,
+//!   duplication, reordering and corruption; throughput and round-trip
+//!   latency are reported.
+//! * `connect`: open many idle connections at a fixed rate (from several
+//!   loopback source addresses if needed), hold them while answering the
+//!   server's pings, then close them cleanly.
+//!
+//! With `--pid`, the server's CPU time and user-space RSS are read from
+//! /proc at both ends of the measured window. With `--json`, one JSON line
+//! follows the readable summary. Exit status: 0 when nothing went wrong,
+//! 1 when any error was detected, 2 when the run could not be set up.
+//!
+//! One thread, no async runtime, no `unsafe`.
+
+mod connect;
+mod echo;
+mod hist;
+mod net;
+mod procfs;
+mod report;
+mod url;
+mod verify;
+mod wire;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard-load",
+    version,
+    about = "Load generator for Switchboard: verified echo throughput/latency, and idle connection capacity"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Args)]
+struct Common {
+    /// Server endpoint: ws://HOST:PORT/PATH (no TLS).
+    #[arg(long, global = true, default_value = "ws://127.0.0.1:8080/echo")]
+    url: String,
+    /// Server process id: report its CPU time and user-space RSS over the measured window.
+    #[arg(long, global = true, value_name = "PID")]
+    pid: Option<u32>,
+    /// Also print one JSON line with every figure at the end.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Verified echo load: throughput, round-trip latency, errors by kind.
+    Echo(EchoArgs),
+    /// Open many idle connections at a fixed rate and hold them.
+    Connect(ConnectArgs),
+}
+
+#[derive(Args)]
+struct EchoArgs {
+    /// Connections.
+    #[arg(short = 'c', long, default_value_t = 100)]
+    connections: usize,
+    /// Payload bytes per message (at least 16 with --binary; 32 for text,
+    /// whose header is written in hex).
+    #[arg(short = 's', long, default_value_t = 32)]
+    size: usize,
+    /// Messages in flight per connection.
+    #[arg(short = 'd', long, default_value_t = 8)]
+    depth: usize,
+    /// Measured seconds (fractions allowed).
+    #[arg(short = 't', long, default_value = "10", value_parser = parse_secs)]
+    duration: Duration,
+    /// Seconds of traffic before measuring (not counted).
+    #[arg(long, default_value = "1", value_parser = parse_secs)]
+    warmup: Duration,
+    /// Binary messages instead of text.
+    #[arg(long)]
+    binary: bool,
+}
+
+#[derive(Args)]
+struct ConnectArgs {
+    /// Connections to open.
+    #[arg(short = 'n', long, default_value_t = 1000)]
+    connections: usize,
+    /// New connections per second.
+    #[arg(long, default_value_t = 2000.0)]
+    ramp: f64,
+    /// Seconds to hold the connections open after the ramp.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    hold: Duration,
+    /// Source addresses 127.0.0.1..127.0.0.N to connect from (default:
+    /// enough that none needs more than 25,000 ports).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=254))]
+    sources: Option<u8>,
+    /// Seconds allowed for one connection's TCP connect and upgrade.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    handshake_timeout: Duration,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !v.is_finite() || !(0.0..=1e7).contains(&v) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let url = match url::WsUrl::parse(&cli.common.url) {
+        Ok(u) => u,
+        Err(e) => return fail(&e),
+    };
+    let addr = match url.resolve() {
+        Ok(a) => a,
+        Err(e) => return fail(&e),
+    };
+    if let Some(pid) = cli.common.pid
+        && let Err(e) = procfs::sample(&pid.to_string())
+    {
+        return fail(&format!("--pid {pid}: {e}"));
+    }
+    match cli.mode {
+        Mode::Echo(a) => {
+            if a.duration.is_zero() {
+                return fail("--duration must be greater than 0");
+            }
+            let opts = echo::EchoOpts {
+                connections: a.connections,
+                size: a.size,
+                depth: a.depth,
+                duration: a.duration,
+                warmup: a.warmup,
+                binary: a.binary,
+            };
+            match echo::run(&url, addr, cli.common.pid, &opts) {
+                Ok(r) => {
+                    report::print_echo(&r, &cli.common.url, cli.common.pid);
+                    if cli.common.json {
+                        println!("{}", report::echo_json(&r, &cli.common.url, cli.common.pid));
+                    }
+                    exit_for(r.errors.total())
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Mode::Connect(a) => {
+            if !(a.ramp > 0.0 && a.ramp.is_finite()) {
+                return fail("--ramp must be a positive number of connections per second");
+            }
+            let opts = connect::ConnectOpts {
+                connections: a.connections,
+                ramp: a.ramp,
+                hold: a.hold,
+                sources: a.sources,
+                handshake_timeout: a.handshake_timeout,
+            };
+            match connect::run(&url, addr, cli.common.pid, &opts) {
+                Ok(r) => {
+                    report::print_connect(&r, &cli.common.url, cli.common.pid);
+                    if cli.common.json {
+                        println!(
+                            "{}",
+                            report::connect_json(&r, &cli.common.url, cli.common.pid)
+                        );
+                    }
+                    exit_for(r.problems())
+                }
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}
+
+fn exit_for(errors: u64) -> ExitCode {
+    if errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("switchboard-load: {msg}");
+    ExitCode::from(2)
+}

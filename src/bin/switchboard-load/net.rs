@@ -1,0 +1,472 @@
+//! Client connection plumbing shared by both modes: dialing (optionally from
+//! a chosen source address), the TCP connect and HTTP upgrade steps, the
+//! output buffer written once per wake-up, and frame decoding that copies
+//! only a trailing partial frame out of the shared read buffer.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::wire::{self, Frame, FrameError, UpgradeError};
+
+/// Partial-frame buffers larger than this are freed once empty.
+const KEEP_INBUF: usize = 64 << 10;
+
+/// Why a connection never opened.
+#[derive(Debug)]
+pub enum Fail {
+    /// socket() failed (EMFILE: out of descriptors).
+    Socket(io::Error),
+    /// bind() to the source address failed (ports exhausted).
+    Bind(io::Error),
+    /// The TCP connect failed.
+    Connect(io::Error),
+    /// The upgrade was answered with another HTTP status.
+    Status(u16),
+    /// 101 with a wrong Sec-WebSocket-Accept.
+    BadAccept,
+    /// The answer was not HTTP.
+    Malformed,
+    /// The server closed before answering.
+    Eof,
+    /// Read or write failed during the upgrade.
+    Io(io::Error),
+    /// No answer in time.
+    Timeout,
+}
+
+impl Fail {
+    /// A short name to count failures by.
+    pub fn kind(&self) -> String {
+        let os = |e: &io::Error| e.raw_os_error();
+        match self {
+            Fail::Socket(e) if matches!(os(e), Some(libc::EMFILE | libc::ENFILE)) => {
+                "fd_limit".into()
+            }
+            Fail::Socket(_) => "socket".into(),
+            Fail::Bind(_) => "bind".into(),
+            Fail::Connect(e) if e.kind() == io::ErrorKind::ConnectionRefused => "refused".into(),
+            Fail::Connect(e) if os(e) == Some(libc::EADDRNOTAVAIL) => "no_ports".into(),
+            Fail::Connect(_) => "connect".into(),
+            Fail::Status(code) => format!("http_{code}"),
+            Fail::BadAccept => "bad_accept".into(),
+            Fail::Malformed => "bad_response".into(),
+            Fail::Eof => "eof".into(),
+            Fail::Io(e) if e.kind() == io::ErrorKind::ConnectionReset => "reset".into(),
+            Fail::Io(_) => "io".into(),
+            Fail::Timeout => "timeout".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Fail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fail::Socket(e) => write!(f, "socket: {e}"),
+            Fail::Bind(e) => write!(f, "bind: {e}"),
+            Fail::Connect(e) => write!(f, "connect: {e}"),
+            Fail::Status(c) => write!(f, "upgrade answered with HTTP {c}"),
+            Fail::BadAccept => write!(f, "wrong Sec-WebSocket-Accept"),
+            Fail::Malformed => write!(f, "malformed HTTP response"),
+            Fail::Eof => write!(f, "server closed during the upgrade"),
+            Fail::Io(e) => write!(f, "during the upgrade: {e}"),
+            Fail::Timeout => write!(f, "upgrade timed out"),
+        }
+    }
+}
+
+/// Start a non-blocking connect to `dst`, from `src` (port chosen by the
+/// kernel) if given.
+pub fn dial(src: Option<IpAddr>, dst: SocketAddr) -> Result<TcpStream, Fail> {
+    let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))
+        .map_err(Fail::Socket)?;
+    sock.set_nonblocking(true).map_err(Fail::Socket)?;
+    if let Some(ip) = src {
+        sock.bind(&SocketAddr::new(ip, 0).into())
+            .map_err(Fail::Bind)?;
+    }
+    match sock.connect(&dst.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(Fail::Connect(e)),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(sock));
+    // Frames are batched per wake-up already; do not let Nagle hold them.
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Where a connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// TCP connect in progress.
+    Connecting,
+    /// Upgrade request sent, waiting for 101.
+    Upgrading,
+    Open,
+    /// Our close frame is sent; waiting for the server's close and EOF.
+    Closing,
+    /// Socket gone.
+    Done,
+}
+
+/// Outcome of one read.
+pub enum ReadOutcome {
+    Data(usize),
+    WouldBlock,
+    Eof,
+    Error(io::Error),
+}
+
+/// What a handshake step achieved.
+pub enum Progress {
+    Waiting,
+    /// 101 received; `inbuf` may already hold the first frames.
+    Opened,
+    Failed(Fail),
+}
+
+/// One client connection's socket and buffers.
+pub struct Link {
+    pub stream: Option<TcpStream>,
+    pub phase: Phase,
+    /// Bytes to send; appended to during a wake-up, written once at its end.
+    pub out: Vec<u8>,
+    /// A partial frame (or the partial upgrade response).
+    pub inbuf: Vec<u8>,
+    /// The last write hit WouldBlock: wait for a writable event.
+    pub write_blocked: bool,
+}
+
+impl Link {
+    pub fn new(stream: TcpStream) -> Link {
+        Link {
+            stream: Some(stream),
+            phase: Phase::Connecting,
+            out: Vec::new(),
+            inbuf: Vec::new(),
+            write_blocked: false,
+        }
+    }
+
+    /// A connection that never got a socket.
+    pub fn dead() -> Link {
+        Link {
+            stream: None,
+            phase: Phase::Done,
+            out: Vec::new(),
+            inbuf: Vec::new(),
+            write_blocked: false,
+        }
+    }
+
+    pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        match self.stream.as_mut() {
+            Some(s) => registry.register(s, token, Interest::READABLE | Interest::WRITABLE),
+            None => Ok(()),
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    pub fn read(&mut self, buf: &mut [u8]) -> ReadOutcome {
+        let Some(s) = self.stream.as_mut() else {
+            return ReadOutcome::Eof;
+        };
+        loop {
+            return match s.read(buf) {
+                Ok(0) => ReadOutcome::Eof,
+                Ok(n) => ReadOutcome::Data(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReadOutcome::WouldBlock,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => ReadOutcome::Error(e),
+            };
+        }
+    }
+
+    /// Write `out` until it is empty or the socket is full.
+    pub fn flush(&mut self) -> io::Result<()> {
+        let Some(s) = self.stream.as_mut() else {
+            self.out.clear();
+            return Ok(());
+        };
+        let mut written = 0;
+        let result = loop {
+            let Some(rest) = self.out.get(written..).filter(|r| !r.is_empty()) else {
+                break Ok(());
+            };
+            match s.write(rest) {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.write_blocked = true;
+                    break Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        if written >= self.out.len() {
+            self.out.clear();
+        } else {
+            self.out.drain(..written);
+        }
+        result
+    }
+
+    /// Flush unless a write is known to be blocked.
+    pub fn flush_if_ready(&mut self) -> io::Result<()> {
+        if self.out.is_empty() || self.write_blocked {
+            return Ok(());
+        }
+        self.flush()
+    }
+
+    /// Drop the socket (the kernel closes it).
+    pub fn shut(&mut self, registry: &Registry) {
+        if let Some(mut s) = self.stream.take() {
+            let _ = registry.deregister(&mut s);
+        }
+        self.phase = Phase::Done;
+        self.out = Vec::new();
+        self.inbuf = Vec::new();
+    }
+
+    /// Move the TCP connect and the upgrade along after a readiness event.
+    /// `request` builds the upgrade request; `key` is its Sec-WebSocket-Key.
+    pub fn handshake(
+        &mut self,
+        rbuf: &mut [u8],
+        request: impl FnOnce() -> Vec<u8>,
+        key: &str,
+    ) -> Progress {
+        if self.phase == Phase::Connecting {
+            let Some(s) = self.stream.as_ref() else {
+                return Progress::Failed(Fail::Eof);
+            };
+            match connect_result(s) {
+                Ok(false) => return Progress::Waiting,
+                Ok(true) => {
+                    self.out = request();
+                    self.phase = Phase::Upgrading;
+                    if let Err(e) = self.flush() {
+                        return Progress::Failed(Fail::Io(e));
+                    }
+                }
+                Err(e) => return Progress::Failed(Fail::Connect(e)),
+            }
+        }
+        if self.phase != Phase::Upgrading {
+            return Progress::Waiting;
+        }
+        if self.write_blocked {
+            self.write_blocked = false;
+            if let Err(e) = self.flush() {
+                return Progress::Failed(Fail::Io(e));
+            }
+        }
+        loop {
+            match self.read(rbuf) {
+                ReadOutcome::Data(n) => {
+                    self.inbuf
+                        .extend_from_slice(rbuf.get(..n).unwrap_or_default());
+                    match wire::parse_upgrade(&self.inbuf, key) {
+                        Ok(None) => {}
+                        Ok(Some(used)) => {
+                            self.inbuf.drain(..used);
+                            // Frames right behind the head are read on: the
+                            // socket must be drained before waiting for an edge.
+                            self.phase = Phase::Open;
+                            return match self.drain_into_inbuf(rbuf) {
+                                Ok(()) => Progress::Opened,
+                                Err(f) => Progress::Failed(f),
+                            };
+                        }
+                        Err(UpgradeError::Status(c)) => return Progress::Failed(Fail::Status(c)),
+                        Err(UpgradeError::BadAccept) => return Progress::Failed(Fail::BadAccept),
+                        Err(UpgradeError::Malformed) => return Progress::Failed(Fail::Malformed),
+                    }
+                }
+                ReadOutcome::WouldBlock => return Progress::Waiting,
+                ReadOutcome::Eof => return Progress::Failed(Fail::Eof),
+                ReadOutcome::Error(e) => return Progress::Failed(Fail::Io(e)),
+            }
+        }
+    }
+
+    /// Read everything available into `inbuf` (only right after the upgrade).
+    fn drain_into_inbuf(&mut self, rbuf: &mut [u8]) -> Result<(), Fail> {
+        loop {
+            match self.read(rbuf) {
+                ReadOutcome::Data(n) => self
+                    .inbuf
+                    .extend_from_slice(rbuf.get(..n).unwrap_or_default()),
+                ReadOutcome::WouldBlock => return Ok(()),
+                // The caller sees EOF on its next read.
+                ReadOutcome::Eof => return Ok(()),
+                ReadOutcome::Error(e) => return Err(Fail::Io(e)),
+            }
+        }
+    }
+}
+
+/// After a readiness event on a connecting socket: connected, still
+/// connecting, or failed.
+fn connect_result(s: &TcpStream) -> io::Result<bool> {
+    if let Some(e) = s.take_error()? {
+        return Err(e);
+    }
+    match s.peer_addr() {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Decode every whole frame of `inbuf` + `fresh`, handing each to `on_frame`
+/// (which returns false to stop: the rest is discarded). A trailing partial
+/// frame is kept in `inbuf`; when `inbuf` starts empty, whole frames are
+/// decoded straight from `fresh` without copying.
+pub fn feed(
+    inbuf: &mut Vec<u8>,
+    fresh: &[u8],
+    on_frame: &mut dyn FnMut(Frame<'_>) -> bool,
+) -> Result<(), FrameError> {
+    if inbuf.is_empty() {
+        let (used, go) = decode(fresh, on_frame)?;
+        if go && let Some(rest) = fresh.get(used..) {
+            inbuf.extend_from_slice(rest);
+        }
+        return Ok(());
+    }
+    inbuf.extend_from_slice(fresh);
+    let buf = std::mem::take(inbuf);
+    let (used, go) = decode(&buf, on_frame)?;
+    if go && used < buf.len() {
+        *inbuf = buf;
+        inbuf.drain(..used);
+    } else if buf.capacity() <= KEEP_INBUF {
+        *inbuf = buf;
+        inbuf.clear();
+    }
+    Ok(())
+}
+
+fn decode(
+    buf: &[u8],
+    on_frame: &mut dyn FnMut(Frame<'_>) -> bool,
+) -> Result<(usize, bool), FrameError> {
+    let mut pos = 0;
+    while let Some(rest) = buf.get(pos..) {
+        match wire::parse_frame(rest)? {
+            None => break,
+            Some((f, used)) => {
+                pos += used;
+                if !on_frame(f) {
+                    return Ok((pos, false));
+                }
+            }
+        }
+    }
+    Ok((pos, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard::ws::frame::{OpCode, encode_frame};
+
+    #[test]
+    fn feed_keeps_partial_frames_across_reads() {
+        let mut stream = Vec::new();
+        for i in 0..50u8 {
+            encode_frame(&mut stream, OpCode::Binary, &vec![i; usize::from(i) * 13]);
+        }
+        for chunk in [1usize, 2, 3, 7, 64, 1000, stream.len()] {
+            let mut inbuf = Vec::new();
+            let mut got = Vec::new();
+            for part in stream.chunks(chunk) {
+                feed(&mut inbuf, part, &mut |f| {
+                    got.push(f.payload.to_vec());
+                    true
+                })
+                .unwrap();
+            }
+            assert!(inbuf.is_empty(), "chunk {chunk}");
+            assert_eq!(got.len(), 50, "chunk {chunk}");
+            for (i, p) in got.iter().enumerate() {
+                assert_eq!(p, &vec![i as u8; i * 13]);
+            }
+        }
+    }
+
+    #[test]
+    fn feed_stops_when_asked() {
+        let mut stream = Vec::new();
+        encode_frame(&mut stream, OpCode::Close, &[3, 232]);
+        encode_frame(&mut stream, OpCode::Text, b"after");
+        let mut inbuf = Vec::new();
+        let mut n = 0;
+        feed(&mut inbuf, &stream, &mut |_| {
+            n += 1;
+            false
+        })
+        .unwrap();
+        assert_eq!(n, 1);
+        assert!(inbuf.is_empty());
+    }
+
+    #[test]
+    fn failure_kinds() {
+        assert_eq!(Fail::Status(503).kind(), "http_503");
+        assert_eq!(
+            Fail::Socket(io::Error::from_raw_os_error(libc::EMFILE)).kind(),
+            "fd_limit"
+        );
+        assert_eq!(
+            Fail::Connect(io::ErrorKind::ConnectionRefused.into()).kind(),
+            "refused"
+        );
+    }
+
+    #[test]
+    fn dial_refused_port_fails_or_reports() {
+        // Bind then drop a listener: nothing listens on that port now.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dst: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut poll = mio::Poll::new().unwrap();
+        let mut link = match dial(Some([127, 0, 0, 2].into()), dst) {
+            Ok(s) => Link::new(s),
+            Err(f) => {
+                assert_eq!(f.kind(), "refused");
+                return;
+            }
+        };
+        link.register(poll.registry(), Token(0)).unwrap();
+        let mut events = mio::Events::with_capacity(4);
+        let mut rbuf = [0u8; 256];
+        for _ in 0..100 {
+            poll.poll(&mut events, Some(std::time::Duration::from_millis(50)))
+                .unwrap();
+            match link.handshake(&mut rbuf, Vec::new, "k") {
+                Progress::Waiting => continue,
+                Progress::Opened => panic!("nothing listens there"),
+                Progress::Failed(f) => {
+                    assert_eq!(f.kind(), "refused", "{f}");
+                    return;
+                }
+            }
+        }
+        panic!("no connect result");
+    }
+}

@@ -1,0 +1,109 @@
+//! Heartbeats from the timer wheel: pings at the interval, a silent client is
+//! closed after the pong timeout, a responsive one stays, idle timeout.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tungstenite::Message;
+
+#[test]
+fn silent_client_is_closed_after_a_missed_pong() {
+    let mut cfg = test_config(1);
+    cfg.heartbeat_interval = Duration::from_millis(300);
+    cfg.pong_timeout = Duration::from_millis(300);
+    let server = start(cfg);
+    let mut raw = Raw::connect(server.local_addr(), "/echo");
+    let t0 = Instant::now();
+    // The raw client reads the ping but never answers it.
+    let (_, op, _) = raw.read_frame().expect("a ping");
+    assert_eq!(op, 0x9);
+    raw.expect_close(1011);
+    raw.expect_eof();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "not before the pong deadline"
+    );
+    wait_until("counter", || server.stats().heartbeat_timeouts == 1);
+    assert_eq!(server.open_connections(), 0);
+}
+
+#[test]
+fn responsive_client_survives_many_intervals() {
+    let mut cfg = test_config(1);
+    cfg.heartbeat_interval = Duration::from_millis(200);
+    cfg.pong_timeout = Duration::from_millis(150);
+    let server = start(cfg);
+    let mut raw = Raw::connect(server.local_addr(), "/echo");
+    let mut pings = 0;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(1500) {
+        let (_, op, payload) = raw.read_frame().expect("frame");
+        assert_eq!(op, 0x9, "only pings arrive");
+        pings += 1;
+        raw.send(true, 0xA, &payload);
+    }
+    assert!(pings >= 3, "pings every interval, got {pings}");
+    raw.send(true, 0x1, b"still here");
+    loop {
+        let (_, op, payload) = raw.read_frame().expect("echo");
+        if op == 0x1 {
+            assert_eq!(payload, b"still here");
+            break;
+        }
+        assert_eq!(op, 0x9);
+        raw.send(true, 0xA, &payload);
+    }
+    assert_eq!(server.stats().heartbeat_timeouts, 0);
+}
+
+#[test]
+fn tungstenite_client_answers_pings_automatically() {
+    let mut cfg = test_config(1);
+    cfg.heartbeat_interval = Duration::from_millis(100);
+    cfg.pong_timeout = Duration::from_millis(100);
+    let server = start(cfg);
+    let mut ws = ws(server.local_addr(), "/echo");
+    for i in 0..20 {
+        std::thread::sleep(Duration::from_millis(60));
+        ws.send(Message::text(format!("m{i}"))).unwrap();
+        loop {
+            match ws.read().unwrap() {
+                Message::Ping(_) => continue, // tungstenite queued the pong
+                m => {
+                    assert_eq!(m, Message::text(format!("m{i}")));
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(server.stats().heartbeat_timeouts, 0);
+    let s = server.stats();
+    assert!(s.pings_sent >= 3, "{s:?}");
+}
+
+#[test]
+fn idle_timeout_closes_quiet_connections() {
+    let mut cfg = test_config(1);
+    cfg.heartbeat_interval = Duration::from_millis(100);
+    cfg.pong_timeout = Duration::from_millis(100);
+    cfg.idle_timeout = Duration::from_millis(500);
+    let server = start(cfg);
+    let t0 = Instant::now();
+    let mut raw = Raw::connect(server.local_addr(), "/echo");
+    loop {
+        let (_, op, payload) = raw.read_frame().expect("frame");
+        match op {
+            0x9 => raw.send(true, 0xA, &payload), // pongs are not activity
+            0x8 => {
+                assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1000);
+                assert_eq!(&payload[2..], b"idle timeout");
+                break;
+            }
+            other => panic!("opcode {other}"),
+        }
+    }
+    assert!(t0.elapsed() >= Duration::from_millis(500));
+    raw.expect_eof();
+}

@@ -1,0 +1,370 @@
+//! The load generator must catch a misbehaving server: each test runs the
+//! built `switchboard-load` binary against a deliberately faulty echo
+//! server (plain threads, hand-made frames) and checks the exit status and
+//! the error kind in its JSON line; the real server must come out clean.
+//! Counts and correctness only, never timing thresholds.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use switchboard::ws::frame::{RawOpCode, apply_mask, parse_header};
+use switchboard::{Config, Server};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard-load");
+/// Which data message (per connection, counting from 1) the fault hits.
+const NTH: u64 = 50;
+const CONNS: u64 = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Echo faithfully (the control).
+    None,
+    /// Flip one bit of the last payload byte of the Nth message.
+    Flip,
+    /// Never echo the Nth message.
+    Drop,
+    /// Echo the Nth message twice.
+    Dup,
+    /// Echo the (N+1)th message before the Nth.
+    Swap,
+    /// Close the connection (1011) instead of echoing the Nth message.
+    Close,
+}
+
+/// An unmasked server frame, by hand.
+fn server_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    out.push(0x80 | opcode);
+    let len = payload.len();
+    if len < 126 {
+        out.push(len as u8);
+    } else if len <= 0xFFFF {
+        out.push(126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+}
+
+/// Start the faulty echo server; every connection gets its own thread.
+fn faulty_server(fault: Fault) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let _ = serve_faulty(stream, fault);
+            });
+        }
+    });
+    addr
+}
+
+fn serve_faulty(mut s: TcpStream, fault: Fault) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut buf = Vec::new();
+    let mut tmp = vec![0u8; 64 << 10];
+    // The upgrade.
+    let head_len = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut tmp)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_len]).into_owned();
+    let key = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("sec-websocket-key")
+                .then(|| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    s.write_all(
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .as_bytes(),
+    )?;
+    buf.drain(..head_len);
+
+    let mut n_data = 0u64;
+    let mut held: Option<(u8, Vec<u8>)> = None;
+    let mut closing = false;
+    loop {
+        let mut out = Vec::new();
+        while let Ok(Some(h)) = parse_header(&buf) {
+            let total = h.header_len + h.payload_len as usize;
+            if buf.len() < total {
+                break;
+            }
+            let mut payload = buf[h.header_len..total].to_vec();
+            buf.drain(..total);
+            let Some(mask) = h.mask else {
+                return Ok(()); // clients must mask; the load generator always does
+            };
+            apply_mask(&mut payload, mask);
+            match h.opcode {
+                RawOpCode::Text | RawOpCode::Binary if !closing => {
+                    let op = if h.opcode == RawOpCode::Text { 1 } else { 2 };
+                    n_data += 1;
+                    match fault {
+                        Fault::Flip if n_data == NTH => {
+                            if let Some(b) = payload.last_mut() {
+                                *b ^= 0x01; // stays ASCII: text stays valid UTF-8
+                            }
+                            server_frame(&mut out, op, &payload);
+                        }
+                        Fault::Drop if n_data == NTH => {}
+                        Fault::Dup if n_data == NTH => {
+                            server_frame(&mut out, op, &payload);
+                            server_frame(&mut out, op, &payload);
+                        }
+                        Fault::Swap if n_data == NTH => held = Some((op, payload)),
+                        Fault::Swap if n_data == NTH + 1 => {
+                            server_frame(&mut out, op, &payload);
+                            if let Some((hop, hp)) = held.take() {
+                                server_frame(&mut out, hop, &hp);
+                            }
+                        }
+                        Fault::Close if n_data == NTH => {
+                            server_frame(&mut out, 0x8, &[0x03, 0xF3]); // 1011
+                            closing = true;
+                        }
+                        _ => server_frame(&mut out, op, &payload),
+                    }
+                }
+                RawOpCode::Ping => server_frame(&mut out, 0xA, &payload),
+                RawOpCode::Close => {
+                    if !closing {
+                        server_frame(&mut out, 0x8, payload.get(..2).unwrap_or_default());
+                    }
+                    s.write_all(&out)?;
+                    return Ok(()); // dropping the stream closes TCP
+                }
+                _ => {}
+            }
+        }
+        if !out.is_empty() {
+            s.write_all(&out)?;
+        }
+        let n = s.read(&mut tmp)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+/// Run the load generator; returns its exit status, its JSON line and all of stdout.
+fn run_load(args: &[&str]) -> (ExitStatus, Value, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .arg("--json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run switchboard-load");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("switchboard-load {args:?} did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        o.read_to_string(&mut stdout).expect("stdout");
+    }
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut stderr).expect("stderr");
+    }
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line in:\n{stdout}\nstderr:\n{stderr}"));
+    let json: Value = serde_json::from_str(line).expect("valid JSON");
+    (status, json, stdout)
+}
+
+fn echo_against(addr: SocketAddr, extra: &[&str]) -> (ExitStatus, Value, String) {
+    let url = format!("ws://{addr}/echo");
+    let conns = CONNS.to_string();
+    let mut args = vec![
+        "echo", "--url", &url, "-c", &conns, "-d", "4", "-t", "1", "--warmup", "0",
+    ];
+    args.extend_from_slice(extra);
+    run_load(&args)
+}
+
+/// The faulty server must produce exactly `expected` errors of `kind` (one
+/// per connection) and nothing else, and a failing exit status.
+fn assert_detects(fault: Fault, kind: &str, extra: &[&str]) {
+    let addr = faulty_server(fault);
+    let (status, json, stdout) = echo_against(addr, extra);
+    assert_eq!(status.code(), Some(1), "{fault:?}: exit status\n{stdout}");
+    let errors = &json["errors"];
+    assert_eq!(errors[kind], CONNS, "{fault:?}: {kind} count\n{stdout}");
+    assert_eq!(errors["total"], CONNS, "{fault:?}: only {kind}\n{stdout}");
+    assert_eq!(json["opened"], CONNS);
+    assert!(json["messages"].as_u64().unwrap() > 0, "{stdout}");
+}
+
+#[test]
+fn detects_corruption() {
+    assert_detects(Fault::Flip, "corrupt", &["-s", "48"]);
+}
+
+#[test]
+fn detects_corruption_in_binary_header() {
+    // 16-byte binary payloads: the flipped byte is in the timestamp.
+    assert_detects(Fault::Flip, "corrupt", &["-s", "16", "--binary"]);
+}
+
+#[test]
+fn detects_loss() {
+    assert_detects(Fault::Drop, "lost", &[]);
+}
+
+#[test]
+fn detects_duplication() {
+    assert_detects(Fault::Dup, "dup", &["--binary", "-s", "300"]);
+}
+
+#[test]
+fn detects_reordering() {
+    assert_detects(Fault::Swap, "reorder", &[]);
+}
+
+#[test]
+fn detects_server_close() {
+    assert_detects(Fault::Close, "closed", &[]);
+}
+
+#[test]
+fn test_server_without_fault_is_clean() {
+    // The control: the same hand-made server, no fault, no error reported.
+    let addr = faulty_server(Fault::None);
+    let (status, json, stdout) = echo_against(addr, &[]);
+    assert!(status.success(), "{stdout}");
+    assert_eq!(json["errors"]["total"], 0, "{stdout}");
+    assert_eq!(json["closed_cleanly"], CONNS, "{stdout}");
+    assert!(json["messages"].as_u64().unwrap() > 0, "{stdout}");
+}
+
+fn real_server(cfg: Config) -> Server {
+    Server::start(cfg).expect("server starts")
+}
+
+#[test]
+fn real_server_echo_is_clean() {
+    let server = real_server(Config {
+        port: 0,
+        shards: 1,
+        ..Default::default()
+    });
+    let url = format!("ws://{}/echo", server.local_addr());
+    let pid = std::process::id().to_string();
+    let (status, json, stdout) = run_load(&[
+        "echo", "--url", &url, "-c", "8", "-d", "8", "-t", "1", "--warmup", "0.2", "--pid", &pid,
+    ]);
+    assert!(status.success(), "{stdout}");
+    assert_eq!(json["errors"]["total"], 0, "{stdout}");
+    assert_eq!(json["opened"], 8);
+    assert!(json["messages"].as_u64().unwrap() > 0, "{stdout}");
+    assert_eq!(json["closed_cleanly"], 8, "{stdout}");
+    assert!(json["latency_us"]["samples"].as_u64().unwrap() > 0);
+    // --pid: this test process hosts the server.
+    assert!(json["server"]["cpu_s"].is_number(), "{stdout}");
+    assert!(json["server"]["rss_after_bytes"].as_u64().unwrap() > 0);
+    assert!(stdout.contains("user-space RSS"), "{stdout}");
+}
+
+#[test]
+fn real_server_binary_large_messages_are_clean() {
+    let server = real_server(Config {
+        port: 0,
+        shards: 1,
+        ..Default::default()
+    });
+    let url = format!("ws://{}/echo", server.local_addr());
+    // 70,000 bytes: 64-bit frame lengths and frames split across reads.
+    let (status, json, stdout) = run_load(&[
+        "echo", "--url", &url, "-c", "3", "-d", "4", "-s", "70000", "--binary", "-t", "0.5",
+        "--warmup", "0",
+    ]);
+    assert!(status.success(), "{stdout}");
+    assert_eq!(json["errors"]["total"], 0, "{stdout}");
+    assert!(json["messages"].as_u64().unwrap() > 0, "{stdout}");
+}
+
+#[test]
+fn real_server_connect_holds_and_answers_pings() {
+    // Short heartbeats: connections that did not answer pings would be
+    // closed with 1011 during the hold.
+    let server = real_server(Config {
+        port: 0,
+        shards: 2,
+        heartbeat_interval: Duration::from_millis(250),
+        pong_timeout: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let url = format!("ws://{}/echo", server.local_addr());
+    let pid = std::process::id().to_string();
+    let (status, json, stdout) = run_load(&[
+        "connect",
+        "--url",
+        &url,
+        "-n",
+        "60",
+        "--ramp",
+        "500",
+        "--hold",
+        "1.2",
+        "--sources",
+        "2",
+        "--pid",
+        &pid,
+    ]);
+    assert!(status.success(), "{stdout}");
+    assert_eq!(json["opened"], 60, "{stdout}");
+    assert_eq!(json["open_at_end"], 60, "{stdout}");
+    assert_eq!(json["problems"], 0, "{stdout}");
+    assert!(json["pings_answered"].as_u64().unwrap() >= 60, "{stdout}");
+    assert_eq!(json["closed_cleanly"], 60, "{stdout}");
+    assert_eq!(json["sources"], 2);
+    assert!(json["server"]["rss_end_of_hold_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(server.stats().heartbeat_timeouts, 0);
+}
+
+#[test]
+fn connect_counts_http_refusals() {
+    let server = real_server(Config {
+        port: 0,
+        shards: 1,
+        ..Default::default()
+    });
+    let url = format!("ws://{}/no-such-path", server.local_addr());
+    let (status, json, stdout) = run_load(&["connect", "--url", &url, "-n", "5", "--hold", "0"]);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert_eq!(json["failures"]["http_404"], 5, "{stdout}");
+    assert_eq!(json["open_at_end"], 0);
+}
