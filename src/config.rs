@@ -313,14 +313,18 @@ impl Config {
                 set_dotted(&mut table, key, value);
             }
         }
+        let source = if file.is_some() {
+            "config file or environment"
+        } else {
+            "environment"
+        };
         let mut cfg: Config =
-            Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
-                source: if file.is_some() {
-                    "config file or environment".into()
-                } else {
-                    "environment".into()
-                },
-                message: e.to_string(),
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let path = e.path().to_string();
+                ConfigError::Parse {
+                    source: source.into(),
+                    message: format!("{path}: {}", e.inner()),
+                }
             })?;
         if let Some(h) = &cli.host {
             cfg.host = h.clone();

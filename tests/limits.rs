@@ -13,7 +13,9 @@ use tungstenite::Message;
 /// Status of an upgrade attempt (reads only the response head: a 101 stays open).
 fn upgrade_status(addr: std::net::SocketAddr) -> u16 {
     let stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut raw = Raw {
         stream,
         buf: Vec::new(),

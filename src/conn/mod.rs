@@ -283,10 +283,11 @@ impl Conn {
     /// Serve a readiness event: flush, then read up to the budget.
     /// Returns whether the socket may still hold unread bytes (budget used up).
     pub fn on_ready(&mut self, scratch: &mut [u8], ctx: &mut Ctx<'_>) -> (Next, bool) {
-        if self.writable && (!self.out.is_empty() || self.io.has_pending_output()) {
-            if let Next::Drop = self.after_io(ctx) {
-                return (Next::Drop, false);
-            }
+        if self.writable
+            && (!self.out.is_empty() || self.io.has_pending_output())
+            && self.after_io(ctx) == Next::Drop
+        {
+            return (Next::Drop, false);
         }
         let mut budget = ctx.cfg.read_budget;
         while self.readable {

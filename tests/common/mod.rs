@@ -21,6 +21,8 @@ pub fn test_config(shards: usize) -> Config {
 }
 
 pub fn start(cfg: Config) -> Server {
+    // Tests that hold thousands of sockets need the soft limit raised, as the binary does.
+    let _ = switchboard::raise_fd_limit();
     switchboard::logging::init(
         &std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
         switchboard::config::LogFormat::Text,
