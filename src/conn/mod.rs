@@ -690,3 +690,17 @@ impl Conn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-connection footprint is a design target (about 1 KiB per idle
+    /// connection in all, see docs/BENCHMARKS.md): keep the struct small.
+    #[test]
+    fn connection_state_stays_small() {
+        let conn = std::mem::size_of::<Conn>();
+        eprintln!("Conn = {conn} bytes");
+        assert!(conn <= 256, "Conn grew to {conn} bytes");
+    }
+}
