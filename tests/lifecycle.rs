@@ -182,3 +182,54 @@ fn config_command_prints_effective_configuration() {
     assert_eq!(parsed["ws_path"].as_str(), Some("/from-env"));
     assert_eq!(parsed["port"].as_integer(), Some(8080));
 }
+
+#[test]
+fn json_log_lines_carry_shard_and_connection() {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--shards",
+            "1",
+            "--log-level",
+            "debug",
+        ])
+        .env("SWITCHBOARD_LOG_FORMAT", "json")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut addr: Option<SocketAddr> = None;
+    let mut conn_line = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).expect("every line is JSON");
+        for key in ["ts", "level", "thread", "target", "msg"] {
+            assert!(v.get(key).is_some(), "{key} in {line}");
+        }
+        let msg = v["msg"].as_str().unwrap().to_owned();
+        if let Some(i) = msg.find("listening on ws://") {
+            let rest = &msg[i + "listening on ws://".len()..];
+            addr = Some(rest.split_whitespace().next().unwrap().parse().unwrap());
+            let mut c = Raw::connect(addr.unwrap(), "/echo");
+            c.send(true, 0x1, b"x");
+            let _ = c.read_frame();
+        }
+        if msg.contains("conn=0.0 upgraded") {
+            assert_eq!(v["thread"], "shard-0");
+            conn_line = Some(line);
+            break;
+        }
+    }
+    assert!(addr.is_some());
+    assert!(conn_line.is_some(), "a debug line names the connection");
+    signal(&child, "-TERM");
+    std::thread::spawn(move || for _ in lines {});
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(10)).code(),
+        Some(0)
+    );
+}

@@ -224,7 +224,10 @@ fn decode(
         // payload_len <= max_frame (a usize) or <= 125 here, so the cast is exact.
         let len = header.payload_len as usize;
         let start = pos + header.header_len;
-        let Some(payload) = buf.get_mut(start..start + len) else {
+        let Some(payload) = start
+            .checked_add(len)
+            .and_then(|end| buf.get_mut(start..end))
+        else {
             return Ok((pos, Flow::Continue)); // payload not all here yet
         };
         frame::apply_mask(payload, mask);

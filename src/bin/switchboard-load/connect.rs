@@ -26,6 +26,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often handshake deadlines are checked.
 const TIMEOUT_SCAN: Duration = Duration::from_millis(100);
 const READ_BUF: usize = 64 << 10;
+/// Connections dialed per loop turn at most.
+const DIAL_BATCH: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct ConnectOpts {
@@ -168,7 +170,7 @@ pub fn run(
             "switchboard-load: warning: the open-file limit is {fd_limit}; {k} connections will not all fit (expect fd_limit failures)"
         );
     }
-    let sources = source_addresses(addr, k, o.sources);
+    let mut sources = net::SourcePorts::new(source_addresses(addr, k, o.sources));
     let pid_s = pid.map(|p| p.to_string());
     let sample = |what: &Option<String>| -> Result<Option<Sample>, String> {
         what.as_deref().map(procfs::sample).transpose()
@@ -200,11 +202,18 @@ pub fn run(
     loop {
         let now = Instant::now();
         if stage == Stage::Ramp {
-            let due = ((now - start).as_secs_f64() * o.ramp).floor() as usize + 1;
-            while slots.len() < due.min(k) {
+            let due = due_now(start, now, o.ramp);
+            // A bounded batch per turn: events are served between batches
+            // even when dialing falls behind the schedule.
+            let batch_end = due.min(k).min(slots.len() + DIAL_BATCH);
+            while slots.len() < batch_end {
                 let i = slots.len();
-                let src = (!sources.is_empty()).then(|| sources[i % sources.len()]);
-                let mut link = match net::dial(src, addr) {
+                let dialed = if sources.is_empty() {
+                    net::dial(None, addr)
+                } else {
+                    sources.dial(i, addr)
+                };
+                let mut link = match dialed {
                     Ok(s) => Link::new(s),
                     Err(f) => {
                         tally.fail(&f);
@@ -262,11 +271,13 @@ pub fn run(
             break;
         }
         let wait = match stage {
-            Stage::Ramp if slots.len() < k => {
+            Stage::Ramp if slots.len() < k && slots.len() >= due_now(start, now, o.ramp) => {
                 let next = start + Duration::from_secs_f64(slots.len() as f64 / o.ramp);
                 next.saturating_duration_since(now)
                     .min(Duration::from_millis(10))
             }
+            // Behind schedule: just collect what is ready.
+            Stage::Ramp if slots.len() < k => Duration::ZERO,
             Stage::Ramp => TIMEOUT_SCAN,
             Stage::Hold | Stage::Close => deadline
                 .saturating_duration_since(now)
@@ -340,6 +351,11 @@ pub fn run(
             .zip(end_hold)
             .map(|(a, b)| Delta::between(&a, &b)),
     })
+}
+
+/// Connections that should have been started by `now`.
+fn due_now(start: Instant, now: Instant, ramp: f64) -> usize {
+    (now.saturating_duration_since(start).as_secs_f64() * ramp).floor() as usize + 1
 }
 
 /// 127.0.0.1..=127.0.0.N when the server is on IPv4 loopback; none otherwise.

@@ -78,15 +78,14 @@ impl std::fmt::Display for Fail {
     }
 }
 
-/// Start a non-blocking connect to `dst`, from `src` (port chosen by the
-/// kernel) if given.
-pub fn dial(src: Option<IpAddr>, dst: SocketAddr) -> Result<TcpStream, Fail> {
+/// Start a non-blocking connect to `dst`, bound first to `src` if given
+/// (port 0: the kernel picks).
+pub fn dial(src: Option<SocketAddr>, dst: SocketAddr) -> Result<TcpStream, Fail> {
     let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))
         .map_err(Fail::Socket)?;
     sock.set_nonblocking(true).map_err(Fail::Socket)?;
-    if let Some(ip) = src {
-        sock.bind(&SocketAddr::new(ip, 0).into())
-            .map_err(Fail::Bind)?;
+    if let Some(a) = src {
+        sock.bind(&a.into()).map_err(Fail::Bind)?;
     }
     match sock.connect(&dst.into()) {
         Ok(()) => {}
@@ -97,6 +96,66 @@ pub fn dial(src: Option<IpAddr>, dst: SocketAddr) -> Result<TcpStream, Fail> {
     // Frames are batched per wake-up already; do not let Nagle hold them.
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+/// Source ports for connections bound to chosen source addresses.
+///
+/// `bind(ip:0)` makes the kernel search for a free port, preferring half of
+/// the ephemeral range (the other parity is left to `connect`); once about
+/// 14,000 ports of one address are taken every bind becomes a scan costing
+/// milliseconds. So ports are walked here instead: a cursor per source
+/// address through the ephemeral range, skipping ports in use.
+pub struct SourcePorts {
+    ips: Vec<IpAddr>,
+    lo: u16,
+    hi: u16,
+    next: Vec<u16>,
+}
+
+/// Ports tried for one connection before giving up.
+const PORT_TRIES: usize = 512;
+
+impl SourcePorts {
+    pub fn new(ips: Vec<IpAddr>) -> SourcePorts {
+        let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| {
+                let mut it = s.split_ascii_whitespace().map(|v| v.parse::<u16>().ok());
+                Some((it.next()??, it.next()??))
+            })
+            .filter(|(lo, hi)| lo < hi)
+            .unwrap_or((32768, 60999));
+        let next = vec![lo; ips.len()];
+        SourcePorts { ips, lo, hi, next }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ips.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ips.len()
+    }
+
+    /// Dial `dst` from source address number `n % len`, on the next free port.
+    pub fn dial(&mut self, n: usize, dst: SocketAddr) -> Result<TcpStream, Fail> {
+        let i = n % self.ips.len().max(1);
+        let (Some(&ip), Some(cursor)) = (self.ips.get(i), self.next.get_mut(i)) else {
+            return dial(None, dst);
+        };
+        let mut last = None;
+        for _ in 0..PORT_TRIES {
+            let port = *cursor;
+            *cursor = if port >= self.hi { self.lo } else { port + 1 };
+            match dial(Some(SocketAddr::new(ip, port)), dst) {
+                Err(Fail::Bind(e)) if e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(Fail::Bind(
+            last.unwrap_or_else(|| io::ErrorKind::AddrInUse.into()),
+        ))
+    }
 }
 
 /// Where a connection is.
@@ -423,6 +482,24 @@ mod tests {
     }
 
     #[test]
+    fn source_ports_skip_ports_in_use() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dst = listener.local_addr().unwrap();
+        let mut ports = SourcePorts::new(vec![[127, 0, 0, 3].into()]);
+        // Hold the first port the cursor would take: it must be skipped.
+        let first = ports.next[0];
+        let _held = std::net::TcpListener::bind(("127.0.0.3", first));
+        let a = ports.dial(0, dst).unwrap();
+        let b = ports.dial(7, dst).unwrap();
+        let pa = a.local_addr().unwrap();
+        let pb = b.local_addr().unwrap();
+        assert_eq!(pa.ip(), std::net::IpAddr::from([127, 0, 0, 3]));
+        assert_ne!(pa.port(), first);
+        assert_ne!(pa.port(), pb.port());
+        assert!((ports.lo..=ports.hi).contains(&pa.port()));
+    }
+
+    #[test]
     fn failure_kinds() {
         assert_eq!(Fail::Status(503).kind(), "http_503");
         assert_eq!(
@@ -445,7 +522,7 @@ mod tests {
             .port();
         let dst: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut poll = mio::Poll::new().unwrap();
-        let mut link = match dial(Some([127, 0, 0, 2].into()), dst) {
+        let mut link = match dial(Some(([127, 0, 0, 2], 0).into()), dst) {
             Ok(s) => Link::new(s),
             Err(f) => {
                 assert_eq!(f.kind(), "refused");
