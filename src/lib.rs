@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accept;
+pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod error;
