@@ -35,7 +35,110 @@ pub enum LogFormat {
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
     /// No authentication: development only (refused on public addresses unless allowed).
+    /// The user id is `?userId=` or `anon-<connectionId>`.
     None,
+    /// One shared secret token (seed 000 `authToken`).
+    Token,
+    /// JWTs signed by the application (`[auth.jwt]`).
+    Jwt,
+}
+
+/// Who may do something on a channel (or send directly, or broadcast).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rule {
+    /// Any authenticated connection.
+    Any,
+    /// Only if a pattern in the token's `channels` claim matches.
+    Claims,
+    /// `<ns>:<userId>` (and below it) for that user only.
+    Owner,
+    /// `<ns>:<tenant>` (and below it) for that tenant only (`tenant` claim).
+    Tenant,
+    /// Only `role: admin`.
+    Admin,
+    /// Nobody but admins.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceRules {
+    pub subscribe: Rule,
+    pub publish: Rule,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelsConfig {
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// Longest channel name in bytes.
+    pub max_channel_length: usize,
+    /// Rule for channels whose namespace has no entry: claims only, so
+    /// nothing is open unless the token or config says so.
+    pub subscribe: Rule,
+    pub publish: Rule,
+    /// Who may broadcast to every connection from a client.
+    pub broadcast: Rule,
+    /// Who may send direct messages to a user.
+    pub direct: Rule,
+    /// Rules per namespace (the part of a channel name before the first `:`).
+    pub namespaces: std::collections::BTreeMap<String, NamespaceRules>,
+}
+
+impl Default for ChannelsConfig {
+    fn default() -> Self {
+        let mut namespaces = std::collections::BTreeMap::new();
+        namespaces.insert(
+            "public".into(),
+            NamespaceRules {
+                subscribe: Rule::Any,
+                publish: Rule::Any,
+            },
+        );
+        namespaces.insert(
+            "user".into(),
+            NamespaceRules {
+                subscribe: Rule::Owner,
+                publish: Rule::Admin,
+            },
+        );
+        namespaces.insert(
+            "tenant".into(),
+            NamespaceRules {
+                subscribe: Rule::Tenant,
+                publish: Rule::Admin,
+            },
+        );
+        ChannelsConfig {
+            max_subscriptions: 128,
+            max_channel_length: 255,
+            subscribe: Rule::Claims,
+            publish: Rule::Claims,
+            broadcast: Rule::Admin,
+            direct: Rule::Any,
+            namespaces,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Client messages per second per connection; 0 = unlimited.
+    pub messages_per_second: u32,
+    /// Messages a connection may send in a burst above the rate.
+    pub burst: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            messages_per_second: 0,
+            burst: 50,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -55,14 +158,60 @@ impl TlsConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Accepted algorithms (HS256/384/512, RS*, PS*, ES256/384, EdDSA).
+    pub algorithms: Vec<String>,
+    /// HMAC secret (HS*), as text.
+    pub secret: Option<String>,
+    /// HMAC secret, base64.
+    pub secret_base64: Option<String>,
+    /// Public key PEM file (RS*, PS*, ES*, EdDSA).
+    pub public_key_file: Option<PathBuf>,
+    /// JWKS file (keys chosen by `kid`).
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    pub audience: Option<String>,
+    /// Clock skew allowed on exp/nbf.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub leeway: Duration,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            algorithms: vec!["HS256".into()],
+            secret: None,
+            secret_base64: None,
+            public_key_file: None,
+            jwks_file: None,
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     pub mode: AuthMode,
+    /// The shared token for mode `token` (seed 000 `authToken`).
+    pub token: Option<String>,
+    /// Time allowed for an `authenticate` message when no token came with the upgrade.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    pub jwt: JwtConfig,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             mode: AuthMode::None,
+            token: None,
+            timeout: Duration::from_secs(10),
+            jwt: JwtConfig::default(),
         }
     }
 }
@@ -123,8 +272,13 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Explicit consent to bind a non-loopback address with authentication off.
     pub allow_unauthenticated_public: bool,
+    /// Browser origins allowed to connect (exact `Origin` values); empty = any.
+    /// Requests without an `Origin` header (non-browser clients) are not affected.
+    pub allowed_origins: Vec<String>,
     pub tls: TlsConfig,
     pub auth: AuthConfig,
+    pub channels: ChannelsConfig,
+    pub rate_limit: RateLimitConfig,
 }
 
 impl Default for Config {
@@ -153,8 +307,11 @@ impl Default for Config {
             log_level: "info".into(),
             log_format: LogFormat::Text,
             allow_unauthenticated_public: false,
+            allowed_origins: Vec::new(),
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
+            channels: ChannelsConfig::default(),
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -237,6 +394,18 @@ const OPTIONS: &[&str] = &[
     "tls.cert",
     "tls.key",
     "auth.mode",
+    "auth.token",
+    "auth.timeout",
+    "auth.jwt.secret",
+    "auth.jwt.secret_base64",
+    "auth.jwt.public_key_file",
+    "auth.jwt.jwks_file",
+    "auth.jwt.issuer",
+    "auth.jwt.audience",
+    "auth.jwt.leeway",
+    "rate_limit.messages_per_second",
+    "rate_limit.burst",
+    "channels.max_subscriptions",
 ];
 
 fn env_value(raw: &str) -> toml::Value {
@@ -305,7 +474,12 @@ impl Config {
         for key in OPTIONS {
             let var = format!("SWITCHBOARD_{}", key.replace('.', "_").to_uppercase());
             if let Some(v) = lookup(&var) {
-                let value = if key.starts_with("tls.") || *key == "host" || *key == "log_level" {
+                let text_only = key.starts_with("tls.")
+                    || *key == "host"
+                    || *key == "log_level"
+                    || *key == "auth.token"
+                    || (key.starts_with("auth.jwt.") && *key != "auth.jwt.leeway");
+                let value = if text_only {
                     toml::Value::String(v.to_owned())
                 } else {
                     env_value(v)
@@ -354,8 +528,15 @@ impl Config {
             Err(_) if self.host == "localhost" => IpAddr::from([127, 0, 0, 1]),
             Err(_) => return bad("host", format!("{:?} is not an IP address", self.host)),
         };
-        if !(1..=256).contains(&self.shards) {
-            return bad("shards", format!("{} is outside 1..=256", self.shards));
+        if !(1..=crate::route::MAX_SHARDS).contains(&self.shards) {
+            return bad(
+                "shards",
+                format!(
+                    "{} is outside 1..={}",
+                    self.shards,
+                    crate::route::MAX_SHARDS
+                ),
+            );
         }
         for (name, p) in [("ws_path", &self.ws_path), ("echo_path", &self.echo_path)] {
             if !p.starts_with('/') || p.contains('?') || p.contains(' ') {
@@ -399,6 +580,22 @@ impl Config {
             (Some(_), None) => return bad("tls.key", "tls.cert is set but tls.key is not".into()),
             (None, Some(_)) => return bad("tls.cert", "tls.key is set but tls.cert is not".into()),
             _ => {}
+        }
+        if self.auth.mode == AuthMode::Token && self.auth.token.as_deref().is_none_or(str::is_empty)
+        {
+            return bad(
+                "auth.token",
+                "auth.mode is \"token\" but auth.token is empty".into(),
+            );
+        }
+        if self.auth.timeout.is_zero() {
+            return bad("auth.timeout", "must be greater than 0".into());
+        }
+        if self.channels.max_subscriptions == 0 || self.channels.max_channel_length == 0 {
+            return bad(
+                "channels",
+                "max_subscriptions and max_channel_length must be > 0".into(),
+            );
         }
         if !ip.is_loopback()
             && self.auth.mode == AuthMode::None

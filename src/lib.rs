@@ -5,13 +5,16 @@
 #![forbid(unsafe_code)]
 
 pub mod accept;
+pub mod app;
 pub mod auth;
+pub mod auth_setup;
 pub mod config;
 pub mod conn;
 pub mod error;
 pub mod http;
 pub mod logging;
 pub mod proto;
+pub mod route;
 pub mod server;
 pub mod shard;
 pub mod stats;

@@ -9,6 +9,7 @@ use crate::accept::{self, AcceptorHandle, IpLimiter};
 use crate::config::{AcceptMode, Config};
 use crate::conn::Admission;
 use crate::error::StartError;
+use crate::route::Router;
 use crate::shard::{Shard, ShardHandle, ShardMsg, ShardSetup};
 use crate::stats::Counters;
 
@@ -20,6 +21,7 @@ pub struct Server {
     shards: Vec<ShardHandle>,
     acceptor: Option<AcceptorHandle>,
     admission: Arc<Admission>,
+    router: Arc<Router>,
     started: Instant,
 }
 
@@ -64,21 +66,31 @@ impl Server {
             acceptor_listener = Some(first);
             listeners.resize_with(cfg.shards, || None);
         }
-        let mut shards = Vec::with_capacity(cfg.shards);
+        let auth = Arc::new(crate::auth_setup::build(&cfg.auth)?);
+        let mut prepared = Vec::with_capacity(cfg.shards);
         for (id, listener) in listeners.into_iter().enumerate() {
-            let h = Shard::spawn(ShardSetup {
+            let p = Shard::prepare(ShardSetup {
                 id,
                 cfg: cfg.clone(),
                 admission: admission.clone(),
                 limiter: limiter.clone(),
                 tls: tls.clone(),
                 listener,
+                auth: auth.clone(),
             })
             .map_err(|err| StartError::Io {
-                what: "shard thread",
+                what: "shard poller",
                 err,
             })?;
-            shards.push(h);
+            prepared.push(p);
+        }
+        let router = Arc::new(Router::new(prepared.iter().map(|p| p.inbox()).collect()));
+        let mut shards = Vec::with_capacity(cfg.shards);
+        for p in prepared {
+            shards.push(p.spawn(router.clone()).map_err(|err| StartError::Io {
+                what: "shard thread",
+                err,
+            })?);
         }
         let acceptor = match acceptor_listener {
             Some(l) => Some(
@@ -109,6 +121,7 @@ impl Server {
             shards,
             acceptor,
             admission,
+            router,
             started: Instant::now(),
         })
     }
@@ -128,6 +141,11 @@ impl Server {
     /// Open WebSocket connections (admission count, exact).
     pub fn open_connections(&self) -> usize {
         self.admission.open()
+    }
+
+    /// The routing table (users and channels online).
+    pub fn router(&self) -> &Router {
+        &self.router
     }
 
     /// Counters per shard, as last published (at most one loop turn old).

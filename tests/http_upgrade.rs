@@ -112,6 +112,9 @@ fn echo_can_be_switched_off_and_paths_configured() {
 fn app_path_answers_ping_and_errors() {
     let server = start(test_config(1));
     let mut raw = Raw::connect(server.local_addr(), "/ws");
+    let (_, _, welcome) = raw.read_frame().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&welcome).unwrap();
+    assert_eq!(v["type"], "connected", "auth mode none welcomes at once");
     raw.send(true, 0x1, br#"{"type":"ping"}"#);
     let (_, op, payload) = raw.read_frame().unwrap();
     assert_eq!(op, 0x1);

@@ -20,9 +20,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::app::{self, AppCtx, ConnectParams, Outgoing, Session, Verdict};
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::http::{Request, Response, parse_request};
-use crate::proto;
+use crate::proto::{self, ErrorCode};
+use crate::route::Router;
+use crate::shard::local::LocalIndex;
 use crate::stats::Counters;
 use crate::timer::{TimerKey, TimerWheel};
 use crate::ws::frame::{self, CloseCode, OpCode};
@@ -69,6 +73,8 @@ pub enum TimerKind {
     PongDeadline,
     /// A closing connection has waited long enough for its peer.
     Linger,
+    /// No `authenticate` message arrived in time.
+    Auth,
 }
 
 /// What the shard's timer wheel stores for a connection.
@@ -146,6 +152,13 @@ pub struct Ctx<'a> {
     pub c: &'a mut Counters,
     pub admission: &'a Admission,
     pub shutting_down: bool,
+    pub shard: usize,
+    pub auth: &'a Authenticator,
+    pub router: &'a Router,
+    pub local: &'a mut LocalIndex,
+    pub json: &'a mut simd_json::Buffers,
+    pub outgoing: &'a mut Vec<Outgoing>,
+    pub uptime_secs: u64,
 }
 
 pub struct Conn {
@@ -157,12 +170,16 @@ pub struct Conn {
     hs: Vec<u8>,
     inbound: Inbound,
     out: OutQueue,
+    /// Protocol state on `ws_path` (None on the echo endpoint).
+    session: Option<Box<Session>>,
     timer: Option<TimerKey>,
     /// Edge-triggered readiness as last seen: cleared only on WouldBlock.
     pub readable: bool,
     pub writable: bool,
     /// In the shard's run list (dedup flag).
     pub queued: bool,
+    /// In the shard's flush list (output queued by deliveries).
+    pub flush_queued: bool,
     awaiting_pong: bool,
     /// Holds an [`Admission`] slot.
     counted: bool,
@@ -195,6 +212,12 @@ impl Sink<'_> {
     }
 }
 
+impl app::Replies for Sink<'_> {
+    fn text(&mut self, json: &[u8]) {
+        self.frame(OpCode::Text, json);
+    }
+}
+
 enum Route {
     Upgrade(Endpoint),
     Reject(Response),
@@ -210,10 +233,12 @@ impl Conn {
             hs: Vec::new(),
             inbound: Inbound::new(),
             out: OutQueue::new(),
+            session: None,
             timer: None,
             readable: true,
             writable: true,
             queued: false,
+            flush_queued: false,
             awaiting_pong: false,
             counted: false,
             rate_limited,
@@ -261,6 +286,9 @@ impl Conn {
     /// The connection stops counting as open (its close began, or it is gone):
     /// its `max_connections` slot is free for the next upgrade.
     fn leave_open(&mut self, ctx: &mut Ctx<'_>) {
+        if let Some(session) = self.session.as_mut() {
+            session.on_close(ctx.local, ctx.router, ctx.shard, ctx.key);
+        }
         if self.counted {
             self.counted = false;
             ctx.admission.release();
@@ -368,11 +396,39 @@ impl Conn {
         ctx.cork
             .extend_from_slice(&Response::switching_protocols(key).bytes);
         self.state = State::Open(ep);
+        if let Some(k) = self.timer.take() {
+            ctx.wheel.cancel(k); // the handshake deadline
+        }
         ctx.c.upgrades += 1;
         ctx.c.connections += 1;
         self.last_seen = ctx.wheel.tick_of(ctx.now) as u32;
-        self.set_timer(ctx, ctx.cfg.heartbeat_interval, TimerKind::Ping);
         log::debug!("conn={} upgraded {} from {}", self.id, req.path, self.peer);
+        if ep == Endpoint::App {
+            let token = req
+                .authorization
+                .as_deref()
+                .and_then(crate::auth::bearer_token)
+                .map(str::to_owned)
+                .or_else(|| req.query_param("token"));
+            let params = ConnectParams {
+                token,
+                artifact_id: req.query_param("artifactId"),
+                dev_user: req.query_param("userId"),
+            };
+            let mut session = Box::new(Session::new(params));
+            let verdict = self.with_app(
+                ctx,
+                |session, actx, sink| session.on_open(actx, sink),
+                &mut session,
+            );
+            self.session = Some(session);
+            self.apply(verdict, ctx);
+        } else {
+            self.set_timer(ctx, ctx.cfg.heartbeat_interval, TimerKind::Ping);
+        }
+        if !self.is_open() {
+            return;
+        }
         // Bytes after the head are the first frames: decode them now.
         if from_hs {
             let mut buf = std::mem::take(&mut self.hs);
@@ -406,6 +462,12 @@ impl Conn {
         if !req.ws_key_valid() {
             return Route::Reject(Response::bad_key());
         }
+        if let Some(origin) = req.origin.as_deref()
+            && !cfg.allowed_origins.is_empty()
+            && !cfg.allowed_origins.iter().any(|o| o == origin)
+        {
+            return Route::Reject(Response::error(403, "Forbidden", "origin not allowed"));
+        }
         if ctx.shutting_down {
             return Route::Reject(Response::shutting_down());
         }
@@ -431,11 +493,13 @@ impl Conn {
 
     fn ws_bytes(&mut self, data: &mut [u8], ep: Endpoint, ctx: &mut Ctx<'_>) {
         let now_tick = ctx.wheel.tick_of(ctx.now) as u32;
+        let conn_id = self.id;
         let Conn {
             inbound,
             out,
             awaiting_pong,
             last_seen,
+            session,
             ..
         } = self;
         let mut sink = Sink {
@@ -443,25 +507,55 @@ impl Conn {
             out,
         };
         let c = &mut *ctx.c;
+        let mut actx = AppCtx {
+            cfg: ctx.cfg,
+            auth: ctx.auth,
+            router: ctx.router,
+            local: &mut *ctx.local,
+            shard: ctx.shard,
+            key: ctx.key,
+            conn: conn_id,
+            json: &mut *ctx.json,
+            outgoing: &mut *ctx.outgoing,
+            now: ctx.now,
+            uptime_secs: ctx.uptime_secs,
+            open_connections: ctx.admission.open(),
+        };
         let mut peer_close: Option<Option<u16>> = None;
+        let mut verdict = Verdict::Continue;
         let result = inbound.feed(data, &ctx.limits, &mut |m| {
             match m {
-                Message::Text(s) => {
+                Message::Text(bytes) => {
                     *last_seen = now_tick; // data, not control frames, counts as activity
                     c.messages_in += 1;
-                    c.messages_out += 1;
-                    match ep {
-                        Endpoint::Echo => sink.frame(OpCode::Text, s.as_bytes()),
-                        Endpoint::App => sink.frame(OpCode::Text, proto::handle_text(s).as_bytes()),
+                    match (ep, session.as_deref_mut()) {
+                        (Endpoint::App, Some(s)) => {
+                            verdict = s.on_text(bytes, &mut actx, &mut sink);
+                            if let Verdict::Close(..) = verdict {
+                                return Flow::Stop;
+                            }
+                        }
+                        _ => {
+                            c.messages_out += 1;
+                            sink.frame(OpCode::Text, bytes);
+                        }
                     }
                 }
                 Message::Binary(b) => {
                     *last_seen = now_tick;
                     c.messages_in += 1;
-                    c.messages_out += 1;
-                    match ep {
-                        Endpoint::Echo => sink.frame(OpCode::Binary, b),
-                        Endpoint::App => sink.frame(OpCode::Text, proto::binary_reply().as_bytes()),
+                    if ep == Endpoint::App {
+                        let mut e = Vec::new();
+                        proto::error(
+                            &mut e,
+                            ErrorCode::BinaryNotSupported,
+                            "the protocol uses JSON text frames",
+                            None,
+                        );
+                        sink.frame(OpCode::Text, &e);
+                    } else {
+                        c.messages_out += 1;
+                        sink.frame(OpCode::Binary, b);
                     }
                 }
                 // RFC 6455 5.5.3: a Pong carries the Ping's application data.
@@ -495,12 +589,66 @@ impl Conn {
                 self.leave_open(ctx);
                 self.set_timer(ctx, ctx.cfg.close_timeout, TimerKind::Linger);
             }
-            Ok(_) => {}
+            Ok(_) => self.apply(verdict, ctx),
             Err(e) => {
                 ctx.c.protocol_errors += 1;
                 log::debug!("conn={} protocol error: {}", self.id, e.reason());
                 self.close(e.close_code(), e.reason(), ctx);
             }
+        }
+    }
+
+    /// Run `f` with the session, an application context and the reply sink.
+    fn with_app<T>(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        f: impl FnOnce(&mut Session, &mut AppCtx<'_>, &mut Sink<'_>) -> T,
+        session: &mut Session,
+    ) -> T {
+        let mut actx = AppCtx {
+            cfg: ctx.cfg,
+            auth: ctx.auth,
+            router: ctx.router,
+            local: &mut *ctx.local,
+            shard: ctx.shard,
+            key: ctx.key,
+            conn: self.id,
+            json: &mut *ctx.json,
+            outgoing: &mut *ctx.outgoing,
+            now: ctx.now,
+            uptime_secs: ctx.uptime_secs,
+            open_connections: ctx.admission.open(),
+        };
+        let mut sink = Sink {
+            cork: &mut *ctx.cork,
+            out: &mut self.out,
+        };
+        f(session, &mut actx, &mut sink)
+    }
+
+    /// Act on what the protocol handler decided.
+    fn apply(&mut self, verdict: Verdict, ctx: &mut Ctx<'_>) {
+        match verdict {
+            Verdict::Continue => {
+                // Unauthenticated: the auth deadline is the only timer.
+                if self.timer.is_none()
+                    && self.session.as_ref().is_some_and(|s| !s.is_authenticated())
+                {
+                    self.set_timer(ctx, ctx.cfg.auth.timeout, TimerKind::Auth);
+                }
+            }
+            Verdict::Authenticated => {
+                self.set_timer(ctx, ctx.cfg.heartbeat_interval, TimerKind::Ping);
+            }
+            Verdict::Close(code, reason) => self.close_code(code, reason, ctx),
+        }
+    }
+
+    /// Queue a frame already encoded for this connection (a reply produced
+    /// outside its read turn); the shard flushes it.
+    pub fn push_frame(&mut self, frame: &[u8]) {
+        if self.is_open() {
+            self.out.push_bytes(frame);
         }
     }
 
@@ -525,11 +673,16 @@ impl Conn {
 
     /// Start the closing handshake with `code` (RFC 6455 7.1.2).
     pub fn close(&mut self, code: CloseCode, reason: &str, ctx: &mut Ctx<'_>) {
+        self.close_code(code.as_u16(), reason, ctx);
+    }
+
+    /// As [`Conn::close`] with a numeric (application, 4xxx) code.
+    pub fn close_code(&mut self, code: u16, reason: &str, ctx: &mut Ctx<'_>) {
         if !self.is_open() {
             return;
         }
         let mut f = Vec::with_capacity(4 + reason.len());
-        frame::encode_close(&mut f, code.as_u16(), reason);
+        frame::encode_close(&mut f, code, reason);
         Sink {
             cork: &mut *ctx.cork,
             out: &mut self.out,
@@ -665,6 +818,21 @@ impl Conn {
                 self.set_timer(ctx, rest, TimerKind::Ping);
                 Next::Keep
             }
+            (TimerKind::Auth, State::Open(_)) => {
+                if self.session.as_ref().is_some_and(|s| !s.is_authenticated()) {
+                    let mut e = Vec::new();
+                    proto::error(
+                        &mut e,
+                        ErrorCode::NotAuthenticated,
+                        "no authenticate message within the auth timeout",
+                        None,
+                    );
+                    self.out.push_frame(OpCode::Text, &e);
+                    self.close_code(app::close::AUTH_TIMEOUT, "authentication timeout", ctx);
+                    return self.after_io(ctx);
+                }
+                Next::Keep
+            }
             (TimerKind::Linger, _) => Next::Drop,
             _ => Next::Keep,
         }
@@ -683,11 +851,19 @@ impl Conn {
     }
 
     /// Queue a frame encoded once for many connections (fan-out).
-    pub fn deliver(&mut self, frame: Arc<[u8]>, ctx: &mut Ctx<'_>) {
+    /// Returns false if the connection is no longer open.
+    pub fn deliver(&mut self, frame: Arc<[u8]>) -> bool {
         if self.is_open() {
-            ctx.c.messages_out += 1;
             self.out.push_shared(frame);
+            true
+        } else {
+            false
         }
+    }
+
+    /// The authenticated user on the protocol path.
+    pub fn user(&self) -> Option<&Arc<str>> {
+        self.session.as_ref().and_then(|s| s.user())
     }
 }
 

@@ -24,12 +24,20 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
+pub mod local;
+
+use std::collections::HashMap;
+
 use crate::accept::IpLimiter;
+use crate::app::{self, Audience, Outgoing, Reply, ReplyKind};
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::conn::{Admission, Conn, ConnId, Ctx, Next, TimerRef, Transport};
+use crate::route::{Router, shards_in};
 use crate::stats::{Counters, ShardStats};
 use crate::timer::TimerWheel;
 use crate::ws::Limits;
+use local::LocalIndex;
 
 const WAKER: Token = Token(usize::MAX);
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -54,6 +62,36 @@ pub enum ShardMsg {
     },
     /// Stop accepting, close every client with 1001, exit by the deadline.
     Shutdown { deadline: Instant },
+    /// Deliver a pre-encoded frame to the local connections of an audience.
+    Deliver {
+        audience: Audience,
+        frame: Arc<[u8]>,
+        report: Option<ReportTo>,
+    },
+    /// How many local connections a `Deliver` reached (to the origin shard).
+    Delivered { gather: usize, connections: u64 },
+    /// Who is subscribed to a channel on this shard.
+    PresenceQuery { channel: Arc<str>, report: ReportTo },
+    /// The answer: (user, connections) pairs.
+    PresenceReply {
+        gather: usize,
+        entries: Vec<(Arc<str>, u32)>,
+    },
+}
+
+/// Where a shard sends the result of its part of a cross-shard operation.
+#[derive(Debug, Clone, Copy)]
+pub struct ReportTo {
+    pub shard: usize,
+    pub gather: usize,
+}
+
+/// A cross-shard operation waiting for its shards' answers.
+struct Gather {
+    reply: Reply,
+    remaining: usize,
+    connections: u64,
+    presence: HashMap<Arc<str>, u32>,
 }
 
 /// The sending side of a shard's inbox. Wakes coalesce: the waker is
@@ -100,6 +138,13 @@ macro_rules! ctx {
             c: &mut $s.c,
             admission: &$s.admission,
             shutting_down: $s.shutdown.is_some(),
+            shard: $s.id,
+            auth: &$s.auth,
+            router: &$s.router,
+            local: &mut $s.local,
+            json: &mut $s.json,
+            outgoing: &mut $s.outgoing,
+            uptime_secs: $s.started.elapsed().as_secs(),
         }
     };
 }
@@ -127,6 +172,15 @@ pub struct Shard {
     stats: Arc<ShardStats>,
     shutdown: Option<Instant>,
     accept_retry: Option<Instant>,
+    router: Arc<Router>,
+    auth: Arc<Authenticator>,
+    local: LocalIndex,
+    json: simd_json::Buffers,
+    outgoing: Vec<Outgoing>,
+    gathers: Slab<Gather>,
+    /// Connections with output queued outside their own read turn.
+    flush: Vec<usize>,
+    started: Instant,
 }
 
 /// Everything a shard is built from.
@@ -138,12 +192,41 @@ pub struct ShardSetup {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Its own listener in SO_REUSEPORT mode.
     pub listener: Option<TcpListener>,
+    pub auth: Arc<Authenticator>,
+}
+
+/// A shard built but not yet running: its inbox exists, so the router can be
+/// made from every shard's inbox before any shard starts.
+pub struct Prepared {
+    shard: Box<Shard>,
+    handle: ShardHandle,
+}
+
+impl Prepared {
+    pub fn inbox(&self) -> Inbox {
+        self.handle.inbox.clone()
+    }
+
+    /// Start the shard's thread (`shard-N`) with the shared router.
+    pub fn spawn(self, router: Arc<Router>) -> io::Result<ShardHandle> {
+        let Prepared {
+            mut shard,
+            mut handle,
+        } = self;
+        shard.router = router;
+        let name = format!("shard-{}", shard.id);
+        handle.thread = Some(
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || shard.run())?,
+        );
+        Ok(handle)
+    }
 }
 
 impl Shard {
-    /// Build the shard on the caller's thread (so errors surface at start),
-    /// then run it on its own thread named `shard-N`.
-    pub fn spawn(setup: ShardSetup) -> io::Result<ShardHandle> {
+    /// Build the shard on the caller's thread (so errors surface at start).
+    pub fn prepare(setup: ShardSetup) -> io::Result<Prepared> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -180,22 +263,30 @@ impl Shard {
             stats: stats.clone(),
             shutdown: None,
             accept_retry: None,
+            router: Arc::new(Router::new(Vec::new())),
+            auth: setup.auth,
+            local: LocalIndex::default(),
+            json: simd_json::Buffers::default(),
+            outgoing: Vec::new(),
+            gathers: Slab::new(),
+            flush: Vec::new(),
+            started: Instant::now(),
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("shard-{}", setup.id))
-            .spawn(move || shard.run())?;
-        Ok(ShardHandle {
-            inbox: Inbox {
-                tx,
-                waker,
-                notified,
+        Ok(Prepared {
+            shard: Box::new(shard),
+            handle: ShardHandle {
+                inbox: Inbox {
+                    tx,
+                    waker,
+                    notified,
+                },
+                stats,
+                thread: None,
             },
-            stats,
-            thread: Some(thread),
         })
     }
 
-    fn run(mut self) {
+    fn run(mut self: Box<Self>) {
         let mut events = Events::with_capacity(1024);
         log::debug!("shard {} running", self.id);
         loop {
@@ -240,6 +331,8 @@ impl Shard {
             }
             self.serve_ready(now);
             self.expire_timers(now);
+            self.route_outgoing(now);
+            self.flush_pending(now);
             self.stats.publish(&self.c);
             if let Some(deadline) = self.shutdown
                 && (self.conns.is_empty() || now >= deadline)
@@ -283,6 +376,40 @@ impl Shard {
                     rate_limited,
                 }) => self.adopt(stream, peer, rate_limited, now),
                 Ok(ShardMsg::Shutdown { deadline }) => self.begin_shutdown(deadline, now),
+                Ok(ShardMsg::Deliver {
+                    audience,
+                    frame,
+                    report,
+                }) => {
+                    let n = self.deliver_local(&audience, &frame);
+                    if let Some(r) = report {
+                        self.router.send(
+                            r.shard,
+                            ShardMsg::Delivered {
+                                gather: r.gather,
+                                connections: n,
+                            },
+                        );
+                    }
+                }
+                Ok(ShardMsg::Delivered {
+                    gather,
+                    connections,
+                }) => self.gathered(gather, connections, Vec::new(), now),
+                Ok(ShardMsg::PresenceQuery { channel, report }) => {
+                    let entries = self.local_presence(&channel);
+                    self.router.send(
+                        report.shard,
+                        ShardMsg::PresenceReply {
+                            gather: report.gather,
+                            entries,
+                        },
+                    );
+                }
+                Ok(ShardMsg::PresenceReply { gather, entries }) => {
+                    let n = entries.iter().map(|(_, c)| u64::from(*c)).sum();
+                    self.gathered(gather, n, entries, now)
+                }
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
         }
@@ -387,6 +514,231 @@ impl Shard {
             }
         }
         self.fired = fired;
+    }
+
+    /// Phase: hand the deliveries handlers asked for to their shards. The
+    /// frame is shared: one `Arc` per target shard, one per local recipient.
+    fn route_outgoing(&mut self, now: Instant) {
+        if self.outgoing.is_empty() {
+            return;
+        }
+        let mut work = std::mem::take(&mut self.outgoing);
+        for item in work.drain(..) {
+            match item {
+                Outgoing::Deliver {
+                    audience,
+                    frame,
+                    reply,
+                } => {
+                    let mask = match &audience {
+                        Audience::User(u) => self.router.user_shards(u),
+                        Audience::Channel(c) => self.router.channel_shards(c),
+                        Audience::All => self.router.all(),
+                    };
+                    let remote = mask & !(1u64 << self.id);
+                    let gather = match reply {
+                        Some(reply) if remote != 0 => Some(self.gathers.insert(Gather {
+                            reply,
+                            remaining: 0,
+                            connections: 0,
+                            presence: HashMap::new(),
+                        })),
+                        Some(reply) => {
+                            let n = if mask != 0 {
+                                self.deliver_local(&audience, &frame)
+                            } else {
+                                0
+                            };
+                            self.finish_reply(&reply, n, &[]);
+                            continue;
+                        }
+                        None => None,
+                    };
+                    let mut sent = 0;
+                    let mut local = 0;
+                    for shard in shards_in(mask) {
+                        if shard == self.id {
+                            local = self.deliver_local(&audience, &frame);
+                        } else if self.router.send(
+                            shard,
+                            ShardMsg::Deliver {
+                                audience: audience.clone(),
+                                frame: frame.clone(),
+                                report: gather.map(|g| ReportTo {
+                                    shard: self.id,
+                                    gather: g,
+                                }),
+                            },
+                        ) {
+                            sent += 1;
+                        }
+                    }
+                    if let Some(g) = gather {
+                        self.start_gather(g, sent, local, now);
+                    }
+                }
+                Outgoing::Presence { channel, reply } => {
+                    let mask = self.router.channel_shards(&channel);
+                    let local = self.local_presence(&channel);
+                    let g = self.gathers.insert(Gather {
+                        reply,
+                        remaining: 0,
+                        connections: 0,
+                        presence: HashMap::new(),
+                    });
+                    let mut sent = 0;
+                    for shard in shards_in(mask & !(1u64 << self.id)) {
+                        if self.router.send(
+                            shard,
+                            ShardMsg::PresenceQuery {
+                                channel: channel.clone(),
+                                report: ReportTo {
+                                    shard: self.id,
+                                    gather: g,
+                                },
+                            },
+                        ) {
+                            sent += 1;
+                        }
+                    }
+                    let n = local.iter().map(|(_, c)| u64::from(*c)).sum();
+                    if let Some(gather) = self.gathers.get_mut(g) {
+                        for (u, c) in local {
+                            *gather.presence.entry(u).or_insert(0) += c;
+                        }
+                    }
+                    self.start_gather(g, sent, n, now);
+                }
+            }
+        }
+        self.outgoing = work; // keep the allocation
+    }
+
+    fn start_gather(&mut self, g: usize, remaining: usize, connections: u64, _now: Instant) {
+        let Some(gather) = self.gathers.get_mut(g) else {
+            return;
+        };
+        gather.remaining = remaining;
+        gather.connections += connections;
+        if remaining == 0 {
+            self.complete(g);
+        }
+    }
+
+    /// One shard's answer for gather `g` arrived.
+    fn gathered(
+        &mut self,
+        g: usize,
+        connections: u64,
+        entries: Vec<(Arc<str>, u32)>,
+        _now: Instant,
+    ) {
+        let Some(gather) = self.gathers.get_mut(g) else {
+            return;
+        };
+        gather.connections += connections;
+        for (u, c) in entries {
+            *gather.presence.entry(u).or_insert(0) += c;
+        }
+        gather.remaining = gather.remaining.saturating_sub(1);
+        if gather.remaining == 0 {
+            self.complete(g);
+        }
+    }
+
+    fn complete(&mut self, g: usize) {
+        let Some(gather) = self.gathers.try_remove(g) else {
+            return;
+        };
+        let mut presence: Vec<(Arc<str>, u32)> = gather.presence.into_iter().collect();
+        presence.sort_unstable();
+        self.finish_reply(&gather.reply, gather.connections, &presence);
+    }
+
+    /// Send the result of a cross-shard operation to the connection that asked.
+    fn finish_reply(&mut self, reply: &Reply, connections: u64, presence: &[(Arc<str>, u32)]) {
+        let Some(conn) = self.conns.get_mut(reply.key) else {
+            return;
+        };
+        if conn.id() != reply.conn {
+            return; // the asker is gone and its slot reused
+        }
+        let text = app::reply_text(
+            &reply.kind,
+            reply.request_id.as_deref(),
+            connections,
+            presence,
+        );
+        conn.push_frame(&crate::ws::frame::frame_bytes(
+            crate::ws::OpCode::Text,
+            &text,
+        ));
+        if !conn.flush_queued {
+            conn.flush_queued = true;
+            self.flush.push(reply.key);
+        }
+        if let ReplyKind::Presence { .. } = reply.kind {
+            self.c.messages_out += 1;
+        }
+    }
+
+    /// Queue `frame` on every local connection of `audience`; returns how many.
+    fn deliver_local(&mut self, audience: &Audience, frame: &Arc<[u8]>) -> u64 {
+        let set = match audience {
+            Audience::User(u) => self.local.user_conns(u),
+            Audience::Channel(c) => self.local.subscribers(c),
+            Audience::All => Some(self.local.authed()),
+        };
+        let Some(set) = set else {
+            return 0;
+        };
+        let mut n = 0;
+        for &key in set {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if conn.deliver(frame.clone()) {
+                n += 1;
+                if !conn.flush_queued {
+                    conn.flush_queued = true;
+                    self.flush.push(key);
+                }
+            }
+        }
+        self.c.messages_out += n;
+        n
+    }
+
+    /// (user, local connections) subscribed to `channel` on this shard.
+    fn local_presence(&self, channel: &str) -> Vec<(Arc<str>, u32)> {
+        let mut counts: HashMap<Arc<str>, u32> = HashMap::new();
+        if let Some(set) = self.local.subscribers(channel) {
+            for &key in set {
+                if let Some(user) = self.conns.get(key).and_then(Conn::user) {
+                    *counts.entry(user.clone()).or_insert(0) += 1;
+                }
+            }
+        }
+        counts.into_iter().collect()
+    }
+
+    /// Phase: one write per connection that received deliveries this turn.
+    fn flush_pending(&mut self, now: Instant) {
+        let mut list = std::mem::take(&mut self.flush);
+        for &key in &list {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            conn.flush_queued = false;
+            let mut ctx = ctx!(self, key, now);
+            if conn.after_io(&mut ctx) == Next::Drop {
+                self.remove(key, now);
+            }
+        }
+        list.clear();
+        if self.flush.is_empty() {
+            self.flush = list;
+        }
     }
 
     fn begin_shutdown(&mut self, deadline: Instant, now: Instant) {

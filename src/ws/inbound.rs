@@ -22,7 +22,9 @@ pub struct Limits {
 /// A whole message, borrowed from the decode buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Message<'a> {
-    Text(&'a str),
+    /// A text message. The bytes are valid UTF-8 (checked); they are
+    /// mutable so a JSON parser can work in place.
+    Text(&'a mut [u8]),
     Binary(&'a [u8]),
     Ping(&'a [u8]),
     Pong(&'a [u8]),
@@ -243,8 +245,8 @@ fn decode(
             }
             RawOpCode::Text | RawOpCode::Binary if header.fin => {
                 if header.opcode == RawOpCode::Text {
-                    let s = std::str::from_utf8(payload).map_err(|_| WsError::InvalidUtf8)?;
-                    on_msg(Message::Text(s))
+                    std::str::from_utf8(payload).map_err(|_| WsError::InvalidUtf8)?;
+                    on_msg(Message::Text(payload))
                 } else {
                     on_msg(Message::Binary(payload))
                 }
@@ -273,12 +275,12 @@ fn decode(
                     f.utf8_valid = check_utf8_prefix(&f.buf, f.utf8_valid)?;
                 }
                 if header.fin {
-                    let Some(done) = frag.take() else {
+                    let Some(mut done) = frag.take() else {
                         return Err(WsError::Protocol(Violation::UnexpectedContinuation));
                     };
                     if done.text {
-                        let s = std::str::from_utf8(&done.buf).map_err(|_| WsError::InvalidUtf8)?;
-                        on_msg(Message::Text(s))
+                        std::str::from_utf8(&done.buf).map_err(|_| WsError::InvalidUtf8)?;
+                        on_msg(Message::Text(&mut done.buf))
                     } else {
                         on_msg(Message::Binary(&done.buf))
                     }
@@ -336,7 +338,7 @@ pub enum Owned {
 impl From<Message<'_>> for Owned {
     fn from(m: Message<'_>) -> Self {
         match m {
-            Message::Text(s) => Owned::Text(s.to_owned()),
+            Message::Text(s) => Owned::Text(String::from_utf8_lossy(s).into_owned()),
             Message::Binary(b) => Owned::Binary(b.to_vec()),
             Message::Ping(b) => Owned::Ping(b.to_vec()),
             Message::Pong(b) => Owned::Pong(b.to_vec()),

@@ -1,0 +1,1011 @@
+//! The protocol state of one connection on `ws_path`, and the handlers for
+//! every client message (docs/PROTOCOL.md). Sans-IO: handlers write replies
+//! into a byte sink and ask the shard for deliveries through `Outgoing`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use simd_json::prelude::*;
+
+use crate::auth::{Authenticator, Identity};
+use crate::config::{Config, Rule};
+use crate::conn::ConnId;
+use crate::proto::{self, ErrorCode, Out, field, field_str};
+use crate::route::Router;
+use crate::shard::local::LocalIndex;
+use crate::ws::frame::{self, OpCode};
+
+/// Close codes of the application protocol (4000-4999 are ours).
+pub mod close {
+    /// The token was revoked (seed 001 `token_revoked`).
+    pub const TOKEN_REVOKED: u16 = 4001;
+    /// Authentication failed; the preceding error message says why.
+    pub const AUTH_FAILED: u16 = 4003;
+    /// No `authenticate` message within `auth.timeout`.
+    pub const AUTH_TIMEOUT: u16 = 4008;
+}
+
+/// Features announced in the `connected` welcome.
+pub const FEATURES: &[&str] = &[
+    "channels",
+    "publish",
+    "direct",
+    "broadcast",
+    "presence",
+    "request",
+];
+
+/// What the client gave at connect time, kept until authentication.
+#[derive(Debug, Default, Clone)]
+pub struct ConnectParams {
+    /// `Authorization: Bearer` or `?token=`.
+    pub token: Option<String>,
+    /// `?artifactId=` (seed 004 targeting).
+    pub artifact_id: Option<String>,
+    /// `?userId=`: the user id in auth mode `none` (development).
+    pub dev_user: Option<String>,
+}
+
+/// Protocol state of an open connection on `ws_path`.
+pub struct Session {
+    /// Set once authenticated.
+    user: Option<Arc<str>>,
+    identity: Option<Box<Identity>>,
+    subs: Vec<Arc<str>>,
+    params: Option<Box<ConnectParams>>,
+    /// Token bucket for the per-connection message rate limit.
+    tokens: f32,
+    refilled: Option<Instant>,
+}
+
+/// What the connection should do after a handler ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Continue,
+    /// Just authenticated: start heartbeats.
+    Authenticated,
+    /// Close with this code and reason (after the queued replies).
+    Close(u16, &'static str),
+}
+
+/// Who a delivery is for.
+#[derive(Debug, Clone)]
+pub enum Audience {
+    User(Arc<str>),
+    Channel(Arc<str>),
+    /// Every authenticated connection.
+    All,
+}
+
+/// Where to send the outcome of a cross-shard operation.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub key: usize,
+    pub conn: ConnId,
+    pub request_id: Option<Vec<u8>>,
+    pub kind: ReplyKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum ReplyKind {
+    /// `{"type":"sent","to",...,"connections":n}` after a direct message or broadcast.
+    Sent { to: Arc<str> },
+    /// `{"type":"response","action":"presence",...}`.
+    Presence { channel: Arc<str>, upper: bool },
+}
+
+/// Work a handler asks the shard to do once the connection's turn ends.
+#[derive(Debug)]
+pub enum Outgoing {
+    Deliver {
+        audience: Audience,
+        frame: Arc<[u8]>,
+        reply: Option<Reply>,
+    },
+    Presence {
+        channel: Arc<str>,
+        reply: Reply,
+    },
+}
+
+/// Shard state a handler may use.
+pub struct AppCtx<'a> {
+    pub cfg: &'a Config,
+    pub auth: &'a Authenticator,
+    pub router: &'a Router,
+    pub local: &'a mut LocalIndex,
+    pub shard: usize,
+    pub key: usize,
+    pub conn: ConnId,
+    pub json: &'a mut simd_json::Buffers,
+    pub outgoing: &'a mut Vec<Outgoing>,
+    pub now: Instant,
+    /// Seconds the server has been up (for `status`).
+    pub uptime_secs: u64,
+    pub open_connections: usize,
+}
+
+/// Replies to the connection itself: each call is one text frame.
+pub trait Replies {
+    fn text(&mut self, json: &[u8]);
+}
+
+impl Session {
+    pub fn new(params: ConnectParams) -> Self {
+        Session {
+            user: None,
+            identity: None,
+            subs: Vec::new(),
+            params: Some(Box::new(params)),
+            tokens: 0.0,
+            refilled: None,
+        }
+    }
+
+    pub fn user(&self) -> Option<&Arc<str>> {
+        self.user.as_ref()
+    }
+
+    pub fn is_authenticated(&self) -> bool {
+        self.user.is_some()
+    }
+
+    pub fn subscriptions(&self) -> &[Arc<str>] {
+        &self.subs
+    }
+
+    /// Right after the upgrade: authenticate from the connect parameters if
+    /// possible; otherwise wait for an `authenticate` message.
+    pub fn on_open(&mut self, ctx: &mut AppCtx<'_>, out: &mut dyn Replies) -> Verdict {
+        let token = self.params.as_ref().and_then(|p| p.token.clone());
+        match (ctx.auth, token) {
+            (Authenticator::None, _) => {
+                let user = self
+                    .params
+                    .as_ref()
+                    .and_then(|p| p.dev_user.clone())
+                    .filter(|u| valid_name(u, 128))
+                    .unwrap_or_else(|| format!("anon-{}", ctx.conn));
+                self.login(anonymous(user), ctx, out, None)
+            }
+            (_, Some(token)) => self.authenticate(&token, ctx, out, None),
+            (_, None) => Verdict::Continue,
+        }
+    }
+
+    fn authenticate(
+        &mut self,
+        token: &str,
+        ctx: &mut AppCtx<'_>,
+        out: &mut dyn Replies,
+        rid: Option<&[u8]>,
+    ) -> Verdict {
+        match ctx.auth.authenticate(token) {
+            Ok(identity) => self.login(identity, ctx, out, rid),
+            Err(e) => {
+                let mut b = Vec::new();
+                Out::new(&mut b, "error")
+                    .str("code", e.code())
+                    .str("message", &e.to_string())
+                    .opt_raw("requestId", rid)
+                    .finish();
+                out.text(&b);
+                Verdict::Close(close::AUTH_FAILED, "authentication failed")
+            }
+        }
+    }
+
+    fn login(
+        &mut self,
+        identity: Identity,
+        ctx: &mut AppCtx<'_>,
+        out: &mut dyn Replies,
+        rid: Option<&[u8]>,
+    ) -> Verdict {
+        let user: Arc<str> = Arc::from(identity.user_id.as_str());
+        ctx.local.add_user(ctx.router, ctx.shard, &user, ctx.key);
+        let params = self.params.take();
+        // Seed 004 targeting: tenant-wide and artifact channels from claims
+        // and connect parameters, joined without a permission check.
+        let mut auto = Vec::new();
+        if let Some(t) = identity.tenant.as_deref().filter(|t| valid_name(t, 128)) {
+            auto.push(format!("tenant:{t}"));
+            if let Some(a) = params
+                .as_ref()
+                .and_then(|p| p.artifact_id.as_deref())
+                .filter(|a| valid_name(a, 128))
+            {
+                auto.push(format!("tenant:{t}:artifact:{a}"));
+            }
+        }
+        for ch in auto {
+            let ch: Arc<str> = Arc::from(ch);
+            if ctx.local.subscribe(ctx.router, ctx.shard, &ch, ctx.key) {
+                self.subs.push(ch);
+            }
+        }
+        let mut b = Vec::new();
+        let subs: Vec<&str> = self.subs.iter().map(|s| &**s).collect();
+        Out::new(&mut b, "connected")
+            .str("connectionId", &ctx.conn.to_string())
+            .str("userId", &user)
+            .strs("features", FEATURES)
+            .strs("channels", &subs)
+            .opt_raw("requestId", rid)
+            .finish();
+        out.text(&b);
+        self.user = Some(user);
+        self.identity = Some(Box::new(identity));
+        Verdict::Authenticated
+    }
+
+    /// The connection stops being open: leave every index.
+    pub fn on_close(&mut self, local: &mut LocalIndex, router: &Router, shard: usize, key: usize) {
+        for ch in self.subs.drain(..) {
+            local.unsubscribe(router, shard, &ch, key);
+        }
+        if let Some(user) = self.user.take() {
+            local.remove_user(router, shard, &user, key);
+        }
+    }
+
+    fn rate_limited(&mut self, cfg: &Config, now: Instant) -> bool {
+        let rate = cfg.rate_limit.messages_per_second;
+        if rate == 0 {
+            return false;
+        }
+        let burst = cfg.rate_limit.burst.max(1) as f32;
+        let last = self.refilled.unwrap_or(now);
+        if self.refilled.is_none() {
+            self.tokens = burst;
+        }
+        let gained = now.saturating_duration_since(last).as_secs_f32() * rate as f32;
+        self.tokens = (self.tokens + gained).min(burst);
+        self.refilled = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            false
+        } else {
+            true
+        }
+    }
+
+    /// Handle one text message.
+    pub fn on_text(
+        &mut self,
+        text: &mut [u8],
+        ctx: &mut AppCtx<'_>,
+        out: &mut dyn Replies,
+    ) -> Verdict {
+        let msg = match proto::decode::decode(text, ctx.json) {
+            Ok(m) => m,
+            Err((code, message, rid)) => {
+                reply_error(out, code, &message, rid.as_deref(), false);
+                return Verdict::Continue;
+            }
+        };
+        let rid = msg.request_id.as_deref();
+        let kind = msg.kind();
+        if self.rate_limited(ctx.cfg, ctx.now) {
+            reply_error(
+                out,
+                ErrorCode::RateLimited,
+                "message rate limit exceeded",
+                rid,
+                false,
+            );
+            return Verdict::Continue;
+        }
+        let v = &msg.value;
+        match kind {
+            "ping" => {
+                let mut b = Vec::new();
+                Out::new(&mut b, "pong").opt_raw("requestId", rid).finish();
+                out.text(&b);
+                return Verdict::Continue;
+            }
+            "authenticate" | "authentication" => {
+                if self.is_authenticated() {
+                    reply_error(
+                        out,
+                        ErrorCode::AlreadyAuthenticated,
+                        "already authenticated",
+                        rid,
+                        false,
+                    );
+                    return Verdict::Continue;
+                }
+                let Some(token) = field_str(v, "token") else {
+                    reply_error(
+                        out,
+                        ErrorCode::MissingField,
+                        "\"token\" (string) is required",
+                        rid,
+                        false,
+                    );
+                    return Verdict::Continue;
+                };
+                let token = token.to_owned();
+                return self.authenticate(&token, ctx, out, rid);
+            }
+            _ => {}
+        }
+        let (Some(user), Some(identity)) = (self.user.clone(), self.identity.as_deref()) else {
+            let known = matches!(
+                kind,
+                "subscribe"
+                    | "unsubscribe"
+                    | "publish"
+                    | "send"
+                    | "chat"
+                    | "broadcast"
+                    | "request"
+                    | "REQUEST"
+            );
+            if known {
+                reply_error(
+                    out,
+                    ErrorCode::NotAuthenticated,
+                    "authenticate first",
+                    rid,
+                    false,
+                );
+            } else {
+                unknown_type(out, kind, rid);
+            }
+            return Verdict::Continue;
+        };
+        let identity = identity.clone();
+        match kind {
+            "subscribe" => self.subscribe(v, rid, &identity, ctx, out),
+            "unsubscribe" => self.unsubscribe(v, rid, ctx, out),
+            "publish" => publish(v, rid, &user, &identity, ctx, out),
+            "send" | "chat" => direct(kind, v, rid, &user, &identity, ctx, out),
+            "broadcast" => broadcast(v, rid, &user, &identity, ctx, out),
+            k if k.eq_ignore_ascii_case("request") => {
+                let upper = k == "REQUEST";
+                self.request(v, rid, upper, &user, &identity, ctx, out)
+            }
+            other => unknown_type(out, other, rid),
+        }
+        Verdict::Continue
+    }
+
+    fn subscribe(
+        &mut self,
+        v: &simd_json::BorrowedValue<'_>,
+        rid: Option<&[u8]>,
+        id: &Identity,
+        ctx: &mut AppCtx<'_>,
+        out: &mut dyn Replies,
+    ) {
+        let Some(channel) = channel_arg(v, rid, ctx.cfg, out) else {
+            return;
+        };
+        if !allowed(ctx.cfg, Action::Subscribe, channel, id) {
+            reply_error(
+                out,
+                ErrorCode::Forbidden,
+                &format!("not allowed to subscribe to {channel:?}"),
+                rid,
+                false,
+            );
+            return;
+        }
+        if !self.subs.iter().any(|s| &**s == channel) {
+            if self.subs.len() >= ctx.cfg.channels.max_subscriptions {
+                reply_error(
+                    out,
+                    ErrorCode::TooManySubscriptions,
+                    &format!(
+                        "at most {} subscriptions per connection",
+                        ctx.cfg.channels.max_subscriptions
+                    ),
+                    rid,
+                    false,
+                );
+                return;
+            }
+            let ch: Arc<str> = Arc::from(channel);
+            ctx.local.subscribe(ctx.router, ctx.shard, &ch, ctx.key);
+            self.subs.push(ch);
+        }
+        let mut b = Vec::new();
+        Out::new(&mut b, "subscribed")
+            .str("channel", channel)
+            .opt_raw("requestId", rid)
+            .finish();
+        out.text(&b);
+    }
+
+    fn unsubscribe(
+        &mut self,
+        v: &simd_json::BorrowedValue<'_>,
+        rid: Option<&[u8]>,
+        ctx: &mut AppCtx<'_>,
+        out: &mut dyn Replies,
+    ) {
+        let Some(channel) = channel_arg(v, rid, ctx.cfg, out) else {
+            return;
+        };
+        let Some(i) = self.subs.iter().position(|s| &**s == channel) else {
+            reply_error(
+                out,
+                ErrorCode::NotSubscribed,
+                &format!("not subscribed to {channel:?}"),
+                rid,
+                false,
+            );
+            return;
+        };
+        let ch = self.subs.swap_remove(i);
+        ctx.local.unsubscribe(ctx.router, ctx.shard, &ch, ctx.key);
+        let mut b = Vec::new();
+        Out::new(&mut b, "unsubscribed")
+            .str("channel", channel)
+            .opt_raw("requestId", rid)
+            .finish();
+        out.text(&b);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn request(
+        &mut self,
+        v: &simd_json::BorrowedValue<'_>,
+        rid: Option<&[u8]>,
+        upper: bool,
+        user: &Arc<str>,
+        id: &Identity,
+        ctx: &mut AppCtx<'_>,
+        out: &mut dyn Replies,
+    ) {
+        let Some(rid) = rid else {
+            reply_error(
+                out,
+                ErrorCode::MissingField,
+                "\"requestId\" (string or number) is required",
+                None,
+                upper,
+            );
+            return;
+        };
+        let Some(action) = field_str(v, "action") else {
+            reply_error(
+                out,
+                ErrorCode::MissingField,
+                "\"action\" (string) is required",
+                Some(rid),
+                upper,
+            );
+            return;
+        };
+        let data = field(v, "data");
+        let mut b = Vec::new();
+        match action {
+            "whoami" => {
+                let subs: Vec<&str> = self.subs.iter().map(|s| &**s).collect();
+                let chans: Vec<&str> = id.channels.iter().map(String::as_str).collect();
+                response_head(&mut b, upper, rid, action);
+                b.extend_from_slice(b"{\"userId\":");
+                proto::write_str(&mut b, user);
+                b.extend_from_slice(b",\"connectionId\":");
+                proto::write_str(&mut b, &ctx.conn.to_string());
+                b.extend_from_slice(b",\"role\":");
+                opt_json_str(&mut b, id.role.as_deref());
+                b.extend_from_slice(b",\"tenant\":");
+                opt_json_str(&mut b, id.tenant.as_deref());
+                b.extend_from_slice(b",\"allowedChannels\":");
+                json_strs(&mut b, &chans);
+                b.extend_from_slice(b",\"subscriptions\":");
+                json_strs(&mut b, &subs);
+                b.extend_from_slice(b"}");
+                response_tail(&mut b);
+                out.text(&b);
+            }
+            "status" => {
+                response_head(&mut b, upper, rid, action);
+                b.extend_from_slice(b"{\"version\":");
+                proto::write_str(&mut b, env!("CARGO_PKG_VERSION"));
+                use std::io::Write;
+                let _ = write!(
+                    b,
+                    ",\"uptimeSeconds\":{},\"connections\":{},\"shards\":{},\"usersOnline\":{},\"channels\":{}}}",
+                    ctx.uptime_secs,
+                    ctx.open_connections,
+                    ctx.router.shard_count(),
+                    ctx.router.user_count(),
+                    ctx.router.channel_count()
+                );
+                response_tail(&mut b);
+                out.text(&b);
+            }
+            "presence" => {
+                let Some(channel) = data
+                    .and_then(|d| d.get_str("channel"))
+                    .or_else(|| field_str(v, "channel"))
+                else {
+                    reply_error(
+                        out,
+                        ErrorCode::MissingField,
+                        "presence needs data.channel",
+                        Some(rid),
+                        upper,
+                    );
+                    return;
+                };
+                if !valid_channel(channel, ctx.cfg) {
+                    reply_error(
+                        out,
+                        ErrorCode::InvalidChannel,
+                        "invalid channel name",
+                        Some(rid),
+                        upper,
+                    );
+                    return;
+                }
+                if !allowed(ctx.cfg, Action::Subscribe, channel, id) {
+                    reply_error(
+                        out,
+                        ErrorCode::Forbidden,
+                        &format!("not allowed to see {channel:?}"),
+                        Some(rid),
+                        upper,
+                    );
+                    return;
+                }
+                ctx.outgoing.push(Outgoing::Presence {
+                    channel: Arc::from(channel),
+                    reply: Reply {
+                        key: ctx.key,
+                        conn: ctx.conn,
+                        request_id: Some(rid.to_vec()),
+                        kind: ReplyKind::Presence {
+                            channel: Arc::from(channel),
+                            upper,
+                        },
+                    },
+                });
+            }
+            other => {
+                let shown: String = other.chars().take(64).collect();
+                reply_error(
+                    out,
+                    ErrorCode::UnknownAction,
+                    &format!("unknown action {shown:?}"),
+                    Some(rid),
+                    upper,
+                );
+            }
+        }
+    }
+}
+
+fn opt_json_str(b: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => proto::write_str(b, s),
+        None => b.extend_from_slice(b"null"),
+    }
+}
+
+fn json_strs(b: &mut Vec<u8>, items: &[&str]) {
+    b.push(b'[');
+    for (i, s) in items.iter().enumerate() {
+        if i > 0 {
+            b.push(b',');
+        }
+        proto::write_str(b, s);
+    }
+    b.push(b']');
+}
+
+/// `{"type":"response","requestId":..,"action":..,"data":` (the caller writes data).
+pub fn response_head(b: &mut Vec<u8>, upper: bool, rid: &[u8], action: &str) {
+    b.extend_from_slice(if upper {
+        b"{\"type\":\"RESPONSE\",\"requestId\":".as_slice()
+    } else {
+        b"{\"type\":\"response\",\"requestId\":".as_slice()
+    });
+    b.extend_from_slice(rid);
+    b.extend_from_slice(b",\"action\":");
+    proto::write_str(b, action);
+    b.extend_from_slice(b",\"data\":");
+}
+
+/// Close a response started with [`response_head`].
+pub fn response_tail(b: &mut Vec<u8>) {
+    b.extend_from_slice(b",\"timestamp\":");
+    proto::write_str(b, &crate::logging::rfc3339_now());
+    b.push(b'}');
+}
+
+/// An error reply; `upper` adds the seed 004 shape (`"ERROR"` with a nested `error`).
+pub fn reply_error(
+    out: &mut dyn Replies,
+    code: ErrorCode,
+    message: &str,
+    rid: Option<&[u8]>,
+    upper: bool,
+) {
+    let mut b = Vec::new();
+    if upper {
+        Out::new(&mut b, "ERROR")
+            .str("code", code.as_str())
+            .str("message", message)
+            .opt_raw("requestId", rid)
+            .raw("error", &{
+                let mut e = Vec::new();
+                e.extend_from_slice(b"{\"code\":");
+                proto::write_str(&mut e, code.as_str());
+                e.extend_from_slice(b",\"message\":");
+                proto::write_str(&mut e, message);
+                e.push(b'}');
+                e
+            })
+            .finish();
+    } else {
+        proto::error(&mut b, code, message, rid);
+    }
+    out.text(&b);
+}
+
+fn unknown_type(out: &mut dyn Replies, kind: &str, rid: Option<&[u8]>) {
+    let shown: String = kind.chars().take(64).collect();
+    reply_error(
+        out,
+        ErrorCode::UnknownType,
+        &format!("unknown message type {shown:?}"),
+        rid,
+        false,
+    );
+}
+
+fn is_admin(id: &Identity) -> bool {
+    id.role.as_deref() == Some("admin")
+}
+
+/// The identity of a connection in auth mode `none` (development).
+fn anonymous(user: String) -> Identity {
+    Identity {
+        user_id: user,
+        channels: Vec::new(),
+        role: None,
+        tenant: None,
+        token_id: None,
+        expires_at: None,
+    }
+}
+
+/// A name a user id, tenant or artifact may have: printable, no spaces.
+fn valid_name(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && s.chars().all(|c| !c.is_control() && !c.is_whitespace())
+}
+
+pub fn valid_channel(s: &str, cfg: &Config) -> bool {
+    valid_name(s, cfg.channels.max_channel_length)
+}
+
+fn channel_arg<'v>(
+    v: &'v simd_json::BorrowedValue<'_>,
+    rid: Option<&[u8]>,
+    cfg: &Config,
+    out: &mut dyn Replies,
+) -> Option<&'v str> {
+    let Some(channel) = field_str(v, "channel") else {
+        reply_error(
+            out,
+            ErrorCode::MissingField,
+            "\"channel\" (string) is required",
+            rid,
+            false,
+        );
+        return None;
+    };
+    if !valid_channel(channel, cfg) {
+        reply_error(
+            out,
+            ErrorCode::InvalidChannel,
+            &format!(
+                "channel names are 1-{} printable characters without spaces",
+                cfg.channels.max_channel_length
+            ),
+            rid,
+            false,
+        );
+        return None;
+    }
+    Some(channel)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Subscribe,
+    Publish,
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob(pattern: &str, s: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), s.as_bytes());
+    let (mut pi, mut ti) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match p.get(pi) {
+            Some(b'*') => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            Some(&c) if Some(&c) == t.get(ti) => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    pi = sp + 1;
+                    ti = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p.get(pi..).unwrap_or_default().iter().all(|&c| c == b'*')
+}
+
+/// May `id` subscribe to (or publish on) `channel`?
+///
+/// Admins may do anything. Otherwise the channel's namespace (the part before
+/// the first `:`) picks the rule from `[channels.namespaces]`, or the default
+/// rule; a `channels` claim pattern that matches also allows, unless the
+/// rule is `none`.
+pub fn allowed(cfg: &Config, action: Action, channel: &str, id: &Identity) -> bool {
+    if is_admin(id) {
+        return true;
+    }
+    let (ns, rest) = channel.split_once(':').unwrap_or(("", channel));
+    let rules = cfg.channels.namespaces.get(ns);
+    let rule = match (action, rules) {
+        (Action::Subscribe, Some(r)) => r.subscribe,
+        (Action::Publish, Some(r)) => r.publish,
+        (Action::Subscribe, None) => cfg.channels.subscribe,
+        (Action::Publish, None) => cfg.channels.publish,
+    };
+    if rule == Rule::None {
+        return false;
+    }
+    if id.channels.iter().any(|p| glob(p, channel)) {
+        return true;
+    }
+    let owner =
+        |who: &str| rest == who || rest.strip_prefix(who).is_some_and(|r| r.starts_with(':'));
+    match rule {
+        Rule::Any => true,
+        Rule::Owner => owner(&id.user_id),
+        Rule::Tenant => id.tenant.as_deref().is_some_and(owner),
+        Rule::Claims | Rule::Admin | Rule::None => false,
+    }
+}
+
+fn rule_allows(rule: Rule, id: &Identity) -> bool {
+    match rule {
+        Rule::Any => true,
+        Rule::Admin | Rule::Claims | Rule::Owner | Rule::Tenant | Rule::None => is_admin(id),
+    }
+}
+
+/// Encode a server message once as a shared text frame.
+pub fn shared_frame(json: &[u8]) -> Arc<[u8]> {
+    Arc::from(frame::frame_bytes(OpCode::Text, json))
+}
+
+fn publish(
+    v: &simd_json::BorrowedValue<'_>,
+    rid: Option<&[u8]>,
+    user: &Arc<str>,
+    id: &Identity,
+    ctx: &mut AppCtx<'_>,
+    out: &mut dyn Replies,
+) {
+    let Some(channel) = channel_arg(v, rid, ctx.cfg, out) else {
+        return;
+    };
+    if !allowed(ctx.cfg, Action::Publish, channel, id) {
+        reply_error(
+            out,
+            ErrorCode::Forbidden,
+            &format!("not allowed to publish to {channel:?}"),
+            rid,
+            false,
+        );
+        return;
+    }
+    let Some(data) = field(v, "data") else {
+        reply_error(
+            out,
+            ErrorCode::MissingField,
+            "\"data\" is required",
+            rid,
+            false,
+        );
+        return;
+    };
+    let mut b = Vec::new();
+    Out::new(&mut b, "message")
+        .str("channel", channel)
+        .str("from", user)
+        .value("data", data)
+        .finish();
+    let ch: Arc<str> = Arc::from(channel);
+    ctx.outgoing.push(Outgoing::Deliver {
+        audience: Audience::Channel(ch),
+        frame: shared_frame(&b),
+        reply: None,
+    });
+    let mut r = Vec::new();
+    Out::new(&mut r, "published")
+        .str("channel", channel)
+        .opt_raw("requestId", rid)
+        .finish();
+    out.text(&r);
+}
+
+fn direct(
+    kind: &str,
+    v: &simd_json::BorrowedValue<'_>,
+    rid: Option<&[u8]>,
+    user: &Arc<str>,
+    id: &Identity,
+    ctx: &mut AppCtx<'_>,
+    out: &mut dyn Replies,
+) {
+    if !rule_allows(ctx.cfg.channels.direct, id) {
+        reply_error(
+            out,
+            ErrorCode::Forbidden,
+            "direct messages are not allowed for this identity",
+            rid,
+            false,
+        );
+        return;
+    }
+    let to = ["to", "userId", "recipient"]
+        .iter()
+        .find_map(|k| field_str(v, k));
+    let Some(to) = to.filter(|t| valid_name(t, 128)) else {
+        reply_error(
+            out,
+            ErrorCode::MissingField,
+            "\"to\" (a user id) is required",
+            rid,
+            false,
+        );
+        return;
+    };
+    let data = field(v, "data").or_else(|| field(v, "message"));
+    let Some(data) = data else {
+        reply_error(
+            out,
+            ErrorCode::MissingField,
+            "\"data\" (or \"message\") is required",
+            rid,
+            false,
+        );
+        return;
+    };
+    let event = if kind == "chat" { "chat" } else { "direct" };
+    let mut b = Vec::new();
+    Out::new(&mut b, event)
+        .str("from", user)
+        .str("to", to)
+        .value("data", data)
+        .finish();
+    let to: Arc<str> = Arc::from(to);
+    ctx.outgoing.push(Outgoing::Deliver {
+        audience: Audience::User(to.clone()),
+        frame: shared_frame(&b),
+        reply: Some(Reply {
+            key: ctx.key,
+            conn: ctx.conn,
+            request_id: rid.map(<[u8]>::to_vec),
+            kind: ReplyKind::Sent { to },
+        }),
+    });
+}
+
+fn broadcast(
+    v: &simd_json::BorrowedValue<'_>,
+    rid: Option<&[u8]>,
+    user: &Arc<str>,
+    id: &Identity,
+    ctx: &mut AppCtx<'_>,
+    out: &mut dyn Replies,
+) {
+    if !rule_allows(ctx.cfg.channels.broadcast, id) {
+        reply_error(
+            out,
+            ErrorCode::Forbidden,
+            "broadcast is not allowed for this identity",
+            rid,
+            false,
+        );
+        return;
+    }
+    let Some(data) = field(v, "data") else {
+        reply_error(
+            out,
+            ErrorCode::MissingField,
+            "\"data\" is required",
+            rid,
+            false,
+        );
+        return;
+    };
+    let mut b = Vec::new();
+    Out::new(&mut b, "broadcast")
+        .str("from", user)
+        .value("data", data)
+        .finish();
+    ctx.outgoing.push(Outgoing::Deliver {
+        audience: Audience::All,
+        frame: shared_frame(&b),
+        reply: Some(Reply {
+            key: ctx.key,
+            conn: ctx.conn,
+            request_id: rid.map(<[u8]>::to_vec),
+            kind: ReplyKind::Sent { to: Arc::from("*") },
+        }),
+    });
+}
+
+/// The text of a finished cross-shard reply.
+pub fn reply_text(
+    kind: &ReplyKind,
+    request_id: Option<&[u8]>,
+    connections: u64,
+    presence: &[(Arc<str>, u32)],
+) -> Vec<u8> {
+    let mut b = Vec::new();
+    match kind {
+        ReplyKind::Sent { to } => {
+            Out::new(&mut b, "sent")
+                .str("to", to)
+                .num("connections", connections)
+                .opt_raw("requestId", request_id)
+                .finish();
+        }
+        ReplyKind::Presence { channel, upper } => {
+            use std::io::Write;
+            response_head(&mut b, *upper, request_id.unwrap_or(b"null"), "presence");
+            b.extend_from_slice(b"{\"channel\":");
+            proto::write_str(&mut b, channel);
+            let _ = write!(b, ",\"connections\":{connections},\"users\":[");
+            for (i, (u, n)) in presence.iter().enumerate() {
+                if i > 0 {
+                    b.push(b',');
+                }
+                b.extend_from_slice(b"{\"userId\":");
+                proto::write_str(&mut b, u);
+                let _ = write!(b, ",\"connections\":{n}}}");
+            }
+            b.extend_from_slice(b"]}");
+            response_tail(&mut b);
+        }
+    }
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_patterns() {
+        assert!(glob("*", "anything"));
+        assert!(glob("room:*", "room:1"));
+        assert!(!glob("room:*", "rooms:1"));
+        assert!(glob("a*b*c", "axxbyyc"));
+        assert!(!glob("a*b*c", "axxbyy"));
+        assert!(glob("exact", "exact"));
+        assert!(!glob("exact", "exactly"));
+        assert!(glob("", ""));
+        assert!(!glob("", "x"));
+    }
+}

@@ -1,0 +1,187 @@
+//! The routing table: which shards hold a user's connections and which
+//! shards have subscribers on a channel. The only mutable state shared
+//! between shards.
+//!
+//! Each value is a bit set of shard indexes (so at most 64 shards). A shard
+//! sets its bit when its local count for a key goes 0 -> 1 and clears it when
+//! the count goes back to 0; the update is one atomic `compute` on a
+//! lock-free map (papaya), and an entry whose set becomes empty is removed in
+//! the same operation, so nothing leaks. Readers (every send) only load.
+//!
+//! A lookup may be stale by one in-flight update: a message sent to a shard
+//! that just lost its last subscriber finds nobody locally and is dropped
+//! there; a shard that just gained one may miss a message published in the
+//! same instant. Delivery is exact for every subscription that completed
+//! (its `subscribed` reply was sent) before the publish.
+
+use std::sync::Arc;
+
+use crate::shard::{Inbox, ShardMsg};
+
+/// Most shards a bit set can name.
+pub const MAX_SHARDS: usize = 64;
+
+pub struct Router {
+    users: papaya::HashMap<Arc<str>, u64>,
+    channels: papaya::HashMap<Arc<str>, u64>,
+    inboxes: Vec<Inbox>,
+}
+
+fn bit(shard: usize) -> u64 {
+    1u64.checked_shl(shard as u32).unwrap_or(0)
+}
+
+impl Router {
+    pub fn new(inboxes: Vec<Inbox>) -> Self {
+        Router {
+            users: papaya::HashMap::new(),
+            channels: papaya::HashMap::new(),
+            inboxes,
+        }
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    /// Every shard.
+    pub fn all(&self) -> u64 {
+        match self.inboxes.len() {
+            n if n >= 64 => u64::MAX,
+            n => (1u64 << n) - 1,
+        }
+    }
+
+    pub fn user_shards(&self, user: &str) -> u64 {
+        self.users.pin().get(user).copied().unwrap_or(0)
+    }
+
+    pub fn channel_shards(&self, channel: &str) -> u64 {
+        self.channels.pin().get(channel).copied().unwrap_or(0)
+    }
+
+    /// Users with at least one connection somewhere.
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Channels with at least one subscriber somewhere.
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// All users currently routed (for status listings).
+    pub fn users(&self) -> Vec<Arc<str>> {
+        self.users.pin().keys().cloned().collect()
+    }
+
+    pub fn user_joined(&self, user: &Arc<str>, shard: usize) {
+        set_bit(&self.users, user, shard);
+    }
+
+    pub fn user_left(&self, user: &Arc<str>, shard: usize) {
+        clear_bit(&self.users, user, shard);
+    }
+
+    pub fn channel_joined(&self, channel: &Arc<str>, shard: usize) {
+        set_bit(&self.channels, channel, shard);
+    }
+
+    pub fn channel_left(&self, channel: &Arc<str>, shard: usize) {
+        clear_bit(&self.channels, channel, shard);
+    }
+
+    /// Send to one shard's inbox (wakes it if needed). False if it is gone.
+    pub fn send(&self, shard: usize, msg: ShardMsg) -> bool {
+        self.inboxes.get(shard).is_some_and(|i| i.send(msg))
+    }
+}
+
+fn set_bit(map: &papaya::HashMap<Arc<str>, u64>, key: &Arc<str>, shard: usize) {
+    let b = bit(shard);
+    map.pin().compute(key.clone(), |entry| match entry {
+        Some((_, v)) => papaya::Operation::Insert::<u64, ()>(v | b),
+        None => papaya::Operation::Insert(b),
+    });
+}
+
+fn clear_bit(map: &papaya::HashMap<Arc<str>, u64>, key: &Arc<str>, shard: usize) {
+    let b = bit(shard);
+    map.pin().compute(key.clone(), |entry| match entry {
+        Some((_, v)) if v & !b == 0 => papaya::Operation::Remove,
+        Some((_, v)) => papaya::Operation::Insert(v & !b),
+        None => papaya::Operation::Abort(()),
+    });
+}
+
+/// Iterate the shard indexes in a bit set.
+pub fn shards_in(mut mask: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if mask == 0 {
+            return None;
+        }
+        let i = mask.trailing_zeros() as usize;
+        mask &= mask - 1;
+        Some(i)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_set_clear_and_entries_vanish() {
+        let r = Router::new(Vec::new());
+        let alice: Arc<str> = Arc::from("alice");
+        r.user_joined(&alice, 0);
+        r.user_joined(&alice, 3);
+        assert_eq!(r.user_shards("alice"), 0b1001);
+        r.user_left(&alice, 0);
+        assert_eq!(r.user_shards("alice"), 0b1000);
+        r.user_left(&alice, 3);
+        assert_eq!(r.user_shards("alice"), 0);
+        assert_eq!(r.user_count(), 0, "empty entries are removed");
+        r.user_left(&alice, 3); // leaving twice is harmless
+        assert_eq!(r.user_count(), 0);
+    }
+
+    #[test]
+    fn concurrent_updates_stay_exact() {
+        let r = Arc::new(Router::new(Vec::new()));
+        let threads: Vec<_> = (0..4)
+            .map(|shard| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    let keys: Vec<Arc<str>> =
+                        (0..200).map(|i| Arc::from(format!("u{i}"))).collect();
+                    for _ in 0..50 {
+                        for k in &keys {
+                            r.channel_joined(k, shard);
+                        }
+                        for k in &keys {
+                            r.channel_left(k, shard);
+                        }
+                    }
+                    for k in keys.iter().take(10) {
+                        r.channel_joined(k, shard);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(r.channel_count(), 10);
+        for i in 0..10 {
+            assert_eq!(r.channel_shards(&format!("u{i}")), 0b1111);
+        }
+    }
+
+    #[test]
+    fn shard_iteration() {
+        assert_eq!(shards_in(0b1010_0001).collect::<Vec<_>>(), vec![0, 5, 7]);
+        assert_eq!(shards_in(0).count(), 0);
+        assert_eq!(shards_in(u64::MAX).count(), 64);
+    }
+}
