@@ -65,6 +65,10 @@ counters! {
     pings_sent,
     /// Loop iterations.
     loop_turns,
+    /// Users with connections on this shard (gauge, from the shard's own index).
+    local_users,
+    /// Channels with subscribers on this shard (gauge).
+    local_channels,
 }
 
 impl Counters {

@@ -333,6 +333,8 @@ impl Shard {
             self.expire_timers(now);
             self.route_outgoing(now);
             self.flush_pending(now);
+            self.c.local_users = self.local.user_count() as u64;
+            self.c.local_channels = self.local.channel_count() as u64;
             self.stats.publish(&self.c);
             if let Some(deadline) = self.shutdown
                 && (self.conns.is_empty() || now >= deadline)
