@@ -181,7 +181,18 @@ impl Session {
         rid: Option<&[u8]>,
     ) -> Verdict {
         match ctx.auth.authenticate(token) {
-            Ok(identity) => self.login(identity, ctx, out, rid),
+            Ok(mut identity) => {
+                // A shared static token says nothing about who holds it: the
+                // client may name itself with `?userId=`.
+                if let (Authenticator::StaticToken(_), Some(u)) = (
+                    ctx.auth,
+                    self.params.as_ref().and_then(|p| p.dev_user.as_deref()),
+                ) && valid_name(u, 128)
+                {
+                    identity.user_id = u.to_owned();
+                }
+                self.login(identity, ctx, out, rid)
+            }
             Err(e) => {
                 let mut b = Vec::new();
                 Out::new(&mut b, "error")
