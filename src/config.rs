@@ -176,6 +176,8 @@ pub struct JwtConfig {
     /// Clock skew allowed on exp/nbf.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub leeway: Duration,
+    /// Refuse tokens without `exp` (turn off only for tokens that never expire).
+    pub require_exp: bool,
 }
 
 impl Default for JwtConfig {
@@ -189,6 +191,7 @@ impl Default for JwtConfig {
             issuer: None,
             audience: None,
             leeway: Duration::from_secs(30),
+            require_exp: true,
         }
     }
 }
@@ -403,6 +406,7 @@ const OPTIONS: &[&str] = &[
     "auth.jwt.issuer",
     "auth.jwt.audience",
     "auth.jwt.leeway",
+    "auth.jwt.require_exp",
     "rate_limit.messages_per_second",
     "rate_limit.burst",
     "channels.max_subscriptions",
@@ -478,7 +482,9 @@ impl Config {
                     || *key == "host"
                     || *key == "log_level"
                     || *key == "auth.token"
-                    || (key.starts_with("auth.jwt.") && *key != "auth.jwt.leeway");
+                    || (key.starts_with("auth.jwt.")
+                        && *key != "auth.jwt.leeway"
+                        && *key != "auth.jwt.require_exp");
                 let value = if text_only {
                     toml::Value::String(v.to_owned())
                 } else {

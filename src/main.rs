@@ -39,6 +39,34 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Print a development token the configured server accepts.
+    Token {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The user id (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// Allowed channel patterns, comma-separated (`room:*,public:*`).
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
+        /// `admin` may subscribe, publish and broadcast anywhere.
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Token id (`jti`).
+        #[arg(long)]
+        jti: Option<String>,
+        /// Lifetime (`1h`, `30m`, ...).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Private key PEM, for servers that verify with a public key.
+        #[arg(long, value_name = "PEM")]
+        key: Option<PathBuf>,
+        /// Algorithm (default: the first in auth.jwt.algorithms).
+        #[arg(long)]
+        alg: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -58,6 +86,52 @@ fn main() -> ExitCode {
                 log_level,
             };
             serve(config, overrides)
+        }
+        Command::Token {
+            config,
+            sub,
+            channels,
+            role,
+            tenant,
+            jti,
+            ttl,
+            key,
+            alg,
+        } => {
+            let cfg = match Config::load(config.as_deref(), &Overrides::default()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("switchboard: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let ttl = match switchboard::config::parse_duration(&ttl) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("switchboard: invalid --ttl: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let t = switchboard::auth_setup::DevToken {
+                sub,
+                channels,
+                role,
+                tenant,
+                jti,
+                ttl,
+                private_key: key,
+                algorithm: alg,
+            };
+            match switchboard::auth_setup::mint_dev_token(&cfg.auth, &t) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("switchboard: {e}");
+                    ExitCode::from(2)
+                }
+            }
         }
         Command::Config { config } => {
             match Config::load(config.as_deref(), &Overrides::default()) {
