@@ -15,7 +15,7 @@ use switchboard::{Config, Server};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard-load");
 /// Which data message (per connection, counting from 1) the fault hits.
-const NTH: u64 = 50;
+const NTH: u64 = 10;
 const CONNS: u64 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,9 +276,13 @@ fn real_server(cfg: Config) -> Server {
 
 #[test]
 fn real_server_echo_is_clean() {
+    // Heartbeats on: the server's pings are interleaved with the echoes and
+    // must be answered (else it would close the connections with 1011).
     let server = real_server(Config {
         port: 0,
         shards: 1,
+        heartbeat_interval: Duration::from_millis(300),
+        pong_timeout: Duration::from_secs(5),
         ..Default::default()
     });
     let url = format!("ws://{}/echo", server.local_addr());
@@ -291,6 +295,7 @@ fn real_server_echo_is_clean() {
     assert_eq!(json["opened"], 8);
     assert!(json["messages"].as_u64().unwrap() > 0, "{stdout}");
     assert_eq!(json["closed_cleanly"], 8, "{stdout}");
+    assert!(json["pings_answered"].as_u64().unwrap() > 0, "{stdout}");
     assert!(json["latency_us"]["samples"].as_u64().unwrap() > 0);
     // --pid: this test process hosts the server.
     assert!(json["server"]["cpu_s"].is_number(), "{stdout}");

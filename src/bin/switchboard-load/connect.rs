@@ -306,8 +306,13 @@ pub fn run(
                             tally
                                 .handshake
                                 .record(s.started.elapsed().as_nanos() as u64);
-                            if !s.link.inbuf.is_empty() {
-                                serve_open(s, &[], &mut tally, poll.registry());
+                            // Frames right behind the 101 (a ping, say).
+                            if !s.link.inbuf.is_empty()
+                                && serve_open(s, &[], &mut tally, poll.registry())
+                                && s.link.flush_if_ready().is_err()
+                            {
+                                tally.drop_("write".into());
+                                s.link.shut(poll.registry());
                             }
                         }
                         Progress::Failed(f) => {

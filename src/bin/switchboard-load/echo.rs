@@ -134,6 +134,15 @@ pub fn run(
     if o.connections == 0 || o.depth == 0 {
         return Err("--connections and --depth must be at least 1".into());
     }
+    // Each connection is a descriptor: take whatever the hard limit allows.
+    if let Ok((_, limit, _)) = switchboard::raise_fd_limit()
+        && (o.connections as u64) + 16 > limit
+    {
+        eprintln!(
+            "switchboard-load: warning: the open-file limit is {limit}; {} connections will not all fit",
+            o.connections
+        );
+    }
     let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
     let mut events = Events::with_capacity(1024);
     let mut rbuf = vec![0u8; READ_BUF];
@@ -235,15 +244,14 @@ pub fn run(
             tally: &mut tally,
         };
         for c in conns.iter_mut().filter(|c| c.link.phase == Phase::Open) {
-            // Frames that came right behind the 101 (a ping, say).
+            top_up(c, &mut cx);
+            // Whatever arrived while the others upgraded: frames right
+            // behind the 101 are in `inbuf`, later ones (whose readiness
+            // edge was passed over) in the socket. Then the first write.
             if !c.link.inbuf.is_empty() && !on_bytes(c, &[], &mut cx) {
                 c.link.shut(poll.registry());
             } else {
-                top_up(c, &mut cx);
-                if let Err(e) = c.link.flush_if_ready() {
-                    lost_connection(c, cx.tally, Some(format!("write: {e}")));
-                    c.link.shut(poll.registry());
-                }
+                serve_io(c, false, &mut rbuf, t0, &mut cx, poll.registry());
             }
             if c.link.phase != Phase::Open {
                 open -= 1;

@@ -27,7 +27,17 @@ pub const TEXT_HEADER: usize = 32;
 const PAD_OFFSETS: usize = 64;
 /// 64 distinct ASCII characters for text padding.
 const TEXT_PAD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// Every byte as two lowercase hex digits.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX[i >> 4], HEX[i & 0xF]];
+        i += 1;
+    }
+    t
+};
 /// Messages overtaken by this many later ones are declared lost early, so a
 /// connection that loses messages keeps a bounded window.
 const MAX_WINDOW: usize = 4096;
@@ -111,9 +121,9 @@ impl Layout {
             raw[..4].copy_from_slice(&s.conn.to_be_bytes());
             raw[4..8].copy_from_slice(&s.seq.to_be_bytes());
             raw[8..].copy_from_slice(&s.ts.to_be_bytes());
-            for (pair, b) in buf.chunks_exact_mut(2).zip(raw) {
-                pair[0] = HEX[usize::from(b >> 4)];
-                pair[1] = HEX[usize::from(b & 0xF)];
+            let (pairs, _) = buf.as_chunks_mut::<2>();
+            for (pair, b) in pairs.iter_mut().zip(raw) {
+                *pair = HEX_PAIRS[usize::from(b)];
             }
             &buf[..]
         } else {
