@@ -203,7 +203,7 @@ fn channel_publish_crosses_shards_once_per_subscriber() {
 fn presence_counts_users_and_connections_across_shards() {
     let server = four_shards();
     let addr = server.local_addr();
-    let mut cs = vec![
+    let mut cs = [
         Client::user(addr, "ann"),
         Client::user(addr, "ann"),
         Client::user(addr, "ben"),
