@@ -118,6 +118,20 @@ struct Fragmented {
 pub struct Inbound {
     pending: Vec<u8>,
     frag: Option<Box<Fragmented>>,
+    probe: TextProbe,
+}
+
+/// UTF-8 checked so far in the text frame still arriving at the head of
+/// `pending`, so invalid text is refused as soon as its bytes arrive, not
+/// when the frame completes (Autobahn 6.4.3/6.4.4 "fail fast"). Each byte is
+/// checked once: only the newly arrived part is unmasked into a scratch copy.
+#[derive(Debug, Default, Clone, Copy)]
+struct TextProbe {
+    /// Payload bytes of the pending frame already checked.
+    checked: usize,
+    /// An incomplete code point at the end of the checked bytes.
+    carry: [u8; 3],
+    carry_len: u8,
 }
 
 impl Inbound {
@@ -144,7 +158,8 @@ impl Inbound {
         on_msg: &mut dyn FnMut(Message<'_>) -> Flow,
     ) -> Result<Flow, WsError> {
         if self.pending.is_empty() {
-            let (used, flow) = decode(&mut self.frag, fresh, limits, on_msg)?;
+            self.probe = TextProbe::default(); // no frame in progress
+            let (used, flow) = decode(&mut self.frag, &mut self.probe, fresh, limits, on_msg)?;
             if flow == Flow::Continue
                 && let Some(rest) = fresh.get(used..)
                 && !rest.is_empty()
@@ -155,7 +170,7 @@ impl Inbound {
         }
         self.pending.extend_from_slice(fresh);
         let mut buf = std::mem::take(&mut self.pending);
-        let result = decode(&mut self.frag, &mut buf, limits, on_msg);
+        let result = decode(&mut self.frag, &mut self.probe, &mut buf, limits, on_msg);
         if let Ok((used, Flow::Continue)) = result
             && used < buf.len()
         {
@@ -170,6 +185,7 @@ impl Inbound {
 /// Decode whole frames from the front of `buf`; returns bytes consumed.
 fn decode(
     frag: &mut Option<Box<Fragmented>>,
+    probe: &mut TextProbe,
     buf: &mut [u8],
     limits: &Limits,
     on_msg: &mut dyn FnMut(Message<'_>) -> Flow,
@@ -230,8 +246,21 @@ fn decode(
             .checked_add(len)
             .and_then(|end| buf.get_mut(start..end))
         else {
-            return Ok((pos, Flow::Continue)); // payload not all here yet
+            // Payload not all here yet. For text, check what has arrived.
+            let text = match header.opcode {
+                RawOpCode::Text => Some(&[][..]),
+                RawOpCode::Continuation => frag
+                    .as_ref()
+                    .filter(|f| f.text)
+                    .map(|f| f.buf.get(f.utf8_valid..).unwrap_or_default()),
+                _ => None,
+            };
+            if let (Some(before), Some(arrived)) = (text, buf.get(start..)) {
+                probe_text(probe, before, arrived, mask)?;
+            }
+            return Ok((pos, Flow::Continue));
         };
+        *probe = TextProbe::default(); // this frame is complete
         frame::apply_mask(payload, mask);
         pos = start + len;
 
@@ -293,6 +322,50 @@ fn decode(
             return Ok((pos, Flow::Stop));
         }
     }
+}
+
+/// Check the newly arrived (still masked) bytes of an incomplete text frame.
+/// `before`: an incomplete code point left by earlier fragments.
+fn probe_text(
+    probe: &mut TextProbe,
+    before: &[u8],
+    arrived: &[u8],
+    mask: [u8; 4],
+) -> Result<(), WsError> {
+    let Some(new) = arrived.get(probe.checked..).filter(|n| !n.is_empty()) else {
+        return Ok(());
+    };
+    let carry: &[u8] = if probe.checked == 0 {
+        before
+    } else {
+        probe
+            .carry
+            .get(..probe.carry_len as usize)
+            .unwrap_or_default()
+    };
+    let mut tmp = Vec::with_capacity(carry.len() + new.len());
+    tmp.extend_from_slice(carry);
+    tmp.extend_from_slice(new);
+    if let Some(t) = tmp.get_mut(carry.len()..) {
+        let o = probe.checked;
+        frame::apply_mask(
+            t,
+            [
+                mask[o % 4],
+                mask[(o + 1) % 4],
+                mask[(o + 2) % 4],
+                mask[(o + 3) % 4],
+            ],
+        );
+    }
+    let valid = check_utf8_prefix(&tmp, 0)?;
+    let rest = tmp.get(valid..).unwrap_or_default();
+    probe.carry_len = rest.len().min(3) as u8;
+    for (dst, src) in probe.carry.iter_mut().zip(rest) {
+        *dst = *src;
+    }
+    probe.checked = arrived.len();
+    Ok(())
 }
 
 /// Validate `buf[from..]` as UTF-8 that may end inside a code point.
@@ -538,6 +611,52 @@ mod tests {
         // A message that ends mid code point is invalid.
         let (_, r) = run(&frame(true, 1, &[0xCE]));
         assert_eq!(r, Err(WsError::InvalidUtf8));
+    }
+
+    #[test]
+    fn invalid_utf8_fails_before_the_frame_completes() {
+        // Autobahn 6.4.3: one text frame arriving in three chops; the second
+        // chop holds the invalid sequence.
+        let payload: Vec<u8> = [
+            &[
+                0xce, 0xba, 0xe1, 0xbd, 0xb9, 0xcf, 0x83, 0xce, 0xbc, 0xce, 0xb5,
+            ][..],
+            &[0xf4, 0x90, 0x80, 0x80],
+            b"edited",
+        ]
+        .concat();
+        let f = frame(true, 1, &payload);
+        let mut inb = Inbound::new();
+        let mut n = 0;
+        let mut feed = |inb: &mut Inbound, bytes: &[u8]| {
+            let mut b = bytes.to_vec();
+            inb.feed(&mut b, &LIM, &mut |_| {
+                n += 1;
+                Flow::Continue
+            })
+        };
+        assert_eq!(feed(&mut inb, &f[..6 + 11]), Ok(Flow::Continue));
+        assert_eq!(feed(&mut inb, &f[17..21]), Err(WsError::InvalidUtf8));
+        // 6.4.4: the code point is cut inside the invalid sequence.
+        let mut inb = Inbound::new();
+        let cut = 6 + 12;
+        assert_eq!(feed(&mut inb, &f[..cut]), Ok(Flow::Continue));
+        assert_eq!(feed(&mut inb, &f[cut..cut + 1]), Err(WsError::InvalidUtf8));
+        // Valid text split anywhere still arrives whole.
+        let good = frame(true, 1, "κόσμε κόσμε".as_bytes());
+        for cut in 0..good.len() {
+            let (msgs, r) = decode_split(&good, &[cut, cut + 3], &LIM);
+            assert_eq!(r, Ok(Flow::Continue), "cut {cut}");
+            assert_eq!(msgs, vec![Owned::Text("κόσμε κόσμε".into())]);
+        }
+        // Continuation frames: a code point split across frames and reads.
+        let mut two = frame(false, 1, &[0xCE]);
+        two.extend(frame(true, 0, &[0xBA, b'x', b'y']));
+        for cut in 0..two.len() {
+            let (msgs, r) = decode_split(&two, &[cut], &LIM);
+            assert_eq!(r, Ok(Flow::Continue), "cut {cut}");
+            assert_eq!(msgs, vec![Owned::Text("κxy".into())]);
+        }
     }
 
     #[test]
