@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AcceptMode {
-    /// One acceptor thread hands sockets to the least-loaded shard.
+    /// One acceptor thread hands sockets to the shards in turn (round robin).
     Acceptor,
     /// Every shard has its own SO_REUSEPORT listener; the kernel spreads connections.
     Reuseport,
