@@ -695,6 +695,26 @@ pub fn valid_channel(s: &str, cfg: &Config) -> bool {
     valid_name(s, cfg.channels.max_channel_length)
 }
 
+/// A required field (any JSON type), or a `missing_field` error.
+fn required<'v, 'a>(
+    v: &'v simd_json::BorrowedValue<'a>,
+    name: &str,
+    rid: Option<&[u8]>,
+    out: &mut dyn Replies,
+) -> Option<&'v simd_json::BorrowedValue<'a>> {
+    let found = field(v, name);
+    if found.is_none() {
+        reply_error(
+            out,
+            ErrorCode::MissingField,
+            &format!("{name:?} is required"),
+            rid,
+            false,
+        );
+    }
+    found
+}
+
 fn channel_arg<'v>(
     v: &'v simd_json::BorrowedValue<'_>,
     rid: Option<&[u8]>,
@@ -828,14 +848,7 @@ fn publish(
         );
         return;
     }
-    let Some(data) = field(v, "data") else {
-        reply_error(
-            out,
-            ErrorCode::MissingField,
-            "\"data\" is required",
-            rid,
-            false,
-        );
+    let Some(data) = required(v, "data", rid, out) else {
         return;
     };
     let mut b = Vec::new();
@@ -939,14 +952,7 @@ fn broadcast(
         );
         return;
     }
-    let Some(data) = field(v, "data") else {
-        reply_error(
-            out,
-            ErrorCode::MissingField,
-            "\"data\" is required",
-            rid,
-            false,
-        );
+    let Some(data) = required(v, "data", rid, out) else {
         return;
     };
     let mut b = Vec::new();

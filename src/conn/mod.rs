@@ -141,6 +141,27 @@ impl Admission {
     }
 }
 
+/// The protocol handler's view of `ctx`, borrowed field by field so the
+/// cork and counters stay usable beside it.
+macro_rules! app_ctx {
+    ($ctx:ident, $conn:expr) => {
+        AppCtx {
+            cfg: $ctx.cfg,
+            auth: $ctx.auth,
+            router: $ctx.router,
+            local: &mut *$ctx.local,
+            shard: $ctx.shard,
+            key: $ctx.key,
+            conn: $conn,
+            json: &mut *$ctx.json,
+            outgoing: &mut *$ctx.outgoing,
+            now: $ctx.now,
+            uptime_secs: $ctx.uptime_secs,
+            open_connections: $ctx.admission.open(),
+        }
+    };
+}
+
 /// Shard-owned context passed to connection calls.
 pub struct Ctx<'a> {
     pub cfg: &'a Config,
@@ -507,20 +528,7 @@ impl Conn {
             out,
         };
         let c = &mut *ctx.c;
-        let mut actx = AppCtx {
-            cfg: ctx.cfg,
-            auth: ctx.auth,
-            router: ctx.router,
-            local: &mut *ctx.local,
-            shard: ctx.shard,
-            key: ctx.key,
-            conn: conn_id,
-            json: &mut *ctx.json,
-            outgoing: &mut *ctx.outgoing,
-            now: ctx.now,
-            uptime_secs: ctx.uptime_secs,
-            open_connections: ctx.admission.open(),
-        };
+        let mut actx = app_ctx!(ctx, conn_id);
         let mut peer_close: Option<Option<u16>> = None;
         let mut verdict = Verdict::Continue;
         let result = inbound.feed(data, &ctx.limits, &mut |m| {
@@ -605,20 +613,7 @@ impl Conn {
         f: impl FnOnce(&mut Session, &mut AppCtx<'_>, &mut Sink<'_>) -> T,
         session: &mut Session,
     ) -> T {
-        let mut actx = AppCtx {
-            cfg: ctx.cfg,
-            auth: ctx.auth,
-            router: ctx.router,
-            local: &mut *ctx.local,
-            shard: ctx.shard,
-            key: ctx.key,
-            conn: self.id,
-            json: &mut *ctx.json,
-            outgoing: &mut *ctx.outgoing,
-            now: ctx.now,
-            uptime_secs: ctx.uptime_secs,
-            open_connections: ctx.admission.open(),
-        };
+        let mut actx = app_ctx!(ctx, self.id);
         let mut sink = Sink {
             cork: &mut *ctx.cork,
             out: &mut self.out,
