@@ -566,14 +566,25 @@ impl Config {
         if self.max_header_bytes < 256 {
             return bad("max_header_bytes", "must be at least 256".into());
         }
+        const DAY: Duration = Duration::from_secs(86_400);
         for (name, d) in [
             ("handshake_timeout", self.handshake_timeout),
             ("heartbeat_interval", self.heartbeat_interval),
             ("pong_timeout", self.pong_timeout),
             ("close_timeout", self.close_timeout),
+            ("auth.timeout", self.auth.timeout),
         ] {
-            if d.is_zero() {
-                return bad(name, "must be greater than 0".into());
+            if d.is_zero() || d > DAY {
+                return bad(name, format!("{d:?} is outside (0, 1 day]"));
+            }
+        }
+        for (name, d) in [
+            ("idle_timeout", self.idle_timeout),
+            ("shutdown_timeout", self.shutdown_timeout),
+            ("auth.jwt.leeway", self.auth.jwt.leeway),
+        ] {
+            if d > DAY {
+                return bad(name, format!("{d:?} is over 1 day"));
             }
         }
         if crate::logging::parse_level(&self.log_level).is_none() {
@@ -593,9 +604,6 @@ impl Config {
                 "auth.token",
                 "auth.mode is \"token\" but auth.token is empty".into(),
             );
-        }
-        if self.auth.timeout.is_zero() {
-            return bad("auth.timeout", "must be greater than 0".into());
         }
         if self.channels.max_subscriptions == 0 || self.channels.max_channel_length == 0 {
             return bad(

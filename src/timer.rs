@@ -79,9 +79,12 @@ impl<T> TimerWheel<T> {
 
     /// Schedule `value` to fire once `after` has passed from `now`.
     pub fn insert(&mut self, now: Instant, after: Duration, value: T) -> TimerKey {
-        let d = now.saturating_duration_since(self.origin) + after;
-        // Round up: a timer never fires before its deadline.
-        let tick = d.as_nanos().div_ceil(self.tick.as_nanos()) as u64;
+        let d = now
+            .saturating_duration_since(self.origin)
+            .saturating_add(after);
+        // Round up: a timer never fires before its deadline. A deadline past
+        // u64::MAX ticks saturates (it never fires) instead of wrapping.
+        let tick = u64::try_from(d.as_nanos().div_ceil(self.tick.as_nanos())).unwrap_or(u64::MAX);
         self.insert_at_tick(tick, value)
     }
 
@@ -255,6 +258,19 @@ mod tests {
         assert!(out.is_empty());
         wheel.expire(t0 + Duration::from_millis(300), &mut out);
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn absurd_durations_never_fire_and_never_panic() {
+        let tick = Duration::from_millis(100);
+        let mut wheel = TimerWheel::new(tick, 8);
+        let t0 = wheel.origin + Duration::from_secs(5);
+        wheel.insert(t0, Duration::from_secs(1_844_674_407_370_955_162), 1);
+        wheel.insert(t0, Duration::MAX, 2);
+        let mut out = Vec::new();
+        wheel.expire(t0 + Duration::from_millis(500), &mut out);
+        wheel.expire(t0 + Duration::from_secs(86_400 * 365), &mut out);
+        assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]

@@ -89,8 +89,11 @@ fn percent_decode(s: &str) -> String {
     while let Some(&b) = bytes.get(i) {
         match b {
             b'%' => {
+                // Both bytes must be hex digits: from_str_radix alone would
+                // also take a sign ("%+5").
                 let hex = bytes
                     .get(i + 1..i + 3)
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
                     .and_then(|h| std::str::from_utf8(h).ok())
                     .and_then(|h| u8::from_str_radix(h, 16).ok());
                 match hex {
@@ -350,5 +353,7 @@ mod tests {
     fn percent_decoding_is_total() {
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
         assert_eq!(percent_decode("a%2Fb+c"), "a/b c");
+        assert_eq!(percent_decode("%+41"), "% 41", "a sign is not a hex digit");
+        assert_eq!(percent_decode("%-1"), "%-1");
     }
 }
