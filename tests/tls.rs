@@ -110,7 +110,7 @@ fn wss_heartbeat_and_shutdown() {
     let certs = certs();
     let server = tls_server(1, &certs, |c| {
         c.heartbeat_interval = Duration::from_millis(100);
-        c.pong_timeout = Duration::from_millis(100);
+        c.pong_timeout = Duration::from_millis(1000);
     });
     let mut ws = wss(server.local_addr(), &certs);
     for i in 0..8 {
