@@ -1,12 +1,13 @@
 //! The load generator must catch a misbehaving server: each test runs the
-//! built `switchboard-load` binary against a deliberately faulty echo
-//! server (plain threads, hand-made frames) and checks the exit status and
-//! the error kind in its JSON line; the real server must come out clean.
-//! Counts and correctness only, never timing thresholds.
+//! built `switchboard-load` binary against a deliberately faulty echo (or
+//! fan-out) server (plain threads, hand-made frames) and checks the exit
+//! status and the error kind in its JSON line; the real server must come
+//! out clean. Counts and correctness only, never timing thresholds.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -65,19 +66,17 @@ fn faulty_server(fault: Fault) -> SocketAddr {
     addr
 }
 
-fn serve_faulty(mut s: TcpStream, fault: Fault) -> io::Result<()> {
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut buf = Vec::new();
+/// Read the upgrade request and answer 101. Returns the request head (None
+/// if the client left first); `buf` keeps whatever followed it.
+fn accept_upgrade(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<String>> {
     let mut tmp = vec![0u8; 64 << 10];
-    // The upgrade.
     let head_len = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
         let n = s.read(&mut tmp)?;
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         buf.extend_from_slice(&tmp[..n]);
     };
@@ -99,6 +98,17 @@ fn serve_faulty(mut s: TcpStream, fault: Fault) -> io::Result<()> {
         .as_bytes(),
     )?;
     buf.drain(..head_len);
+    Ok(Some(head))
+}
+
+fn serve_faulty(mut s: TcpStream, fault: Fault) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut buf = Vec::new();
+    let mut tmp = vec![0u8; 64 << 10];
+    if accept_upgrade(&mut s, &mut buf)?.is_none() {
+        return Ok(());
+    }
 
     let mut n_data = 0u64;
     let mut held: Option<(u8, Vec<u8>)> = None;
@@ -372,4 +382,231 @@ fn connect_counts_http_refusals() {
     assert_eq!(status.code(), Some(1), "{stdout}");
     assert_eq!(json["failures"]["http_404"], 5, "{stdout}");
     assert_eq!(json["open_at_end"], 0);
+}
+
+// ---------------------------------------------------------------------------
+// Fan-out mode: a hand-made server for the JSON protocol's channels.
+
+const FAN_SUBS: u64 = 5;
+
+/// What the hand-made fan-out server does wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FanFault {
+    /// Deliver every publish to every subscriber (the control).
+    None,
+    /// Do not deliver the Nth publish to the first subscriber.
+    DropOne,
+}
+
+/// A subscriber's socket; its own thread and publishers' threads write to it.
+type Writer = Arc<Mutex<TcpStream>>;
+
+/// Subscribers in the order they subscribed.
+type Hub = Arc<Mutex<Vec<Writer>>>;
+
+fn send_text(w: &Writer, json: &str) -> io::Result<()> {
+    let mut f = Vec::new();
+    server_frame(&mut f, 0x1, json.as_bytes());
+    w.lock().unwrap().write_all(&f)
+}
+
+const TS: &str = "2026-01-01T00:00:00.000Z";
+
+/// Start the hand-made fan-out server; every connection gets its own thread.
+fn fanout_server(fault: FanFault) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let hub: Hub = Arc::default();
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            let Ok(stream) = stream else { continue };
+            let hub = hub.clone();
+            std::thread::spawn(move || {
+                let _ = serve_fanout(stream, n, &hub, fault);
+            });
+        }
+    });
+    addr
+}
+
+/// `connected` on upgrade; `subscribe` -> `subscribed`; `publish` ->
+/// `published`, then `message` to every subscriber (data copied as sent).
+fn serve_fanout(mut s: TcpStream, n: usize, hub: &Hub, fault: FanFault) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut buf = Vec::new();
+    let Some(head) = accept_upgrade(&mut s, &mut buf)? else {
+        return Ok(());
+    };
+    let target = head.split_whitespace().nth(1).unwrap_or_default();
+    let user = target
+        .split_once('?')
+        .map(|(_, q)| q)
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("userId="))
+        .map_or_else(|| format!("anon-{n}"), str::to_owned);
+    let me: Writer = Arc::new(Mutex::new(s.try_clone()?));
+    send_text(
+        &me,
+        &format!(
+            r#"{{"type":"connected","connectionId":"0.{n}","userId":"{user}","features":["channels","publish"],"channels":[],"timestamp":"{TS}"}}"#
+        ),
+    )?;
+    let mut publishes = 0u64;
+    let mut tmp = vec![0u8; 64 << 10];
+    loop {
+        while let Ok(Some(h)) = parse_header(&buf) {
+            let total = h.header_len + h.payload_len as usize;
+            if buf.len() < total {
+                break;
+            }
+            let mut payload = buf[h.header_len..total].to_vec();
+            buf.drain(..total);
+            let Some(mask) = h.mask else {
+                return Ok(());
+            };
+            apply_mask(&mut payload, mask);
+            match h.opcode {
+                RawOpCode::Text => {
+                    let text = String::from_utf8_lossy(&payload).into_owned();
+                    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    let channel = v["channel"].as_str().unwrap_or_default().to_owned();
+                    match v["type"].as_str() {
+                        Some("subscribe") => {
+                            hub.lock().unwrap().push(me.clone());
+                            send_text(
+                                &me,
+                                &format!(
+                                    r#"{{"type":"subscribed","channel":"{channel}","timestamp":"{TS}"}}"#
+                                ),
+                            )?;
+                        }
+                        Some("publish") => {
+                            publishes += 1;
+                            // The data exactly as sent: the publish ends with it.
+                            let at = text.find(r#""data":"#).expect("data") + 7;
+                            let data = &text[at..text.len() - 1];
+                            send_text(
+                                &me,
+                                &format!(
+                                    r#"{{"type":"published","channel":"{channel}","timestamp":"{TS}"}}"#
+                                ),
+                            )?;
+                            let mut msg = Vec::new();
+                            server_frame(
+                                &mut msg,
+                                0x1,
+                                format!(
+                                    r#"{{"type":"message","channel":"{channel}","from":"{user}","data":{data},"timestamp":"{TS}"}}"#
+                                )
+                                .as_bytes(),
+                            );
+                            let subs = hub.lock().unwrap().clone();
+                            for (i, w) in subs.iter().enumerate() {
+                                if fault == FanFault::DropOne && publishes == NTH && i == 0 {
+                                    continue;
+                                }
+                                // A subscriber that already left is not our problem here.
+                                let _ = w.lock().unwrap().write_all(&msg);
+                            }
+                        }
+                        _ => send_text(
+                            &me,
+                            &format!(
+                                r#"{{"type":"error","code":"unknown_type","message":"?","timestamp":"{TS}"}}"#
+                            ),
+                        )?,
+                    }
+                }
+                RawOpCode::Ping => {
+                    let mut f = Vec::new();
+                    server_frame(&mut f, 0xA, &payload);
+                    me.lock().unwrap().write_all(&f)?;
+                }
+                RawOpCode::Close => {
+                    let mut f = Vec::new();
+                    server_frame(&mut f, 0x8, payload.get(..2).unwrap_or_default());
+                    me.lock().unwrap().write_all(&f)?;
+                    // The hub still holds a clone of the socket: shut it down
+                    // explicitly so the client sees EOF now.
+                    return s.shutdown(Shutdown::Both);
+                }
+                _ => {}
+            }
+        }
+        let got = s.read(&mut tmp)?;
+        if got == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&tmp[..got]);
+    }
+}
+
+fn fanout_against(addr: SocketAddr) -> (ExitStatus, Value, String) {
+    let url = format!("ws://{addr}/ws");
+    let n = FAN_SUBS.to_string();
+    run_load(&[
+        "fanout", "--url", &url, "-n", &n, "-k", "4", "-t", "1", "--warmup", "0",
+    ])
+}
+
+#[test]
+fn fanout_test_server_without_fault_is_clean() {
+    let (status, json, stdout) = fanout_against(fanout_server(FanFault::None));
+    assert!(status.success(), "{stdout}");
+    assert_eq!(json["errors"]["total"], 0, "{stdout}");
+    assert_eq!(json["subscribed"], FAN_SUBS, "{stdout}");
+    let completed = json["completed_total"].as_u64().unwrap();
+    assert!(completed > 0, "{stdout}");
+    assert_eq!(json["sent_total"], completed, "{stdout}");
+    assert_eq!(json["received_total"], completed * FAN_SUBS, "{stdout}");
+    assert_eq!(json["closed_cleanly"], FAN_SUBS + 1, "{stdout}");
+}
+
+#[test]
+fn fanout_detects_a_dropped_delivery() {
+    let (status, json, stdout) = fanout_against(fanout_server(FanFault::DropOne));
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert_eq!(json["errors"]["lost"], 1, "{stdout}");
+    assert_eq!(json["errors"]["total"], 1, "only the loss\n{stdout}");
+    assert_eq!(json["subscribed"], FAN_SUBS, "{stdout}");
+    // The loss did not stall the pipeline: every publish completed.
+    let completed = json["completed_total"].as_u64().unwrap();
+    assert!(completed > NTH, "{stdout}");
+    assert_eq!(json["sent_total"], completed, "{stdout}");
+    assert_eq!(json["received_total"], completed * FAN_SUBS - 1, "{stdout}");
+}
+
+#[test]
+fn real_server_fanout_is_clean() {
+    // Two shards: subscribers on both, so deliveries cross shards.
+    let server = real_server(Config {
+        port: 0,
+        shards: 2,
+        ..Default::default()
+    });
+    let url = format!("ws://{}/ws", server.local_addr());
+    let pid = std::process::id().to_string();
+    let (status, json, stdout) = run_load(&[
+        "fanout", "--url", &url, "-n", "50", "-k", "4", "-t", "1", "--warmup", "0.2", "--pid", &pid,
+    ]);
+    assert!(status.success(), "{stdout}");
+    assert_eq!(json["errors"]["total"], 0, "{stdout}");
+    assert_eq!(json["subscribed"], 50, "{stdout}");
+    assert_eq!(json["live_at_start"], 50, "{stdout}");
+    let publishes = json["publishes"].as_u64().unwrap();
+    assert!(publishes > 0, "{stdout}");
+    assert_eq!(json["deliveries"], publishes * 50, "{stdout}");
+    // Over the whole run: every publish reached all 50, exactly once.
+    let completed = json["completed_total"].as_u64().unwrap();
+    assert_eq!(json["sent_total"], completed, "{stdout}");
+    assert_eq!(json["published_acks"], completed, "{stdout}");
+    assert_eq!(json["received_total"], completed * 50, "{stdout}");
+    assert_eq!(json["closed_cleanly"], 51, "{stdout}");
+    assert!(json["latency_us"]["samples"].as_u64().unwrap() > 0);
+    assert!(
+        json["server"]["cpu_us_per_delivery"].is_number(),
+        "{stdout}"
+    );
 }

@@ -358,13 +358,14 @@ pub fn run(
     })
 }
 
-/// Connections that should have been started by `now`.
-fn due_now(start: Instant, now: Instant, ramp: f64) -> usize {
+/// Connections that should have been started by `now` (also used by fanout mode).
+pub(crate) fn due_now(start: Instant, now: Instant, ramp: f64) -> usize {
     (now.saturating_duration_since(start).as_secs_f64() * ramp).floor() as usize + 1
 }
 
-/// 127.0.0.1..=127.0.0.N when the server is on IPv4 loopback; none otherwise.
-fn source_addresses(dst: SocketAddr, k: usize, want: Option<u8>) -> Vec<IpAddr> {
+/// 127.0.0.1..=127.0.0.N when the server is on IPv4 loopback; none otherwise
+/// (also used by fanout mode).
+pub(crate) fn source_addresses(dst: SocketAddr, k: usize, want: Option<u8>) -> Vec<IpAddr> {
     let loopback_v4 = matches!(dst.ip(), IpAddr::V4(v4) if v4.is_loopback());
     if !loopback_v4 {
         if want.is_some() {

@@ -8,6 +8,11 @@
 //! * `connect`: open many idle connections at a fixed rate (from several
 //!   loopback source addresses if needed), hold them while answering the
 //!   server's pings, then close them cleanly.
+//! * `fanout`: the JSON protocol on `/ws`: N subscribers on one channel, one
+//!   publisher keeping K publishes in flight (the next one is sent when all
+//!   N have received one); every subscriber checks it gets every publish
+//!   exactly once, in order and intact; publishes/s, deliveries/s and
+//!   delivery latency are reported.
 //!
 //! With `--pid`, the server's CPU time and user-space RSS are read from
 //! /proc at both ends of the measured window. With `--json`, one JSON line
@@ -18,6 +23,7 @@
 
 mod connect;
 mod echo;
+mod fanout;
 mod hist;
 mod net;
 mod procfs;
@@ -35,7 +41,7 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "switchboard-load",
     version,
-    about = "Load generator for Switchboard: verified echo throughput/latency, and idle connection capacity"
+    about = "Load generator for Switchboard: verified echo throughput/latency, idle connection capacity, verified channel fan-out"
 )]
 struct Cli {
     #[command(flatten)]
@@ -46,9 +52,10 @@ struct Cli {
 
 #[derive(Args)]
 struct Common {
-    /// Server endpoint: ws://HOST:PORT/PATH (no TLS).
-    #[arg(long, global = true, default_value = "ws://127.0.0.1:8080/echo")]
-    url: String,
+    /// Server endpoint: ws://HOST:PORT/PATH (no TLS) [default:
+    /// ws://127.0.0.1:8080/echo, or ws://127.0.0.1:8080/ws for fanout].
+    #[arg(long, global = true)]
+    url: Option<String>,
     /// Server process id: report its CPU time and user-space RSS over the measured window.
     #[arg(long, global = true, value_name = "PID")]
     pid: Option<u32>,
@@ -63,6 +70,9 @@ enum Mode {
     Echo(EchoArgs),
     /// Open many idle connections at a fixed rate and hold them.
     Connect(ConnectArgs),
+    /// Channel fan-out on the JSON protocol: N subscribers, one publisher,
+    /// K publishes in flight; verified deliveries/s and delivery latency.
+    Fanout(FanoutArgs),
 }
 
 #[derive(Args)]
@@ -108,6 +118,38 @@ struct ConnectArgs {
     handshake_timeout: Duration,
 }
 
+#[derive(Args)]
+struct FanoutArgs {
+    /// Subscriber connections.
+    #[arg(short = 'n', long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Publishes in flight (each completes when every subscriber has it).
+    #[arg(short = 'k', long, default_value_t = 4)]
+    inflight: usize,
+    /// Approximate bytes of each publish's data object.
+    #[arg(short = 's', long, default_value_t = 64)]
+    size: usize,
+    /// Measured seconds (fractions allowed).
+    #[arg(short = 't', long, default_value = "10", value_parser = parse_secs)]
+    duration: Duration,
+    /// Seconds of traffic before measuring (not counted).
+    #[arg(long, default_value = "1", value_parser = parse_secs)]
+    warmup: Duration,
+    /// New subscriber connections per second during setup.
+    #[arg(long, default_value_t = 2000.0)]
+    ramp: f64,
+    /// Source addresses 127.0.0.1..127.0.0.N to connect from (default:
+    /// enough that none needs more than 25,000 ports).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=254))]
+    sources: Option<u8>,
+    /// The channel (`public:` channels may be used by anyone).
+    #[arg(long, default_value = "public:bench")]
+    channel: String,
+    /// Seconds allowed for one subscriber's connect, upgrade and subscribe.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    handshake_timeout: Duration,
+}
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let v: f64 = s
         .trim_end_matches('s')
@@ -121,7 +163,14 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let url = match url::WsUrl::parse(&cli.common.url) {
+    let url_s = cli.common.url.clone().unwrap_or_else(|| {
+        match cli.mode {
+            Mode::Fanout(_) => "ws://127.0.0.1:8080/ws",
+            _ => "ws://127.0.0.1:8080/echo",
+        }
+        .to_owned()
+    });
+    let url = match url::WsUrl::parse(&url_s) {
         Ok(u) => u,
         Err(e) => return fail(&e),
     };
@@ -149,9 +198,9 @@ fn main() -> ExitCode {
             };
             match echo::run(&url, addr, cli.common.pid, &opts) {
                 Ok(r) => {
-                    report::print_echo(&r, &cli.common.url, cli.common.pid);
+                    report::print_echo(&r, &url_s, cli.common.pid);
                     if cli.common.json {
-                        println!("{}", report::echo_json(&r, &cli.common.url, cli.common.pid));
+                        println!("{}", report::echo_json(&r, &url_s, cli.common.pid));
                     }
                     exit_for(r.errors.total())
                 }
@@ -171,14 +220,43 @@ fn main() -> ExitCode {
             };
             match connect::run(&url, addr, cli.common.pid, &opts) {
                 Ok(r) => {
-                    report::print_connect(&r, &cli.common.url, cli.common.pid);
+                    report::print_connect(&r, &url_s, cli.common.pid);
                     if cli.common.json {
-                        println!(
-                            "{}",
-                            report::connect_json(&r, &cli.common.url, cli.common.pid)
-                        );
+                        println!("{}", report::connect_json(&r, &url_s, cli.common.pid));
                     }
                     exit_for(r.problems())
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Mode::Fanout(a) => {
+            if a.duration.is_zero() {
+                return fail("--duration must be greater than 0");
+            }
+            if !(a.ramp > 0.0 && a.ramp.is_finite()) {
+                return fail("--ramp must be a positive number of connections per second");
+            }
+            if a.subscribers == 0 || a.inflight == 0 {
+                return fail("--subscribers and --inflight must be at least 1");
+            }
+            let opts = fanout::FanoutOpts {
+                subscribers: a.subscribers,
+                inflight: a.inflight,
+                size: a.size,
+                duration: a.duration,
+                warmup: a.warmup,
+                ramp: a.ramp,
+                sources: a.sources,
+                channel: a.channel,
+                handshake_timeout: a.handshake_timeout,
+            };
+            match fanout::run(&url, addr, cli.common.pid, &opts) {
+                Ok(r) => {
+                    report::print_fanout(&r, &url_s, cli.common.pid);
+                    if cli.common.json {
+                        println!("{}", report::fanout_json(&r, &url_s, cli.common.pid));
+                    }
+                    exit_for(r.errors.total())
                 }
                 Err(e) => fail(&e),
             }

@@ -4,6 +4,7 @@ use serde_json::{Value, json};
 
 use crate::connect::ConnectReport;
 use crate::echo::EchoReport;
+use crate::fanout::FanoutReport;
 use crate::hist::Histogram;
 use crate::procfs::{Delta, human_bytes};
 
@@ -292,5 +293,168 @@ pub fn connect_json(r: &ConnectReport, url: &str, pid: Option<u32>) -> Value {
         "close_sent": r.close_sent,
         "closed_cleanly": r.closed_cleanly,
         "server": server,
+    })
+}
+
+pub fn print_fanout(r: &FanoutReport, url: &str, pid: Option<u32>) {
+    let o = &r.opts;
+    println!("switchboard-load fanout  {url}");
+    println!(
+        "  subscribers   {} subscribed of {} to {:?} from {} (open-file limit {}); publisher {:?}",
+        r.subscribed,
+        o.subscribers,
+        o.channel,
+        match r.sources {
+            0 => "a kernel-chosen address".to_owned(),
+            1 => "127.0.0.1".to_owned(),
+            n => format!("127.0.0.1..127.0.0.{n}"),
+        },
+        r.fd_limit,
+        r.publisher
+    );
+    println!(
+        "  setup         {:.2} s at {:.0}/s; dial to subscribed {}",
+        r.setup_s,
+        o.ramp,
+        latency_line(&r.subscribe_time)
+    );
+    println!(
+        "  load          {} publishes in flight, ~{} B data each",
+        o.inflight, o.size
+    );
+    println!(
+        "  window        {:.2} s measured after {:.1} s warmup",
+        r.window_s,
+        o.warmup.as_secs_f64()
+    );
+    println!(
+        "  throughput    {:.0} publishes/s, {:.0} deliveries/s ({} publishes x {} subscribers in the window)",
+        r.publishes_per_sec(),
+        r.deliveries_per_sec(),
+        r.publishes,
+        r.live_at_start
+    );
+    println!(
+        "  totals        {} published, {} completed, {} acknowledged; {} deliveries received",
+        r.sent_total, r.completed_total, r.acks, r.received_total
+    );
+    println!("  latency       {}", latency_line(&r.latency));
+    if r.slow_path > 0 {
+        println!(
+            "  note          {} message events did not match the expected envelope byte for byte and were parsed as JSON (slow path)",
+            r.slow_path
+        );
+    }
+    let e = &r.errors;
+    if e.total() == 0 {
+        println!(
+            "  verification  ok: every subscriber got every publish once, in order, intact; no errors"
+        );
+    } else {
+        let kinds: Vec<String> = e
+            .kinds()
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        println!("  verification  FAILED: {}", kinds.join(", "));
+    }
+    if !r.failures.is_empty() {
+        println!("  not subscribed  {}", map_line(&r.failures));
+    }
+    if let Some(f) = &r.first_failure {
+        println!("  first setup failure: {f}");
+    }
+    if let Some(p) = &r.first_problem {
+        println!("  first problem: {p}");
+    }
+    println!(
+        "  close         {} of {} answered our close frame; {} pings answered",
+        r.closed_cleanly, r.close_sent, r.pings
+    );
+    if let (Some(pid), Some(d)) = (pid, r.server.as_ref()) {
+        let per = r
+            .server_us_per_delivery()
+            .map_or("- µs/delivery".into(), |u| format!("{u:.3} µs/delivery"));
+        println!(
+            "  server {pid}  cpu {:.2} s in {:.2} s ({:.0}% of one core), {per}",
+            d.cpu_s,
+            d.wall_s,
+            d.cores() * 100.0
+        );
+        println!(
+            "               user-space RSS {} -> {} (socket buffers are kernel memory, not included)",
+            human_bytes(d.rss_before as f64),
+            human_bytes(d.rss_after as f64)
+        );
+    }
+    if let Some(c) = &r.client {
+        println!(
+            "  client        cpu {:.2} s ({:.0}% of one core)",
+            c.cpu_s,
+            c.cores() * 100.0
+        );
+    }
+}
+
+pub fn fanout_json(r: &FanoutReport, url: &str, pid: Option<u32>) -> Value {
+    let o = &r.opts;
+    let e = &r.errors;
+    let mut server = server_json(pid, r.server.as_ref());
+    if let Some(obj) = server.as_object_mut() {
+        obj.insert(
+            "cpu_us_per_delivery".into(),
+            json!(
+                r.server_us_per_delivery()
+                    .map(|u| (u * 1000.0).round() / 1000.0)
+            ),
+        );
+    }
+    let mut errors = serde_json::Map::new();
+    for (k, n) in e.kinds() {
+        errors.insert(k.into(), json!(n));
+    }
+    errors.insert("total".into(), json!(e.total()));
+    json!({
+        "mode": "fanout",
+        "url": url,
+        "subscribers": o.subscribers,
+        "subscribed": r.subscribed,
+        "live_at_start": r.live_at_start,
+        "channel": o.channel,
+        "publisher": r.publisher,
+        "inflight": o.inflight,
+        "size": o.size,
+        "ramp_per_s": o.ramp,
+        "sources": r.sources,
+        "fd_limit": r.fd_limit,
+        "setup_s": (r.setup_s * 1000.0).round() / 1000.0,
+        "warmup_s": o.warmup.as_secs_f64(),
+        "duration_s": o.duration.as_secs_f64(),
+        "window_s": (r.window_s * 1000.0).round() / 1000.0,
+        "publishes": r.publishes,
+        "publishes_per_sec": (r.publishes_per_sec() * 10.0).round() / 10.0,
+        "deliveries": r.deliveries(),
+        "deliveries_per_sec": r.deliveries_per_sec().round(),
+        "received_in_window": r.received_window,
+        "sent_total": r.sent_total,
+        "completed_total": r.completed_total,
+        "received_total": r.received_total,
+        "published_acks": r.acks,
+        "slow_path_messages": r.slow_path,
+        "latency_us": latency_json(&r.latency),
+        "subscribe_us": latency_json(&r.subscribe_time),
+        "errors": errors,
+        "failures": r.failures,
+        "first_failure": r.first_failure,
+        "first_problem": r.first_problem,
+        "close_sent": r.close_sent,
+        "closed_cleanly": r.closed_cleanly,
+        "pings_answered": r.pings,
+        "server": server,
+        "client": r.client.as_ref().map(|c| json!({
+            "cpu_s": (c.cpu_s * 100.0).round() / 100.0,
+            "cpu_cores": (c.cores() * 1000.0).round() / 1000.0,
+        })),
     })
 }

@@ -1,0 +1,1696 @@
+//! Fan-out mode: N subscribers on one channel of the Switchboard JSON
+//! protocol (docs/PROTOCOL.md, the `ws_path`), and one publisher that keeps
+//! K publishes in flight.
+//!
+//! Stages: setup (the publisher connects; subscribers are dialed at the ramp
+//! rate, from several loopback source addresses if needed, and each sends
+//! `subscribe` right behind its upgrade and waits for `subscribed`), warmup,
+//! measure (server CPU/RSS sampled at both ends), drain (no new publishes;
+//! wait for those in flight), close.
+//!
+//! A publish is complete when every live subscriber has passed it: received
+//! it, or received a later one first (then it is counted lost at once, so a
+//! loss does not stall the pipeline). Each completion lets the publisher send
+//! the next one. The data of publish S is `{"seq":S,"ts":T,"pad":"..."}` with
+//! T its send time (ns since the run started), padded to about `--size`
+//! bytes with characters that depend on S.
+//!
+//! The subscriber side parses no JSON on its hot path: the run knows the
+//! exact envelope the server writes (`{"type":"message","channel":C,
+//! "from":U,"data":` with U the publisher's user id from its `connected`
+//! welcome), so one prefix comparison checks type, channel and sender; the
+//! sequence number is read right behind it and the data object is compared
+//! byte for byte with what was published. Anything else (other event types,
+//! or a `message` whose envelope is laid out differently) takes the slow
+//! path through serde_json, and a `message` found there is still located
+//! and compared in the raw text.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Poll, Registry, Token};
+use serde_json::Value;
+
+use crate::connect;
+use crate::hist::Histogram;
+use crate::net::{self, Fail, Link, Phase, Progress, ReadOutcome};
+use crate::procfs::{self, Delta, Sample};
+use crate::url::WsUrl;
+use crate::wire::{self, Frame};
+
+/// After the measured window, how long to wait for publishes in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long to wait for the server's side of the closing handshakes.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often setup deadlines are checked.
+const TIMEOUT_SCAN: Duration = Duration::from_millis(100);
+/// One read lands here (shared by all connections).
+const READ_BUF: usize = 256 << 10;
+/// Subscribers dialed per loop turn at most.
+const DIAL_BATCH: usize = 64;
+/// Subscribers are tokens 0..N; the publisher has its own.
+const PUBLISHER: Token = Token(usize::MAX - 1);
+/// Sequence numbers a subscriber remembers as skipped (counted lost, but
+/// forgiven as reordered if they still arrive).
+const MAX_SKIPPED: usize = 4096;
+/// 64 characters that need no JSON escaping.
+const PAD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+const DATA_HEAD: &[u8] = b"{\"seq\":";
+const TS_KEY: &[u8] = b",\"ts\":";
+const PAD_KEY: &[u8] = b",\"pad\":\"";
+const DATA_TAIL: &[u8] = b"\"}";
+/// Every server message starts with its type (proto::Out writes it first).
+const MESSAGE_START: &[u8] = b"{\"type\":\"message\"";
+const PUBLISHED_START: &[u8] = b"{\"type\":\"published\"";
+
+#[derive(Debug, Clone)]
+pub struct FanoutOpts {
+    pub subscribers: usize,
+    pub inflight: usize,
+    pub size: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub ramp: f64,
+    pub sources: Option<u8>,
+    pub channel: String,
+    pub handshake_timeout: Duration,
+}
+
+/// Everything that went wrong, by kind.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FanoutErrors {
+    /// A subscriber never received a publish (a later one came first, or it
+    /// was still missing when the drain ended).
+    pub lost: u64,
+    /// A subscriber received a publish again.
+    pub dup: u64,
+    /// A publish counted lost arrived after all, behind a later one.
+    pub reorder: u64,
+    /// A `message` whose data, channel or sender is not what was published
+    /// (or names a publish never sent).
+    pub corrupt: u64,
+    /// Connections (subscribers or the publisher) the server ended while they counted.
+    pub closed: u64,
+    /// Subscribers that never got to `subscribed` (see the failures by kind).
+    pub connect: u64,
+    /// Server frames that break RFC 6455.
+    pub protocol: u64,
+    /// `{"type":"error"}` replies after setup.
+    pub rejected: u64,
+    /// Messages of a type that has no place in the run.
+    pub unexpected: u64,
+    /// Publishes the server never answered with `published`.
+    pub unacked: u64,
+}
+
+impl FanoutErrors {
+    pub fn total(&self) -> u64 {
+        self.kinds().iter().map(|(_, n)| n).sum()
+    }
+
+    /// Kinds and counts, in report order.
+    pub fn kinds(&self) -> [(&'static str, u64); 10] {
+        [
+            ("lost", self.lost),
+            ("dup", self.dup),
+            ("reorder", self.reorder),
+            ("corrupt", self.corrupt),
+            ("closed", self.closed),
+            ("connect", self.connect),
+            ("protocol", self.protocol),
+            ("rejected", self.rejected),
+            ("unexpected", self.unexpected),
+            ("unacked", self.unacked),
+        ]
+    }
+}
+
+/// Everything measured in one fan-out run.
+#[derive(Debug)]
+pub struct FanoutReport {
+    pub opts: FanoutOpts,
+    /// Source addresses bound (0: the kernel chose).
+    pub sources: usize,
+    pub fd_limit: u64,
+    /// The publisher's user id (the `from` of every message).
+    pub publisher: String,
+    /// Subscribers that got their `subscribed` reply.
+    pub subscribed: usize,
+    /// Subscribers counted at the start of publishing.
+    pub live_at_start: usize,
+    pub setup_s: f64,
+    /// Dial to `subscribed`, per subscriber (ns).
+    pub subscribe_time: Histogram,
+    pub window_s: f64,
+    /// Publishes completed inside the measured window.
+    pub publishes: u64,
+    /// Messages received (intact) inside the measured window.
+    pub received_window: u64,
+    /// Delivery latency (receive time minus the send time in the data), every
+    /// delivery of the measured window (ns).
+    pub latency: Histogram,
+    pub sent_total: u64,
+    pub completed_total: u64,
+    /// Intact deliveries over the whole run.
+    pub received_total: u64,
+    pub acks: u64,
+    /// Messages verified through serde_json instead of the fast path.
+    pub slow_path: u64,
+    pub errors: FanoutErrors,
+    /// Subscribers that never subscribed, by kind.
+    pub failures: BTreeMap<String, u64>,
+    pub first_failure: Option<String>,
+    pub first_problem: Option<String>,
+    pub close_sent: usize,
+    pub closed_cleanly: usize,
+    pub pings: u64,
+    pub server: Option<Delta>,
+    pub client: Option<Delta>,
+}
+
+impl FanoutReport {
+    pub fn publishes_per_sec(&self) -> f64 {
+        if self.window_s > 0.0 {
+            self.publishes as f64 / self.window_s
+        } else {
+            0.0
+        }
+    }
+
+    /// Completed publishes x subscribers, in the window.
+    pub fn deliveries(&self) -> u64 {
+        self.publishes * self.live_at_start as u64
+    }
+
+    pub fn deliveries_per_sec(&self) -> f64 {
+        self.publishes_per_sec() * self.live_at_start as f64
+    }
+
+    /// Server CPU microseconds per delivery in the window.
+    pub fn server_us_per_delivery(&self) -> Option<f64> {
+        let d = self.server.as_ref()?;
+        (self.deliveries() > 0).then(|| d.cpu_s * 1e6 / self.deliveries() as f64)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Payloads and their verification (pure: no sockets, no clock).
+
+/// Append the data object of publish `seq` sent at `ts`, about `size` bytes:
+/// `{"seq":S,"ts":T,"pad":"..."}`.
+pub fn write_data(out: &mut Vec<u8>, seq: u64, ts: u64, size: usize) {
+    let start = out.len();
+    out.extend_from_slice(DATA_HEAD);
+    let _ = write!(out, "{seq}");
+    out.extend_from_slice(TS_KEY);
+    let _ = write!(out, "{ts}");
+    out.extend_from_slice(PAD_KEY);
+    let used = out.len() - start + DATA_TAIL.len();
+    let off = (seq % 64) as usize;
+    out.extend((0..size.saturating_sub(used)).map(|i| PAD[(off + i * 37) % 64]));
+    out.extend_from_slice(DATA_TAIL);
+}
+
+/// A decimal u64 at the front of `b`: the value and the digits it took.
+fn parse_u64(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v: u64 = 0;
+    let mut n = 0;
+    for &c in b.iter().take(20) {
+        if !c.is_ascii_digit() {
+            break;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+        n += 1;
+    }
+    (n > 0).then_some((v, n))
+}
+
+/// `seq` and `ts` from a data object at the front of `d`.
+fn read_stamp(d: &[u8]) -> Option<(u64, u64)> {
+    let rest = d.strip_prefix(DATA_HEAD)?;
+    let (seq, n) = parse_u64(rest)?;
+    let rest = rest.get(n..)?.strip_prefix(TS_KEY)?;
+    let (ts, _) = parse_u64(rest)?;
+    Some((seq, ts))
+}
+
+/// Does `d` start with exactly `data`, followed by the rest of the envelope?
+fn carries(d: &[u8], data: &[u8]) -> bool {
+    d.starts_with(data) && matches!(d.get(data.len()), Some(b',' | b'}'))
+}
+
+/// Where `needle` first occurs in `hay` (slow path only).
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| format!("\"{s}\""))
+}
+
+/// What every `message` event of the run must look like.
+#[derive(Debug, Clone)]
+pub struct Expect {
+    /// `{"type":"message","channel":C,"from":U,"data":`, as the server writes it.
+    prefix: Vec<u8>,
+    channel: String,
+    from: String,
+    size: usize,
+}
+
+impl Expect {
+    pub fn new(channel: &str, from: &str, size: usize) -> Expect {
+        let prefix = format!(
+            "{{\"type\":\"message\",\"channel\":{},\"from\":{},\"data\":",
+            json_str(channel),
+            json_str(from)
+        )
+        .into_bytes();
+        Expect {
+            prefix,
+            channel: channel.to_owned(),
+            from: from.to_owned(),
+            size,
+        }
+    }
+}
+
+/// One publish in flight.
+#[derive(Debug)]
+struct Pending {
+    ts: u64,
+    /// Live subscribers that have not passed it yet.
+    remaining: usize,
+    data: Vec<u8>,
+}
+
+/// The publishes in flight, `base .. base + pending.len()`. They complete in
+/// order: a subscriber that passed S + 1 has passed S.
+#[derive(Debug, Default)]
+struct Table {
+    base: u64,
+    pending: VecDeque<Pending>,
+    spare: Vec<Vec<u8>>,
+    /// Subscribers every publish waits for.
+    live: usize,
+    /// Publishes that may be sent now.
+    credits: usize,
+    completed: u64,
+    completed_window: u64,
+}
+
+impl Table {
+    fn next_seq(&self) -> u64 {
+        self.base + self.pending.len() as u64
+    }
+
+    fn get(&self, seq: u64) -> Option<&Pending> {
+        let i = usize::try_from(seq.checked_sub(self.base)?).ok()?;
+        self.pending.get(i)
+    }
+
+    /// Record the next publish, sent at `ts`; returns its data.
+    fn publish(&mut self, ts: u64, size: usize) -> &[u8] {
+        let seq = self.next_seq();
+        let mut data = self.spare.pop().unwrap_or_default();
+        data.clear();
+        write_data(&mut data, seq, ts, size);
+        self.pending.push_back(Pending {
+            ts,
+            remaining: self.live,
+            data,
+        });
+        self.pending.back().map_or(&[][..], |p| &p.data)
+    }
+
+    /// One subscriber is done with `seq`; complete what everyone is done with.
+    fn pass(&mut self, seq: u64, measuring: bool) {
+        let Some(i) = seq
+            .checked_sub(self.base)
+            .and_then(|i| usize::try_from(i).ok())
+        else {
+            return;
+        };
+        if let Some(p) = self.pending.get_mut(i) {
+            p.remaining = p.remaining.saturating_sub(1);
+        }
+        while self.pending.front().is_some_and(|p| p.remaining == 0) {
+            if let Some(p) = self.pending.pop_front() {
+                self.spare.push(p.data);
+            }
+            self.base += 1;
+            self.completed += 1;
+            if measuring {
+                self.completed_window += 1;
+            }
+            self.credits += 1;
+        }
+    }
+}
+
+/// One subscriber's view of the run.
+#[derive(Debug)]
+struct Track {
+    started: Instant,
+    /// The next sequence number expected.
+    next: u64,
+    /// Counted lost, but may still arrive late (then: reordered).
+    skipped: VecDeque<u64>,
+    connected: bool,
+    /// Got `subscribed`.
+    ready: bool,
+    /// Counts towards every publish's completion.
+    live: bool,
+    /// Setup is over (ready, or failed and counted).
+    settled: bool,
+    /// The server ended the connection (or broke the protocol) first.
+    dropped: bool,
+    /// Give up on the connection (setup refused).
+    abandon: bool,
+    close_acked: bool,
+}
+
+impl Track {
+    fn new(started: Instant) -> Track {
+        Track {
+            started,
+            next: 0,
+            skipped: VecDeque::new(),
+            connected: false,
+            ready: false,
+            live: false,
+            settled: false,
+            dropped: false,
+            abandon: false,
+            close_acked: false,
+        }
+    }
+}
+
+/// Counters the handlers update.
+#[derive(Default)]
+struct Tally {
+    errors: FanoutErrors,
+    latency: Histogram,
+    subscribe_time: Histogram,
+    received: u64,
+    received_window: u64,
+    /// `message` events that did not match the expected envelope byte for
+    /// byte and went through serde_json.
+    slow_path: u64,
+    pings: u64,
+    /// Subscribers that got `subscribed`.
+    ready: usize,
+    /// Subscribers dialed and not settled yet.
+    pending_setup: usize,
+    failures: BTreeMap<String, u64>,
+    first_failure: Option<String>,
+    first_problem: Option<String>,
+}
+
+impl Tally {
+    fn problem(&mut self, what: impl FnOnce() -> String) {
+        if self.first_problem.is_none() {
+            self.first_problem = Some(what());
+        }
+    }
+}
+
+/// Per-wake-up context for the subscriber handlers.
+struct Cx<'a> {
+    table: &'a mut Table,
+    tally: &'a mut Tally,
+    /// Known once the publisher's welcome names its user.
+    expect: Option<&'a Expect>,
+    channel: &'a str,
+    now_ns: u64,
+    measuring: bool,
+    /// False once the verdicts are final (after the drain).
+    verifying: bool,
+}
+
+/// A subscriber's setup ended without `subscribed`.
+fn setup_failed(t: &mut Track, tally: &mut Tally, kind: String, what: impl FnOnce() -> String) {
+    if t.settled {
+        return;
+    }
+    t.settled = true;
+    tally.pending_setup = tally.pending_setup.saturating_sub(1);
+    tally.errors.connect += 1;
+    *tally.failures.entry(kind).or_default() += 1;
+    if tally.first_failure.is_none() {
+        tally.first_failure = Some(what());
+    }
+}
+
+/// The subscriber stops counting: nothing it has not passed waits for it.
+fn retire(t: &mut Track, table: &mut Table, measuring: bool) {
+    if !t.live {
+        return;
+    }
+    t.live = false;
+    table.live = table.live.saturating_sub(1);
+    let end = table.next_seq();
+    while t.next < end {
+        table.pass(t.next, measuring);
+        t.next += 1;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gone {
+    /// Close frame, EOF, reset or write failure.
+    Closed,
+    /// A frame that breaks RFC 6455.
+    Protocol,
+}
+
+/// The server ended (or broke) a subscriber's connection before we closed it.
+fn sub_gone(t: &mut Track, cx: &mut Cx<'_>, how: Gone, kind: &str, what: impl FnOnce() -> String) {
+    if t.dropped {
+        return;
+    }
+    t.dropped = true;
+    if !t.settled {
+        setup_failed(t, cx.tally, kind.to_owned(), what);
+        return;
+    }
+    if t.live {
+        match how {
+            Gone::Closed => cx.tally.errors.closed += 1,
+            Gone::Protocol => cx.tally.errors.protocol += 1,
+        }
+        cx.tally.problem(what);
+        retire(t, cx.table, cx.measuring);
+    }
+}
+
+fn delivered(ts: u64, cx: &mut Cx<'_>) {
+    cx.tally.received += 1;
+    if cx.measuring {
+        cx.tally.received_window += 1;
+        cx.tally.latency.record(cx.now_ns.saturating_sub(ts));
+    }
+}
+
+/// Not what was published: it stands for the publish expected next.
+fn corrupt(t: &mut Track, cx: &mut Cx<'_>, p: &[u8]) {
+    cx.tally.errors.corrupt += 1;
+    cx.tally.problem(|| {
+        format!(
+            "a subscriber expecting publish {} got {:?}",
+            t.next,
+            String::from_utf8_lossy(p.get(..p.len().min(200)).unwrap_or_default())
+        )
+    });
+    if t.next < cx.table.next_seq() {
+        cx.table.pass(t.next, cx.measuring);
+        t.next += 1;
+    }
+}
+
+/// Judge the data object starting at `off` of a `message` event `p`.
+fn on_data(t: &mut Track, p: &[u8], off: usize, size: usize, cx: &mut Cx<'_>) {
+    let d = p.get(off..).unwrap_or_default();
+    let Some((seq, ts)) = read_stamp(d) else {
+        return corrupt(t, cx, p);
+    };
+    if seq >= t.next && seq < cx.table.next_seq() {
+        let sent = match cx.table.get(seq) {
+            Some(pend) if carries(d, &pend.data) => pend.ts,
+            _ => return corrupt(t, cx, p),
+        };
+        // Everything skipped over is lost (unless it turns up later).
+        while t.next < seq {
+            cx.tally.errors.lost += 1;
+            cx.tally
+                .problem(|| format!("a subscriber got publish {seq} without {}", t.next));
+            if t.skipped.len() == MAX_SKIPPED {
+                t.skipped.pop_front();
+            }
+            t.skipped.push_back(t.next);
+            cx.table.pass(t.next, cx.measuring);
+            t.next += 1;
+        }
+        t.next = seq + 1;
+        cx.table.pass(seq, cx.measuring);
+        delivered(sent, cx);
+    } else if seq < t.next {
+        // Received before, or skipped: intact either way?
+        let mut want = Vec::with_capacity(size + 32);
+        write_data(&mut want, seq, ts, size);
+        if !carries(d, &want) {
+            return corrupt(t, cx, p);
+        }
+        if let Some(i) = t.skipped.iter().position(|&s| s == seq) {
+            t.skipped.remove(i);
+            cx.tally.errors.lost = cx.tally.errors.lost.saturating_sub(1);
+            cx.tally.errors.reorder += 1;
+            delivered(ts, cx);
+        } else {
+            cx.tally.errors.dup += 1;
+            cx.tally
+                .problem(|| format!("a subscriber got publish {seq} twice"));
+        }
+    } else {
+        // A sequence number never published.
+        corrupt(t, cx, p);
+    }
+}
+
+/// A whole text message on a subscriber connection.
+fn on_sub_text(t: &mut Track, p: &[u8], cx: &mut Cx<'_>) {
+    if let Some(e) = cx.expect
+        && p.starts_with(&e.prefix)
+    {
+        // The hot path.
+        if cx.verifying {
+            if t.live {
+                on_data(t, p, e.prefix.len(), e.size, cx);
+            } else {
+                unexpected(cx, p);
+            }
+        }
+        return;
+    }
+    let v: Value = match serde_json::from_slice(p) {
+        Ok(v) => v,
+        Err(_) => {
+            if t.live && cx.verifying && p.starts_with(MESSAGE_START) {
+                corrupt(t, cx, p);
+            } else {
+                unexpected(cx, p);
+            }
+            return;
+        }
+    };
+    match v.get("type").and_then(Value::as_str) {
+        Some("message") => {
+            cx.tally.slow_path += 1;
+            if !cx.verifying {
+                return;
+            }
+            let Some(e) = cx.expect.filter(|_| t.live) else {
+                return unexpected(cx, p);
+            };
+            let ours = v.get("channel").and_then(Value::as_str) == Some(e.channel.as_str())
+                && v.get("from").and_then(Value::as_str) == Some(e.from.as_str());
+            let data_at = find(p, b"\"data\":{\"seq\":").map(|i| i + b"\"data\":".len());
+            match data_at {
+                Some(off) if ours => on_data(t, p, off, e.size, cx),
+                _ => corrupt(t, cx, p),
+            }
+        }
+        Some("connected") if !t.connected => t.connected = true,
+        Some("subscribed")
+            if !t.ready && v.get("channel").and_then(Value::as_str) == Some(cx.channel) =>
+        {
+            t.ready = true;
+            if !t.settled && !t.dropped {
+                t.settled = true;
+                t.live = true;
+                t.next = cx.table.next_seq();
+                cx.table.live += 1;
+                cx.tally.ready += 1;
+                cx.tally.pending_setup = cx.tally.pending_setup.saturating_sub(1);
+                cx.tally
+                    .subscribe_time
+                    .record(t.started.elapsed().as_nanos() as u64);
+            }
+        }
+        Some("error") if !t.settled => {
+            let code = v.get("code").and_then(Value::as_str).unwrap_or("?");
+            setup_failed(t, cx.tally, format!("rejected_{code}"), || {
+                format!("subscribe refused: {}", String::from_utf8_lossy(p))
+            });
+            t.abandon = true;
+        }
+        Some("error") => {
+            cx.tally.errors.rejected += 1;
+            cx.tally
+                .problem(|| format!("server error: {}", String::from_utf8_lossy(p)));
+        }
+        _ => unexpected(cx, p),
+    }
+}
+
+fn unexpected(cx: &mut Cx<'_>, p: &[u8]) {
+    cx.tally.errors.unexpected += 1;
+    cx.tally.problem(|| {
+        format!(
+            "unexpected message: {:?}",
+            String::from_utf8_lossy(p.get(..p.len().min(200)).unwrap_or_default())
+        )
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Connections.
+
+struct Sub {
+    link: Link,
+    track: Track,
+    /// A fragmented message being reassembled: (opcode, bytes).
+    frag: Option<(u8, Vec<u8>)>,
+}
+
+struct Publisher {
+    link: Link,
+    started: Instant,
+    /// Its user id, from the `connected` welcome.
+    user: Option<String>,
+    acks: u64,
+    sent: u64,
+    /// `{"type":"publish","channel":C,"data":`
+    head: Vec<u8>,
+    dropped: bool,
+    close_acked: bool,
+    failure: Option<String>,
+    frag: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    Setup,
+    Warmup,
+    Measure,
+    Drain,
+    Close,
+}
+
+/// `path` with `userId=<user>` added to its query.
+fn with_user(path: &str, user: &str) -> String {
+    let sep = if path.contains('?') { '&' } else { '?' };
+    format!("{path}{sep}userId={user}")
+}
+
+pub fn run(
+    url: &WsUrl,
+    addr: SocketAddr,
+    pid: Option<u32>,
+    o: &FanoutOpts,
+) -> Result<FanoutReport, String> {
+    let n = o.subscribers;
+    if n == 0 || o.inflight == 0 {
+        return Err("--subscribers and --inflight must be at least 1".into());
+    }
+    let fd_limit = match switchboard::raise_fd_limit() {
+        Ok((_, now, _)) => now,
+        Err(e) => return Err(format!("cannot read the open-file limit: {e}")),
+    };
+    if (n as u64) + 17 > fd_limit {
+        eprintln!(
+            "switchboard-load: warning: the open-file limit is {fd_limit}; {n} subscribers will not all fit (expect fd_limit failures)"
+        );
+    }
+    let mut sources = net::SourcePorts::new(connect::source_addresses(addr, n + 1, o.sources));
+    let pid_s = pid.map(|p| p.to_string());
+    let sample = |what: &Option<String>| -> Result<Option<Sample>, String> {
+        what.as_deref().map(procfs::sample).transpose()
+    };
+
+    let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
+    let mut events = Events::with_capacity(4096);
+    let mut rbuf = vec![0u8; READ_BUF];
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id());
+    let tag = std::process::id();
+    let channel_json = json_str(&o.channel);
+    let subscribe_msg = format!("{{\"type\":\"subscribe\",\"channel\":{channel_json}}}");
+    let start = Instant::now();
+
+    // The publisher first: its welcome names the sender every message carries.
+    let pub_key = wire::ws_key(nonce, u64::MAX);
+    let pub_path = with_user(&url.path, &format!("load-pub-{tag}"));
+    let mut publ = Publisher {
+        link: match sources.dial(n, addr).or_else(|_| net::dial(None, addr)) {
+            Ok(s) => Link::new(s),
+            Err(f) => return Err(format!("publisher: {f}")),
+        },
+        started: start,
+        user: None,
+        acks: 0,
+        sent: 0,
+        head: format!("{{\"type\":\"publish\",\"channel\":{channel_json},\"data\":").into_bytes(),
+        dropped: false,
+        close_acked: false,
+        failure: None,
+        frag: None,
+    };
+    publ.link
+        .register(poll.registry(), PUBLISHER)
+        .map_err(|e| format!("publisher: register: {e}"))?;
+
+    let mut subs: Vec<Sub> = Vec::with_capacity(n);
+    let mut table = Table::default();
+    let mut tally = Tally::default();
+    let mut expect: Option<Expect> = None;
+    let mut stage = Stage::Setup;
+    let mut setup_end = start;
+    let mut t_warm = start;
+    let mut t_end = start;
+    let mut deadline = start;
+    let mut next_scan = start + TIMEOUT_SCAN;
+    let mut scan_from = 0usize;
+    let mut live_at_start = 0usize;
+    let mut server_a: Option<Sample> = None;
+    let mut server_b: Option<Sample> = None;
+    let mut client_a: Option<Sample> = None;
+    let mut client_b: Option<Sample> = None;
+    let mut window = (start, start);
+    let mut close_sent = 0usize;
+    loop {
+        let now = Instant::now();
+        if stage == Stage::Setup {
+            let due = connect::due_now(start, now, o.ramp);
+            let batch_end = due.min(n).min(subs.len() + DIAL_BATCH);
+            while subs.len() < batch_end {
+                let i = subs.len();
+                let mut track = Track::new(Instant::now());
+                tally.pending_setup += 1;
+                let dialed = if sources.is_empty() {
+                    net::dial(None, addr)
+                } else {
+                    sources.dial(i, addr)
+                };
+                let mut link = match dialed {
+                    Ok(s) => Link::new(s),
+                    Err(f) => {
+                        setup_failed(&mut track, &mut tally, f.kind(), || f.to_string());
+                        Link::dead()
+                    }
+                };
+                if let Err(e) = link.register(poll.registry(), Token(i)) {
+                    let f = Fail::Socket(e);
+                    setup_failed(&mut track, &mut tally, f.kind(), || f.to_string());
+                    link.shut(poll.registry());
+                }
+                subs.push(Sub {
+                    link,
+                    track,
+                    frag: None,
+                });
+            }
+            if now >= next_scan {
+                next_scan = now + TIMEOUT_SCAN;
+                while let Some(s) = subs.get_mut(scan_from) {
+                    if !s.track.settled {
+                        if now.saturating_duration_since(s.track.started) < o.handshake_timeout {
+                            break;
+                        }
+                        let f = Fail::Timeout;
+                        setup_failed(&mut s.track, &mut tally, f.kind(), || {
+                            "no subscribed reply in time".to_owned()
+                        });
+                        s.link.shut(poll.registry());
+                    }
+                    scan_from += 1;
+                }
+                if publ.user.is_none()
+                    && publ.failure.is_none()
+                    && now.saturating_duration_since(publ.started) >= o.handshake_timeout
+                {
+                    publ.failure = Some("no connected welcome in time".into());
+                }
+            }
+            if let Some(f) = &publ.failure {
+                return Err(format!("the publisher could not connect: {f}"));
+            }
+            if subs.len() == n && tally.pending_setup == 0 && publ.user.is_some() {
+                if publ.link.phase != Phase::Open {
+                    return Err("the publisher's connection was lost during setup".into());
+                }
+                setup_end = Instant::now();
+                live_at_start = table.live;
+                t_warm = setup_end + o.warmup;
+                t_end = t_warm + o.duration;
+                deadline = t_warm;
+                stage = if live_at_start == 0 {
+                    // Nobody to publish to: straight to the report.
+                    Stage::Drain
+                } else {
+                    table.credits = o.inflight;
+                    let now_ns = start.elapsed().as_nanos() as u64;
+                    if send_publishes(&mut publ, &mut table, o.size, now_ns).is_err() {
+                        pub_gone(&mut publ, &mut tally, "publisher write failed".into());
+                        publ.link.shut(poll.registry());
+                    }
+                    Stage::Warmup
+                };
+                if stage == Stage::Drain {
+                    server_a = sample(&pid_s)?;
+                    server_b = server_a;
+                    window = (setup_end, setup_end);
+                }
+            }
+        }
+        let publishing = publ.link.phase == Phase::Open && table.live > 0;
+        if stage == Stage::Warmup && (now >= t_warm || !publishing) {
+            stage = Stage::Measure;
+            deadline = t_end;
+            server_a = sample(&pid_s)?;
+            client_a = procfs::sample("self").ok();
+            window.0 = Instant::now();
+        }
+        if stage == Stage::Measure && (now >= t_end || !publishing) {
+            server_b = sample(&pid_s)?;
+            client_b = procfs::sample("self").ok();
+            window.1 = Instant::now();
+            stage = Stage::Drain;
+            deadline = now + DRAIN_TIMEOUT;
+        }
+        if stage == Stage::Drain && (now >= deadline || table.pending.is_empty()) {
+            // Verdicts are final: what a live subscriber still misses is
+            // lost. If the publisher's connection was lost, only what the
+            // server acknowledged (`published`, in order) had to arrive.
+            let due_end = if publ.dropped {
+                publ.acks.min(table.next_seq())
+            } else {
+                table.next_seq()
+            };
+            for s in subs.iter_mut().filter(|s| s.track.live) {
+                let missing = due_end.saturating_sub(s.track.next);
+                tally.errors.lost += missing;
+                if missing > 0 {
+                    tally.problem(|| {
+                        format!("{missing} publishes still missing at a subscriber after the drain")
+                    });
+                }
+                retire(&mut s.track, &mut table, false);
+            }
+            if !publ.dropped {
+                tally.errors.unacked += publ.sent.saturating_sub(publ.acks);
+            }
+            for s in subs.iter_mut().filter(|s| s.link.phase == Phase::Open) {
+                wire::close_frame(&mut s.link.out, 1000);
+                s.link.phase = Phase::Closing;
+                close_sent += 1;
+                if s.link.flush_if_ready().is_err() {
+                    s.link.shut(poll.registry());
+                }
+            }
+            if publ.link.phase == Phase::Open {
+                wire::close_frame(&mut publ.link.out, 1000);
+                publ.link.phase = Phase::Closing;
+                close_sent += 1;
+                if publ.link.flush_if_ready().is_err() {
+                    publ.link.shut(poll.registry());
+                }
+            }
+            stage = Stage::Close;
+            deadline = now + CLOSE_TIMEOUT;
+        }
+        if stage == Stage::Close
+            && (now >= deadline || (publ.link.is_done() && subs.iter().all(|s| s.link.is_done())))
+        {
+            break;
+        }
+        let wait = match stage {
+            Stage::Setup
+                if subs.len() < n && subs.len() >= connect::due_now(start, now, o.ramp) =>
+            {
+                let next = start + Duration::from_secs_f64(subs.len() as f64 / o.ramp);
+                next.saturating_duration_since(now)
+                    .min(Duration::from_millis(10))
+            }
+            // Behind schedule: just collect what is ready.
+            Stage::Setup if subs.len() < n => Duration::ZERO,
+            Stage::Setup => TIMEOUT_SCAN,
+            _ => deadline
+                .saturating_duration_since(now)
+                .min(Duration::from_millis(100)),
+        };
+        match poll.poll(&mut events, Some(wait)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("poll: {e}")),
+        }
+        let sending = matches!(stage, Stage::Warmup | Stage::Measure);
+        let mut cx = Cx {
+            table: &mut table,
+            tally: &mut tally,
+            expect: expect.as_ref(),
+            channel: &o.channel,
+            now_ns: 0,
+            measuring: stage == Stage::Measure,
+            verifying: stage <= Stage::Drain,
+        };
+        for ev in events.iter() {
+            if ev.token() == PUBLISHER {
+                if ev.is_writable() {
+                    publ.link.write_blocked = false;
+                }
+                serve_publisher(
+                    &mut publ,
+                    &mut rbuf,
+                    &pub_key,
+                    url,
+                    &pub_path,
+                    &mut cx,
+                    poll.registry(),
+                );
+                continue;
+            }
+            let i = ev.token().0;
+            let Some(s) = subs.get_mut(i) else { continue };
+            if ev.is_writable() {
+                s.link.write_blocked = false;
+            }
+            match s.link.phase {
+                Phase::Connecting | Phase::Upgrading => {
+                    let key = wire::ws_key(nonce, i as u64);
+                    let req = || {
+                        let path = with_user(&url.path, &format!("load-sub-{tag}-{i}"));
+                        wire::upgrade_request(&url.authority, &path, &key)
+                    };
+                    match s.link.handshake(&mut rbuf, req, &key) {
+                        Progress::Waiting => {}
+                        Progress::Opened => {
+                            // Subscribe right behind the upgrade.
+                            wire::frame(&mut s.link.out, wire::OP_TEXT, subscribe_msg.as_bytes());
+                            cx.now_ns = start.elapsed().as_nanos() as u64;
+                            if !s.link.inbuf.is_empty() && !sub_bytes(s, &[], &mut cx) {
+                                s.link.shut(poll.registry());
+                            } else if s.link.flush_if_ready().is_err() {
+                                sub_gone(&mut s.track, &mut cx, Gone::Closed, "write", || {
+                                    "write failed after the upgrade".into()
+                                });
+                                s.link.shut(poll.registry());
+                            }
+                        }
+                        Progress::Failed(f) => {
+                            setup_failed(&mut s.track, cx.tally, f.kind(), || f.to_string());
+                            s.link.shut(poll.registry());
+                        }
+                    }
+                }
+                Phase::Open | Phase::Closing => {
+                    serve_sub(
+                        s,
+                        ev.is_read_closed(),
+                        &mut rbuf,
+                        start,
+                        &mut cx,
+                        poll.registry(),
+                    );
+                }
+                Phase::Done => {}
+            }
+            if s.track.abandon && !s.link.is_done() {
+                s.link.shut(poll.registry());
+            }
+            if sending && cx.table.credits > 0 && publ.link.phase == Phase::Open {
+                let now_ns = start.elapsed().as_nanos() as u64;
+                if send_publishes(&mut publ, cx.table, o.size, now_ns).is_err() {
+                    pub_gone(&mut publ, cx.tally, "publisher write failed".into());
+                    publ.link.shut(poll.registry());
+                }
+            }
+        }
+        if !sending {
+            table.credits = 0;
+        }
+        if expect.is_none()
+            && let Some(u) = &publ.user
+        {
+            // No subscriber can have a message yet: the first publish is
+            // sent at the end of setup, at the top of a later turn.
+            expect = Some(Expect::new(&o.channel, u, o.size));
+        }
+    }
+    let closed_cleanly =
+        subs.iter().filter(|s| s.track.close_acked).count() + usize::from(publ.close_acked);
+    for s in &mut subs {
+        s.link.shut(poll.registry());
+    }
+    publ.link.shut(poll.registry());
+    let window_s = window.1.saturating_duration_since(window.0).as_secs_f64();
+    Ok(FanoutReport {
+        opts: o.clone(),
+        sources: sources.len(),
+        fd_limit,
+        publisher: publ.user.unwrap_or_default(),
+        subscribed: tally.ready,
+        live_at_start,
+        setup_s: setup_end.saturating_duration_since(start).as_secs_f64(),
+        subscribe_time: tally.subscribe_time,
+        window_s,
+        publishes: table.completed_window,
+        received_window: tally.received_window,
+        latency: tally.latency,
+        sent_total: publ.sent,
+        completed_total: table.completed,
+        received_total: tally.received,
+        acks: publ.acks,
+        slow_path: tally.slow_path,
+        errors: tally.errors,
+        failures: tally.failures,
+        first_failure: tally.first_failure,
+        first_problem: tally.first_problem,
+        close_sent,
+        closed_cleanly,
+        pings: tally.pings,
+        server: server_a.zip(server_b).map(|(a, b)| Delta::between(&a, &b)),
+        client: client_a.zip(client_b).map(|(a, b)| Delta::between(&a, &b)),
+    })
+}
+
+/// Send as many publishes as there are credits, stamped now; one write.
+fn send_publishes(
+    p: &mut Publisher,
+    table: &mut Table,
+    size: usize,
+    now_ns: u64,
+) -> std::io::Result<()> {
+    let mut any = false;
+    while table.credits > 0 && table.live > 0 {
+        table.credits -= 1;
+        let data = table.publish(now_ns, size);
+        let out = &mut p.link.out;
+        let start = wire::begin_frame(out, wire::OP_TEXT, p.head.len() + data.len() + 1);
+        out.extend_from_slice(&p.head);
+        out.extend_from_slice(data);
+        out.push(b'}');
+        wire::end_frame(out, start);
+        p.sent += 1;
+        any = true;
+    }
+    if any { p.link.flush_if_ready() } else { Ok(()) }
+}
+
+/// A readiness event on an open (or closing) subscriber: read, verify, answer.
+///
+/// Edge-triggered readiness is re-armed by every arrival, so a read that
+/// did not fill the buffer has taken everything there was: the extra read
+/// that would only return WouldBlock is skipped (a syscall per wake-up, a
+/// large share of the client's cost at 10,000 subscribers). A hang-up is
+/// not re-announced, so with one pending (or while closing) reads go on to
+/// WouldBlock or EOF.
+fn serve_sub(
+    s: &mut Sub,
+    read_closed: bool,
+    rbuf: &mut [u8],
+    start: Instant,
+    cx: &mut Cx<'_>,
+    registry: &Registry,
+) {
+    loop {
+        match s.link.read(rbuf) {
+            ReadOutcome::Data(n) => {
+                cx.now_ns = start.elapsed().as_nanos() as u64;
+                let fresh = rbuf.get(..n).unwrap_or_default();
+                if !sub_bytes(s, fresh, cx) {
+                    s.link.shut(registry);
+                    return;
+                }
+                if n < rbuf.len() && !read_closed && s.link.phase == Phase::Open {
+                    break;
+                }
+            }
+            ReadOutcome::WouldBlock => break,
+            ReadOutcome::Eof => {
+                if s.link.phase == Phase::Open {
+                    sub_gone(&mut s.track, cx, Gone::Closed, "eof", || {
+                        "the server closed a subscriber's connection (EOF)".into()
+                    });
+                }
+                s.link.shut(registry);
+                return;
+            }
+            ReadOutcome::Error(e) => {
+                if s.link.phase == Phase::Open {
+                    let f = Fail::Io(e);
+                    sub_gone(&mut s.track, cx, Gone::Closed, &f.kind(), || {
+                        format!("subscriber read: {f}")
+                    });
+                }
+                s.link.shut(registry);
+                return;
+            }
+        }
+    }
+    if s.link.flush_if_ready().is_err() {
+        if s.link.phase == Phase::Open {
+            sub_gone(&mut s.track, cx, Gone::Closed, "write", || {
+                "subscriber write failed".into()
+            });
+        }
+        s.link.shut(registry);
+    }
+}
+
+/// Decode and handle fresh bytes of a subscriber; false when it must go.
+fn sub_bytes(s: &mut Sub, fresh: &[u8], cx: &mut Cx<'_>) -> bool {
+    let Sub { link, track, frag } = s;
+    let Link {
+        inbuf, out, phase, ..
+    } = link;
+    let mut keep = true;
+    let r = net::feed(inbuf, fresh, &mut |f: Frame<'_>| {
+        match (f.opcode, frag.is_some()) {
+            (wire::OP_TEXT, false) if f.fin => on_sub_text(track, f.payload, cx),
+            (wire::OP_BINARY, false) if f.fin => unexpected(cx, b"(a binary message)"),
+            (wire::OP_TEXT | wire::OP_BINARY, false) => {
+                *frag = Some((f.opcode, f.payload.to_vec()));
+            }
+            (wire::OP_CONTINUATION, true) => {
+                if let Some((_, buf)) = frag.as_mut() {
+                    buf.extend_from_slice(f.payload);
+                }
+                if f.fin
+                    && let Some((op, buf)) = frag.take()
+                {
+                    if op == wire::OP_TEXT {
+                        on_sub_text(track, &buf, cx);
+                    } else {
+                        unexpected(cx, b"(a binary message)");
+                    }
+                }
+            }
+            (wire::OP_TEXT | wire::OP_BINARY | wire::OP_CONTINUATION, _) => {
+                sub_gone(track, cx, Gone::Protocol, "protocol", || {
+                    "bad fragmentation in a server message".into()
+                });
+                keep = false;
+                return false;
+            }
+            (wire::OP_PING, _) => {
+                cx.tally.pings += 1;
+                wire::frame(out, wire::OP_PONG, f.payload);
+            }
+            (wire::OP_PONG, _) => {}
+            _ => {
+                // Close.
+                if *phase == Phase::Open {
+                    let code = f
+                        .payload
+                        .get(..2)
+                        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+                    sub_gone(track, cx, Gone::Closed, &format!("close_{code}"), || {
+                        format!(
+                            "the server closed a subscriber with {code} {:?}",
+                            String::from_utf8_lossy(f.payload.get(2..).unwrap_or_default())
+                        )
+                    });
+                    wire::frame(out, wire::OP_CLOSE, f.payload.get(..2).unwrap_or_default());
+                    *phase = Phase::Closing;
+                } else {
+                    track.close_acked = true;
+                }
+                return false;
+            }
+        }
+        true
+    });
+    if let Err(e) = r {
+        sub_gone(track, cx, Gone::Protocol, "protocol", || {
+            format!("bad server frame: {e:?}")
+        });
+        return false;
+    }
+    keep
+}
+
+/// A readiness event on the publisher.
+fn serve_publisher(
+    p: &mut Publisher,
+    rbuf: &mut [u8],
+    key: &str,
+    url: &WsUrl,
+    path: &str,
+    cx: &mut Cx<'_>,
+    registry: &Registry,
+) {
+    match p.link.phase {
+        Phase::Connecting | Phase::Upgrading => {
+            match p.link.handshake(
+                rbuf,
+                || wire::upgrade_request(&url.authority, path, key),
+                key,
+            ) {
+                Progress::Waiting => return,
+                Progress::Opened => {
+                    if !p.link.inbuf.is_empty() && !pub_bytes(p, &[], cx) {
+                        p.link.shut(registry);
+                        return;
+                    }
+                }
+                Progress::Failed(f) => {
+                    p.failure = Some(f.to_string());
+                    p.link.shut(registry);
+                    return;
+                }
+            }
+        }
+        Phase::Open | Phase::Closing => loop {
+            match p.link.read(rbuf) {
+                ReadOutcome::Data(n) => {
+                    if !pub_bytes(p, rbuf.get(..n).unwrap_or_default(), cx) {
+                        p.link.shut(registry);
+                        return;
+                    }
+                }
+                ReadOutcome::WouldBlock => break,
+                ReadOutcome::Eof | ReadOutcome::Error(_) => {
+                    pub_gone(
+                        p,
+                        cx.tally,
+                        "the server closed the publisher's connection".into(),
+                    );
+                    p.link.shut(registry);
+                    return;
+                }
+            }
+        },
+        Phase::Done => return,
+    }
+    if p.link.flush_if_ready().is_err() {
+        pub_gone(p, cx.tally, "publisher write failed".into());
+        p.link.shut(registry);
+    }
+}
+
+fn pub_gone(p: &mut Publisher, tally: &mut Tally, what: String) {
+    if p.link.phase != Phase::Open || p.dropped {
+        return;
+    }
+    p.dropped = true;
+    if p.user.is_none() {
+        p.failure.get_or_insert(what);
+        return;
+    }
+    tally.errors.closed += 1;
+    tally.problem(|| what);
+}
+
+fn pub_bytes(p: &mut Publisher, fresh: &[u8], cx: &mut Cx<'_>) -> bool {
+    let mut msgs: Vec<Vec<u8>> = Vec::new();
+    let mut close: Option<Vec<u8>> = None;
+    let mut pings: Vec<Vec<u8>> = Vec::new();
+    let mut acks = 0u64;
+    let mut bad = false;
+    let frag = &mut p.frag;
+    let r = net::feed(&mut p.link.inbuf, fresh, &mut |f: Frame<'_>| {
+        match f.opcode {
+            wire::OP_TEXT if f.fin && frag.is_none() => {
+                if f.payload.starts_with(PUBLISHED_START) {
+                    acks += 1;
+                } else {
+                    msgs.push(f.payload.to_vec());
+                }
+            }
+            wire::OP_TEXT | wire::OP_BINARY if frag.is_none() && !f.fin => {
+                *frag = Some(f.payload.to_vec());
+            }
+            wire::OP_CONTINUATION if frag.is_some() => {
+                if let Some(b) = frag.as_mut() {
+                    b.extend_from_slice(f.payload);
+                }
+                if f.fin
+                    && let Some(b) = frag.take()
+                {
+                    msgs.push(b);
+                }
+            }
+            wire::OP_BINARY if f.fin && frag.is_none() => msgs.push(Vec::new()),
+            wire::OP_TEXT | wire::OP_BINARY | wire::OP_CONTINUATION => {
+                bad = true;
+                return false;
+            }
+            wire::OP_PING => pings.push(f.payload.to_vec()),
+            wire::OP_PONG => {}
+            _ => {
+                close = Some(f.payload.to_vec());
+                return false;
+            }
+        }
+        true
+    });
+    p.acks += acks;
+    for m in msgs {
+        on_pub_text(p, &m, cx);
+    }
+    for ping in pings {
+        cx.tally.pings += 1;
+        wire::frame(&mut p.link.out, wire::OP_PONG, &ping);
+    }
+    if r.is_err() || bad {
+        if p.link.phase == Phase::Open && !p.dropped {
+            p.dropped = true;
+            if p.user.is_none() {
+                p.failure
+                    .get_or_insert("bad server frame on the publisher".into());
+            } else {
+                cx.tally.errors.protocol += 1;
+                cx.tally
+                    .problem(|| "bad server frame on the publisher".into());
+            }
+        }
+        return false;
+    }
+    if let Some(c) = close {
+        if p.link.phase == Phase::Open {
+            let code = c.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+            pub_gone(
+                p,
+                cx.tally,
+                format!(
+                    "the server closed the publisher with {code} {:?}",
+                    String::from_utf8_lossy(c.get(2..).unwrap_or_default())
+                ),
+            );
+            wire::frame(
+                &mut p.link.out,
+                wire::OP_CLOSE,
+                c.get(..2).unwrap_or_default(),
+            );
+            p.link.phase = Phase::Closing;
+        } else {
+            p.close_acked = true;
+        }
+    }
+    true
+}
+
+fn on_pub_text(p: &mut Publisher, m: &[u8], cx: &mut Cx<'_>) {
+    let v: Option<Value> = serde_json::from_slice(m).ok();
+    let kind = v
+        .as_ref()
+        .and_then(|v| v.get("type"))
+        .and_then(Value::as_str);
+    match kind {
+        Some("published") => p.acks += 1,
+        Some("connected") if p.user.is_none() => {
+            match v
+                .as_ref()
+                .and_then(|v| v.get("userId"))
+                .and_then(Value::as_str)
+            {
+                Some(u) => p.user = Some(u.to_owned()),
+                None => {
+                    p.failure
+                        .get_or_insert("the welcome names no userId".into());
+                }
+            }
+        }
+        Some("error") if p.user.is_none() => {
+            p.failure
+                .get_or_insert(format!("refused: {}", String::from_utf8_lossy(m)));
+        }
+        Some("error") => {
+            cx.tally.errors.rejected += 1;
+            cx.tally
+                .problem(|| format!("publisher got: {}", String::from_utf8_lossy(m)));
+        }
+        _ => unexpected(cx, m),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIZE: usize = 64;
+
+    struct Rig {
+        table: Table,
+        tally: Tally,
+        expect: Expect,
+        subs: Vec<Track>,
+    }
+
+    impl Rig {
+        /// `n` subscribed subscribers, `k` publishes sent.
+        fn new(n: usize, k: usize) -> Rig {
+            let mut r = Rig {
+                table: Table::default(),
+                tally: Tally::default(),
+                expect: Expect::new("public:bench", "load-pub-1", SIZE),
+                subs: (0..n).map(|_| Track::new(Instant::now())).collect(),
+            };
+            for i in 0..n {
+                r.text(i, b"{\"type\":\"connected\",\"userId\":\"x\"}");
+                r.text(
+                    i,
+                    b"{\"type\":\"subscribed\",\"channel\":\"public:bench\",\"timestamp\":\"t\"}",
+                );
+            }
+            assert_eq!(r.table.live, n);
+            r.send(k);
+            r
+        }
+
+        fn send(&mut self, k: usize) {
+            for i in 0..k {
+                self.table.publish(1000 + i as u64, SIZE);
+            }
+        }
+
+        fn text(&mut self, sub: usize, p: &[u8]) {
+            let mut cx = Cx {
+                table: &mut self.table,
+                tally: &mut self.tally,
+                expect: Some(&self.expect),
+                channel: "public:bench",
+                now_ns: 5000,
+                measuring: true,
+                verifying: true,
+            };
+            on_sub_text(&mut self.subs[sub], p, &mut cx);
+        }
+
+        /// The message event the server writes for publish `seq`.
+        fn message(&self, seq: u64) -> Vec<u8> {
+            let data = self
+                .table
+                .get(seq)
+                .map(|p| p.data.clone())
+                .unwrap_or_else(|| {
+                    let mut d = Vec::new();
+                    write_data(&mut d, seq, 1000 + seq, SIZE);
+                    d
+                });
+            let mut m = self.expect.prefix.clone();
+            m.extend_from_slice(&data);
+            m.extend_from_slice(b",\"timestamp\":\"2026-01-01T00:00:00.000Z\"}");
+            m
+        }
+
+        fn deliver(&mut self, sub: usize, seq: u64) {
+            let m = self.message(seq);
+            self.text(sub, &m);
+        }
+
+        fn finish(&mut self) -> FanoutErrors {
+            for t in &mut self.subs {
+                if t.live {
+                    self.tally.errors.lost += self.table.next_seq() - t.next;
+                    retire(t, &mut self.table, false);
+                }
+            }
+            self.tally.errors
+        }
+    }
+
+    #[test]
+    fn data_is_about_the_size_asked_and_reads_back() {
+        for (seq, ts) in [(0u64, 0u64), (123, 456_789), (u64::MAX, u64::MAX)] {
+            let mut d = Vec::new();
+            write_data(&mut d, seq, ts, 64);
+            let v: Value = serde_json::from_slice(&d).unwrap();
+            assert_eq!(v["seq"], seq);
+            assert_eq!(v["ts"], ts);
+            assert!(d.len() == 64 || seq == u64::MAX, "{}", d.len());
+            assert_eq!(read_stamp(&d), Some((seq, ts)));
+        }
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        write_data(&mut a, 10, 5, 64);
+        write_data(&mut b, 11, 5, 64);
+        assert_ne!(
+            a[20..],
+            b[20..],
+            "the padding depends on the sequence number"
+        );
+        assert_eq!(parse_u64(b"18446744073709551616"), None, "overflow");
+        assert_eq!(parse_u64(b"x"), None);
+    }
+
+    #[test]
+    fn in_order_delivery_is_clean_and_completes() {
+        let mut r = Rig::new(3, 4);
+        for seq in 0..4 {
+            for sub in 0..3 {
+                r.deliver(sub, seq);
+            }
+        }
+        assert_eq!(r.table.completed, 4);
+        assert_eq!(r.table.credits, 4);
+        assert_eq!(r.tally.received, 12);
+        assert_eq!(r.tally.latency.count(), 12);
+        assert_eq!(r.tally.latency.max(), 5000 - 1000);
+        assert_eq!(
+            r.tally.slow_path, 0,
+            "the server's layout takes the fast path"
+        );
+        assert_eq!(r.finish(), FanoutErrors::default());
+    }
+
+    #[test]
+    fn a_publish_completes_only_when_every_subscriber_has_it() {
+        let mut r = Rig::new(2, 2);
+        r.deliver(0, 0);
+        r.deliver(0, 1);
+        assert_eq!(r.table.completed, 0);
+        r.deliver(1, 0);
+        assert_eq!(r.table.completed, 1);
+        r.deliver(1, 1);
+        assert_eq!(r.table.completed, 2);
+    }
+
+    #[test]
+    fn a_dropped_delivery_is_lost_without_stalling() {
+        let mut r = Rig::new(2, 3);
+        for seq in 0..3 {
+            r.deliver(0, seq);
+        }
+        r.deliver(1, 0);
+        r.deliver(1, 2); // 1 skipped
+        assert_eq!(r.table.completed, 3, "the loss does not stall the pipeline");
+        let e = r.finish();
+        assert_eq!(
+            e,
+            FanoutErrors {
+                lost: 1,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn missing_at_the_end_is_lost() {
+        let mut r = Rig::new(1, 3);
+        r.deliver(0, 0);
+        assert_eq!(r.finish().lost, 2);
+    }
+
+    #[test]
+    fn duplicate_and_reorder() {
+        let mut r = Rig::new(1, 4);
+        r.deliver(0, 0);
+        r.deliver(0, 0);
+        assert_eq!(r.tally.errors.dup, 1);
+        r.deliver(0, 2);
+        assert_eq!(r.tally.errors.lost, 1);
+        r.deliver(0, 1); // late after all
+        r.deliver(0, 3);
+        let e = r.finish();
+        assert_eq!(
+            e,
+            FanoutErrors {
+                dup: 1,
+                reorder: 1,
+                ..Default::default()
+            }
+        );
+        assert_eq!(r.tally.received, 4);
+    }
+
+    #[test]
+    fn corrupt_data_wrong_sender_and_unknown_seq() {
+        let mut r = Rig::new(1, 4);
+        let mut m = r.message(0);
+        let at = r.expect.prefix.len() + 40; // inside the padding
+        m[at] = if m[at] == b'A' { b'B' } else { b'A' };
+        r.text(0, &m);
+        assert_eq!(r.tally.errors.corrupt, 1);
+        // A different sender, laid out the server's way: caught by the slow path.
+        let other = Expect::new("public:bench", "mallory", SIZE);
+        let mut m = other.prefix.clone();
+        m.extend_from_slice(&r.table.get(1).unwrap().data.clone());
+        m.extend_from_slice(b",\"timestamp\":\"t\"}");
+        r.text(0, &m);
+        assert_eq!(r.tally.errors.corrupt, 2);
+        // A sequence number never published.
+        r.deliver(0, 99);
+        assert_eq!(r.tally.errors.corrupt, 3);
+        r.deliver(0, 3);
+        let e = r.finish();
+        assert_eq!(e.corrupt, 3);
+        assert_eq!(e.total(), 3, "{e:?}");
+    }
+
+    #[test]
+    fn other_envelope_layouts_take_the_slow_path() {
+        let mut r = Rig::new(1, 1);
+        let data = String::from_utf8(r.table.get(0).unwrap().data.clone()).unwrap();
+        let m = format!(
+            "{{\"timestamp\":\"t\",\"from\":\"load-pub-1\",\"data\":{data},\"type\":\"message\",\"channel\":\"public:bench\"}}"
+        );
+        r.text(0, m.as_bytes());
+        assert_eq!(r.tally.received, 1);
+        assert_eq!(r.tally.slow_path, 1);
+        assert_eq!(r.finish(), FanoutErrors::default());
+    }
+
+    #[test]
+    fn setup_replies() {
+        let mut r = Rig::new(0, 0);
+        r.subs.push(Track::new(Instant::now()));
+        r.tally.pending_setup = 1;
+        r.text(
+            0,
+            b"{\"type\":\"error\",\"code\":\"forbidden\",\"message\":\"no\"}",
+        );
+        assert_eq!(r.tally.errors.connect, 1);
+        assert_eq!(r.tally.failures.get("rejected_forbidden"), Some(&1));
+        assert!(r.subs[0].abandon);
+        assert_eq!(r.tally.pending_setup, 0);
+        assert_eq!(r.table.live, 0);
+    }
+
+    #[test]
+    fn a_subscriber_lost_midway_stops_counting() {
+        let mut r = Rig::new(2, 2);
+        r.deliver(0, 0);
+        r.deliver(0, 1);
+        let mut cx = Cx {
+            table: &mut r.table,
+            tally: &mut r.tally,
+            expect: Some(&r.expect),
+            channel: "public:bench",
+            now_ns: 0,
+            measuring: false,
+            verifying: true,
+        };
+        sub_gone(&mut r.subs[1], &mut cx, Gone::Closed, "eof", || {
+            "eof".into()
+        });
+        assert_eq!(
+            r.table.completed, 2,
+            "nothing waits for a closed subscriber"
+        );
+        assert_eq!(r.table.live, 1);
+        let e = r.finish();
+        assert_eq!(
+            e,
+            FanoutErrors {
+                closed: 1,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn user_query() {
+        assert_eq!(with_user("/ws", "a"), "/ws?userId=a");
+        assert_eq!(with_user("/ws?token=t", "a"), "/ws?token=t&userId=a");
+    }
+}
