@@ -164,11 +164,6 @@ impl Inbound {
                 && let Some(rest) = fresh.get(used..)
                 && !rest.is_empty()
             {
-                // Allocate the whole frame once (its size passed the limits in
-                // `decode`), so a large frame arriving over many reads is not
-                // reallocated and copied again on every read.
-                let whole = frame_len(rest).filter(|&n| n <= limits.max_frame + 14);
-                self.pending.reserve_exact(whole.unwrap_or(rest.len()));
                 self.pending.extend_from_slice(rest);
             }
             return Ok(flow);
@@ -184,17 +179,6 @@ impl Inbound {
         }
         // Otherwise `buf` is dropped: fully consumed, stopped, or failed.
         result.map(|(_, flow)| flow)
-    }
-}
-
-/// Total size (header + payload) of the frame starting at `buf`, if its
-/// header is complete.
-fn frame_len(buf: &[u8]) -> Option<usize> {
-    match frame::parse_header(buf) {
-        Ok(Some(h)) => usize::try_from(h.payload_len)
-            .ok()
-            .and_then(|p| p.checked_add(h.header_len)),
-        _ => None,
     }
 }
 
