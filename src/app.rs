@@ -118,6 +118,8 @@ pub struct AppCtx<'a> {
     pub key: usize,
     pub conn: ConnId,
     pub json: &'a mut simd_json::Buffers,
+    /// Scratch for a copy of the message before in-place parsing.
+    pub raw: &'a mut Vec<u8>,
     pub outgoing: &'a mut Vec<Outgoing>,
     pub now: Instant,
     /// Seconds the server has been up (for `status`).
@@ -288,6 +290,23 @@ impl Session {
         ctx: &mut AppCtx<'_>,
         out: &mut dyn Replies,
     ) -> Verdict {
+        // The original bytes: simd-json rewrites `text` in place, and `data`
+        // is forwarded verbatim from here.
+        let mut raw = std::mem::take(ctx.raw);
+        raw.clear();
+        raw.extend_from_slice(text);
+        let verdict = self.on_message(text, &raw, ctx, out);
+        *ctx.raw = raw;
+        verdict
+    }
+
+    fn on_message(
+        &mut self,
+        text: &mut [u8],
+        raw: &[u8],
+        ctx: &mut AppCtx<'_>,
+        out: &mut dyn Replies,
+    ) -> Verdict {
         let msg = match proto::decode::decode(text, ctx.json) {
             Ok(m) => m,
             Err((code, message, rid)) => {
@@ -370,9 +389,9 @@ impl Session {
         match kind {
             "subscribe" => self.subscribe(v, rid, &identity, ctx, out),
             "unsubscribe" => self.unsubscribe(v, rid, ctx, out),
-            "publish" => publish(v, rid, &user, &identity, ctx, out),
-            "send" | "chat" => direct(kind, v, rid, &user, &identity, ctx, out),
-            "broadcast" => broadcast(v, rid, &user, &identity, ctx, out),
+            "publish" => publish(v, raw, rid, &user, &identity, ctx, out),
+            "send" | "chat" => direct(kind, v, raw, rid, &user, &identity, ctx, out),
+            "broadcast" => broadcast(v, raw, rid, &user, &identity, ctx, out),
             k if k.eq_ignore_ascii_case("request") => {
                 let upper = k == "REQUEST";
                 self.request(v, rid, upper, &user, &identity, ctx, out)
@@ -827,8 +846,23 @@ pub fn shared_frame(json: &[u8]) -> Arc<[u8]> {
     Arc::from(frame::frame_bytes(OpCode::Text, json))
 }
 
+/// The JSON text to forward for field `name`: the client's own bytes, or
+/// (duplicate keys) the parsed value re-encoded.
+fn forwarded<'r>(
+    v: &simd_json::BorrowedValue<'_>,
+    raw: &'r [u8],
+    name: &str,
+) -> Option<std::borrow::Cow<'r, [u8]>> {
+    if let Some(bytes) = proto::raw_field(raw, name) {
+        return Some(std::borrow::Cow::Borrowed(bytes));
+    }
+    field(v, name).map(|value| std::borrow::Cow::Owned(value.encode().into_bytes()))
+}
+
+#[allow(clippy::too_many_arguments)]
 fn publish(
     v: &simd_json::BorrowedValue<'_>,
+    raw: &[u8],
     rid: Option<&[u8]>,
     user: &Arc<str>,
     id: &Identity,
@@ -848,14 +882,15 @@ fn publish(
         );
         return;
     }
-    let Some(data) = required(v, "data", rid, out) else {
+    if required(v, "data", rid, out).is_none() {
         return;
-    };
+    }
+    let data = forwarded(v, raw, "data").unwrap_or_default();
     let mut b = Vec::new();
     Out::new(&mut b, "message")
         .str("channel", channel)
         .str("from", user)
-        .value("data", data)
+        .raw("data", &data)
         .finish();
     let ch: Arc<str> = Arc::from(channel);
     ctx.outgoing.push(Outgoing::Deliver {
@@ -871,9 +906,11 @@ fn publish(
     out.text(&r);
 }
 
+#[allow(clippy::too_many_arguments)]
 fn direct(
     kind: &str,
     v: &simd_json::BorrowedValue<'_>,
+    raw: &[u8],
     rid: Option<&[u8]>,
     user: &Arc<str>,
     id: &Identity,
@@ -903,7 +940,7 @@ fn direct(
         );
         return;
     };
-    let data = field(v, "data").or_else(|| field(v, "message"));
+    let data = forwarded(v, raw, "data").or_else(|| forwarded(v, raw, "message"));
     let Some(data) = data else {
         reply_error(
             out,
@@ -919,7 +956,7 @@ fn direct(
     Out::new(&mut b, event)
         .str("from", user)
         .str("to", to)
-        .value("data", data)
+        .raw("data", &data)
         .finish();
     let to: Arc<str> = Arc::from(to);
     ctx.outgoing.push(Outgoing::Deliver {
@@ -934,8 +971,10 @@ fn direct(
     });
 }
 
+#[allow(clippy::too_many_arguments)]
 fn broadcast(
     v: &simd_json::BorrowedValue<'_>,
+    raw: &[u8],
     rid: Option<&[u8]>,
     user: &Arc<str>,
     id: &Identity,
@@ -952,13 +991,14 @@ fn broadcast(
         );
         return;
     }
-    let Some(data) = required(v, "data", rid, out) else {
+    if required(v, "data", rid, out).is_none() {
         return;
-    };
+    }
+    let data = forwarded(v, raw, "data").unwrap_or_default();
     let mut b = Vec::new();
     Out::new(&mut b, "broadcast")
         .str("from", user)
-        .value("data", data)
+        .raw("data", &data)
         .finish();
     ctx.outgoing.push(Outgoing::Deliver {
         audience: Audience::All,

@@ -457,3 +457,45 @@ fn ten_thousand_connections_leave_the_tables_empty() {
     });
     wait_until("connections released", || server.open_connections() == 0);
 }
+
+#[test]
+fn data_reaches_recipients_byte_for_byte() {
+    let server = four_shards();
+    let addr = server.local_addr();
+    let mut sub = Client::user(addr, "reader");
+    sub.ask(
+        json!({"type":"subscribe","channel":"public:raw"}),
+        "subscribed",
+    );
+    let mut publisher = Client::user(addr, "writer");
+    // 40 keys (more than simd-json keeps ordered), a 73-bit integer, an
+    // exponent, escapes, null: all must arrive exactly as written.
+    let keys: Vec<String> = (0..40).map(|i| format!("\"k{i}\":{i}")).collect();
+    let data = format!(
+        r#"{{{},"big":12345678901234567890123,"e":1e3,"neg":-0,"s":"\u00e9\/\"","n":null}}"#,
+        keys.join(",")
+    );
+    let msg = format!(r#"{{"type":"publish","channel":"public:raw","data":{data}}}"#);
+    publisher.ws.send(Message::text(msg)).unwrap();
+    assert_eq!(publisher.recv()["type"], "published");
+    let text = loop {
+        match sub.ws.read().unwrap() {
+            Message::Text(t) => break t.as_str().to_owned(),
+            _ => continue,
+        }
+    };
+    assert!(
+        text.contains(&format!("\"data\":{data},")),
+        "data forwarded verbatim: {text}"
+    );
+    // Direct messages and null data too.
+    let _second_reader = Client::user(addr, "reader");
+    publisher
+        .ws
+        .send(Message::text(
+            r#"{"type":"send","to":"reader","data":null}"#,
+        ))
+        .unwrap();
+    assert_eq!(publisher.recv()["connections"], 2);
+    assert_eq!(sub.recv()["data"], Value::Null);
+}

@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
     let mut local = LocalIndex::default();
     let mut json = simd_json::Buffers::default();
     let mut outgoing = Vec::new();
+    let mut raw = Vec::new();
     let mut session = Session::new(ConnectParams {
         dev_user: Some("fuzzer".into()),
         ..ConnectParams::default()
@@ -48,6 +49,7 @@ fuzz_target!(|data: &[u8]| {
         key: 0,
         conn: ConnId::new(0, 1),
         json: &mut json,
+        raw: &mut raw,
         outgoing: &mut outgoing,
         now: std::time::Instant::now(),
         uptime_secs: 1,

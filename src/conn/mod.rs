@@ -154,6 +154,7 @@ macro_rules! app_ctx {
             key: $ctx.key,
             conn: $conn,
             json: &mut *$ctx.json,
+            raw: &mut *$ctx.raw,
             outgoing: &mut *$ctx.outgoing,
             now: $ctx.now,
             uptime_secs: $ctx.uptime_secs,
@@ -178,6 +179,7 @@ pub struct Ctx<'a> {
     pub router: &'a Router,
     pub local: &'a mut LocalIndex,
     pub json: &'a mut simd_json::Buffers,
+    pub raw: &'a mut Vec<u8>,
     pub outgoing: &'a mut Vec<Outgoing>,
     pub uptime_secs: u64,
 }

@@ -54,6 +54,48 @@ pub fn decode<'a>(
     }
 }
 
+/// The fields whose value is forwarded to other clients, as raw JSON text.
+#[derive(serde::Deserialize)]
+struct Forwarded<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    message: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    payload: Option<&'a serde_json::value::RawValue>,
+}
+
+/// `Some` for every present value, `null` included (plain `Option` would
+/// turn `null` into "absent").
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<&'de serde_json::value::RawValue>, D::Error> {
+    <&serde_json::value::RawValue as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+/// The raw JSON text of `data` or `message` (top level first, then inside
+/// `payload`) in the original message bytes, so a client's data reaches
+/// recipients byte for byte: key order, number spelling and escapes kept.
+/// `None` if absent, or if the message has a duplicated key among these
+/// (the caller then re-encodes the parsed value).
+pub fn raw_field<'r>(raw: &'r [u8], name: &str) -> Option<&'r [u8]> {
+    let pick = |f: &Forwarded<'r>| match name {
+        "data" => f.data,
+        "message" => f.message,
+        _ => None,
+    };
+    let top: Forwarded<'r> = serde_json::from_slice(raw).ok()?;
+    if let Some(v) = pick(&top) {
+        return Some(v.get().as_bytes());
+    }
+    let payload = top.payload?.get().as_bytes();
+    if payload.first() != Some(&b'{') {
+        return None;
+    }
+    let inner: Forwarded<'r> = serde_json::from_slice(payload).ok()?;
+    pick(&inner).map(|v| v.get().as_bytes())
+}
+
 /// A field from the top level, or from a nested `payload` object (the
 /// seeds' `{"type":..., "payload":{...}}` style).
 pub fn field<'v, 'a>(msg: &'v BorrowedValue<'a>, name: &str) -> Option<&'v BorrowedValue<'a>> {
@@ -103,6 +145,23 @@ mod tests {
         assert_eq!(dec(r#"{"type":1}"#), Err(ErrorCode::MissingType));
         let deep = "[".repeat(10_000);
         assert_eq!(dec(&deep), Err(ErrorCode::BadJson));
+    }
+
+    #[test]
+    fn raw_fields_are_verbatim() {
+        let raw = br#"{"type":"publish","data":{"b":1,"a":12345678901234567890123,"e":1e3,"s":"\u00e9\/"},"x":[1]}"#;
+        assert_eq!(
+            raw_field(raw, "data"),
+            Some(&br#"{"b":1,"a":12345678901234567890123,"e":1e3,"s":"\u00e9\/"}"#[..])
+        );
+        assert_eq!(raw_field(br#"{"data":null}"#, "data"), Some(&b"null"[..]));
+        assert_eq!(
+            raw_field(br#"{"payload":{"message":"hi"}}"#, "message"),
+            Some(&br#""hi""#[..])
+        );
+        assert_eq!(raw_field(br#"{"payload":"str"}"#, "data"), None);
+        assert_eq!(raw_field(br#"{"data":1,"data":2}"#, "data"), None);
+        assert_eq!(raw_field(br#"{"type":"x"}"#, "data"), None);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use simd_json::prelude::*;
 
 use crate::logging::rfc3339_now;
 
-pub use decode::{Decoded, field, field_str};
+pub use decode::{Decoded, field, field_str, raw_field};
 
 /// Error codes sent in `{"type":"error","code":...}`. Each has one meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -143,6 +143,7 @@ macro_rules! ctx {
             router: &$s.router,
             local: &mut $s.local,
             json: &mut $s.json,
+            raw: &mut $s.raw,
             outgoing: &mut $s.outgoing,
             uptime_secs: $s.started.elapsed().as_secs(),
         }
@@ -176,6 +177,7 @@ pub struct Shard {
     auth: Arc<Authenticator>,
     local: LocalIndex,
     json: simd_json::Buffers,
+    raw: Vec<u8>,
     outgoing: Vec<Outgoing>,
     gathers: Slab<Gather>,
     /// Connections with output queued outside their own read turn.
@@ -267,6 +269,7 @@ impl Shard {
             auth: setup.auth,
             local: LocalIndex::default(),
             json: simd_json::Buffers::default(),
+            raw: Vec::new(),
             outgoing: Vec::new(),
             gathers: Slab::new(),
             flush: Vec::new(),
