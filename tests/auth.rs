@@ -531,3 +531,88 @@ fn pkcs8_pem(der: &[u8]) -> Vec<u8> {
     s.push_str("-----END PRIVATE KEY-----\n");
     s.into_bytes()
 }
+
+/// The remaining auth error codes from a real client: issuer, audience,
+/// missing subject, unknown key id (JWKS), a claim of the wrong type.
+#[test]
+fn issuer_audience_subject_kid_and_claim_errors() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(
+        &jwks,
+        json!({"keys":[
+            {"kty":"oct","kid":"k1","alg":"HS256","k":b64.encode("key-one-secret")},
+            {"kty":"oct","kid":"k2","alg":"HS256","k":b64.encode("key-two-secret")}
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let mut cfg = test_config(1);
+    cfg.auth.mode = AuthMode::Jwt;
+    cfg.auth.jwt.algorithms = vec!["HS256".into()];
+    cfg.auth.jwt.jwks_file = Some(jwks);
+    cfg.auth.jwt.issuer = Some("https://issuer.example".into());
+    cfg.auth.jwt.audience = Some("switchboard".into());
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let sign = |kid: &str, secret: &str, c: &Value| {
+        mint(
+            &SigningSettings {
+                algorithm: jsonwebtoken::Algorithm::HS256,
+                key: SigningKeySource::Secret(secret.as_bytes().to_vec()),
+                kid: Some(kid.into()),
+            },
+            c,
+        )
+        .unwrap()
+    };
+    let good =
+        json!({"sub":"kim","exp":now()+600,"iss":"https://issuer.example","aud":"switchboard"});
+    let with = |k: &str, v: Value| {
+        let mut c = good.clone();
+        c[k] = v;
+        c
+    };
+    let without = |k: &str| {
+        let mut c = good.clone();
+        c.as_object_mut().unwrap().remove(k);
+        c
+    };
+    let mut ok = ws(
+        addr,
+        &format!("/ws?token={}", sign("k2", "key-two-secret", &good)),
+    );
+    assert_eq!(read_json(&mut ok)["userId"], "kim");
+    let cases = vec![
+        (
+            sign(
+                "k1",
+                "key-one-secret",
+                &with("iss", json!("https://evil.example")),
+            ),
+            "invalid_issuer",
+        ),
+        (
+            sign("k1", "key-one-secret", &with("aud", json!("other"))),
+            "invalid_audience",
+        ),
+        (
+            sign("k1", "key-one-secret", &without("sub")),
+            "missing_subject",
+        ),
+        (sign("k9", "key-one-secret", &good), "unknown_key_id"),
+        (sign("k1", "key-two-secret", &good), "invalid_signature"),
+        (
+            sign("k1", "key-one-secret", &with("channels", json!(42))),
+            "invalid_claim",
+        ),
+    ];
+    for (token, code) in cases {
+        let mut c = ws(addr, &format!("/ws?token={token}"));
+        let e = read_json(&mut c);
+        assert_eq!(e["code"], code, "{e}");
+        expect_close(&mut c, 4003);
+    }
+}
