@@ -10,32 +10,91 @@ use indexmap::IndexSet;
 
 use crate::route::Router;
 
+/// The connections (slab keys) of one user or one channel on this shard.
+/// Most users hold one connection: that case needs no allocation of its
+/// own (an `IndexSet` of one key costs ~120 bytes of table).
+#[derive(Debug, Clone)]
+pub enum Members {
+    One(usize),
+    Many(IndexSet<usize>),
+}
+
+impl Members {
+    /// Returns false if `key` was already there.
+    fn insert(&mut self, key: usize) -> bool {
+        match self {
+            Members::One(k) if *k == key => false,
+            Members::One(k) => {
+                let set: IndexSet<usize> = [*k, key].into_iter().collect();
+                *self = Members::Many(set);
+                true
+            }
+            Members::Many(set) => set.insert(key),
+        }
+    }
+
+    /// Remove `key`; returns (was present, now empty).
+    fn remove(&mut self, key: usize) -> (bool, bool) {
+        match self {
+            Members::One(k) => {
+                let was = *k == key;
+                (was, was)
+            }
+            Members::Many(set) => {
+                let was = set.swap_remove(&key);
+                if set.len() == 1
+                    && let Some(&last) = set.first()
+                {
+                    *self = Members::One(last);
+                }
+                (was, matches!(self, Members::Many(s) if s.is_empty()))
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Members::One(_) => 1,
+            Members::Many(set) => set.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        let (one, many) = match self {
+            Members::One(k) => (Some(*k), None),
+            Members::Many(set) => (None, Some(set.iter().copied())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+}
+
 #[derive(Default)]
 pub struct LocalIndex {
-    users: HashMap<Arc<str>, IndexSet<usize>>,
-    channels: HashMap<Arc<str>, IndexSet<usize>>,
+    users: HashMap<Arc<str>, Members>,
+    channels: HashMap<Arc<str>, Members>,
     authed: IndexSet<usize>,
 }
 
 impl LocalIndex {
     pub fn add_user(&mut self, router: &Router, shard: usize, user: &Arc<str>, key: usize) {
         self.authed.insert(key);
-        let set = self.users.entry(user.clone()).or_default();
-        if set.is_empty() {
-            router.user_joined(user, shard);
-        }
-        set.insert(key);
+        add(
+            &mut self.users,
+            router,
+            shard,
+            user,
+            key,
+            Router::user_joined,
+        );
     }
 
     pub fn remove_user(&mut self, router: &Router, shard: usize, user: &Arc<str>, key: usize) {
         self.authed.swap_remove(&key);
-        if let Some(set) = self.users.get_mut(user) {
-            set.swap_remove(&key);
-            if set.is_empty() {
-                self.users.remove(user);
-                router.user_left(user, shard);
-            }
-        }
+        remove(&mut self.users, router, shard, user, key, Router::user_left);
     }
 
     /// Returns false if `key` was already subscribed.
@@ -46,11 +105,14 @@ impl LocalIndex {
         channel: &Arc<str>,
         key: usize,
     ) -> bool {
-        let set = self.channels.entry(channel.clone()).or_default();
-        if set.is_empty() {
-            router.channel_joined(channel, shard);
-        }
-        set.insert(key)
+        add(
+            &mut self.channels,
+            router,
+            shard,
+            channel,
+            key,
+            Router::channel_joined,
+        )
     }
 
     /// Returns false if `key` was not subscribed.
@@ -61,23 +123,21 @@ impl LocalIndex {
         channel: &str,
         key: usize,
     ) -> bool {
-        let Some(set) = self.channels.get_mut(channel) else {
-            return false;
-        };
-        let was = set.swap_remove(&key);
-        if set.is_empty()
-            && let Some((name, _)) = self.channels.remove_entry(channel)
-        {
-            router.channel_left(&name, shard);
-        }
-        was
+        remove(
+            &mut self.channels,
+            router,
+            shard,
+            channel,
+            key,
+            Router::channel_left,
+        )
     }
 
-    pub fn user_conns(&self, user: &str) -> Option<&IndexSet<usize>> {
+    pub fn user_conns(&self, user: &str) -> Option<&Members> {
         self.users.get(user)
     }
 
-    pub fn subscribers(&self, channel: &str) -> Option<&IndexSet<usize>> {
+    pub fn subscribers(&self, channel: &str) -> Option<&Members> {
         self.channels.get(channel)
     }
 
@@ -95,5 +155,83 @@ impl LocalIndex {
 
     pub fn is_empty(&self) -> bool {
         self.users.is_empty() && self.channels.is_empty() && self.authed.is_empty()
+    }
+}
+
+/// Add `key` under `name`; the router learns when this shard's set appears.
+fn add(
+    map: &mut HashMap<Arc<str>, Members>,
+    router: &Router,
+    shard: usize,
+    name: &Arc<str>,
+    key: usize,
+    joined: fn(&Router, &Arc<str>, usize),
+) -> bool {
+    match map.get_mut(&**name) {
+        Some(m) => m.insert(key),
+        None => {
+            map.insert(name.clone(), Members::One(key));
+            joined(router, name, shard);
+            true
+        }
+    }
+}
+
+/// Remove `key` from `name`; the router learns when this shard's set empties.
+fn remove(
+    map: &mut HashMap<Arc<str>, Members>,
+    router: &Router,
+    shard: usize,
+    name: &str,
+    key: usize,
+    left: fn(&Router, &Arc<str>, usize),
+) -> bool {
+    let Some(m) = map.get_mut(name) else {
+        return false;
+    };
+    let (was, empty) = m.remove(key);
+    if empty && let Some((name, _)) = map.remove_entry(name) {
+        left(router, &name, shard);
+    }
+    was
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_one_many_and_back() {
+        let mut m = Members::One(3);
+        assert!(!m.insert(3));
+        assert!(m.insert(5));
+        assert!(m.insert(7));
+        assert_eq!(m.iter().collect::<Vec<_>>(), vec![3, 5, 7]);
+        assert_eq!(m.remove(5), (true, false));
+        assert_eq!(m.remove(9), (false, false));
+        assert_eq!(m.remove(3), (true, false));
+        assert!(matches!(m, Members::One(7)));
+        assert_eq!(m.remove(7), (true, true));
+    }
+
+    #[test]
+    fn index_keeps_router_exact() {
+        let router = Router::new(Vec::new());
+        let mut idx = LocalIndex::default();
+        let u: Arc<str> = Arc::from("u");
+        let c: Arc<str> = Arc::from("c");
+        idx.add_user(&router, 2, &u, 1);
+        idx.add_user(&router, 2, &u, 4);
+        assert!(idx.subscribe(&router, 2, &c, 1));
+        assert!(!idx.subscribe(&router, 2, &c, 1));
+        assert_eq!(router.user_shards("u"), 0b100);
+        assert_eq!(router.channel_shards("c"), 0b100);
+        idx.remove_user(&router, 2, &u, 1);
+        assert_eq!(router.user_shards("u"), 0b100, "one connection left");
+        idx.remove_user(&router, 2, &u, 4);
+        assert!(idx.unsubscribe(&router, 2, "c", 1));
+        assert!(!idx.unsubscribe(&router, 2, "c", 1));
+        assert!(idx.is_empty());
+        assert_eq!(router.user_count() + router.channel_count(), 0);
     }
 }

@@ -689,16 +689,19 @@ impl Shard {
 
     /// Queue `frame` on every local connection of `audience`; returns how many.
     fn deliver_local(&mut self, audience: &Audience, frame: &Arc<[u8]>) -> u64 {
-        let set = match audience {
-            Audience::User(u) => self.local.user_conns(u),
-            Audience::Channel(c) => self.local.subscribers(c),
-            Audience::All => Some(self.local.authed()),
-        };
-        let Some(set) = set else {
-            return 0;
+        let keys: Box<dyn Iterator<Item = usize> + '_> = match audience {
+            Audience::User(u) => match self.local.user_conns(u) {
+                Some(m) => Box::new(m.iter()),
+                None => return 0,
+            },
+            Audience::Channel(c) => match self.local.subscribers(c) {
+                Some(m) => Box::new(m.iter()),
+                None => return 0,
+            },
+            Audience::All => Box::new(self.local.authed().iter().copied()),
         };
         let mut n = 0;
-        for &key in set {
+        for key in keys {
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
@@ -718,7 +721,7 @@ impl Shard {
     fn local_presence(&self, channel: &str) -> Vec<(Arc<str>, u32)> {
         let mut counts: HashMap<Arc<str>, u32> = HashMap::new();
         if let Some(set) = self.local.subscribers(channel) {
-            for &key in set {
+            for key in set.iter() {
                 if let Some(user) = self.conns.get(key).and_then(Conn::user) {
                     *counts.entry(user.clone()).or_insert(0) += 1;
                 }
