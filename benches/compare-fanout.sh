@@ -14,6 +14,7 @@
 #   RAMP [5000] subscriber connections per second during setup
 #   SERVER_CPU [0]  LOAD_CPU [1]   cores for taskset
 #   BASE_PORT [9100]   switchboard BASE_PORT, tokio-tungstenite +1, fastwebsockets +2
+#                      (+3, +6, ... while the port still has sockets: see pick_port)
 #   SKIP_BUILD [0]     1: use the binaries already built
 #   SETTLE [2] seconds of pause between runs
 #
@@ -27,7 +28,8 @@
 # Output: benches/results/compare-fanout-<timestamp>.jsonl, one line per
 # run: the load generator's JSON line with "server_name", "round",
 # "exit_status" and "loadavg" (from /proc/loadavg just before the run) added
-# in front; and compare-fanout-<timestamp>.log with every run's readable
+# in front, and "server_core_other_pct" (the share of the server's core
+# that other work took during the run); and compare-fanout-<timestamp>.log with every run's readable
 # report and server stderr.
 set -euo pipefail
 
@@ -95,6 +97,44 @@ port_of() {
     esac
 }
 
+# The servers close TCP first, so each run leaves its N connections in
+# TIME_WAIT (60 s) on the server's port; and the load generator dials from
+# the same source ports every run (32768 and up). A SYN that meets such a
+# socket can get a stale ACK and is retried a second later (1 s dial times,
+# seen here with 1,000 subscribers). So each run takes a port with no
+# sockets on it: the server's own, or +3, +6, ...
+pick_port() {
+    local p=$1
+    command -v ss >/dev/null || { echo "$p"; return; }
+    for _ in $(seq 64); do
+        [[ -z $(ss -Htan "sport = :$p" | head -n 1) ]] && break
+        p=$((p + 3))
+    done
+    echo "$p"
+}
+
+# "busy total" jiffies of core $1 (from /proc/stat), then the jiffies of
+# process $2 (0 if it is gone): to tell how much of the server's core other
+# work took during a run.
+core_sample() {
+    python3 - "$1" "$2" <<'EOF'
+import sys
+core, pid = sys.argv[1], sys.argv[2]
+for line in open("/proc/stat"):
+    f = line.split()
+    if f[0] == "cpu" + core:
+        t = [int(x) for x in f[1:]]
+        total = sum(t[:8])
+        busy = total - t[3] - t[4]
+try:
+    st = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    proc = int(st[11]) + int(st[12])
+except OSError:
+    proc = 0
+print(busy, total, proc)
+EOF
+}
+
 SERVER_PID=
 stop_server() {
     [[ -n $SERVER_PID ]] || return 0
@@ -146,7 +186,7 @@ wait_for_port() {
 run_one() {
     local name=$1 round=$2
     local port errfile out rc json loadavg
-    port=$(port_of "$name")
+    port=$(pick_port "$(port_of "$name")")
     errfile=$(mktemp)
     out=$(mktemp)
     start_server "$name" "$port" "$errfile"
@@ -160,19 +200,31 @@ run_one() {
     local affinity
     affinity=$(taskset -pc "$SERVER_PID" 2>/dev/null | sed 's/.*: //')
     loadavg=$(cut -d' ' -f1-3 /proc/loadavg)
-    printf '   round %d  %-18s pid %-7s cpus %-3s load %s ... ' "$round" "$name" "$SERVER_PID" "$affinity" "$loadavg"
+    printf '   round %d  %-18s port %-5s pid %-7s cpus %-3s load %s ... ' \
+        "$round" "$name" "$port" "$SERVER_PID" "$affinity" "$loadavg"
+    local before after other
+    before=$(core_sample "$SERVER_CPU" "$SERVER_PID")
     rc=0
     # Setup (N / RAMP s), warmup, the window, the drain and the close fit
     # well inside this.
     taskset -c "$LOAD_CPU" timeout -k 5 $((DURATION + 60 + N / RAMP)) "$LOAD_BIN" \
         --url "ws://127.0.0.1:$port/ws" --pid "$SERVER_PID" --json \
         fanout -n "$N" -k "$K" -s "$SIZE" -t "$DURATION" --ramp "$RAMP" >"$out" 2>&1 || rc=$?
+    after=$(core_sample "$SERVER_CPU" "$SERVER_PID")
+    # Share of core SERVER_CPU used by anything but the server over the whole
+    # run (setup and drain included), in percent; softirq time of the
+    # loopback traffic not charged to the server counts here too (a few %).
+    # shellcheck disable=SC2086 # six numbers
+    other=$(python3 -c '
+import sys
+b0, t0, p0, b1, t1, p1 = map(int, sys.argv[1:])
+print(round(100 * max(0, (b1 - b0) - (p1 - p0)) / max(1, t1 - t0), 1) if p1 else "null")' $before $after)
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
         echo "   $name (pid $SERVER_PID) exited during the run" >>"$LOG"
     fi
     stop_server
     {
-        echo "---- round $round: $name (port $port, load generator exit $rc, loadavg $loadavg)"
+        echo "---- round $round: $name (port $port, load generator exit $rc, loadavg $loadavg, other work on cpu $SERVER_CPU: $other%)"
         grep -v '^{' "$out" || true
         if [[ -s $errfile ]]; then
             echo "  server stderr:"
@@ -183,16 +235,18 @@ run_one() {
     if [[ -z $json ]]; then
         echo "no JSON line (exit $rc); see $LOG"
     else
-        SERVER=$name ROUND=$round RC=$rc LOADAVG=$loadavg python3 -c '
+        SERVER=$name ROUND=$round RC=$rc LOADAVG=$loadavg OTHER=$other python3 -c '
 import json, os, sys
 raw = json.loads(sys.argv[1])
 line = {"server_name": os.environ["SERVER"], "round": int(os.environ["ROUND"]),
-        "exit_status": int(os.environ["RC"]), "loadavg": os.environ["LOADAVG"]}
+        "exit_status": int(os.environ["RC"]), "loadavg": os.environ["LOADAVG"],
+        "server_core_other_pct": json.loads(os.environ["OTHER"])}
 line.update(raw)
 print(json.dumps(line))' "$json" >>"$JSONL"
-        python3 -c '
-import json, sys
+        OTHER=$other python3 -c '
+import json, os, sys
 r = json.loads(sys.argv[1])
+other = os.environ["OTHER"]
 s = r.get("server") or {}
 dps = r.get("deliveries_per_sec") or 0
 us = s.get("cpu_us_per_delivery")
@@ -203,7 +257,7 @@ us = "-" if us is None else format(us, ".3f")
 p99 = "-" if p99 is None else format(p99 / 1000, ".2f")
 subs = str(r.get("subscribed")) + "/" + str(r.get("subscribers"))
 print(f"{dps:>11,.0f} deliveries/s  {us:>6} us/delivery  server {cores:.2f} cores  "
-      f"p99 {p99} ms  subscribed {subs}  errors {errs}")' "$json"
+      f"p99 {p99} ms  subscribed {subs}  errors {errs}  other work on its core {other}%")' "$json"
     fi
     local noise
     noise=$(grep -cv 'listening on' "$errfile" || true)
@@ -274,6 +328,7 @@ for s in servers:
         "all_dps": [r.get("deliveries_per_sec") for r in rs],
         "all_us": [(r.get("server") or {}).get("cpu_us_per_delivery") for r in rs],
         "all_load": [r.get("loadavg", "?").split()[0] for r in rs],
+        "all_other": [r.get("server_core_other_pct") for r in rs],
     }
 
 print()
@@ -291,7 +346,8 @@ for s in servers:
     r = rows[s]
     print(f"  {s:<18} deliveries/s {', '.join(fmt(x, ',.0f') for x in r['all_dps'])}   "
           f"us/delivery {', '.join(fmt(x, '.3f') for x in r['all_us'])}   "
-          f"load {', '.join(r['all_load'])}")
+          f"load {', '.join(r['all_load'])}   other work on the server's core % "
+          f"{', '.join(fmt(x, '.1f') for x in r['all_other'])}")
 print()
 sb = rows["switchboard"]
 for peer in servers[1:]:
