@@ -85,6 +85,10 @@ pub fn dial(src: Option<SocketAddr>, dst: SocketAddr) -> Result<TcpStream, Fail>
         .map_err(Fail::Socket)?;
     sock.set_nonblocking(true).map_err(Fail::Socket)?;
     if let Some(a) = src {
+        // Ports left in TIME_WAIT by earlier runs (tests run back to back)
+        // would refuse a plain bind; the 4-tuple still has to be free, which
+        // connect checks (EADDRNOTAVAIL, retried on the next port).
+        sock.set_reuse_address(true).map_err(Fail::Socket)?;
         sock.bind(&a.into()).map_err(Fail::Bind)?;
     }
     match sock.connect(&dst.into()) {
@@ -113,7 +117,7 @@ pub struct SourcePorts {
 }
 
 /// Ports tried for one connection before giving up.
-const PORT_TRIES: usize = 512;
+const PORT_TRIES: usize = 4096;
 
 impl SourcePorts {
     pub fn new(ips: Vec<IpAddr>) -> SourcePorts {
@@ -125,7 +129,15 @@ impl SourcePorts {
             })
             .filter(|(lo, hi)| lo < hi)
             .unwrap_or((32768, 60999));
-        let next = vec![lo; ips.len()];
+        // Start somewhere different in each process, so concurrent runs (and
+        // the ports an earlier run left in TIME_WAIT) are not walked in step.
+        let seed = std::process::id() as u64
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos() as u64);
+        let span = u64::from(hi - lo) + 1;
+        let start = lo + (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) % span) as u16;
+        let next = vec![start; ips.len()];
         SourcePorts { ips, lo, hi, next }
     }
 
@@ -148,7 +160,14 @@ impl SourcePorts {
             let port = *cursor;
             *cursor = if port >= self.hi { self.lo } else { port + 1 };
             match dial(Some(SocketAddr::new(ip, port)), dst) {
-                Err(Fail::Bind(e)) if e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+                Err(Fail::Bind(e) | Fail::Connect(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable
+                    ) =>
+                {
+                    last = Some(e)
+                }
                 other => return other,
             }
         }
