@@ -342,6 +342,11 @@ async fn pubsub(
                     })
                 }
                 ("publish", Some(channel), Some(data)) => {
+                    // The reply first (as Switchboard does), then the fan-out.
+                    let _ = tx.send(encode(&Event::Published {
+                        channel,
+                        timestamp: now(),
+                    }));
                     // Encoded once; each clone shares the same bytes.
                     let message = encode(&Event::Message {
                         channel,
@@ -354,10 +359,7 @@ async fn pubsub(
                             let _ = outbox.send(message.clone());
                         }
                     }
-                    encode(&Event::Published {
-                        channel,
-                        timestamp: now(),
-                    })
+                    continue;
                 }
                 ("subscribe" | "publish", ..) => {
                     error("missing_field", "channel (and data) required")
@@ -381,8 +383,10 @@ async fn pubsub(
             }
         }
     };
+    // Reader first: replies queued while reading go out in the same poll,
+    // not after every subscriber task the reader woke.
     let (r, w): (Result<(), WebSocketError>, Result<(), WebSocketError>) =
-        tokio::join!(reader, writer);
+        tokio::join!(biased; reader, writer);
     let mut map = channels.lock().unwrap();
     for channel in joined {
         if let Some(subscribers) = map.get_mut(&channel) {

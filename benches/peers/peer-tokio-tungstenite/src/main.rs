@@ -280,6 +280,11 @@ async fn pubsub(
                     })
                 }
                 ("publish", Some(channel), Some(data)) => {
+                    // The reply first (as Switchboard does), then the fan-out.
+                    let _ = tx.send(text(&Event::Published {
+                        channel,
+                        timestamp: now(),
+                    }));
                     let event = Event::Message {
                         channel,
                         from: &user,
@@ -294,10 +299,7 @@ async fn pubsub(
                             let _ = outbox.send(Message::Text(message.clone()));
                         }
                     }
-                    text(&Event::Published {
-                        channel,
-                        timestamp: now(),
-                    })
+                    continue;
                 }
                 ("subscribe" | "publish", ..) => {
                     error("missing_field", "channel (and data) required")
@@ -308,7 +310,10 @@ async fn pubsub(
         }
         Ok(())
     };
+    // Reader first: replies queued while reading go out in the same poll,
+    // not after every subscriber task the reader woke.
     let result = tokio::select! {
+        biased;
         r = incoming => r,
         r = outgoing => r,
     };
