@@ -409,19 +409,9 @@ impl Session {
         ctx: &mut AppCtx<'_>,
         out: &mut dyn Replies,
     ) {
-        let Some(channel) = channel_arg(v, rid, ctx.cfg, out) else {
+        let Some(channel) = permitted_channel(v, rid, id, Action::Subscribe, ctx.cfg, out) else {
             return;
         };
-        if !allowed(ctx.cfg, Action::Subscribe, channel, id) {
-            reply_error(
-                out,
-                ErrorCode::Forbidden,
-                &format!("not allowed to subscribe to {channel:?}"),
-                rid,
-                false,
-            );
-            return;
-        }
         if !self.subs.iter().any(|s| &**s == channel) {
             if self.subs.len() >= ctx.cfg.channels.max_subscriptions {
                 reply_error(
@@ -766,6 +756,34 @@ fn channel_arg<'v>(
     Some(channel)
 }
 
+/// The message's valid `channel` if `id` may do `action` on it; otherwise
+/// the error reply is sent and `None` returned.
+fn permitted_channel<'v>(
+    v: &'v simd_json::BorrowedValue<'_>,
+    rid: Option<&[u8]>,
+    id: &Identity,
+    action: Action,
+    cfg: &Config,
+    out: &mut dyn Replies,
+) -> Option<&'v str> {
+    let channel = channel_arg(v, rid, cfg, out)?;
+    if !allowed(cfg, action, channel, id) {
+        let verb = match action {
+            Action::Subscribe => "subscribe to",
+            Action::Publish => "publish to",
+        };
+        reply_error(
+            out,
+            ErrorCode::Forbidden,
+            &format!("not allowed to {verb} {channel:?}"),
+            rid,
+            false,
+        );
+        return None;
+    }
+    Some(channel)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Subscribe,
@@ -869,19 +887,9 @@ fn publish(
     ctx: &mut AppCtx<'_>,
     out: &mut dyn Replies,
 ) {
-    let Some(channel) = channel_arg(v, rid, ctx.cfg, out) else {
+    let Some(channel) = permitted_channel(v, rid, id, Action::Publish, ctx.cfg, out) else {
         return;
     };
-    if !allowed(ctx.cfg, Action::Publish, channel, id) {
-        reply_error(
-            out,
-            ErrorCode::Forbidden,
-            &format!("not allowed to publish to {channel:?}"),
-            rid,
-            false,
-        );
-        return;
-    }
     if required(v, "data", rid, out).is_none() {
         return;
     }

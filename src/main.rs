@@ -100,10 +100,7 @@ fn main() -> ExitCode {
         } => {
             let cfg = match Config::load(config.as_deref(), &Overrides::default()) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("switchboard: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(e) => return fail(e),
             };
             let ttl = match switchboard::config::parse_duration(&ttl) {
                 Ok(d) => d,
@@ -127,10 +124,7 @@ fn main() -> ExitCode {
                     println!("{token}");
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("switchboard: {e}");
-                    ExitCode::from(2)
-                }
+                Err(e) => fail(e),
             }
         }
         Command::Config { config } => {
@@ -140,27 +134,24 @@ fn main() -> ExitCode {
                         print!("{s}");
                         ExitCode::SUCCESS
                     }
-                    Err(e) => {
-                        eprintln!("switchboard: {e}");
-                        ExitCode::from(2)
-                    }
+                    Err(e) => fail(e),
                 },
-                Err(e) => {
-                    eprintln!("switchboard: {e}");
-                    ExitCode::from(2)
-                }
+                Err(e) => fail(e),
             }
         }
     }
 }
 
+/// One line naming the problem, exit code 2 (configuration or startup).
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("switchboard: {e}");
+    ExitCode::from(2)
+}
+
 fn serve(file: Option<PathBuf>, overrides: Overrides) -> ExitCode {
     let cfg = match Config::load(file.as_deref(), &overrides) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("switchboard: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fail(e),
     };
     logging::init(&cfg.log_level, cfg.log_format);
     match switchboard::raise_fd_limit() {
@@ -183,10 +174,7 @@ fn serve(file: Option<PathBuf>, overrides: Overrides) -> ExitCode {
     let timeout = cfg.shutdown_timeout;
     let server = match Server::start(cfg) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("switchboard: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fail(e),
     };
     let sig = signals
         .forever()
