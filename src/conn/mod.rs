@@ -30,7 +30,7 @@ use crate::shard::local::LocalIndex;
 use crate::stats::Counters;
 use crate::timer::{TimerKey, TimerWheel};
 use crate::ws::frame::{self, CloseCode, OpCode};
-use crate::ws::{Flow, Inbound, Limits, Message};
+use crate::ws::{BufPool, Flow, Inbound, Limits, Message};
 
 pub use outq::OutQueue;
 pub use transport::{ReadOutcome, Transport, WriteOutcome};
@@ -182,6 +182,8 @@ pub struct Ctx<'a> {
     pub raw: &'a mut Vec<u8>,
     pub outgoing: &'a mut Vec<Outgoing>,
     pub uptime_secs: u64,
+    /// Spare buffers for large partial frames.
+    pub pool: &'a mut BufPool,
 }
 
 pub struct Conn {
@@ -533,7 +535,8 @@ impl Conn {
         let mut actx = app_ctx!(ctx, conn_id);
         let mut peer_close: Option<Option<u16>> = None;
         let mut verdict = Verdict::Continue;
-        let result = inbound.feed(data, &ctx.limits, &mut |m| {
+        let pool = &mut *ctx.pool;
+        let result = inbound.feed_pooled(data, &ctx.limits, pool, &mut |m| {
             match m {
                 Message::Text(bytes) => {
                     *last_seen = now_tick; // data, not control frames, counts as activity
@@ -652,13 +655,15 @@ impl Conn {
     /// Bytes after our close: look only for the peer's close frame.
     fn closing_bytes(&mut self, data: &mut [u8], ctx: &mut Ctx<'_>) {
         let mut got_close = false;
-        let r = self.inbound.feed(data, &ctx.limits, &mut |m| {
-            if let Message::Close(_) = m {
-                got_close = true;
-                return Flow::Stop;
-            }
-            Flow::Continue
-        });
+        let r = self
+            .inbound
+            .feed_pooled(data, &ctx.limits, ctx.pool, &mut |m| {
+                if let Message::Close(_) = m {
+                    got_close = true;
+                    return Flow::Stop;
+                }
+                Flow::Continue
+            });
         if got_close || r.is_err() {
             // A broken stream after our close ends it just the same.
             self.state = State::Closing {

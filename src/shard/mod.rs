@@ -146,6 +146,7 @@ macro_rules! ctx {
             raw: &mut $s.raw,
             outgoing: &mut $s.outgoing,
             uptime_secs: $s.started.elapsed().as_secs(),
+            pool: &mut $s.pool,
         }
     };
 }
@@ -178,6 +179,7 @@ pub struct Shard {
     local: LocalIndex,
     json: simd_json::Buffers,
     raw: Vec<u8>,
+    pool: crate::ws::BufPool,
     outgoing: Vec<Outgoing>,
     gathers: Slab<Gather>,
     /// Connections with output queued outside their own read turn.
@@ -270,6 +272,7 @@ impl Shard {
             local: LocalIndex::default(),
             json: simd_json::Buffers::default(),
             raw: Vec::new(),
+            pool: crate::ws::BufPool::default(),
             outgoing: Vec::new(),
             gathers: Slab::new(),
             flush: Vec::new(),

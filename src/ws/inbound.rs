@@ -157,6 +157,19 @@ impl Inbound {
         limits: &Limits,
         on_msg: &mut dyn FnMut(Message<'_>) -> Flow,
     ) -> Result<Flow, WsError> {
+        self.feed_pooled(fresh, limits, &mut BufPool::default(), on_msg)
+    }
+
+    /// As [`Inbound::feed`], taking the buffer for a partial frame from the
+    /// shard's `pool` and giving it back once drained: a stream of large
+    /// frames reuses warm memory instead of growing a fresh buffer each time.
+    pub fn feed_pooled(
+        &mut self,
+        fresh: &mut [u8],
+        limits: &Limits,
+        pool: &mut BufPool,
+        on_msg: &mut dyn FnMut(Message<'_>) -> Flow,
+    ) -> Result<Flow, WsError> {
         if self.pending.is_empty() {
             self.probe = TextProbe::default(); // no frame in progress
             let (used, flow) = decode(&mut self.frag, &mut self.probe, fresh, limits, on_msg)?;
@@ -164,6 +177,9 @@ impl Inbound {
                 && let Some(rest) = fresh.get(used..)
                 && !rest.is_empty()
             {
+                if rest.len() >= BufPool::MIN {
+                    self.pending = pool.take();
+                }
                 self.pending.extend_from_slice(rest);
             }
             return Ok(flow);
@@ -176,9 +192,46 @@ impl Inbound {
         {
             buf.drain(..used);
             self.pending = buf;
+        } else {
+            // Fully consumed, stopped, or failed: the buffer is free.
+            pool.give(buf);
         }
-        // Otherwise `buf` is dropped: fully consumed, stopped, or failed.
         result.map(|(_, flow)| flow)
+    }
+}
+
+/// A shard's spare buffers for large partial frames. Bounded in count and
+/// size, so it cannot hold more than a few megabytes however clients behave;
+/// only buffers that carried real bytes enter it (no allocation is made on
+/// the strength of a frame header alone).
+#[derive(Debug, Default)]
+pub struct BufPool {
+    spare: Vec<Vec<u8>>,
+}
+
+impl BufPool {
+    /// Partial frames smaller than this use a fresh, exactly grown buffer.
+    pub const MIN: usize = 16 << 10;
+    /// Buffers kept at most.
+    const KEEP: usize = 2;
+    /// Largest buffer kept (bigger ones are freed).
+    const MAX_CAP: usize = 4 << 20;
+
+    fn take(&mut self) -> Vec<u8> {
+        self.spare.pop().unwrap_or_default()
+    }
+
+    fn give(&mut self, mut buf: Vec<u8>) {
+        let cap = buf.capacity();
+        if (Self::MIN..=Self::MAX_CAP).contains(&cap) && self.spare.len() < Self::KEEP {
+            buf.clear();
+            self.spare.push(buf);
+        }
+    }
+
+    /// Bytes held by spare buffers.
+    pub fn held(&self) -> usize {
+        self.spare.iter().map(Vec::capacity).sum()
     }
 }
 
@@ -657,6 +710,34 @@ mod tests {
             assert_eq!(r, Ok(Flow::Continue), "cut {cut}");
             assert_eq!(msgs, vec![Owned::Text("κxy".into())]);
         }
+    }
+
+    #[test]
+    fn large_frames_reuse_pooled_buffers() {
+        let mut pool = BufPool::default();
+        let mut inb = Inbound::new();
+        let f = frame(true, 2, &[7u8; 200_000]);
+        for _ in 0..3 {
+            let mut got = 0;
+            for chunk in f.chunks(65_536) {
+                let mut c = chunk.to_vec();
+                inb.feed_pooled(&mut c, &LIM, &mut pool, &mut |m| {
+                    if let Message::Binary(b) = m {
+                        got += b.len();
+                    }
+                    Flow::Continue
+                })
+                .unwrap();
+            }
+            assert_eq!(got, 200_000);
+            assert_eq!(
+                inb.heap_bytes(),
+                0,
+                "the connection holds nothing afterwards"
+            );
+            assert!(pool.held() >= 200_000, "the buffer went back to the pool");
+        }
+        assert!(pool.held() <= 2 * (4 << 20));
     }
 
     #[test]

@@ -11,4 +11,4 @@ pub mod frame;
 pub mod inbound;
 
 pub use frame::{CloseCode, OpCode};
-pub use inbound::{Flow, Inbound, Limits, Message, WsError};
+pub use inbound::{BufPool, Flow, Inbound, Limits, Message, WsError};
