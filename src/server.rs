@@ -85,11 +85,15 @@ impl Server {
             prepared.push(p);
         }
         let router = Arc::new(Router::new(prepared.iter().map(|p| p.inbox()).collect()));
+        let all_stats: Arc<[Arc<crate::stats::ShardStats>]> =
+            prepared.iter().map(|p| p.stats()).collect();
         let mut shards = Vec::with_capacity(cfg.shards);
         for p in prepared {
-            shards.push(p.spawn(router.clone()).map_err(|err| StartError::Io {
-                what: "shard thread",
-                err,
+            shards.push(p.spawn(router.clone(), all_stats.clone()).map_err(|err| {
+                StartError::Io {
+                    what: "shard thread",
+                    err,
+                }
             })?);
         }
         let acceptor = match acceptor_listener {

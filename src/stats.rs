@@ -5,10 +5,10 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+    ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
         /// Counts kept by the shard thread itself.
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-        pub struct Counters { $($(#[$doc])* pub $name: u64,)* }
+        pub struct Counters { $($(#[doc = $doc])* pub $name: u64,)* }
 
         /// The published copy, readable from any thread.
         #[derive(Debug, Default)]
@@ -28,8 +28,46 @@ macro_rules! counters {
             pub fn add(&mut self, o: &Counters) {
                 $(self.$name += o.$name;)*
             }
+
+            /// Every field with its name and its doc line.
+            pub fn fields(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($name), concat!($($doc),*), self.$name),)*]
+            }
         }
     };
+}
+
+/// Counters that go up and down (Prometheus gauges); the others only grow.
+const GAUGES: &[&str] = &["connections", "sockets", "local_users", "local_channels"];
+
+/// The Prometheus text exposition (format 0.0.4) of every shard's counters,
+/// labelled by shard.
+pub fn prometheus(shards: &[Counters]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let Some(first) = shards.first() else {
+        return out;
+    };
+    for (i, (name, doc, _)) in first.fields().into_iter().enumerate() {
+        let gauge = GAUGES.contains(&name);
+        let metric = if gauge {
+            format!("switchboard_{name}")
+        } else {
+            format!("switchboard_{name}_total")
+        };
+        let _ = writeln!(out, "# HELP {metric} {}", doc.trim());
+        let _ = writeln!(
+            out,
+            "# TYPE {metric} {}",
+            if gauge { "gauge" } else { "counter" }
+        );
+        for (shard, c) in shards.iter().enumerate() {
+            if let Some((_, _, v)) = c.fields().get(i) {
+                let _ = writeln!(out, "{metric}{{shard=\"{shard}\"}} {v}");
+            }
+        }
+    }
+    out
 }
 
 counters! {

@@ -184,6 +184,8 @@ pub struct Ctx<'a> {
     pub uptime_secs: u64,
     /// Spare buffers for large partial frames.
     pub pool: &'a mut BufPool,
+    /// Every shard's published counters (`/metrics`).
+    pub all_stats: &'a [Arc<crate::stats::ShardStats>],
 }
 
 pub struct Conn {
@@ -246,6 +248,32 @@ impl app::Replies for Sink<'_> {
 enum Route {
     Upgrade(Endpoint),
     Reject(Response),
+    /// A plain HTTP answer that is not a refusal (health, metrics).
+    Answer(Response),
+}
+
+/// Requests on the listener that are not WebSocket upgrades.
+fn plain_route(req: &Request, ctx: &Ctx<'_>) -> Response {
+    let get = req.method == "GET";
+    match req.path.as_str() {
+        "/healthz" | "/readyz" | "/metrics" if !get => {
+            Response::error_with(405, "Method Not Allowed", "GET only", &[("Allow", "GET")])
+        }
+        // Live: the shard that answers is running its loop.
+        "/healthz" => Response::ok("text/plain; charset=utf-8", b"ok\n".to_vec()),
+        // Ready: accepting new connections (not shutting down).
+        "/readyz" if ctx.shutting_down => Response::shutting_down(),
+        "/readyz" => Response::ok("text/plain; charset=utf-8", b"ready\n".to_vec()),
+        "/metrics" => {
+            let shards: Vec<crate::stats::Counters> =
+                ctx.all_stats.iter().map(|s| s.snapshot()).collect();
+            Response::ok(
+                "text/plain; version=0.0.4; charset=utf-8",
+                crate::stats::prometheus(&shards).into_bytes(),
+            )
+        }
+        _ => Response::not_found(),
+    }
 }
 
 impl Conn {
@@ -405,6 +433,10 @@ impl Conn {
             Ok(Some(r)) => r,
         };
         let ep = match self.route(&req, ctx) {
+            Route::Answer(resp) => {
+                self.respond(resp, ctx);
+                return;
+            }
             Route::Reject(resp) => {
                 log::debug!(
                     "conn={} {} {} -> {}",
@@ -476,7 +508,7 @@ impl Conn {
         } else if req.path == cfg.ws_path {
             Endpoint::App
         } else {
-            return Route::Reject(Response::not_found());
+            return Route::Answer(plain_route(req, ctx));
         };
         if req.method != "GET" {
             return Route::Reject(Response::method_not_allowed());
@@ -510,6 +542,11 @@ impl Conn {
 
     fn reject(&mut self, resp: Response, ctx: &mut Ctx<'_>) {
         ctx.c.rejected += 1;
+        self.respond(resp, ctx);
+    }
+
+    /// Send a final HTTP response, then close (FIN after it, linger for EOF).
+    fn respond(&mut self, resp: Response, ctx: &mut Ctx<'_>) {
         self.hs = Vec::new();
         ctx.cork.extend_from_slice(&resp.bytes);
         self.state = State::Rejecting { write_shut: false };

@@ -226,6 +226,17 @@ impl Response {
         }
     }
 
+    /// `200 OK` with a body; the connection closes after it.
+    pub fn ok(content_type: &str, body: Vec<u8>) -> Response {
+        let mut bytes = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        bytes.extend_from_slice(&body);
+        Response { status: 200, bytes }
+    }
+
     pub fn not_found() -> Response {
         Response::error(404, "Not Found", "not found")
     }

@@ -147,6 +147,7 @@ macro_rules! ctx {
             outgoing: &mut $s.outgoing,
             uptime_secs: $s.started.elapsed().as_secs(),
             pool: &mut $s.pool,
+            all_stats: &$s.all_stats,
         }
     };
 }
@@ -180,6 +181,7 @@ pub struct Shard {
     json: simd_json::Buffers,
     raw: Vec<u8>,
     pool: crate::ws::BufPool,
+    all_stats: Arc<[Arc<ShardStats>]>,
     outgoing: Vec<Outgoing>,
     gathers: Slab<Gather>,
     /// Connections with output queued outside their own read turn.
@@ -211,13 +213,23 @@ impl Prepared {
         self.handle.inbox.clone()
     }
 
-    /// Start the shard's thread (`shard-N`) with the shared router.
-    pub fn spawn(self, router: Arc<Router>) -> io::Result<ShardHandle> {
+    pub fn stats(&self) -> Arc<ShardStats> {
+        self.handle.stats.clone()
+    }
+
+    /// Start the shard's thread (`shard-N`) with the shared router and every
+    /// shard's published counters (for `/metrics`).
+    pub fn spawn(
+        self,
+        router: Arc<Router>,
+        all_stats: Arc<[Arc<ShardStats>]>,
+    ) -> io::Result<ShardHandle> {
         let Prepared {
             mut shard,
             mut handle,
         } = self;
         shard.router = router;
+        shard.all_stats = all_stats;
         let name = format!("shard-{}", shard.id);
         handle.thread = Some(
             std::thread::Builder::new()
@@ -273,6 +285,7 @@ impl Shard {
             json: simd_json::Buffers::default(),
             raw: Vec::new(),
             pool: crate::ws::BufPool::default(),
+            all_stats: Arc::from(Vec::new()),
             outgoing: Vec::new(),
             gathers: Slab::new(),
             flush: Vec::new(),
