@@ -108,3 +108,47 @@ fn idle_timeout_closes_quiet_connections() {
     assert!(t0.elapsed() >= Duration::from_millis(500));
     raw.expect_eof();
 }
+
+/// Regression: `authenticate` and another message in the same read must
+/// still start the heartbeat (the second message's verdict used to
+/// overwrite the first's, leaving the connection with no timer at all).
+#[test]
+fn heartbeat_starts_when_auth_and_a_message_share_a_read() {
+    let mut cfg = test_config(1);
+    cfg.auth.mode = switchboard::config::AuthMode::Token;
+    cfg.auth.token = Some("tok".into());
+    cfg.auth.timeout = Duration::from_millis(300);
+    cfg.heartbeat_interval = Duration::from_millis(300);
+    cfg.pong_timeout = Duration::from_millis(300);
+    let server = start(cfg);
+    let mut raw = Raw::connect(server.local_addr(), "/ws");
+    let mut both = Vec::new();
+    for text in [
+        r#"{"type":"authenticate","token":"tok"}"#,
+        r#"{"type":"ping"}"#,
+    ] {
+        switchboard::ws::frame::encode_client_frame(
+            &mut both,
+            true,
+            0x1,
+            text.as_bytes(),
+            [9, 9, 9, 9],
+        );
+    }
+    raw.send_bytes(&both);
+    let mut texts = 0;
+    loop {
+        let (_, op, _) = raw.read_frame().expect("frames");
+        match op {
+            0x1 => texts += 1, // connected, pong
+            0x9 => break,      // the heartbeat ping: armed
+            other => panic!("opcode {other}"),
+        }
+    }
+    assert_eq!(texts, 2);
+    // Not answering it closes the connection.
+    raw.expect_close(1011);
+    wait_until("heartbeat timeout counted", || {
+        server.stats().heartbeat_timeouts == 1
+    });
+}

@@ -386,10 +386,24 @@ impl Conn {
                 }
                 ReadOutcome::WouldBlock => self.readable = false,
                 ReadOutcome::Eof => {
-                    // Deliver what is queued if the peer only half-closed.
-                    let _ = self.after_io(ctx);
                     log::debug!("conn={} peer closed ({:?})", self.id, self.state);
-                    return (Next::Drop, false);
+                    if self.after_io(ctx) == Next::Drop
+                        || (self.out.is_empty() && !self.io.has_pending_output())
+                    {
+                        return (Next::Drop, false);
+                    }
+                    // The peer only half-closed and replies (or our close frame)
+                    // are still queued: keep flushing, at most `close_timeout`.
+                    self.leave_open(ctx);
+                    if !matches!(self.state, State::Closing { .. } | State::Rejecting { .. }) {
+                        self.set_timer(ctx, ctx.cfg.close_timeout, TimerKind::Linger);
+                    }
+                    self.state = State::Closing {
+                        peer_closed: true,
+                        write_shut: false,
+                    };
+                    self.readable = false;
+                    return (Next::Keep, false);
                 }
                 ReadOutcome::Error(e) => {
                     ctx.cork.clear();
@@ -580,9 +594,17 @@ impl Conn {
                     c.messages_in += 1;
                     match (ep, session.as_deref_mut()) {
                         (Endpoint::App, Some(s)) => {
-                            verdict = s.on_text(bytes, &mut actx, &mut sink);
-                            if let Verdict::Close(..) = verdict {
-                                return Flow::Stop;
+                            // Keep the strongest verdict of the read (Close >
+                            // Authenticated > Continue): an `authenticate`
+                            // followed by another message in the same read
+                            // must still start the heartbeat.
+                            match s.on_text(bytes, &mut actx, &mut sink) {
+                                v @ Verdict::Close(..) => {
+                                    verdict = v;
+                                    return Flow::Stop;
+                                }
+                                Verdict::Authenticated => verdict = Verdict::Authenticated,
+                                Verdict::Continue => {}
                             }
                         }
                         _ => {
@@ -870,6 +892,8 @@ impl Conn {
                     self.close_code(app::close::AUTH_TIMEOUT, "authentication timeout", ctx);
                     return self.after_io(ctx);
                 }
+                // Authenticated meanwhile: the heartbeat takes over the timer.
+                self.set_timer(ctx, ctx.cfg.heartbeat_interval, TimerKind::Ping);
                 Next::Keep
             }
             (TimerKind::Linger, _) => Next::Drop,

@@ -134,6 +134,12 @@ impl Transport {
         if let Transport::Tls(t) = self {
             t.tls.send_close_notify();
             let _ = t.push_records();
+            if t.tls.wants_write() {
+                // The socket is full: a FIN now would cut the close_notify
+                // record. It goes out with the next flush; the linger timer
+                // ends the connection.
+                return;
+            }
         }
         let _ = self.socket().shutdown(Shutdown::Write);
     }
