@@ -350,7 +350,7 @@ impl Shard {
             }
             self.serve_ready(now);
             self.expire_timers(now);
-            self.route_outgoing(now);
+            self.route_outgoing();
             self.flush_pending(now);
             self.c.local_users = self.local.user_count() as u64;
             self.c.local_channels = self.local.channel_count() as u64;
@@ -416,7 +416,7 @@ impl Shard {
                 Ok(ShardMsg::Delivered {
                     gather,
                     connections,
-                }) => self.gathered(gather, connections, Vec::new(), now),
+                }) => self.gathered(gather, connections, Vec::new()),
                 Ok(ShardMsg::PresenceQuery { channel, report }) => {
                     let entries = self.local_presence(&channel);
                     self.router.send(
@@ -429,7 +429,7 @@ impl Shard {
                 }
                 Ok(ShardMsg::PresenceReply { gather, entries }) => {
                     let n = entries.iter().map(|(_, c)| u64::from(*c)).sum();
-                    self.gathered(gather, n, entries, now)
+                    self.gathered(gather, n, entries)
                 }
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
@@ -539,7 +539,7 @@ impl Shard {
 
     /// Phase: hand the deliveries handlers asked for to their shards. The
     /// frame is shared: one `Arc` per target shard, one per local recipient.
-    fn route_outgoing(&mut self, now: Instant) {
+    fn route_outgoing(&mut self) {
         if self.outgoing.is_empty() {
             return;
         }
@@ -595,7 +595,7 @@ impl Shard {
                         }
                     }
                     if let Some(g) = gather {
-                        self.start_gather(g, sent, local, now);
+                        self.start_gather(g, sent, local);
                     }
                 }
                 Outgoing::Presence { channel, reply } => {
@@ -628,14 +628,14 @@ impl Shard {
                             *gather.presence.entry(u).or_insert(0) += c;
                         }
                     }
-                    self.start_gather(g, sent, n, now);
+                    self.start_gather(g, sent, n);
                 }
             }
         }
         self.outgoing = work; // keep the allocation
     }
 
-    fn start_gather(&mut self, g: usize, remaining: usize, connections: u64, _now: Instant) {
+    fn start_gather(&mut self, g: usize, remaining: usize, connections: u64) {
         let Some(gather) = self.gathers.get_mut(g) else {
             return;
         };
@@ -647,13 +647,7 @@ impl Shard {
     }
 
     /// One shard's answer for gather `g` arrived.
-    fn gathered(
-        &mut self,
-        g: usize,
-        connections: u64,
-        entries: Vec<(Arc<str>, u32)>,
-        _now: Instant,
-    ) {
+    fn gathered(&mut self, g: usize, connections: u64, entries: Vec<(Arc<str>, u32)>) {
         let Some(gather) = self.gathers.get_mut(g) else {
             return;
         };
