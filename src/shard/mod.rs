@@ -361,6 +361,9 @@ impl Shard {
                 break;
             }
         }
+        // Answer what other shards already asked (delivery counts, presence),
+        // so their gathers complete even though this shard is leaving.
+        self.drain_inbox(Instant::now());
         let left = self.conns.len();
         if left > 0 {
             log::warn!(
