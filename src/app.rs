@@ -967,9 +967,21 @@ fn direct(
         .raw("data", &data)
         .finish();
     let to: Arc<str> = Arc::from(to);
+    deliver_counted(ctx, Audience::User(to.clone()), &b, rid, to);
+}
+
+/// Queue `event` for `audience`; the sender gets `sent {to, connections}`
+/// once every target shard has said how many connections it reached.
+fn deliver_counted(
+    ctx: &mut AppCtx<'_>,
+    audience: Audience,
+    event: &[u8],
+    rid: Option<&[u8]>,
+    to: Arc<str>,
+) {
     ctx.outgoing.push(Outgoing::Deliver {
-        audience: Audience::User(to.clone()),
-        frame: shared_frame(&b),
+        audience,
+        frame: shared_frame(event),
         reply: Some(Reply {
             key: ctx.key,
             conn: ctx.conn,
@@ -1008,16 +1020,7 @@ fn broadcast(
         .str("from", user)
         .raw("data", &data)
         .finish();
-    ctx.outgoing.push(Outgoing::Deliver {
-        audience: Audience::All,
-        frame: shared_frame(&b),
-        reply: Some(Reply {
-            key: ctx.key,
-            conn: ctx.conn,
-            request_id: rid.map(<[u8]>::to_vec),
-            kind: ReplyKind::Sent { to: Arc::from("*") },
-        }),
-    });
+    deliver_counted(ctx, Audience::All, &b, rid, Arc::from("*"));
 }
 
 /// The text of a finished cross-shard reply.
