@@ -156,6 +156,206 @@ impl TlsConfig {
     }
 }
 
+/// Where durable state lives (docs/STORAGE.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// Embedded SQLite in WAL mode under `storage.data_dir` (the default).
+    Sqlite,
+    /// Nothing durable: history lives in memory only, sensor ingestion and
+    /// the offline inbox are refused, revocations last until restart.
+    None,
+}
+
+/// When SQLite makes a commit durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// fsync on every group commit: an acknowledged record survives a power loss.
+    Full,
+    /// WAL without fsync per commit: survives a process crash (kill -9), not a power loss.
+    Normal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub backend: StorageBackend,
+    /// Directory of the database file `switchboard.db` (created if missing).
+    pub data_dir: PathBuf,
+    /// Requests queued for the writer thread; past it clients get `overloaded`.
+    pub queue_capacity: usize,
+    /// Most requests written in one transaction (group commit).
+    pub max_batch: usize,
+    pub synchronous: SyncMode,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: StorageBackend::Sqlite,
+            data_dir: PathBuf::from("./data"),
+            queue_capacity: 65_536,
+            max_batch: 4096,
+            synchronous: SyncMode::Full,
+        }
+    }
+}
+
+/// A JSON type a field of an ingested record may be required to have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    String,
+    Number,
+    Boolean,
+    Object,
+    Array,
+}
+
+/// Sensor-data ingestion (seed 000 `dbTableName`, `requiredFields`, `fieldsToEncrypt`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Message types stored as records (the client gets `ack` after the commit).
+    pub types: Vec<String>,
+    /// Table the records go to (seed `dbTableName`).
+    pub table: String,
+    /// Check `required_fields` and `field_types` (seed `enableDataValidation`).
+    pub validate: bool,
+    /// Fields that must be present in `data` (seed `requiredFields`).
+    pub required_fields: Vec<String>,
+    /// Optional JSON type per field of `data`.
+    pub field_types: std::collections::BTreeMap<String, FieldType>,
+    /// Fields of `data` encrypted with AES-256-GCM before storage (seed `fieldsToEncrypt`).
+    pub fields_to_encrypt: Vec<String>,
+    /// The current key: 32 bytes, base64 (or env SWITCHBOARD_INGEST_KEY).
+    pub key: Option<String>,
+    /// Its id, stored beside every ciphertext so keys can rotate.
+    pub key_id: String,
+    /// Earlier keys (id -> base64), kept to decrypt older records.
+    pub old_keys: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            types: vec!["sensor_data".into()],
+            table: "sensors_data".into(),
+            validate: true,
+            required_fields: Vec::new(),
+            field_types: std::collections::BTreeMap::new(),
+            fields_to_encrypt: Vec::new(),
+            key: None,
+            key_id: "k1".into(),
+            old_keys: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// History kept for one namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRule {
+    /// Publications kept per channel; 0 = none.
+    pub size: usize,
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub ttl: Duration,
+}
+
+/// Channel history and recovery (seed 001 "event history").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Publications kept per channel (seed 001: the last 100); 0 = none.
+    pub size: usize,
+    /// How long a publication stays recoverable.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub ttl: Duration,
+    /// Overrides per namespace.
+    pub namespaces: std::collections::BTreeMap<String, HistoryRule>,
+    /// Most publications one `history` request or recovery returns.
+    pub max_page: usize,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            size: 100,
+            ttl: Duration::from_secs(3600),
+            namespaces: std::collections::BTreeMap::new(),
+            max_page: 1000,
+        }
+    }
+}
+
+impl HistoryConfig {
+    /// The rule for `channel` (its namespace's, or the default).
+    pub fn rule(&self, channel: &str) -> HistoryRule {
+        let ns = channel.split_once(':').map_or("", |(ns, _)| ns);
+        self.namespaces.get(ns).copied().unwrap_or(HistoryRule {
+            size: self.size,
+            ttl: self.ttl,
+        })
+    }
+}
+
+/// Offline inbox and acknowledged delivery (M4, M7).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InboxConfig {
+    /// How long an unacknowledged message is kept.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub ttl: Duration,
+    /// First redelivery of an unacknowledged message; doubles each time.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub retry_initial: Duration,
+    /// Longest wait between redeliveries.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub retry_max: Duration,
+    /// Messages kept per user; the oldest go first past it.
+    pub max_per_user: usize,
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        InboxConfig {
+            ttl: Duration::from_secs(7 * 86_400),
+            retry_initial: Duration::from_secs(2),
+            retry_max: Duration::from_secs(60),
+            max_per_user: 1000,
+        }
+    }
+}
+
+/// The HTTP API for backends (docs/API.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub enabled: bool,
+    /// API keys accepted as `Authorization: Bearer <key>` or `X-API-Key`
+    /// (or env SWITCHBOARD_API_KEY, one key). A JWT with `role: admin` works too.
+    pub keys: Vec<String>,
+    /// Serve the API without credentials (development only).
+    pub allow_anonymous: bool,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Serve the web console at `/`.
+    pub console: bool,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            enabled: true,
+            keys: Vec::new(),
+            allow_anonymous: false,
+            max_body_bytes: 1 << 20,
+            console: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JwtConfig {
@@ -205,6 +405,11 @@ pub struct AuthConfig {
     /// Time allowed for an `authenticate` message when no token came with the upgrade.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub timeout: Duration,
+    /// How long a revocation of a user is kept: tokens of that user issued
+    /// (`iat`) before it are refused for this long. Match your longest token
+    /// lifetime. Revoked token ids are kept until the token's `exp`.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub revocation_ttl: Duration,
     pub jwt: JwtConfig,
 }
 
@@ -214,6 +419,7 @@ impl Default for AuthConfig {
             mode: AuthMode::None,
             token: None,
             timeout: Duration::from_secs(10),
+            revocation_ttl: Duration::from_secs(86_400),
             jwt: JwtConfig::default(),
         }
     }
@@ -282,6 +488,11 @@ pub struct Config {
     pub auth: AuthConfig,
     pub channels: ChannelsConfig,
     pub rate_limit: RateLimitConfig,
+    pub storage: StorageConfig,
+    pub ingest: IngestConfig,
+    pub history: HistoryConfig,
+    pub inbox: InboxConfig,
+    pub api: ApiConfig,
 }
 
 impl Default for Config {
@@ -315,6 +526,11 @@ impl Default for Config {
             auth: AuthConfig::default(),
             channels: ChannelsConfig::default(),
             rate_limit: RateLimitConfig::default(),
+            storage: StorageConfig::default(),
+            ingest: IngestConfig::default(),
+            history: HistoryConfig::default(),
+            inbox: InboxConfig::default(),
+            api: ApiConfig::default(),
         }
     }
 }
@@ -410,6 +626,21 @@ const OPTIONS: &[&str] = &[
     "rate_limit.messages_per_second",
     "rate_limit.burst",
     "channels.max_subscriptions",
+    "storage.backend",
+    "storage.data_dir",
+    "storage.queue_capacity",
+    "storage.max_batch",
+    "storage.synchronous",
+    "ingest.table",
+    "ingest.key",
+    "ingest.key_id",
+    "history.size",
+    "history.ttl",
+    "inbox.ttl",
+    "api.enabled",
+    "api.allow_anonymous",
+    "api.max_body_bytes",
+    "api.console",
 ];
 
 fn env_value(raw: &str) -> toml::Value {
@@ -482,6 +713,10 @@ impl Config {
                     || *key == "host"
                     || *key == "log_level"
                     || *key == "auth.token"
+                    || *key == "storage.data_dir"
+                    || *key == "ingest.table"
+                    || *key == "ingest.key"
+                    || *key == "ingest.key_id"
                     || (key.starts_with("auth.jwt.")
                         && *key != "auth.jwt.leeway"
                         && *key != "auth.jwt.require_exp");
@@ -506,6 +741,9 @@ impl Config {
                     message: format!("{path}: {}", e.inner()),
                 }
             })?;
+        if let Some(k) = lookup("SWITCHBOARD_API_KEY").filter(|k| !k.is_empty()) {
+            cfg.api.keys.push(k.to_owned());
+        }
         if let Some(h) = &cli.host {
             cfg.host = h.clone();
         }
@@ -586,6 +824,75 @@ impl Config {
             if d > DAY {
                 return bad(name, format!("{d:?} is over 1 day"));
             }
+        }
+        const YEAR: Duration = Duration::from_secs(366 * 86_400);
+        for (name, d) in [
+            ("auth.revocation_ttl", self.auth.revocation_ttl),
+            ("history.ttl", self.history.ttl),
+            ("inbox.ttl", self.inbox.ttl),
+            ("inbox.retry_initial", self.inbox.retry_initial),
+            ("inbox.retry_max", self.inbox.retry_max),
+        ] {
+            if d.is_zero() || d > YEAR {
+                return bad(name, format!("{d:?} is outside (0, 366 days]"));
+            }
+        }
+        for (ns, rule) in &self.history.namespaces {
+            if rule.ttl.is_zero() || rule.ttl > YEAR {
+                return bad(
+                    "history.namespaces",
+                    format!("{ns}: ttl {:?} is outside (0, 366 days]", rule.ttl),
+                );
+            }
+        }
+        for (name, v) in [
+            ("storage.queue_capacity", self.storage.queue_capacity),
+            ("storage.max_batch", self.storage.max_batch),
+            ("history.max_page", self.history.max_page),
+            ("inbox.max_per_user", self.inbox.max_per_user),
+            ("api.max_body_bytes", self.api.max_body_bytes),
+        ] {
+            if v == 0 {
+                return bad(name, "must be greater than 0".into());
+            }
+        }
+        let ident = |t: &str| {
+            t.len() <= 64
+                && t.chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        };
+        if !ident(&self.ingest.table) {
+            return bad(
+                "ingest.table",
+                format!(
+                    "{:?} must be a SQL identifier (letters, digits, _)",
+                    self.ingest.table
+                ),
+            );
+        }
+        if let Some(k) = &self.ingest.key
+            && crate::ingest::decode_key(k).is_none()
+        {
+            return bad(
+                "ingest.key",
+                "must be 32 bytes in base64 (try: head -c32 /dev/urandom | base64)".into(),
+            );
+        }
+        for (id, k) in &self.ingest.old_keys {
+            if crate::ingest::decode_key(k).is_none() {
+                return bad(
+                    "ingest.old_keys",
+                    format!("{id}: must be 32 bytes in base64"),
+                );
+            }
+        }
+        if !self.ingest.fields_to_encrypt.is_empty() && self.ingest.key.is_none() {
+            return bad(
+                "ingest.key",
+                "ingest.fields_to_encrypt is set but no key is configured".into(),
+            );
         }
         if crate::logging::parse_level(&self.log_level).is_none() {
             return bad(

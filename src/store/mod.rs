@@ -1,0 +1,1 @@
+//! Durable state: the storage writer thread and its backends (D1-D3).
