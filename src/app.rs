@@ -33,6 +33,11 @@ pub const FEATURES: &[&str] = &[
     "broadcast",
     "presence",
     "request",
+    "history",
+    "recovery",
+    "inbox",
+    "ack",
+    "ingest",
 ];
 
 /// What the client gave at connect time, kept until authentication.
@@ -56,6 +61,11 @@ pub struct Session {
     /// Token bucket for the per-connection message rate limit.
     tokens: f32,
     refilled: Option<Instant>,
+    /// Ingestible messages received (seed 000 `dataReceived`).
+    data_received: u32,
+    /// Channels subscribed with `since` whose recovery is still on its way:
+    /// live publications for them are dropped (the recovery carries them).
+    recovering: Vec<Arc<str>>,
 }
 
 /// What the connection should do after a handler ran.
@@ -90,8 +100,53 @@ pub struct Reply {
 pub enum ReplyKind {
     /// `{"type":"sent","to",...,"connections":n}` after a direct message or broadcast.
     Sent { to: Arc<str> },
+    /// `sent` for a message stored in the offline inbox first (`stored`, `id`).
+    SentStored { to: Arc<str>, id: i64 },
     /// `{"type":"response","action":"presence",...}`.
     Presence { channel: Arc<str>, upper: bool },
+    /// `{"type":"published","channel","offset","epoch"}` once the home shard numbered it.
+    Published { channel: Arc<str> },
+    /// `subscribed` with the recovery outcome.
+    Subscribed { channel: Arc<str> },
+    /// `{"type":"response","action":"history",...}`.
+    History { channel: Arc<str>, upper: bool },
+}
+
+/// A channel publication on its way to the channel's home shard.
+#[derive(Debug, Clone)]
+pub struct PubEvent {
+    /// The publishing user (absent for the HTTP API).
+    pub from: Option<Arc<str>>,
+    /// The `data` JSON text, verbatim.
+    pub data: Box<[u8]>,
+}
+
+/// What a shard asks a channel's home shard about its history.
+#[derive(Debug, Clone)]
+pub enum HistoryQuery {
+    /// Everything after `offset` in `epoch` (a subscribe with `since`).
+    Recover { offset: u64, epoch: Box<str> },
+    /// A page: after `since` (ascending), or the latest `limit`.
+    Page { since: Option<u64>, limit: usize },
+}
+
+/// What the writer's answer to a storage request is for.
+#[derive(Debug)]
+pub enum StoreWait {
+    /// An ingested record: `ack` to the connection.
+    Ingest {
+        request_id: Option<Vec<u8>>,
+        client_id: Option<String>,
+    },
+    /// A direct message stored in the recipient's inbox: deliver it with
+    /// its id, then `sent` to the sender.
+    InboxPut {
+        to: Arc<str>,
+        payload: Box<[u8]>,
+        request_id: Option<Vec<u8>>,
+    },
+    /// The user's pending inbox, to deliver to the connection that logged in.
+    Inbox,
 }
 
 /// Work a handler asks the shard to do once the connection's turn ends.
@@ -101,10 +156,36 @@ pub enum Outgoing {
         audience: Audience,
         frame: Arc<[u8]>,
         reply: Option<Reply>,
+        /// An inbox message id: track for redelivery until acknowledged.
+        ack: Option<i64>,
     },
     Presence {
         channel: Arc<str>,
         reply: Reply,
+    },
+    /// A channel publication: numbered by its home shard, then fanned out.
+    Publish {
+        channel: Arc<str>,
+        event: PubEvent,
+        reply: Option<Reply>,
+    },
+    /// Recovery or a history page, answered by the channel's home shard.
+    History {
+        channel: Arc<str>,
+        query: HistoryQuery,
+        reply: Reply,
+    },
+    /// A request for the storage writer; the answer comes back to this connection.
+    Store {
+        key: usize,
+        conn: ConnId,
+        op: crate::store::Op,
+        wait: StoreWait,
+    },
+    /// A client acknowledged inbox message `id`: stop its redeliveries everywhere.
+    Acked {
+        user: Arc<str>,
+        id: i64,
     },
 }
 
@@ -125,6 +206,10 @@ pub struct AppCtx<'a> {
     /// Seconds the server has been up (for `status`).
     pub uptime_secs: u64,
     pub open_connections: usize,
+    /// A storage writer runs (`storage.backend` is not `none`).
+    pub storage: bool,
+    pub sealer: Option<&'a crate::ingest::Sealer>,
+    pub revoked: &'a crate::revoke::Revocations,
 }
 
 /// Replies to the connection itself: each call is one text frame.
@@ -141,7 +226,27 @@ impl Session {
             params: Some(Box::new(params)),
             tokens: 0.0,
             refilled: None,
+            data_received: 0,
+            recovering: Vec::new(),
         }
+    }
+
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.as_deref()
+    }
+
+    pub fn data_received(&self) -> u32 {
+        self.data_received
+    }
+
+    /// Is a recovery for `channel` on its way (drop live publications)?
+    pub fn is_recovering(&self, channel: &str) -> bool {
+        !self.recovering.is_empty() && self.recovering.iter().any(|c| &**c == channel)
+    }
+
+    /// The recovery for `channel` arrived: live publications flow again.
+    pub fn recovered(&mut self, channel: &str) {
+        self.recovering.retain(|c| &**c != channel);
     }
 
     pub fn user(&self) -> Option<&Arc<str>> {
@@ -215,6 +320,16 @@ impl Session {
         out: &mut dyn Replies,
         rid: Option<&[u8]>,
     ) -> Verdict {
+        if ctx.revoked.covers(&identity, crate::store::now_ms()) {
+            reply_error(
+                out,
+                ErrorCode::TokenRevoked,
+                "this token was revoked",
+                rid,
+                false,
+            );
+            return Verdict::Close(close::TOKEN_REVOKED, "token revoked");
+        }
         let user: Arc<str> = Arc::from(identity.user_id.as_str());
         ctx.local.add_user(ctx.router, ctx.shard, &user, ctx.key);
         let params = self.params.take();
@@ -247,6 +362,18 @@ impl Session {
             .opt_raw("requestId", rid)
             .finish();
         out.text(&b);
+        if ctx.storage {
+            // Deliver what waited in the offline inbox, in order.
+            ctx.outgoing.push(Outgoing::Store {
+                key: ctx.key,
+                conn: ctx.conn,
+                op: crate::store::Op::Inbox {
+                    user: user.clone(),
+                    limit: ctx.cfg.inbox.max_per_user,
+                },
+                wait: StoreWait::Inbox,
+            });
+        }
         self.user = Some(user);
         self.identity = Some(Box::new(identity));
         Verdict::Authenticated
@@ -254,6 +381,7 @@ impl Session {
 
     /// The connection stops being open: leave every index.
     pub fn on_close(&mut self, local: &mut LocalIndex, router: &Router, shard: usize, key: usize) {
+        self.recovering.clear();
         for ch in self.subs.drain(..) {
             local.unsubscribe(router, shard, &ch, key);
         }
@@ -371,7 +499,8 @@ impl Session {
                     | "broadcast"
                     | "request"
                     | "REQUEST"
-            );
+                    | "ack"
+            ) || ctx.cfg.ingest.types.iter().any(|t| t == kind);
             if known {
                 reply_error(
                     out,
@@ -392,6 +521,11 @@ impl Session {
             "publish" => publish(v, raw, rid, &user, &identity, ctx, out),
             "send" | "chat" => direct(kind, v, raw, rid, &user, &identity, ctx, out),
             "broadcast" => broadcast(v, raw, rid, &user, &identity, ctx, out),
+            "ack" => ack(v, rid, &user, ctx, out),
+            k if ctx.cfg.ingest.types.iter().any(|t| t == k) => {
+                self.data_received = self.data_received.saturating_add(1);
+                ingest(k, v, rid, &user, ctx, out);
+            }
             k if k.eq_ignore_ascii_case("request") => {
                 let upper = k == "REQUEST";
                 self.request(v, rid, upper, &user, &identity, ctx, out)
@@ -412,6 +546,26 @@ impl Session {
         let Some(channel) = permitted_channel(v, rid, id, Action::Subscribe, ctx.cfg, out) else {
             return;
         };
+        let since = match field(v, "since") {
+            None => None,
+            Some(since) => {
+                let offset = since.get("offset").and_then(|o| o.as_u64());
+                let epoch = since.get_str("epoch");
+                match (offset, epoch) {
+                    (Some(o), Some(e)) => Some((o, e)),
+                    _ => {
+                        reply_error(
+                            out,
+                            ErrorCode::MissingField,
+                            "\"since\" needs \"offset\" (number) and \"epoch\" (string)",
+                            rid,
+                            false,
+                        );
+                        return;
+                    }
+                }
+            }
+        };
         if !self.subs.iter().any(|s| &**s == channel) {
             if self.subs.len() >= ctx.cfg.channels.max_subscriptions {
                 reply_error(
@@ -429,6 +583,28 @@ impl Session {
             let ch: Arc<str> = Arc::from(channel);
             ctx.local.subscribe(ctx.router, ctx.shard, &ch, ctx.key);
             self.subs.push(ch);
+        }
+        if let Some((offset, epoch)) = since {
+            // Subscribed first, so every later publication reaches us; the
+            // home shard's answer carries the ones before it.
+            let ch: Arc<str> = Arc::from(channel);
+            if !self.is_recovering(channel) {
+                self.recovering.push(ch.clone());
+            }
+            ctx.outgoing.push(Outgoing::History {
+                channel: ch.clone(),
+                query: HistoryQuery::Recover {
+                    offset,
+                    epoch: Box::from(epoch),
+                },
+                reply: Reply {
+                    key: ctx.key,
+                    conn: ctx.conn,
+                    request_id: rid.map(<[u8]>::to_vec),
+                    kind: ReplyKind::Subscribed { channel: ch },
+                },
+            });
+            return;
         }
         let mut b = Vec::new();
         Out::new(&mut b, "subscribed")
@@ -459,6 +635,7 @@ impl Session {
             return;
         };
         let ch = self.subs.swap_remove(i);
+        self.recovered(&ch);
         ctx.local.unsubscribe(ctx.router, ctx.shard, &ch, ctx.key);
         let mut b = Vec::new();
         Out::new(&mut b, "unsubscribed")
@@ -586,6 +763,58 @@ impl Session {
                     },
                 });
             }
+            "history" => {
+                let Some(channel) = data
+                    .and_then(|d| d.get_str("channel"))
+                    .or_else(|| field_str(v, "channel"))
+                else {
+                    reply_error(
+                        out,
+                        ErrorCode::MissingField,
+                        "history needs data.channel",
+                        Some(rid),
+                        upper,
+                    );
+                    return;
+                };
+                if !valid_channel(channel, ctx.cfg) {
+                    reply_error(
+                        out,
+                        ErrorCode::InvalidChannel,
+                        "invalid channel name",
+                        Some(rid),
+                        upper,
+                    );
+                    return;
+                }
+                if !allowed(ctx.cfg, Action::Subscribe, channel, id) {
+                    reply_error(
+                        out,
+                        ErrorCode::Forbidden,
+                        &format!("not allowed to see {channel:?}"),
+                        Some(rid),
+                        upper,
+                    );
+                    return;
+                }
+                let since = data.and_then(|d| d.get("since")).and_then(|s| s.as_u64());
+                let max = ctx.cfg.history.max_page;
+                let limit = data
+                    .and_then(|d| d.get("limit"))
+                    .and_then(|l| l.as_u64())
+                    .map_or(max, |l| (l as usize).min(max));
+                let ch: Arc<str> = Arc::from(channel);
+                ctx.outgoing.push(Outgoing::History {
+                    channel: ch.clone(),
+                    query: HistoryQuery::Page { since, limit },
+                    reply: Reply {
+                        key: ctx.key,
+                        conn: ctx.conn,
+                        request_id: Some(rid.to_vec()),
+                        kind: ReplyKind::History { channel: ch, upper },
+                    },
+                });
+            }
             other => {
                 let shown: String = other.chars().take(64).collect();
                 reply_error(
@@ -692,6 +921,7 @@ fn anonymous(user: String) -> Identity {
         tenant: None,
         token_id: None,
         expires_at: None,
+        issued_at: None,
     }
 }
 
@@ -894,24 +1124,152 @@ fn publish(
         return;
     }
     let data = forwarded(v, raw, "data").unwrap_or_default();
-    let mut b = Vec::new();
+    let ch: Arc<str> = Arc::from(channel);
+    // `published` (with the offset) comes once the home shard numbered it.
+    ctx.outgoing.push(Outgoing::Publish {
+        channel: ch.clone(),
+        event: PubEvent {
+            from: Some(user.clone()),
+            data: Box::from(&*data),
+        },
+        reply: Some(Reply {
+            key: ctx.key,
+            conn: ctx.conn,
+            request_id: rid.map(<[u8]>::to_vec),
+            kind: ReplyKind::Published { channel: ch },
+        }),
+    });
+}
+
+/// The `message` event of a channel publication, numbered.
+pub fn publication_json(channel: &str, event: &PubEvent, offset: u64, epoch: &str) -> Vec<u8> {
+    let mut b = Vec::with_capacity(96 + channel.len() + event.data.len());
     Out::new(&mut b, "message")
         .str("channel", channel)
-        .str("from", user)
-        .raw("data", &data)
+        .opt_str("from", event.from.as_deref())
+        .raw("data", &event.data)
+        .num("offset", offset)
+        .str("epoch", epoch)
         .finish();
-    let ch: Arc<str> = Arc::from(channel);
-    ctx.outgoing.push(Outgoing::Deliver {
-        audience: Audience::Channel(ch),
-        frame: shared_frame(&b),
-        reply: None,
+    b
+}
+
+/// `payload` (a stored JSON object) with `"id":id,"ack":true` added.
+pub fn with_ack_id(payload: &[u8], id: i64) -> Vec<u8> {
+    let body = match payload.iter().rposition(|&c| c == b'}') {
+        Some(end) => payload.get(..end).unwrap_or(payload),
+        None => payload,
+    };
+    let mut b = Vec::with_capacity(body.len() + 32);
+    b.extend_from_slice(body);
+    if body.iter().any(|c| !c.is_ascii_whitespace() && *c != b'{') {
+        b.push(b',');
+    }
+    use std::io::Write;
+    let _ = write!(b, "\"id\":{id},\"ack\":true}}");
+    b
+}
+
+/// `{"type":"ack","id":N}` from a client: inbox message `id` arrived.
+fn ack(
+    v: &simd_json::BorrowedValue<'_>,
+    rid: Option<&[u8]>,
+    user: &Arc<str>,
+    ctx: &mut AppCtx<'_>,
+    out: &mut dyn Replies,
+) {
+    let Some(id) = field(v, "id").and_then(|i| i.as_i64()) else {
+        reply_error(
+            out,
+            ErrorCode::MissingField,
+            "\"id\" (the message id, a number) is required",
+            rid,
+            false,
+        );
+        return;
+    };
+    ctx.outgoing.push(Outgoing::Acked {
+        user: user.clone(),
+        id,
     });
-    let mut r = Vec::new();
-    Out::new(&mut r, "published")
-        .str("channel", channel)
-        .opt_raw("requestId", rid)
-        .finish();
-    out.text(&r);
+}
+
+/// A configured ingestible type (seed 000 `sensor_data`): validate, seal the
+/// configured fields, and hand the record to the writer; `ack` follows the commit.
+fn ingest(
+    kind: &str,
+    v: &simd_json::BorrowedValue<'_>,
+    rid: Option<&[u8]>,
+    user: &Arc<str>,
+    ctx: &mut AppCtx<'_>,
+    out: &mut dyn Replies,
+) {
+    if !ctx.storage {
+        reply_error(
+            out,
+            ErrorCode::StorageDisabled,
+            "this server stores nothing (storage.backend = \"none\")",
+            rid,
+            false,
+        );
+        return;
+    }
+    let Some(data) = required(v, "data", rid, out) else {
+        return;
+    };
+    let stored = match crate::ingest::prepare(&ctx.cfg.ingest, ctx.sealer, data) {
+        Ok(s) => s,
+        Err(crate::ingest::PrepareError::Invalid(e)) => {
+            reply_error(out, ErrorCode::InvalidData, &e.to_string(), rid, false);
+            return;
+        }
+        Err(e) => {
+            log::error!("conn={} cannot prepare a record: {e}", ctx.conn);
+            reply_error(
+                out,
+                ErrorCode::StorageError,
+                "the record could not be encrypted",
+                rid,
+                false,
+            );
+            return;
+        }
+    };
+    // A client id makes retries idempotent: the same id is stored once.
+    let client_id = field(v, "id").and_then(|i| match i.value_type() {
+        simd_json::ValueType::String => i.as_str().map(str::to_owned),
+        simd_json::ValueType::I64 | simd_json::ValueType::U64 => Some(i.encode()),
+        _ => None,
+    });
+    if let Some(c) = &client_id
+        && c.len() > 256
+    {
+        reply_error(
+            out,
+            ErrorCode::InvalidData,
+            "\"id\" is longer than 256 bytes",
+            rid,
+            false,
+        );
+        return;
+    }
+    ctx.outgoing.push(Outgoing::Store {
+        key: ctx.key,
+        conn: ctx.conn,
+        op: crate::store::Op::Ingest {
+            table: Arc::from(ctx.cfg.ingest.table.as_str()),
+            kind: kind.to_owned(),
+            user: user.clone(),
+            connection: ctx.conn.to_string(),
+            client_id: client_id.clone(),
+            received_at_ms: crate::store::now_ms(),
+            data: stored,
+        },
+        wait: StoreWait::Ingest {
+            request_id: rid.map(<[u8]>::to_vec),
+            client_id,
+        },
+    });
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -967,7 +1325,46 @@ fn direct(
         .raw("data", &data)
         .finish();
     let to: Arc<str> = Arc::from(to);
+    let want_ack = field(v, "ack").and_then(|a| a.as_bool()) == Some(true);
+    if want_ack && !ctx.storage {
+        reply_error(
+            out,
+            ErrorCode::StorageDisabled,
+            "acknowledged delivery needs storage (storage.backend = \"none\")",
+            rid,
+            false,
+        );
+        return;
+    }
+    if ctx.storage && (want_ack || ctx.router.user_shards(&to) == 0) {
+        store_direct(ctx, to, b, rid);
+        return;
+    }
     deliver_counted(ctx, Audience::User(to.clone()), &b, rid, to);
+}
+
+/// Keep a direct message in `to`'s inbox; once stored it is delivered with
+/// its id (and redelivered until acknowledged).
+pub fn store_direct(ctx: &mut AppCtx<'_>, to: Arc<str>, event: Vec<u8>, rid: Option<&[u8]>) {
+    let now = crate::store::now_ms();
+    let ttl = i64::try_from(ctx.cfg.inbox.ttl.as_millis()).unwrap_or(i64::MAX);
+    let payload: Box<[u8]> = event.into_boxed_slice();
+    ctx.outgoing.push(Outgoing::Store {
+        key: ctx.key,
+        conn: ctx.conn,
+        op: crate::store::Op::InboxPut {
+            user: to.clone(),
+            payload: payload.to_vec(),
+            created_at_ms: now,
+            expires_at_ms: now.saturating_add(ttl),
+            max_per_user: ctx.cfg.inbox.max_per_user,
+        },
+        wait: StoreWait::InboxPut {
+            to,
+            payload,
+            request_id: rid.map(<[u8]>::to_vec),
+        },
+    });
 }
 
 /// Queue `event` for `audience`; the sender gets `sent {to, connections}`
@@ -988,6 +1385,7 @@ fn deliver_counted(
             request_id: rid.map(<[u8]>::to_vec),
             kind: ReplyKind::Sent { to },
         }),
+        ack: None,
     });
 }
 
@@ -1023,29 +1421,56 @@ fn broadcast(
     deliver_counted(ctx, Audience::All, &b, rid, Arc::from("*"));
 }
 
+/// What the shards answered for a cross-shard operation.
+#[derive(Debug, Default)]
+pub struct Gathered<'a> {
+    /// Connections reached (or present).
+    pub connections: u64,
+    pub presence: &'a [(Arc<str>, u32)],
+    /// The offset and epoch the home shard gave a publication.
+    pub published: Option<(u64, &'a str)>,
+    /// A recovery or history page.
+    pub page: Option<&'a crate::history::Page>,
+}
+
+fn publications(b: &mut Vec<u8>, page: &crate::history::Page) {
+    b.push(b'[');
+    for (i, p) in page.publications.iter().enumerate() {
+        if i > 0 {
+            b.push(b',');
+        }
+        b.extend_from_slice(p);
+    }
+    b.push(b']');
+}
+
 /// The text of a finished cross-shard reply.
-pub fn reply_text(
-    kind: &ReplyKind,
-    request_id: Option<&[u8]>,
-    connections: u64,
-    presence: &[(Arc<str>, u32)],
-) -> Vec<u8> {
+pub fn reply_text(kind: &ReplyKind, request_id: Option<&[u8]>, g: &Gathered<'_>) -> Vec<u8> {
+    use std::io::Write;
     let mut b = Vec::new();
     match kind {
         ReplyKind::Sent { to } => {
             Out::new(&mut b, "sent")
                 .str("to", to)
-                .num("connections", connections)
+                .num("connections", g.connections)
+                .opt_raw("requestId", request_id)
+                .finish();
+        }
+        ReplyKind::SentStored { to, id } => {
+            Out::new(&mut b, "sent")
+                .str("to", to)
+                .num("connections", g.connections)
+                .raw("stored", b"true")
+                .raw("id", id.to_string().as_bytes())
                 .opt_raw("requestId", request_id)
                 .finish();
         }
         ReplyKind::Presence { channel, upper } => {
-            use std::io::Write;
             response_head(&mut b, *upper, request_id.unwrap_or(b"null"), "presence");
             b.extend_from_slice(b"{\"channel\":");
             proto::write_str(&mut b, channel);
-            let _ = write!(b, ",\"connections\":{connections},\"users\":[");
-            for (i, (u, n)) in presence.iter().enumerate() {
+            let _ = write!(b, ",\"connections\":{},\"users\":[", g.connections);
+            for (i, (u, n)) in g.presence.iter().enumerate() {
                 if i > 0 {
                     b.push(b',');
                 }
@@ -1054,6 +1479,45 @@ pub fn reply_text(
                 let _ = write!(b, ",\"connections\":{n}}}");
             }
             b.extend_from_slice(b"]}");
+            response_tail(&mut b);
+        }
+        ReplyKind::Published { channel } => {
+            let (offset, epoch) = g.published.unwrap_or((0, ""));
+            Out::new(&mut b, "published")
+                .str("channel", channel)
+                .num("offset", offset)
+                .str("epoch", epoch)
+                .opt_raw("requestId", request_id)
+                .finish();
+        }
+        ReplyKind::Subscribed { channel } => {
+            let mut o = Out::new(&mut b, "subscribed").str("channel", channel);
+            if let Some(page) = g.page {
+                let mut pubs = Vec::new();
+                publications(&mut pubs, page);
+                o = o
+                    .raw("recovered", if page.complete { b"true" } else { b"false" })
+                    .num("offset", page.top)
+                    .str("epoch", &page.epoch)
+                    .raw("publications", &pubs);
+            }
+            o.opt_raw("requestId", request_id).finish();
+        }
+        ReplyKind::History { channel, upper } => {
+            response_head(&mut b, *upper, request_id.unwrap_or(b"null"), "history");
+            b.extend_from_slice(b"{\"channel\":");
+            proto::write_str(&mut b, channel);
+            if let Some(page) = g.page {
+                b.extend_from_slice(b",\"epoch\":");
+                proto::write_str(&mut b, &page.epoch);
+                let _ = write!(
+                    b,
+                    ",\"offset\":{},\"hasMore\":{},\"publications\":",
+                    page.top, !page.complete
+                );
+                publications(&mut b, page);
+            }
+            b.push(b'}');
             response_tail(&mut b);
         }
     }

@@ -26,6 +26,10 @@ pub enum StartError {
         what: &'static str,
         err: std::io::Error,
     },
+    /// The store could not be opened, migrated or loaded.
+    Storage(crate::store::StoreError),
+    /// The ingestion keys are unusable.
+    Ingest(crate::ingest::IngestSetupError),
 }
 
 impl fmt::Display for StartError {
@@ -41,6 +45,8 @@ impl fmt::Display for StartError {
                 )
             }
             StartError::Io { what, err } => write!(f, "cannot create {what}: {err}"),
+            StartError::Storage(e) => write!(f, "storage: {e}"),
+            StartError::Ingest(e) => write!(f, "ingest: {e}"),
         }
     }
 }

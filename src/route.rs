@@ -45,6 +45,13 @@ impl Router {
     }
 
     /// Every shard.
+    /// The home shard of `channel`: it numbers the channel's publications
+    /// and keeps its history (FNV-1a of the name, so it is stable across
+    /// restarts with the same shard count).
+    pub fn home(&self, channel: &str) -> usize {
+        home_shard(channel, self.shard_count())
+    }
+
     pub fn all(&self) -> u64 {
         match self.inboxes.len() {
             n if n >= 64 => u64::MAX,
@@ -124,6 +131,16 @@ fn clear_bit(map: &papaya::HashMap<Arc<str>, u64>, key: &Arc<str>, shard: usize)
 }
 
 /// Iterate the shard indexes in a bit set.
+/// The home shard of `channel` among `shards` (see [`Router::home`]).
+pub fn home_shard(channel: &str, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in channel.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards.max(1) as u64) as usize
+}
+
 pub fn shards_in(mut mask: u64) -> impl Iterator<Item = usize> {
     std::iter::from_fn(move || {
         if mask == 0 {

@@ -12,6 +12,20 @@ use crate::error::StartError;
 use crate::route::Router;
 use crate::shard::{Shard, ShardHandle, ShardMsg, ShardSetup};
 use crate::stats::Counters;
+use crate::store::{self, Backend, Revocation, RevocationKind, Writer};
+
+/// Hands the writer's results to the shards' inboxes.
+struct ShardNotify {
+    inboxes: Vec<crate::shard::Inbox>,
+}
+
+impl store::Notify for ShardNotify {
+    fn done(&self, shard: usize, results: Vec<store::Done>) {
+        if let Some(inbox) = self.inboxes.get(shard) {
+            inbox.send(ShardMsg::Stored(results));
+        }
+    }
+}
 
 /// A running server. Dropping it shuts it down immediately; call
 /// [`Server::shutdown`] for the graceful path.
@@ -23,6 +37,7 @@ pub struct Server {
     admission: Arc<Admission>,
     router: Arc<Router>,
     started: Instant,
+    writer: Option<Writer>,
 }
 
 /// What a graceful shutdown achieved.
@@ -67,8 +82,36 @@ impl Server {
             listeners.resize_with(cfg.shards, || None);
         }
         let auth = Arc::new(crate::auth_setup::build(&cfg.auth)?);
+        let sealer = crate::ingest::Sealer::from_config(&cfg.ingest)
+            .map_err(StartError::Ingest)?
+            .map(Arc::new);
+        // Open the store and read back what must outlive a restart before
+        // any shard runs: channel histories go to their home shards, every
+        // shard gets every live revocation.
+        let (backend, loaded) = match cfg.storage.backend {
+            crate::config::StorageBackend::Sqlite => {
+                let mut b = store::SqliteBackend::open(&cfg.storage, &cfg.ingest.table)
+                    .map_err(StartError::Storage)?;
+                let loaded = b.load(store::now_ms()).map_err(StartError::Storage)?;
+                log::info!(
+                    "storage: {} ({} channel histories, {} revocations restored)",
+                    b.path().display(),
+                    loaded.channels.len(),
+                    loaded.revocations.len()
+                );
+                (Some(b), loaded)
+            }
+            crate::config::StorageBackend::None => (None, store::Loaded::default()),
+        };
+        let mut histories: Vec<Vec<store::LoadedChannel>> = vec![Vec::new(); cfg.shards];
+        for ch in loaded.channels {
+            let home = crate::route::home_shard(&ch.channel, cfg.shards);
+            if let Some(h) = histories.get_mut(home) {
+                h.push(ch);
+            }
+        }
         let mut prepared = Vec::with_capacity(cfg.shards);
-        for (id, listener) in listeners.into_iter().enumerate() {
+        for ((id, listener), history) in listeners.into_iter().enumerate().zip(histories) {
             let p = Shard::prepare(ShardSetup {
                 id,
                 cfg: cfg.clone(),
@@ -77,6 +120,9 @@ impl Server {
                 tls: tls.clone(),
                 listener,
                 auth: auth.clone(),
+                history,
+                revocations: loaded.revocations.clone(),
+                sealer: sealer.clone(),
             })
             .map_err(|err| StartError::Io {
                 what: "shard poller",
@@ -87,14 +133,32 @@ impl Server {
         let router = Arc::new(Router::new(prepared.iter().map(|p| p.inbox()).collect()));
         let all_stats: Arc<[Arc<crate::stats::ShardStats>]> =
             prepared.iter().map(|p| p.stats()).collect();
+        let writer = match backend {
+            Some(b) => Some(
+                Writer::spawn(
+                    Box::new(b),
+                    &cfg.storage,
+                    Arc::new(ShardNotify {
+                        inboxes: prepared.iter().map(|p| p.inbox()).collect(),
+                    }),
+                )
+                .map_err(|err| StartError::Io {
+                    what: "storage writer thread",
+                    err,
+                })?,
+            ),
+            None => None,
+        };
         let mut shards = Vec::with_capacity(cfg.shards);
         for p in prepared {
-            shards.push(p.spawn(router.clone(), all_stats.clone()).map_err(|err| {
-                StartError::Io {
-                    what: "shard thread",
-                    err,
-                }
-            })?);
+            let w = writer.as_ref().map(Writer::handle);
+            shards.push(
+                p.spawn(router.clone(), all_stats.clone(), w)
+                    .map_err(|err| StartError::Io {
+                        what: "shard thread",
+                        err,
+                    })?,
+            );
         }
         let acceptor = match acceptor_listener {
             Some(l) => Some(
@@ -127,7 +191,48 @@ impl Server {
             admission,
             router,
             started: Instant::now(),
+            writer,
         })
+    }
+
+    /// Revoke every token of `user` issued up to now (`RevocationKind::User`)
+    /// or the token with id `value` (`Token`): connected sockets get
+    /// `token_revoked` and close 4001, later connects are refused, and the
+    /// revocation is stored (it survives a restart). Kept for
+    /// `auth.revocation_ttl`.
+    pub fn revoke(
+        &self,
+        kind: RevocationKind,
+        value: &str,
+        reason: &str,
+    ) -> Result<(), RevokeError> {
+        let now = store::now_ms();
+        let ttl = i64::try_from(self.cfg.auth.revocation_ttl.as_millis()).unwrap_or(i64::MAX);
+        let r = Revocation {
+            kind,
+            value: value.to_owned(),
+            revoked_at_ms: now,
+            expires_at_ms: now.saturating_add(ttl),
+            reason: reason.to_owned(),
+        };
+        if let Some(w) = &self.writer {
+            w.handle()
+                .try_send(store::Request {
+                    op: store::Op::Revoke(r.clone()),
+                    ticket: None,
+                })
+                .map_err(|_| RevokeError::StorageBusy)?;
+        }
+        let r = Arc::new(r);
+        for shard in 0..self.router.shard_count() {
+            self.router.send(shard, ShardMsg::Revoke(r.clone()));
+        }
+        Ok(())
+    }
+
+    /// Requests waiting for the storage writer.
+    pub fn writer_depth(&self) -> usize {
+        self.writer.as_ref().map_or(0, |w| w.handle().depth())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -187,6 +292,10 @@ impl Server {
                 timed_out += 1;
             }
         }
+        // Shards are gone: everything they queued is written before we return.
+        if let Some(mut w) = self.writer.take() {
+            w.shutdown();
+        }
         ShutdownReport {
             connections,
             shards_timed_out: timed_out,
@@ -196,8 +305,23 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if self.shards.iter().any(|s| s.thread.is_some()) {
+        if self.shards.iter().any(|s| s.thread.is_some()) || self.writer.is_some() {
             self.stop(Duration::ZERO);
         }
     }
 }
+
+/// Why a revocation was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokeError {
+    /// The storage writer's queue is full: nothing was revoked; retry.
+    StorageBusy,
+}
+
+impl std::fmt::Display for RevokeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the storage queue is full; nothing was revoked, retry")
+    }
+}
+
+impl std::error::Error for RevokeError {}

@@ -38,7 +38,13 @@ macro_rules! counters {
 }
 
 /// Counters that go up and down (Prometheus gauges); the others only grow.
-const GAUGES: &[&str] = &["connections", "sockets", "local_users", "local_channels"];
+const GAUGES: &[&str] = &[
+    "connections",
+    "sockets",
+    "local_users",
+    "local_channels",
+    "history_channels",
+];
 
 /// The Prometheus text exposition (format 0.0.4) of every shard's counters,
 /// labelled by shard.
@@ -107,6 +113,20 @@ counters! {
     local_users,
     /// Channels with subscribers on this shard (gauge).
     local_channels,
+    /// Channels whose home is this shard with history state kept (gauge).
+    history_channels,
+    /// Channel publications numbered by this shard (as the channel's home).
+    publications,
+    /// Ingested records committed and acknowledged.
+    records_stored,
+    /// Direct messages stored in an offline inbox.
+    inbox_stored,
+    /// Inbox messages sent again for want of an ack.
+    redeliveries,
+    /// Storage requests refused because the writer's queue was full.
+    store_rejected,
+    /// Connections closed because their token was revoked (4001).
+    revoked_closes,
 }
 
 impl Counters {

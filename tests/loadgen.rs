@@ -280,7 +280,8 @@ fn test_server_without_fault_is_clean() {
     assert!(json["messages"].as_u64().unwrap() > 0, "{stdout}");
 }
 
-fn real_server(cfg: Config) -> Server {
+fn real_server(mut cfg: Config) -> Server {
+    cfg.storage.backend = switchboard::config::StorageBackend::None;
     Server::start(cfg).expect("server starts")
 }
 

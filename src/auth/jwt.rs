@@ -352,10 +352,12 @@ fn identity_from_claims(mut claims: Map<String, Value>) -> Result<Identity, Auth
         Some(_) => return Err(invalid("channels")),
     };
     // jsonwebtoken has already checked that `exp`, when present, is a number.
-    let expires_at = claims.get("exp").and_then(|v| match v {
+    let seconds = |v: &Value| match v {
         Value::Number(n) => n.as_u64().or_else(|| n.as_f64().map(|f| f.round() as u64)),
         _ => None,
-    });
+    };
+    let expires_at = claims.get("exp").and_then(seconds);
+    let issued_at = claims.get("iat").and_then(seconds);
     Ok(Identity {
         user_id,
         channels,
@@ -363,6 +365,7 @@ fn identity_from_claims(mut claims: Map<String, Value>) -> Result<Identity, Auth
         tenant,
         token_id,
         expires_at,
+        issued_at,
     })
 }
 

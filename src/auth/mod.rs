@@ -118,6 +118,9 @@ pub struct Identity {
     pub token_id: Option<String>,
     /// `exp`, in seconds since the Unix epoch.
     pub expires_at: Option<u64>,
+    /// `iat`, in seconds since the Unix epoch (a user revocation refuses
+    /// tokens issued before it).
+    pub issued_at: Option<u64>,
 }
 
 impl Identity {
@@ -130,6 +133,7 @@ impl Identity {
             tenant: None,
             token_id: None,
             expires_at: None,
+            issued_at: None,
         }
     }
 }

@@ -287,6 +287,7 @@ fn every_algorithm_mints_and_verifies() {
                 tenant: Some("acme".into()),
                 token_id: Some("token-7".into()),
                 expires_at: Some(exp),
+                issued_at: full.iat,
             },
             "{alg:?}"
         );

@@ -75,6 +75,9 @@ pub enum TimerKind {
     Linger,
     /// No `authenticate` message arrived in time.
     Auth,
+    /// Inbox message `id` was not acknowledged yet: redeliver (shard-level,
+    /// never the connection's own timer slot).
+    Retry(i64),
 }
 
 /// What the shard's timer wheel stores for a connection.
@@ -159,6 +162,9 @@ macro_rules! app_ctx {
             now: $ctx.now,
             uptime_secs: $ctx.uptime_secs,
             open_connections: $ctx.admission.open(),
+            storage: $ctx.storage,
+            sealer: $ctx.sealer,
+            revoked: $ctx.revoked,
         }
     };
 }
@@ -186,6 +192,10 @@ pub struct Ctx<'a> {
     pub pool: &'a mut BufPool,
     /// Every shard's published counters (`/metrics`).
     pub all_stats: &'a [Arc<crate::stats::ShardStats>],
+    /// A storage writer runs.
+    pub storage: bool,
+    pub sealer: Option<&'a crate::ingest::Sealer>,
+    pub revoked: &'a crate::revoke::Revocations,
 }
 
 pub struct Conn {
@@ -927,6 +937,25 @@ impl Conn {
     /// The authenticated user on the protocol path.
     pub fn user(&self) -> Option<&Arc<str>> {
         self.session.as_ref().and_then(|s| s.user())
+    }
+
+    pub fn identity(&self) -> Option<&crate::auth::Identity> {
+        self.session.as_ref().and_then(|s| s.identity())
+    }
+
+    pub fn session(&self) -> Option<&Session> {
+        self.session.as_deref()
+    }
+
+    pub fn session_mut(&mut self) -> Option<&mut Session> {
+        self.session.as_deref_mut()
+    }
+
+    /// Is a recovery for `channel` on its way to this connection?
+    pub fn recovering(&self, channel: &str) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| s.is_recovering(channel))
     }
 }
 

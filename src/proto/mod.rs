@@ -46,6 +46,16 @@ pub enum ErrorCode {
     NotSubscribed,
     /// A `request` with an action the server does not know.
     UnknownAction,
+    /// An ingested record failed validation (the message names the fields).
+    InvalidData,
+    /// The storage writer's queue is full: retry later.
+    Overloaded,
+    /// The server runs without durable storage (`storage.backend = "none"`).
+    StorageDisabled,
+    /// The store failed to commit; nothing was acknowledged.
+    StorageError,
+    /// The token (or every token of the user) was revoked.
+    TokenRevoked,
 }
 
 impl ErrorCode {
@@ -64,6 +74,11 @@ impl ErrorCode {
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
             ErrorCode::NotSubscribed => "not_subscribed",
             ErrorCode::UnknownAction => "unknown_action",
+            ErrorCode::InvalidData => "invalid_data",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::StorageDisabled => "storage_disabled",
+            ErrorCode::StorageError => "storage_error",
+            ErrorCode::TokenRevoked => "token_revoked",
         }
     }
 }

@@ -29,12 +29,16 @@ pub mod local;
 use std::collections::HashMap;
 
 use crate::accept::IpLimiter;
-use crate::app::{self, Audience, Outgoing, Reply, ReplyKind};
+use crate::app::{self, Audience, HistoryQuery, Outgoing, PubEvent, Reply, ReplyKind, StoreWait};
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::conn::{Admission, Conn, ConnId, Ctx, Next, TimerRef, Transport};
+use crate::conn::{Admission, Conn, ConnId, Ctx, Next, TimerKind, TimerRef, Transport};
+use crate::history::{History, Page};
+use crate::proto::ErrorCode;
+use crate::revoke::Revocations;
 use crate::route::{Router, shards_in};
 use crate::stats::{Counters, ShardStats};
+use crate::store::{self, Done, Op, Outcome, Request, Revocation, SendError, Ticket, WriterHandle};
 use crate::timer::TimerWheel;
 use crate::ws::Limits;
 use local::LocalIndex;
@@ -51,6 +55,8 @@ const WHEEL_SLOTS: usize = 512;
 const SCRATCH: usize = 64 << 10;
 /// Retry after the process ran out of file descriptors.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// How often expired history and revocations are dropped.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Messages other threads send to a shard.
 pub enum ShardMsg {
@@ -61,17 +67,61 @@ pub enum ShardMsg {
         rate_limited: bool,
     },
     /// Stop accepting, close every client with 1001, exit by the deadline.
-    Shutdown { deadline: Instant },
+    Shutdown {
+        deadline: Instant,
+    },
     /// Deliver a pre-encoded frame to the local connections of an audience.
+    /// With `ack`, it is inbox message `ack`: redeliver until acknowledged.
     Deliver {
         audience: Audience,
         frame: Arc<[u8]>,
         report: Option<ReportTo>,
+        ack: Option<i64>,
     },
+    /// A publication for a channel whose home is this shard.
+    Publish {
+        channel: Arc<str>,
+        event: PubEvent,
+        report: Option<ReportTo>,
+    },
+    /// The home shard numbered a publication and sent it to `shards` other
+    /// shards (each reports `Delivered`); `connections` were reached there.
+    Published {
+        gather: usize,
+        offset: u64,
+        epoch: Arc<str>,
+        shards: usize,
+        connections: u64,
+    },
+    /// Recovery or a history page, for the channel's home shard.
+    HistoryQuery {
+        channel: Arc<str>,
+        query: HistoryQuery,
+        report: ReportTo,
+    },
+    HistoryReply {
+        gather: usize,
+        page: Page,
+    },
+    /// Results from the storage writer.
+    Stored(Vec<Done>),
+    /// Inbox message `id` of `user` was acknowledged: stop redelivering it.
+    Acked {
+        user: Arc<str>,
+        id: i64,
+    },
+    /// A revocation: remember it, close the connections it covers (4001).
+    Revoke(Arc<Revocation>),
     /// How many local connections a `Deliver` reached (to the origin shard).
-    Delivered { gather: usize, connections: u64 },
+    Delivered {
+        gather: usize,
+        connections: u64,
+    },
     /// Who is subscribed to a channel on this shard.
-    PresenceQuery { channel: Arc<str>, report: ReportTo },
+    PresenceQuery {
+        channel: Arc<str>,
+        report: ReportTo,
+    },
     /// The answer: (user, connections) pairs.
     PresenceReply {
         gather: usize,
@@ -89,9 +139,45 @@ pub struct ReportTo {
 /// A cross-shard operation waiting for its shards' answers.
 struct Gather {
     reply: Reply,
-    remaining: usize,
+    /// Answers to wait for; unknown until the home shard says (publish).
+    expected: Option<usize>,
+    received: usize,
     connections: u64,
     presence: HashMap<Arc<str>, u32>,
+    published: Option<(u64, Arc<str>)>,
+    page: Option<Page>,
+}
+
+impl Gather {
+    fn new(reply: Reply) -> Self {
+        Gather {
+            reply,
+            expected: None,
+            received: 0,
+            connections: 0,
+            presence: HashMap::new(),
+            published: None,
+            page: None,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.expected.is_some_and(|e| self.received >= e)
+    }
+}
+
+/// A storage request whose answer goes to a connection.
+struct Pending {
+    key: usize,
+    conn: ConnId,
+    wait: StoreWait,
+}
+
+/// An inbox message sent to a connection and not yet acknowledged.
+struct Retry {
+    conn: ConnId,
+    frame: Arc<[u8]>,
+    delay: Duration,
 }
 
 /// The sending side of a shard's inbox. Wakes coalesce: the waker is
@@ -148,6 +234,9 @@ macro_rules! ctx {
             uptime_secs: $s.started.elapsed().as_secs(),
             pool: &mut $s.pool,
             all_stats: &$s.all_stats,
+            storage: $s.writer.is_some(),
+            sealer: $s.sealer.as_deref(),
+            revoked: &$s.revoked,
         }
     };
 }
@@ -187,6 +276,16 @@ pub struct Shard {
     /// Connections with output queued outside their own read turn.
     flush: Vec<usize>,
     started: Instant,
+    /// Histories of the channels whose home is this shard.
+    history: History,
+    revoked: Revocations,
+    writer: Option<WriterHandle>,
+    sealer: Option<Arc<crate::ingest::Sealer>>,
+    /// Storage requests awaiting the writer (the slab key is the ticket token).
+    pending: Slab<Pending>,
+    /// Unacknowledged inbox messages by (connection key, message id).
+    retries: HashMap<(usize, i64), Retry>,
+    next_sweep: Instant,
 }
 
 /// Everything a shard is built from.
@@ -199,6 +298,10 @@ pub struct ShardSetup {
     /// Its own listener in SO_REUSEPORT mode.
     pub listener: Option<TcpListener>,
     pub auth: Arc<Authenticator>,
+    /// Stored histories of the channels whose home is this shard.
+    pub history: Vec<store::LoadedChannel>,
+    pub revocations: Vec<Revocation>,
+    pub sealer: Option<Arc<crate::ingest::Sealer>>,
 }
 
 /// A shard built but not yet running: its inbox exists, so the router can be
@@ -223,6 +326,7 @@ impl Prepared {
         self,
         router: Arc<Router>,
         all_stats: Arc<[Arc<ShardStats>]>,
+        writer: Option<WriterHandle>,
     ) -> io::Result<ShardHandle> {
         let Prepared {
             mut shard,
@@ -230,6 +334,7 @@ impl Prepared {
         } = self;
         shard.router = router;
         shard.all_stats = all_stats;
+        shard.writer = writer;
         let name = format!("shard-{}", shard.id);
         handle.thread = Some(
             std::thread::Builder::new()
@@ -256,6 +361,13 @@ impl Shard {
             max_frame: setup.cfg.max_frame_size,
             max_message: setup.cfg.max_message_size,
         };
+        let now_ms = store::now_ms();
+        let mut history = History::default();
+        history.restore(setup.history, now_ms);
+        let mut revoked = Revocations::default();
+        for r in &setup.revocations {
+            revoked.apply(r);
+        }
         let shard = Shard {
             id: setup.id,
             poll,
@@ -290,6 +402,13 @@ impl Shard {
             gathers: Slab::new(),
             flush: Vec::new(),
             started: Instant::now(),
+            history,
+            revoked,
+            writer: None,
+            sealer: setup.sealer,
+            pending: Slab::new(),
+            retries: HashMap::new(),
+            next_sweep: Instant::now() + SWEEP_EVERY,
         };
         Ok(Prepared {
             shard: Box::new(shard),
@@ -350,8 +469,16 @@ impl Shard {
             }
             self.serve_ready(now);
             self.expire_timers(now);
-            self.route_outgoing();
+            self.route_outgoing(now);
             self.flush_pending(now);
+            if now >= self.next_sweep {
+                self.next_sweep = now + SWEEP_EVERY;
+                let now_ms = store::now_ms();
+                let idle = i64::try_from(self.cfg.history.ttl.as_millis()).unwrap_or(i64::MAX);
+                self.history.sweep(now_ms, idle);
+                self.revoked.sweep(now_ms);
+                self.c.history_channels = self.history.channel_count() as u64;
+            }
             self.c.local_users = self.local.user_count() as u64;
             self.c.local_channels = self.local.channel_count() as u64;
             self.stats.publish(&self.c);
@@ -404,8 +531,9 @@ impl Shard {
                     audience,
                     frame,
                     report,
+                    ack,
                 }) => {
-                    let n = self.deliver_local(&audience, &frame);
+                    let n = self.deliver_local(&audience, &frame, ack, now);
                     if let Some(r) = report {
                         self.router.send(
                             r.shard,
@@ -434,6 +562,35 @@ impl Shard {
                     let n = entries.iter().map(|(_, c)| u64::from(*c)).sum();
                     self.gathered(gather, n, entries)
                 }
+                Ok(ShardMsg::Publish {
+                    channel,
+                    event,
+                    report,
+                }) => self.publish_home(channel, event, report, now),
+                Ok(ShardMsg::Published {
+                    gather,
+                    offset,
+                    epoch,
+                    shards,
+                    connections,
+                }) => self.published(gather, offset, epoch, shards, connections),
+                Ok(ShardMsg::HistoryQuery {
+                    channel,
+                    query,
+                    report,
+                }) => {
+                    let page = self.history_page(&channel, &query);
+                    self.history_reply(report, page);
+                }
+                Ok(ShardMsg::HistoryReply { gather, page }) => {
+                    if let Some(g) = self.gathers.get_mut(gather) {
+                        g.page = Some(page);
+                    }
+                    self.gathered(gather, 0, Vec::new());
+                }
+                Ok(ShardMsg::Stored(done)) => self.stored(done, now),
+                Ok(ShardMsg::Acked { user, id }) => self.forget_acked(&user, id),
+                Ok(ShardMsg::Revoke(r)) => self.revoke(&r, now),
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
         }
@@ -526,6 +683,10 @@ impl Shard {
         let mut fired = std::mem::take(&mut self.fired);
         self.wheel.expire(now, &mut fired);
         for t in fired.drain(..) {
+            if let TimerKind::Retry(id) = t.kind {
+                self.redeliver(t, id, now);
+                continue;
+            }
             let Some(conn) = self.conns.get_mut(t.key) else {
                 continue;
             };
@@ -542,109 +703,598 @@ impl Shard {
 
     /// Phase: hand the deliveries handlers asked for to their shards. The
     /// frame is shared: one `Arc` per target shard, one per local recipient.
-    fn route_outgoing(&mut self) {
-        if self.outgoing.is_empty() {
-            return;
+    fn route_outgoing(&mut self, now: Instant) {
+        // Handling an item may queue more (a stored inbox message is then
+        // delivered): loop until none are left.
+        while !self.outgoing.is_empty() {
+            let mut work = std::mem::take(&mut self.outgoing);
+            for item in work.drain(..) {
+                self.route_one(item, now);
+            }
+            if self.outgoing.is_empty() {
+                self.outgoing = work; // keep the allocation
+            }
         }
-        let mut work = std::mem::take(&mut self.outgoing);
-        for item in work.drain(..) {
-            match item {
-                Outgoing::Deliver {
-                    audience,
-                    frame,
-                    reply,
-                } => {
-                    let mask = match &audience {
-                        Audience::User(u) => self.router.user_shards(u),
-                        Audience::Channel(c) => self.router.channel_shards(c),
-                        Audience::All => self.router.all(),
-                    };
-                    let remote = mask & !(1u64 << self.id);
-                    let gather = match reply {
-                        Some(reply) if remote != 0 => Some(self.gathers.insert(Gather {
-                            reply,
-                            remaining: 0,
-                            connections: 0,
-                            presence: HashMap::new(),
-                        })),
-                        Some(reply) => {
-                            let n = if mask != 0 {
-                                self.deliver_local(&audience, &frame)
-                            } else {
-                                0
-                            };
-                            self.finish_reply(&reply, n, &[]);
-                            continue;
-                        }
-                        None => None,
-                    };
-                    let mut sent = 0;
-                    let mut local = 0;
-                    for shard in shards_in(mask) {
-                        if shard == self.id {
-                            local = self.deliver_local(&audience, &frame);
-                        } else if self.router.send(
-                            shard,
-                            ShardMsg::Deliver {
-                                audience: audience.clone(),
-                                frame: frame.clone(),
-                                report: gather.map(|g| ReportTo {
-                                    shard: self.id,
-                                    gather: g,
-                                }),
+    }
+
+    fn route_one(&mut self, item: Outgoing, now: Instant) {
+        match item {
+            Outgoing::Deliver {
+                audience,
+                frame,
+                reply,
+                ack,
+            } => {
+                let mask = match &audience {
+                    Audience::User(u) => self.router.user_shards(u),
+                    Audience::Channel(c) => self.router.channel_shards(c),
+                    Audience::All => self.router.all(),
+                };
+                let remote = mask & !(1u64 << self.id);
+                let gather = match reply {
+                    Some(reply) if remote != 0 => Some(self.gathers.insert(Gather::new(reply))),
+                    Some(reply) => {
+                        let n = if mask != 0 {
+                            self.deliver_local(&audience, &frame, ack, now)
+                        } else {
+                            0
+                        };
+                        self.finish_reply(
+                            &reply,
+                            &app::Gathered {
+                                connections: n,
+                                ..Default::default()
                             },
-                        ) {
-                            sent += 1;
-                        }
+                        );
+                        return;
                     }
-                    if let Some(g) = gather {
-                        self.start_gather(g, sent, local);
+                    None => None,
+                };
+                let mut sent = 0;
+                let mut local = 0;
+                for shard in shards_in(mask) {
+                    if shard == self.id {
+                        local = self.deliver_local(&audience, &frame, ack, now);
+                    } else if self.router.send(
+                        shard,
+                        ShardMsg::Deliver {
+                            audience: audience.clone(),
+                            frame: frame.clone(),
+                            report: gather.map(|g| ReportTo {
+                                shard: self.id,
+                                gather: g,
+                            }),
+                            ack,
+                        },
+                    ) {
+                        sent += 1;
                     }
                 }
-                Outgoing::Presence { channel, reply } => {
-                    let mask = self.router.channel_shards(&channel);
-                    let local = self.local_presence(&channel);
-                    let g = self.gathers.insert(Gather {
-                        reply,
-                        remaining: 0,
-                        connections: 0,
-                        presence: HashMap::new(),
-                    });
-                    let mut sent = 0;
-                    for shard in shards_in(mask & !(1u64 << self.id)) {
-                        if self.router.send(
-                            shard,
-                            ShardMsg::PresenceQuery {
-                                channel: channel.clone(),
-                                report: ReportTo {
-                                    shard: self.id,
-                                    gather: g,
-                                },
+                if let Some(g) = gather {
+                    self.start_gather(g, sent, local);
+                }
+            }
+            Outgoing::Presence { channel, reply } => {
+                let mask = self.router.channel_shards(&channel);
+                let local = self.local_presence(&channel);
+                let g = self.gathers.insert(Gather::new(reply));
+                let mut sent = 0;
+                for shard in shards_in(mask & !(1u64 << self.id)) {
+                    if self.router.send(
+                        shard,
+                        ShardMsg::PresenceQuery {
+                            channel: channel.clone(),
+                            report: ReportTo {
+                                shard: self.id,
+                                gather: g,
                             },
-                        ) {
-                            sent += 1;
-                        }
+                        },
+                    ) {
+                        sent += 1;
                     }
-                    let n = local.iter().map(|(_, c)| u64::from(*c)).sum();
-                    if let Some(gather) = self.gathers.get_mut(g) {
-                        for (u, c) in local {
-                            *gather.presence.entry(u).or_insert(0) += c;
-                        }
+                }
+                let n = local.iter().map(|(_, c)| u64::from(*c)).sum();
+                if let Some(gather) = self.gathers.get_mut(g) {
+                    for (u, c) in local {
+                        *gather.presence.entry(u).or_insert(0) += c;
                     }
-                    self.start_gather(g, sent, n);
+                }
+                self.start_gather(g, sent, n);
+            }
+            Outgoing::Publish {
+                channel,
+                event,
+                reply,
+            } => {
+                let report = reply.map(|reply| ReportTo {
+                    shard: self.id,
+                    gather: self.gathers.insert(Gather::new(reply)),
+                });
+                let home = self.router.home(&channel);
+                if home == self.id {
+                    self.publish_home(channel, event, report, now);
+                } else if !self.router.send(
+                    home,
+                    ShardMsg::Publish {
+                        channel,
+                        event,
+                        report,
+                    },
+                ) && let Some(r) = report
+                {
+                    // The home shard has exited (shutdown): nothing was published.
+                    self.start_gather(r.gather, 0, 0);
+                }
+            }
+            Outgoing::History {
+                channel,
+                query,
+                reply,
+            } => {
+                let g = self.gathers.insert(Gather::new(reply));
+                let report = ReportTo {
+                    shard: self.id,
+                    gather: g,
+                };
+                let home = self.router.home(&channel);
+                if home == self.id {
+                    let page = self.history_page(&channel, &query);
+                    self.history_reply(report, page);
+                } else if self.router.send(
+                    home,
+                    ShardMsg::HistoryQuery {
+                        channel,
+                        query,
+                        report,
+                    },
+                ) {
+                    self.start_gather(g, 1, 0);
+                } else {
+                    self.start_gather(g, 0, 0);
+                }
+            }
+            Outgoing::Store {
+                key,
+                conn,
+                op,
+                wait,
+            } => self.to_writer(key, conn, op, wait),
+            Outgoing::Acked { user, id } => {
+                if let Some(w) = &self.writer
+                    && let Err(e) = w.try_send(Request {
+                        op: Op::InboxAck {
+                            user: user.clone(),
+                            id,
+                        },
+                        ticket: None,
+                    })
+                {
+                    // Not lost: unacknowledged, the message is redelivered.
+                    let _ = e;
+                    self.c.store_rejected += 1;
+                }
+                self.forget_acked(&user, id);
+                let mask = self.router.user_shards(&user) & !(1u64 << self.id);
+                for shard in shards_in(mask) {
+                    self.router.send(
+                        shard,
+                        ShardMsg::Acked {
+                            user: user.clone(),
+                            id,
+                        },
+                    );
                 }
             }
         }
-        self.outgoing = work; // keep the allocation
+    }
+
+    /// Hand a request to the storage writer; its answer comes back as `Stored`.
+    fn to_writer(&mut self, key: usize, conn: ConnId, op: Op, wait: StoreWait) {
+        let Some(w) = &self.writer else {
+            self.store_failed(
+                Pending { key, conn, wait },
+                ErrorCode::StorageDisabled,
+                "this server stores nothing",
+            );
+            return;
+        };
+        let token = self.pending.insert(Pending { key, conn, wait });
+        let req = Request {
+            op,
+            ticket: Some(Ticket {
+                shard: self.id,
+                token: token as u64,
+            }),
+        };
+        let (code, message) = match w.try_send(req) {
+            Ok(()) => return,
+            Err(SendError::Full(_)) => (
+                ErrorCode::Overloaded,
+                "the storage queue is full; retry later",
+            ),
+            Err(SendError::Closed(_)) => (ErrorCode::StorageError, "storage is shutting down"),
+        };
+        self.c.store_rejected += 1;
+        if let Some(p) = self.pending.try_remove(token) {
+            self.store_failed(p, code, message);
+        }
+    }
+
+    /// Tell the connection its storage request failed (nothing was acknowledged).
+    fn store_failed(&mut self, p: Pending, code: ErrorCode, message: &str) {
+        let rid = match &p.wait {
+            StoreWait::Ingest { request_id, .. } | StoreWait::InboxPut { request_id, .. } => {
+                request_id.clone()
+            }
+            StoreWait::Inbox => {
+                log::warn!("conn={} inbox not loaded: {message}", p.conn);
+                return;
+            }
+        };
+        let mut b = Vec::new();
+        crate::proto::error(&mut b, code, message, rid.as_deref());
+        self.send_text(p.key, p.conn, &b);
+    }
+
+    /// Results from the writer, in the order the requests were made.
+    fn stored(&mut self, done: Vec<Done>, now: Instant) {
+        for d in done {
+            let Ok(token) = usize::try_from(d.token) else {
+                continue;
+            };
+            let Some(p) = self.pending.try_remove(token) else {
+                continue;
+            };
+            match (p.wait, d.result) {
+                (
+                    StoreWait::Ingest {
+                        request_id,
+                        client_id,
+                    },
+                    Ok(Outcome::Ingested { id, duplicate }),
+                ) => {
+                    let mut b = Vec::new();
+                    let mut o = crate::proto::Out::new(&mut b, "ack")
+                        .raw("id", id.to_string().as_bytes())
+                        .opt_str("clientId", client_id.as_deref());
+                    if duplicate {
+                        o = o.raw("duplicate", b"true");
+                    }
+                    o.opt_raw("requestId", request_id.as_deref()).finish();
+                    self.c.records_stored += 1;
+                    self.send_text(p.key, p.conn, &b);
+                }
+                (
+                    StoreWait::InboxPut {
+                        to,
+                        payload,
+                        request_id,
+                    },
+                    Ok(Outcome::Stored { id }),
+                ) => {
+                    let frame = app::shared_frame(&app::with_ack_id(&payload, id));
+                    self.c.inbox_stored += 1;
+                    self.outgoing.push(Outgoing::Deliver {
+                        audience: Audience::User(to.clone()),
+                        frame,
+                        reply: Some(Reply {
+                            key: p.key,
+                            conn: p.conn,
+                            request_id,
+                            kind: ReplyKind::SentStored { to, id },
+                        }),
+                        ack: Some(id),
+                    });
+                }
+                (StoreWait::Inbox, Ok(Outcome::Inbox(msgs))) => {
+                    for m in msgs {
+                        let frame = app::shared_frame(&app::with_ack_id(&m.payload, m.id));
+                        self.deliver_to(p.key, p.conn, frame, Some(m.id), now);
+                    }
+                }
+                (wait, Err(e)) => {
+                    log::error!("storage request of conn={} failed: {e}", p.conn);
+                    self.store_failed(
+                        Pending {
+                            key: p.key,
+                            conn: p.conn,
+                            wait,
+                        },
+                        ErrorCode::StorageError,
+                        "the store could not commit; nothing was acknowledged",
+                    );
+                }
+                (_, Ok(other)) => {
+                    log::error!("unexpected storage outcome for conn={}: {other:?}", p.conn);
+                }
+            }
+        }
+    }
+
+    /// Queue one frame for one connection (if it is still the same one),
+    /// tracking it for redelivery when it is an inbox message.
+    fn deliver_to(
+        &mut self,
+        key: usize,
+        conn_id: ConnId,
+        frame: Arc<[u8]>,
+        ack: Option<i64>,
+        now: Instant,
+    ) -> bool {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return false;
+        };
+        if conn.id() != conn_id {
+            return false;
+        }
+        if let Some(id) = ack
+            && self
+                .retries
+                .get(&(key, id))
+                .is_some_and(|r| r.conn == conn_id)
+        {
+            return true; // already sent and awaiting its ack
+        }
+        if !conn.deliver(frame.clone()) {
+            return false;
+        }
+        self.c.messages_out += 1;
+        if !conn.flush_queued {
+            conn.flush_queued = true;
+            self.flush.push(key);
+        }
+        if let Some(id) = ack {
+            self.track_retry(key, conn_id, id, frame, now);
+        }
+        true
+    }
+
+    fn track_retry(&mut self, key: usize, conn: ConnId, id: i64, frame: Arc<[u8]>, now: Instant) {
+        let delay = self.cfg.inbox.retry_initial;
+        self.retries.insert((key, id), Retry { conn, frame, delay });
+        self.wheel.insert(
+            now,
+            delay,
+            TimerRef {
+                key,
+                id: conn,
+                kind: TimerKind::Retry(id),
+            },
+        );
+    }
+
+    /// A redelivery timer fired: send again (doubling the wait) unless acknowledged.
+    fn redeliver(&mut self, t: TimerRef, id: i64, now: Instant) {
+        let Some(r) = self.retries.get_mut(&(t.key, id)) else {
+            return; // acknowledged
+        };
+        if r.conn != t.id {
+            return; // a newer delivery to a newer connection owns the entry
+        }
+        let alive = self
+            .conns
+            .get(t.key)
+            .is_some_and(|c| c.id() == t.id && c.is_open());
+        if !alive {
+            self.retries.remove(&(t.key, id));
+            return;
+        }
+        r.delay = (r.delay * 2).min(self.cfg.inbox.retry_max);
+        let (frame, delay) = (r.frame.clone(), r.delay);
+        if let Some(conn) = self.conns.get_mut(t.key)
+            && conn.deliver(frame)
+        {
+            self.c.redeliveries += 1;
+            self.c.messages_out += 1;
+            if !conn.flush_queued {
+                conn.flush_queued = true;
+                self.flush.push(t.key);
+            }
+        }
+        self.wheel.insert(now, delay, t);
+    }
+
+    /// Inbox message `id` of `user` was acknowledged: stop redelivering it here.
+    fn forget_acked(&mut self, user: &str, id: i64) {
+        if let Some(m) = self.local.user_conns(user) {
+            for key in m.iter() {
+                self.retries.remove(&(key, id));
+            }
+        }
+    }
+
+    /// Publication on a channel whose home is this shard: number it, keep
+    /// it, persist it, fan it out.
+    fn publish_home(
+        &mut self,
+        channel: Arc<str>,
+        event: PubEvent,
+        report: Option<ReportTo>,
+        now: Instant,
+    ) {
+        let now_ms = store::now_ms();
+        let (offset, epoch) = self.history.next_offset(&channel, now_ms);
+        let json: Arc<[u8]> = Arc::from(app::publication_json(&channel, &event, offset, &epoch));
+        let rule = self.cfg.history.rule(&channel);
+        if rule.size > 0 {
+            let ttl = i64::try_from(rule.ttl.as_millis()).unwrap_or(i64::MAX);
+            self.history
+                .keep(&channel, offset, json.clone(), now_ms, ttl, rule.size);
+            if let Some(w) = &self.writer {
+                let req = Request {
+                    op: Op::Publication {
+                        channel: channel.clone(),
+                        epoch: epoch.clone(),
+                        offset,
+                        payload: json.clone(),
+                        at_ms: now_ms,
+                        expires_at_ms: now_ms.saturating_add(ttl),
+                        keep: rule.size,
+                    },
+                    ticket: None,
+                };
+                if w.try_send(req).is_err() {
+                    // Recoverable from memory still; only a restart loses it.
+                    self.c.store_rejected += 1;
+                }
+            }
+        }
+        let frame = app::shared_frame(&json);
+        let audience = Audience::Channel(channel);
+        let mask = self.router.channel_shards(match &audience {
+            Audience::Channel(c) => c,
+            _ => "",
+        });
+        let mut sent = 0;
+        let mut local = 0;
+        for shard in shards_in(mask) {
+            if shard == self.id {
+                local = self.deliver_local(&audience, &frame, None, now);
+            } else if self.router.send(
+                shard,
+                ShardMsg::Deliver {
+                    audience: audience.clone(),
+                    frame: frame.clone(),
+                    report,
+                    ack: None,
+                },
+            ) {
+                sent += 1;
+            }
+        }
+        self.c.publications += 1;
+        if let Some(r) = report {
+            if r.shard == self.id {
+                self.published(r.gather, offset, epoch, sent, local);
+            } else {
+                self.router.send(
+                    r.shard,
+                    ShardMsg::Published {
+                        gather: r.gather,
+                        offset,
+                        epoch,
+                        shards: sent,
+                        connections: local,
+                    },
+                );
+            }
+        }
+    }
+
+    fn published(
+        &mut self,
+        g: usize,
+        offset: u64,
+        epoch: Arc<str>,
+        shards: usize,
+        connections: u64,
+    ) {
+        let Some(gather) = self.gathers.get_mut(g) else {
+            return;
+        };
+        gather.published = Some((offset, epoch));
+        gather.expected = Some(shards);
+        gather.connections += connections;
+        if gather.done() {
+            self.complete(g);
+        }
+    }
+
+    fn history_page(&mut self, channel: &str, query: &HistoryQuery) -> Page {
+        let now_ms = store::now_ms();
+        match query {
+            HistoryQuery::Recover { offset, epoch } => {
+                self.history
+                    .recover(channel, *offset, epoch, self.cfg.history.max_page, now_ms)
+            }
+            HistoryQuery::Page { since, limit } => {
+                self.history.page(channel, *since, *limit, now_ms)
+            }
+        }
+    }
+
+    fn history_reply(&mut self, report: ReportTo, page: Page) {
+        if report.shard == self.id {
+            if let Some(g) = self.gathers.get_mut(report.gather) {
+                g.page = Some(page);
+            }
+            self.start_gather(report.gather, 0, 0);
+        } else {
+            self.router.send(
+                report.shard,
+                ShardMsg::HistoryReply {
+                    gather: report.gather,
+                    page,
+                },
+            );
+        }
+    }
+
+    /// A revocation reached this shard: remember it and close what it covers.
+    fn revoke(&mut self, r: &Revocation, now: Instant) {
+        self.revoked.apply(r);
+        let keys: Vec<usize> = match r.kind {
+            store::RevocationKind::User => self
+                .local
+                .user_conns(&r.value)
+                .map(|m| m.iter().collect())
+                .unwrap_or_default(),
+            store::RevocationKind::Token => self.local.authed().iter().copied().collect(),
+        };
+        let mut event = Vec::new();
+        crate::proto::Out::new(&mut event, "token_revoked")
+            .str("reason", &r.reason)
+            .str("message", "Your token was revoked")
+            .finish();
+        for key in keys {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            let covered = conn
+                .identity()
+                .is_some_and(|id| Revocations::matches(r, id));
+            if !covered {
+                continue;
+            }
+            conn.push_frame(&crate::ws::frame::frame_bytes(
+                crate::ws::OpCode::Text,
+                &event,
+            ));
+            self.c.revoked_closes += 1;
+            let mut ctx = ctx!(self, key, now);
+            conn.close_code(app::close::TOKEN_REVOKED, "token revoked", &mut ctx);
+            if conn.after_io(&mut ctx) == Next::Drop {
+                self.remove(key, now);
+            }
+        }
+    }
+
+    /// Queue a reply text for one connection (if it is still the same one).
+    fn send_text(&mut self, key: usize, conn_id: ConnId, text: &[u8]) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.id() != conn_id {
+            return;
+        }
+        conn.push_frame(&crate::ws::frame::frame_bytes(
+            crate::ws::OpCode::Text,
+            text,
+        ));
+        self.c.messages_out += 1;
+        if !conn.flush_queued {
+            conn.flush_queued = true;
+            self.flush.push(key);
+        }
     }
 
     fn start_gather(&mut self, g: usize, remaining: usize, connections: u64) {
         let Some(gather) = self.gathers.get_mut(g) else {
             return;
         };
-        gather.remaining = remaining;
+        gather.expected = Some(remaining);
         gather.connections += connections;
-        if remaining == 0 {
+        if gather.done() {
             self.complete(g);
         }
     }
@@ -658,8 +1308,8 @@ impl Shard {
         for (u, c) in entries {
             *gather.presence.entry(u).or_insert(0) += c;
         }
-        gather.remaining = gather.remaining.saturating_sub(1);
-        if gather.remaining == 0 {
+        gather.received += 1;
+        if gather.done() {
             self.complete(g);
         }
     }
@@ -670,23 +1320,29 @@ impl Shard {
         };
         let mut presence: Vec<(Arc<str>, u32)> = gather.presence.into_iter().collect();
         presence.sort_unstable();
-        self.finish_reply(&gather.reply, gather.connections, &presence);
+        let result = app::Gathered {
+            connections: gather.connections,
+            presence: &presence,
+            published: gather.published.as_ref().map(|(o, e)| (*o, &**e)),
+            page: gather.page.as_ref(),
+        };
+        self.finish_reply(&gather.reply, &result);
     }
 
     /// Send the result of a cross-shard operation to the connection that asked.
-    fn finish_reply(&mut self, reply: &Reply, connections: u64, presence: &[(Arc<str>, u32)]) {
+    fn finish_reply(&mut self, reply: &Reply, result: &app::Gathered<'_>) {
         let Some(conn) = self.conns.get_mut(reply.key) else {
             return;
         };
         if conn.id() != reply.conn {
             return; // the asker is gone and its slot reused
         }
-        let text = app::reply_text(
-            &reply.kind,
-            reply.request_id.as_deref(),
-            connections,
-            presence,
-        );
+        if let ReplyKind::Subscribed { channel } = &reply.kind
+            && let Some(session) = conn.session_mut()
+        {
+            session.recovered(channel);
+        }
+        let text = app::reply_text(&reply.kind, reply.request_id.as_deref(), result);
         conn.push_frame(&crate::ws::frame::frame_bytes(
             crate::ws::OpCode::Text,
             &text,
@@ -695,13 +1351,43 @@ impl Shard {
             conn.flush_queued = true;
             self.flush.push(reply.key);
         }
-        if let ReplyKind::Presence { .. } = reply.kind {
-            self.c.messages_out += 1;
-        }
+        self.c.messages_out += 1;
     }
 
     /// Queue `frame` on every local connection of `audience`; returns how many.
-    fn deliver_local(&mut self, audience: &Audience, frame: &Arc<[u8]>) -> u64 {
+    /// With `ack` (an inbox message id) each is tracked for redelivery.
+    fn deliver_local(
+        &mut self,
+        audience: &Audience,
+        frame: &Arc<[u8]>,
+        ack: Option<i64>,
+        now: Instant,
+    ) -> u64 {
+        if let Some(id) = ack {
+            // Rare (acknowledged direct messages): one at a time, tracked.
+            let keys: Vec<usize> = match audience {
+                Audience::User(u) => self
+                    .local
+                    .user_conns(u)
+                    .map(|m| m.iter().collect())
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            let mut n = 0;
+            for key in keys {
+                let Some(conn_id) = self.conns.get(key).map(Conn::id) else {
+                    continue;
+                };
+                if self.deliver_to(key, conn_id, frame.clone(), Some(id), now) {
+                    n += 1;
+                }
+            }
+            return n;
+        }
+        let channel = match audience {
+            Audience::Channel(c) => Some(&**c),
+            _ => None,
+        };
         let keys: Box<dyn Iterator<Item = usize> + '_> = match audience {
             Audience::User(u) => match self.local.user_conns(u) {
                 Some(m) => Box::new(m.iter()),
@@ -718,6 +1404,11 @@ impl Shard {
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
+            if let Some(c) = channel
+                && conn.recovering(c)
+            {
+                continue; // its recovery, on the way, carries this publication
+            }
             if conn.deliver(frame.clone()) {
                 n += 1;
                 if !conn.flush_queued {

@@ -10,14 +10,25 @@ use switchboard::config::Config;
 use switchboard::{Server, ws::frame::encode_client_frame};
 use tungstenite::WebSocket;
 
-/// A config for tests: loopback, port 0, short timers.
+/// A config for tests: loopback, port 0, short timers, nothing stored
+/// (tests of storage set `storage` to a temporary directory).
 pub fn test_config(shards: usize) -> Config {
-    Config {
+    let mut cfg = Config {
         port: 0,
         shards,
         log_level: "warn".into(),
         ..Config::default()
-    }
+    };
+    cfg.storage.backend = switchboard::config::StorageBackend::None;
+    cfg
+}
+
+/// A config storing into SQLite under `dir`.
+pub fn stored_config(shards: usize, dir: &std::path::Path) -> Config {
+    let mut cfg = test_config(shards);
+    cfg.storage.backend = switchboard::config::StorageBackend::Sqlite;
+    cfg.storage.data_dir = dir.to_path_buf();
+    cfg
 }
 
 pub fn start(cfg: Config) -> Server {
