@@ -1,1 +1,350 @@
 //! Durable state: the storage writer thread and its backends (D1-D3).
+//!
+//! Shards never touch the database. They queue a [`Request`] on a bounded
+//! queue ([`WriterHandle::try_send`], never blocking the event loop; a full
+//! queue is answered `overloaded`), and one thread, the [`Writer`], takes
+//! everything queued at once and applies it in one transaction (group
+//! commit: one fsync for a whole batch instead of one per record). Results go
+//! back to each shard in one [`Notify::done`] call per batch, so a shard is
+//! woken once per commit, not once per record.
+//!
+//! The [`Backend`] trait is the seam between the writer and the database:
+//! SQLite ([`SqliteBackend`]) now, another database later without touching
+//! the shards.
+
+pub mod sqlite;
+mod writer;
+
+pub use sqlite::SqliteBackend;
+pub use writer::{SendError, Writer, WriterHandle, WriterStats};
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch (wall clock) used for all stored times.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Why a storage operation failed. Shared (`Arc`) because one failed
+/// transaction answers every operation in it with the same error.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database file could not be opened or configured.
+    Open { path: PathBuf, err: rusqlite::Error },
+    /// The data directory could not be created.
+    Io { path: PathBuf, err: io::Error },
+    /// A statement, a transaction or its commit failed.
+    Sql(rusqlite::Error),
+    /// Upgrading the schema to `version` failed (the upgrade was rolled back).
+    Migration { version: u32, err: rusqlite::Error },
+    /// The file was written by a newer build with a schema this one does not know.
+    SchemaTooNew {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    /// SQLite refused write-ahead logging (the file system cannot share memory maps).
+    NotWal { path: PathBuf, mode: String },
+    /// A number SQLite cannot store (it keeps signed 64-bit integers).
+    OutOfRange { what: &'static str, value: u64 },
+    /// Text meant for a TEXT column is not UTF-8.
+    NotUtf8 {
+        what: &'static str,
+        err: std::str::Utf8Error,
+    },
+    /// The backend panicked while applying the batch this operation was in.
+    BackendPanicked,
+    /// The backend returned fewer results than operations (a bug in the backend).
+    NoResult,
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Open { path, err } => write!(
+                f,
+                "cannot open the database {}: {err} (check that storage.data_dir is writable \
+                 and the file is a SQLite database)",
+                path.display()
+            ),
+            StoreError::Io { path, err } => write!(
+                f,
+                "cannot create the storage directory {}: {err} (check storage.data_dir and \
+                 its permissions)",
+                path.display()
+            ),
+            StoreError::Sql(err) => write!(
+                f,
+                "database error: {err} (a full disk or a read-only storage.data_dir is the \
+                 usual cause)"
+            ),
+            StoreError::Migration { version, err } => write!(
+                f,
+                "cannot upgrade the database schema to version {version}: {err} (nothing was \
+                 changed; restore a backup or point storage.data_dir elsewhere)"
+            ),
+            StoreError::SchemaTooNew {
+                path,
+                found,
+                supported,
+            } => write!(
+                f,
+                "the database {} has schema version {found} but this build knows up to \
+                 {supported}: run a newer switchboard or point storage.data_dir elsewhere",
+                path.display()
+            ),
+            StoreError::NotWal { path, mode } => write!(
+                f,
+                "the database {} cannot use write-ahead logging (journal mode stays {mode:?}): \
+                 put storage.data_dir on a local file system",
+                path.display()
+            ),
+            StoreError::OutOfRange { what, value } => write!(
+                f,
+                "{what} {value} is larger than the database can store (at most {})",
+                i64::MAX
+            ),
+            StoreError::NotUtf8 { what, err } => write!(f, "{what} is not UTF-8 text: {err}"),
+            StoreError::BackendPanicked => f.write_str(
+                "the storage backend panicked while applying this batch (nothing of it was \
+                 committed; see the log)",
+            ),
+            StoreError::NoResult => {
+                f.write_str("the storage backend returned no result for this operation (a bug)")
+            }
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Open { err, .. }
+            | StoreError::Sql(err)
+            | StoreError::Migration { err, .. } => Some(err),
+            StoreError::Io { err, .. } => Some(err),
+            StoreError::NotUtf8 { err, .. } => Some(err),
+            _ => None,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(err: rusqlite::Error) -> Self {
+        StoreError::Sql(err)
+    }
+}
+
+/// What a revocation names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevocationKind {
+    /// Every token of a user (`sub`).
+    User,
+    /// One token (its `jti`).
+    Token,
+}
+
+impl RevocationKind {
+    /// The value stored in the `kind` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationKind::User => "user",
+            RevocationKind::Token => "token",
+        }
+    }
+
+    /// The kind stored as `s`, if any.
+    pub fn parse(s: &str) -> Option<RevocationKind> {
+        match s {
+            "user" => Some(RevocationKind::User),
+            "token" => Some(RevocationKind::Token),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    pub kind: RevocationKind,
+    pub value: String,
+    pub revoked_at_ms: i64,
+    /// After this the revocation is forgotten (the tokens it names have expired).
+    pub expires_at_ms: i64,
+    pub reason: String,
+}
+
+/// A message waiting in a user's offline inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxMsg {
+    pub id: i64,
+    pub user: String,
+    /// JSON text of the message as it will be sent (without its id).
+    pub payload: Vec<u8>,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+/// One publication of a channel's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPublication {
+    pub offset: u64,
+    /// JSON text.
+    pub payload: Arc<[u8]>,
+    pub at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+/// A channel's history as restored at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedChannel {
+    pub channel: String,
+    pub epoch: String,
+    pub top_offset: u64,
+    /// Ascending offset, none expired.
+    pub publications: Vec<StoredPublication>,
+}
+
+/// Everything to restore at start.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    /// Ascending channel name.
+    pub channels: Vec<LoadedChannel>,
+    /// None expired.
+    pub revocations: Vec<Revocation>,
+}
+
+/// An ingested record as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub id: i64,
+    pub kind: String,
+    pub user: String,
+    pub connection: String,
+    pub client_id: Option<String>,
+    pub received_at_ms: i64,
+    /// JSON text.
+    pub data: String,
+}
+
+/// One operation for the writer.
+#[derive(Debug)]
+pub enum Op {
+    /// An ingested record (sensor data). Result: [`Outcome::Ingested`].
+    /// If `client_id` is `Some` and (user, client_id) already exists in the
+    /// table, nothing is inserted: the existing id comes back with `duplicate`.
+    Ingest {
+        table: Arc<str>,
+        kind: String,
+        user: Arc<str>,
+        connection: String,
+        client_id: Option<String>,
+        received_at_ms: i64,
+        /// JSON text.
+        data: Vec<u8>,
+    },
+    /// A channel publication for history: upsert the channel's epoch and top
+    /// offset, insert the row, then delete rows of this channel with
+    /// offset <= offset - keep (a new epoch drops the old epoch's rows).
+    /// Result: [`Outcome::Done`].
+    Publication {
+        channel: Arc<str>,
+        epoch: Arc<str>,
+        offset: u64,
+        payload: Arc<[u8]>,
+        at_ms: i64,
+        expires_at_ms: i64,
+        keep: usize,
+    },
+    /// Store a message in a user's offline inbox under a new id (ids are
+    /// never reused and ascend), then drop the user's oldest past
+    /// `max_per_user`. The payload is JSON object text without the id (the
+    /// shard inserts it when sending). Result: [`Outcome::Stored`].
+    InboxPut {
+        user: Arc<str>,
+        payload: Vec<u8>,
+        created_at_ms: i64,
+        expires_at_ms: i64,
+        max_per_user: usize,
+    },
+    /// The user acknowledged message `id`: delete it if it is theirs.
+    /// Result: [`Outcome::Acked`].
+    InboxAck { user: Arc<str>, id: i64 },
+    /// Upsert by (kind, value), keeping the later `revoked_at_ms` (with its
+    /// reason) and the later `expires_at_ms`. Result: [`Outcome::Done`].
+    Revoke(Revocation),
+    /// Read: the user's unexpired messages, ascending id, at most `limit`.
+    /// Result: [`Outcome::Inbox`]. Reads run after the batch commits.
+    Inbox { user: Arc<str>, limit: usize },
+    /// Read: records of `table` with id > `after_id`, ascending, at most
+    /// `limit`. Result: [`Outcome::Records`].
+    Records {
+        table: Arc<str>,
+        after_id: i64,
+        limit: usize,
+    },
+}
+
+impl Op {
+    /// Whether the op only reads (answered after the batch's commit).
+    pub fn is_read(&self) -> bool {
+        matches!(self, Op::Inbox { .. } | Op::Records { .. })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Ingested { id: i64, duplicate: bool },
+    Stored { id: i64 },
+    Acked { found: bool },
+    Inbox(Vec<InboxMsg>),
+    Records(Vec<Record>),
+}
+
+/// Who gets the result: the shard and a token the shard chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    pub shard: usize,
+    pub token: u64,
+}
+
+/// An operation and where its result goes (`None`: nobody waits for it).
+#[derive(Debug)]
+pub struct Request {
+    pub op: Op,
+    pub ticket: Option<Ticket>,
+}
+
+/// The result of one request, for the shard that sent it.
+#[derive(Debug)]
+pub struct Done {
+    pub token: u64,
+    pub result: Result<Outcome, Arc<StoreError>>,
+}
+
+/// How results reach shards (the server implements it with shard inboxes;
+/// tests with a channel). Called from the writer thread once per shard per
+/// batch, with that shard's results in request order.
+pub trait Notify: Send + Sync + 'static {
+    fn done(&self, shard: usize, results: Vec<Done>);
+}
+
+/// A storage backend.
+pub trait Backend: Send + 'static {
+    /// Apply every write op of the batch in one transaction (group commit)
+    /// and answer the read ops after it; one result per op, same order. A
+    /// write op that gets an error was not applied; one that gets `Ok` was
+    /// committed.
+    fn apply(&mut self, ops: Vec<Op>) -> Vec<Result<Outcome, Arc<StoreError>>>;
+    /// Everything to restore at start: history per channel and live revocations.
+    fn load(&mut self, now_ms: i64) -> Result<Loaded, StoreError>;
+    /// Delete expired history, inbox messages and revocations; returns the rows deleted.
+    fn prune(&mut self, now_ms: i64) -> Result<usize, StoreError>;
+}

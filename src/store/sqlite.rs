@@ -1,0 +1,1156 @@
+//! The SQLite backend: one file `<data_dir>/switchboard.db` in WAL mode,
+//! written by the writer thread alone.
+//!
+//! Why it looks like this:
+//! - One `BEGIN IMMEDIATE ... COMMIT` per batch: with `synchronous = FULL`
+//!   the fsync at commit is most of the cost of a write, so a batch of a
+//!   thousand records costs about what one does.
+//! - One bad operation must not fail the others in its batch. Input that
+//!   cannot be stored (an offset over `i64::MAX`, text that is not UTF-8) is
+//!   refused before any statement runs and the transaction goes on. A
+//!   statement that fails rolls the transaction back; the batch is then
+//!   retried once without that operation. If the retry fails too (a full
+//!   disk, a read-only file) every operation left gets the error. Nothing is
+//!   ever half applied: a write answered `Ok` was committed, one answered
+//!   `Err` was not.
+//! - Statements are prepared once and cached (`prepare_cached`); the
+//!   ingest table's SQL strings are built once per table.
+//! - The schema is versioned with `PRAGMA user_version` and an ordered list
+//!   of migrations, each applied in its own transaction at open.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+
+use super::{
+    Backend, InboxMsg, Loaded, LoadedChannel, Op, Outcome, Record, Revocation, RevocationKind,
+    StoreError, StoredPublication, now_ms,
+};
+use crate::config::{StorageConfig, SyncMode};
+
+/// The database file inside `storage.data_dir`.
+pub const DB_FILE: &str = "switchboard.db";
+
+/// Schema migrations, in order: entry `i` brings the schema to version `i + 1`.
+/// Never edit an entry once released; append a new one.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: history, offline inbox, revocations. The ingest table is created
+    // separately: its name is configurable.
+    r#"
+    CREATE TABLE channels (
+        channel TEXT PRIMARY KEY,
+        epoch TEXT NOT NULL,
+        top_offset INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE history (
+        channel TEXT NOT NULL,
+        "offset" INTEGER NOT NULL,
+        payload TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (channel, "offset")
+    );
+    CREATE INDEX history_expires ON history (expires_at_ms);
+    CREATE TABLE inbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX inbox_user ON inbox (user_id, id);
+    CREATE INDEX inbox_expires ON inbox (expires_at_ms);
+    CREATE TABLE revocations (
+        kind TEXT NOT NULL,
+        value TEXT NOT NULL,
+        revoked_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (kind, value)
+    ) WITHOUT ROWID;
+    "#,
+];
+
+/// The schema version this build writes.
+pub fn schema_version() -> u32 {
+    u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX)
+}
+
+/// The SQL of one ingest table, built once (the table name is not a parameter).
+struct IngestSql {
+    insert: String,
+    find: String,
+    records: String,
+}
+
+impl IngestSql {
+    fn new(table: &str) -> IngestSql {
+        let t = quote_ident(table);
+        IngestSql {
+            insert: format!(
+                "INSERT INTO {t} (type, user_id, connection_id, client_id, received_at, data) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            ),
+            find: format!("SELECT id FROM {t} WHERE user_id = ?1 AND client_id = ?2"),
+            records: format!(
+                "SELECT id, type, user_id, connection_id, client_id, received_at, data FROM {t} \
+                 WHERE id > ?1 ORDER BY id LIMIT ?2"
+            ),
+        }
+    }
+}
+
+/// Why one op failed inside a transaction.
+enum Fail {
+    /// Refused before any statement ran: the transaction goes on.
+    Invalid(StoreError),
+    /// A statement failed: the transaction must be rolled back.
+    Db(StoreError),
+}
+
+impl From<rusqlite::Error> for Fail {
+    fn from(e: rusqlite::Error) -> Self {
+        Fail::Db(StoreError::Sql(e))
+    }
+}
+
+type OpResult = Result<Outcome, Arc<StoreError>>;
+
+pub struct SqliteBackend {
+    conn: Connection,
+    path: PathBuf,
+    /// Ingest tables known to exist, with their SQL.
+    tables: HashMap<Arc<str>, IngestSql>,
+}
+
+impl SqliteBackend {
+    /// Create `data_dir` if needed, open `<data_dir>/switchboard.db`, bring
+    /// its schema up to date and create `ingest_table`.
+    pub fn open(cfg: &StorageConfig, ingest_table: &str) -> Result<SqliteBackend, StoreError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|err| StoreError::Io {
+            path: cfg.data_dir.clone(),
+            err,
+        })?;
+        let path = cfg.data_dir.join(DB_FILE);
+        let conn = Connection::open(&path).map_err(|err| StoreError::Open {
+            path: path.clone(),
+            err,
+        })?;
+        configure(&conn, cfg.synchronous).map_err(|err| StoreError::Open {
+            path: path.clone(),
+            err,
+        })?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|err| StoreError::Open {
+                path: path.clone(),
+                err,
+            })?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::NotWal { path, mode });
+        }
+        migrate(&conn, &path)?;
+        let mut backend = SqliteBackend {
+            conn,
+            path,
+            tables: HashMap::new(),
+        };
+        backend.ensure_table(ingest_table)?;
+        Ok(backend)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The schema version of the open file.
+    pub fn version(&self) -> Result<u32, StoreError> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    /// Create an ingest table and its dedup index if missing (outside any
+    /// transaction, so a rolled-back batch cannot leave the cache wrong).
+    fn ensure_table(&mut self, table: &str) -> Result<(), StoreError> {
+        if self.tables.contains_key(table) {
+            return Ok(());
+        }
+        let t = quote_ident(table);
+        let index = quote_ident(&format!("{table}_user_client"));
+        self.conn.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS {t} (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                type TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                connection_id TEXT NOT NULL,
+                client_id TEXT,
+                received_at INTEGER NOT NULL, -- ms since the Unix epoch
+                data TEXT NOT NULL            -- JSON
+            );
+            CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {t} (user_id, client_id)
+                WHERE client_id IS NOT NULL;"
+        ))?;
+        self.tables.insert(Arc::from(table), IngestSql::new(table));
+        Ok(())
+    }
+
+    /// One write transaction over `ops[i]` for `i` in `todo`. On success the
+    /// outcomes, in `todo` order. On failure the index of the op whose
+    /// statement failed (`None`: BEGIN or COMMIT failed) and the error.
+    fn transaction(
+        &mut self,
+        ops: &[Op],
+        todo: &[usize],
+        results: &mut [Option<OpResult>],
+    ) -> Result<Vec<(usize, Outcome)>, (Option<usize>, StoreError)> {
+        if !self.conn.is_autocommit() {
+            // A rollback that failed earlier left a transaction open.
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| (None, StoreError::Sql(e)))?;
+        let mut done = Vec::with_capacity(todo.len());
+        for &i in todo {
+            match write(&tx, &self.tables, &ops[i]) {
+                Ok(outcome) => done.push((i, outcome)),
+                Err(Fail::Invalid(e)) => results[i] = Some(Err(Arc::new(e))),
+                Err(Fail::Db(e)) => return Err((Some(i), e)), // tx rolls back on drop
+            }
+        }
+        tx.commit().map_err(|e| (None, StoreError::Sql(e)))?;
+        Ok(done)
+    }
+
+    fn read(&self, op: &Op) -> Result<Outcome, StoreError> {
+        match op {
+            Op::Inbox { user, limit } => {
+                let mut stmt = self.conn.prepare_cached(
+                    "SELECT id, payload, created_at_ms, expires_at_ms FROM inbox \
+                     WHERE user_id = ?1 AND expires_at_ms > ?2 ORDER BY id LIMIT ?3",
+                )?;
+                let rows = stmt.query_map(params![&**user, now_ms(), sat(*limit)], |r| {
+                    Ok(InboxMsg {
+                        id: r.get(0)?,
+                        user: user.to_string(),
+                        payload: bytes(r, 1)?.to_vec(),
+                        created_at_ms: r.get(2)?,
+                        expires_at_ms: r.get(3)?,
+                    })
+                })?;
+                Ok(Outcome::Inbox(rows.collect::<Result<_, _>>()?))
+            }
+            Op::Records {
+                table,
+                after_id,
+                limit,
+            } => {
+                let owned;
+                let sql = match self.tables.get(table) {
+                    Some(sql) => sql.records.as_str(),
+                    None => {
+                        owned = IngestSql::new(table).records;
+                        owned.as_str()
+                    }
+                };
+                let mut stmt = self.conn.prepare_cached(sql)?;
+                let rows = stmt.query_map(params![after_id, sat(*limit)], |r| {
+                    Ok(Record {
+                        id: r.get(0)?,
+                        kind: r.get(1)?,
+                        user: r.get(2)?,
+                        connection: r.get(3)?,
+                        client_id: r.get(4)?,
+                        received_at_ms: r.get(5)?,
+                        data: r.get(6)?,
+                    })
+                })?;
+                Ok(Outcome::Records(rows.collect::<Result<_, _>>()?))
+            }
+            _ => Err(StoreError::NoResult),
+        }
+    }
+}
+
+impl Backend for SqliteBackend {
+    fn apply(&mut self, ops: Vec<Op>) -> Vec<OpResult> {
+        let mut results: Vec<Option<OpResult>> = ops.iter().map(|_| None).collect();
+        // Ingest tables first, each in its own autocommit statement.
+        for (i, op) in ops.iter().enumerate() {
+            if let Op::Ingest { table, .. } = op
+                && let Err(e) = self.ensure_table(table)
+            {
+                results[i] = Some(Err(Arc::new(e)));
+            }
+        }
+        let mut todo: Vec<usize> = (0..ops.len())
+            .filter(|&i| results[i].is_none() && !ops[i].is_read())
+            .collect();
+        if !todo.is_empty() {
+            let mut attempt = self.transaction(&ops, &todo, &mut results);
+            if let Err((Some(bad), e)) = attempt {
+                // Isolate the op whose statement failed; retry the others once.
+                results[bad] = Some(Err(Arc::new(e)));
+                todo.retain(|&i| i != bad && results[i].is_none());
+                attempt = self.transaction(&ops, &todo, &mut results);
+            }
+            match attempt {
+                Ok(done) => {
+                    for (i, outcome) in done {
+                        results[i] = Some(Ok(outcome));
+                    }
+                }
+                Err((_, e)) => {
+                    let e = Arc::new(e);
+                    for &i in &todo {
+                        results[i].get_or_insert_with(|| Err(e.clone()));
+                    }
+                }
+            }
+        }
+        for (i, op) in ops.iter().enumerate() {
+            if op.is_read() {
+                results[i] = Some(self.read(op).map_err(Arc::new));
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Arc::new(StoreError::NoResult))))
+            .collect()
+    }
+
+    fn load(&mut self, now_ms: i64) -> Result<Loaded, StoreError> {
+        let tx = self.conn.transaction()?; // one consistent snapshot
+        let mut channels: Vec<LoadedChannel> = {
+            let mut stmt =
+                tx.prepare("SELECT channel, epoch, top_offset FROM channels ORDER BY channel")?;
+            stmt.query_map([], |r| {
+                Ok(LoadedChannel {
+                    channel: r.get(0)?,
+                    epoch: r.get(1)?,
+                    top_offset: get_u64(r, 2)?,
+                    publications: Vec::new(),
+                })
+            })?
+            .collect::<Result<_, _>>()?
+        };
+        {
+            let mut stmt = tx.prepare(
+                r#"SELECT channel, "offset", payload, at_ms, expires_at_ms FROM history
+                   WHERE expires_at_ms > ?1 ORDER BY channel, "offset""#,
+            )?;
+            let mut rows = stmt.query([now_ms])?;
+            let mut at = 0; // both lists ascend by channel: merge
+            while let Some(r) = rows.next()? {
+                let channel = text(r, 0)?;
+                while at < channels.len() && channels[at].channel.as_str() < channel {
+                    at += 1;
+                }
+                let Some(ch) = channels.get_mut(at).filter(|c| c.channel == channel) else {
+                    continue; // history without channel meta: unusable
+                };
+                ch.publications.push(StoredPublication {
+                    offset: get_u64(r, 1)?,
+                    payload: Arc::from(bytes(r, 2)?),
+                    at_ms: r.get(3)?,
+                    expires_at_ms: r.get(4)?,
+                });
+            }
+        }
+        let mut revocations = Vec::new();
+        {
+            let mut stmt = tx.prepare(
+                "SELECT kind, value, revoked_at_ms, expires_at_ms, reason FROM revocations \
+                 WHERE expires_at_ms > ?1 ORDER BY kind, value",
+            )?;
+            let mut rows = stmt.query([now_ms])?;
+            while let Some(r) = rows.next()? {
+                let Some(kind) = RevocationKind::parse(text(r, 0)?) else {
+                    continue; // written by a newer build
+                };
+                revocations.push(Revocation {
+                    kind,
+                    value: r.get(1)?,
+                    revoked_at_ms: r.get(2)?,
+                    expires_at_ms: r.get(3)?,
+                    reason: r.get(4)?,
+                });
+            }
+        }
+        tx.commit()?;
+        Ok(Loaded {
+            channels,
+            revocations,
+        })
+    }
+
+    fn prune(&mut self, now_ms: i64) -> Result<usize, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut n = 0;
+        for sql in [
+            "DELETE FROM history WHERE expires_at_ms <= ?1",
+            "DELETE FROM inbox WHERE expires_at_ms <= ?1",
+            "DELETE FROM revocations WHERE expires_at_ms <= ?1",
+        ] {
+            n += tx.prepare_cached(sql)?.execute([now_ms])?;
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+}
+
+/// Apply one write op inside the open transaction.
+fn write(
+    conn: &Connection,
+    tables: &HashMap<Arc<str>, IngestSql>,
+    op: &Op,
+) -> Result<Outcome, Fail> {
+    match op {
+        Op::Ingest {
+            table,
+            kind,
+            user,
+            connection,
+            client_id,
+            received_at_ms,
+            data,
+        } => {
+            let data = utf8(data, "the record's data")?;
+            let Some(sql) = tables.get(table) else {
+                return Err(Fail::Invalid(StoreError::NoResult)); // ensure_table failed
+            };
+            if let Some(client_id) = client_id {
+                // Looked up first: a conflicting INSERT would still use up an id.
+                let found = conn
+                    .prepare_cached(&sql.find)?
+                    .query_row(params![&**user, client_id], |r| r.get(0))
+                    .optional()?;
+                if let Some(id) = found {
+                    return Ok(Outcome::Ingested {
+                        id,
+                        duplicate: true,
+                    });
+                }
+            }
+            conn.prepare_cached(&sql.insert)?.execute(params![
+                kind,
+                &**user,
+                connection,
+                client_id,
+                received_at_ms,
+                data
+            ])?;
+            Ok(Outcome::Ingested {
+                id: conn.last_insert_rowid(),
+                duplicate: false,
+            })
+        }
+        Op::Publication {
+            channel,
+            epoch,
+            offset,
+            payload,
+            at_ms,
+            expires_at_ms,
+            keep,
+        } => {
+            let offset = i64::try_from(*offset).map_err(|_| {
+                Fail::Invalid(StoreError::OutOfRange {
+                    what: "publication offset",
+                    value: *offset,
+                })
+            })?;
+            let payload = utf8(payload, "the publication")?;
+            let (channel, epoch) = (&**channel, &**epoch);
+            // A new epoch starts the offsets over: the old epoch's rows go.
+            conn.prepare_cached(
+                "DELETE FROM history WHERE channel = ?1 AND EXISTS \
+                 (SELECT 1 FROM channels WHERE channel = ?1 AND epoch <> ?2)",
+            )?
+            .execute(params![channel, epoch])?;
+            conn.prepare_cached(
+                "INSERT INTO channels (channel, epoch, top_offset) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (channel) DO UPDATE SET epoch = excluded.epoch, top_offset = \
+                 CASE WHEN epoch = excluded.epoch THEN max(top_offset, excluded.top_offset) \
+                 ELSE excluded.top_offset END",
+            )?
+            .execute(params![channel, epoch, offset])?;
+            conn.prepare_cached(
+                r#"INSERT OR REPLACE INTO history (channel, "offset", payload, at_ms, expires_at_ms)
+                   VALUES (?1, ?2, ?3, ?4, ?5)"#,
+            )?
+            .execute(params![channel, offset, payload, at_ms, expires_at_ms])?;
+            conn.prepare_cached(r#"DELETE FROM history WHERE channel = ?1 AND "offset" <= ?2"#)?
+                .execute(params![channel, offset.saturating_sub(sat(*keep))])?;
+            Ok(Outcome::Done)
+        }
+        Op::InboxPut {
+            user,
+            payload,
+            created_at_ms,
+            expires_at_ms,
+            max_per_user,
+        } => {
+            let payload = utf8(payload, "the inbox message")?;
+            conn.prepare_cached(
+                "INSERT INTO inbox (user_id, payload, created_at_ms, expires_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![&**user, payload, created_at_ms, expires_at_ms])?;
+            let id = conn.last_insert_rowid();
+            // Everything from the (max_per_user + 1)-th newest down goes.
+            conn.prepare_cached(
+                "DELETE FROM inbox WHERE user_id = ?1 AND id <= (SELECT id FROM inbox \
+                 WHERE user_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            )?
+            .execute(params![&**user, sat(*max_per_user)])?;
+            Ok(Outcome::Stored { id })
+        }
+        Op::InboxAck { user, id } => {
+            let n = conn
+                .prepare_cached("DELETE FROM inbox WHERE id = ?1 AND user_id = ?2")?
+                .execute(params![id, &**user])?;
+            Ok(Outcome::Acked { found: n > 0 })
+        }
+        Op::Revoke(r) => {
+            conn.prepare_cached(
+                "INSERT INTO revocations (kind, value, revoked_at_ms, expires_at_ms, reason) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (kind, value) DO UPDATE SET \
+                 reason = CASE WHEN excluded.revoked_at_ms >= revoked_at_ms \
+                 THEN excluded.reason ELSE reason END, \
+                 revoked_at_ms = max(revoked_at_ms, excluded.revoked_at_ms), \
+                 expires_at_ms = max(expires_at_ms, excluded.expires_at_ms)",
+            )?
+            .execute(params![
+                r.kind.as_str(),
+                r.value,
+                r.revoked_at_ms,
+                r.expires_at_ms,
+                r.reason
+            ])?;
+            Ok(Outcome::Done)
+        }
+        Op::Inbox { .. } | Op::Records { .. } => Err(Fail::Invalid(StoreError::NoResult)),
+    }
+}
+
+fn configure(conn: &Connection, sync: SyncMode) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match sync {
+            SyncMode::Full => "FULL",
+            SyncMode::Normal => "NORMAL",
+        },
+    )?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+/// Apply the migrations the file does not have yet, each in its own transaction.
+fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let found: u32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|err| StoreError::Open {
+            path: path.to_owned(),
+            err,
+        })?;
+    let supported = schema_version();
+    if found > supported {
+        return Err(StoreError::SchemaTooNew {
+            path: path.to_owned(),
+            found,
+            supported,
+        });
+    }
+    for (version, sql) in (1..).zip(MIGRATIONS).skip(found as usize) {
+        let step = || -> rusqlite::Result<()> {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", version)?;
+            tx.commit()
+        };
+        step().map_err(|err| StoreError::Migration { version, err })?;
+        log::info!("database {}: schema version {version}", path.display());
+    }
+    Ok(())
+}
+
+/// `"name"` with inner quotes doubled: safe for any name.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Text columns take UTF-8 only (JSON functions and other readers expect it).
+fn utf8<'a>(bytes: &'a [u8], what: &'static str) -> Result<&'a str, Fail> {
+    std::str::from_utf8(bytes).map_err(|err| Fail::Invalid(StoreError::NotUtf8 { what, err }))
+}
+
+/// A count as an SQL integer (saturating: limits past i64::MAX mean "all").
+fn sat(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A TEXT (or BLOB) column's bytes, without a copy.
+fn bytes<'r>(r: &'r Row<'_>, i: usize) -> rusqlite::Result<&'r [u8]> {
+    Ok(r.get_ref(i)?.as_bytes()?)
+}
+
+fn text<'r>(r: &'r Row<'_>, i: usize) -> rusqlite::Result<&'r str> {
+    Ok(r.get_ref(i)?.as_str()?)
+}
+
+fn get_u64(r: &Row<'_>, i: usize) -> rusqlite::Result<u64> {
+    let v: i64 = r.get(i)?;
+    u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(i, v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &str = "sensors_data";
+
+    fn cfg(dir: &Path) -> StorageConfig {
+        StorageConfig {
+            data_dir: dir.to_owned(),
+            ..StorageConfig::default()
+        }
+    }
+
+    fn open(dir: &Path) -> SqliteBackend {
+        SqliteBackend::open(&cfg(dir), TABLE).unwrap()
+    }
+
+    fn ingest(user: &str, client_id: Option<&str>, data: &str) -> Op {
+        Op::Ingest {
+            table: TABLE.into(),
+            kind: "sensor_data".into(),
+            user: user.into(),
+            connection: "0.1".into(),
+            client_id: client_id.map(Into::into),
+            received_at_ms: 1_000,
+            data: data.as_bytes().to_vec(),
+        }
+    }
+
+    fn put(user: &str, text: &str, expires_at_ms: i64, max_per_user: usize) -> Op {
+        Op::InboxPut {
+            user: user.into(),
+            payload: format!(r#"{{"text":"{text}"}}"#).into_bytes(),
+            created_at_ms: now_ms(),
+            expires_at_ms,
+            max_per_user,
+        }
+    }
+
+    fn publication(channel: &str, epoch: &str, offset: u64, expires_at_ms: i64, keep: usize) -> Op {
+        Op::Publication {
+            channel: channel.into(),
+            epoch: epoch.into(),
+            offset,
+            payload: Arc::from(format!(r#"{{"n":{offset}}}"#).as_bytes()),
+            at_ms: 5,
+            expires_at_ms,
+            keep,
+        }
+    }
+
+    fn revoke(kind: RevocationKind, value: &str, at: i64, exp: i64, reason: &str) -> Op {
+        Op::Revoke(Revocation {
+            kind,
+            value: value.into(),
+            revoked_at_ms: at,
+            expires_at_ms: exp,
+            reason: reason.into(),
+        })
+    }
+
+    fn inbox(b: &mut SqliteBackend, user: &str) -> Vec<InboxMsg> {
+        match one(
+            b,
+            Op::Inbox {
+                user: user.into(),
+                limit: 100,
+            },
+        ) {
+            Outcome::Inbox(v) => v,
+            o => panic!("{o:?}"),
+        }
+    }
+
+    fn records(b: &mut SqliteBackend, table: &str, after_id: i64, limit: usize) -> Vec<Record> {
+        match one(
+            b,
+            Op::Records {
+                table: table.into(),
+                after_id,
+                limit,
+            },
+        ) {
+            Outcome::Records(v) => v,
+            o => panic!("{o:?}"),
+        }
+    }
+
+    fn one(b: &mut SqliteBackend, op: Op) -> Outcome {
+        b.apply(vec![op]).pop().unwrap().unwrap()
+    }
+
+    fn count(dir: &Path, table: &str) -> i64 {
+        let conn = Connection::open(dir.join(DB_FILE)).unwrap();
+        conn.query_row(
+            &format!("SELECT count(*) FROM {}", quote_ident(table)),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    const FAR: i64 = i64::MAX;
+
+    #[test]
+    fn migrations_run_once_and_reopening_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(dir.path());
+        assert_eq!(b.version().unwrap(), schema_version());
+        assert_eq!(b.path(), dir.path().join(DB_FILE));
+        let mode: String = b
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        drop(b);
+        let b = open(dir.path());
+        assert_eq!(b.version().unwrap(), schema_version());
+        assert_eq!(count(dir.path(), TABLE), 0);
+        assert_eq!(count(dir.path(), "inbox"), 0);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()));
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        match SqliteBackend::open(&cfg(dir.path()), TABLE) {
+            Err(StoreError::SchemaTooNew {
+                found: 99,
+                supported,
+                ..
+            }) => assert_eq!(supported, schema_version()),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("opened a newer schema"),
+        }
+    }
+
+    #[test]
+    fn a_missing_data_dir_is_created_and_an_unusable_one_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("a/b");
+        drop(open(&nested));
+        assert!(nested.join(DB_FILE).exists());
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = SqliteBackend::open(&cfg(&file), TABLE).err().unwrap();
+        assert!(matches!(err, StoreError::Io { .. }), "{err}");
+        assert!(err.to_string().contains("storage.data_dir"), "{err}");
+    }
+
+    #[test]
+    fn ingest_inserts_and_deduplicates_by_user_and_client_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path());
+        let r = b.apply(vec![
+            ingest("u1", Some("c1"), r#"{"t":1}"#),
+            ingest("u1", Some("c1"), r#"{"t":2}"#), // same batch
+            ingest("u2", Some("c1"), r#"{"t":3}"#), // another user
+            ingest("u1", None, r#"{"t":4}"#),
+            ingest("u1", None, r#"{"t":4}"#), // no client id: never a duplicate
+        ]);
+        let r: Vec<Outcome> = r.into_iter().map(Result::unwrap).collect();
+        assert_eq!(
+            r,
+            vec![
+                Outcome::Ingested {
+                    id: 1,
+                    duplicate: false
+                },
+                Outcome::Ingested {
+                    id: 1,
+                    duplicate: true
+                },
+                Outcome::Ingested {
+                    id: 2,
+                    duplicate: false
+                },
+                Outcome::Ingested {
+                    id: 3,
+                    duplicate: false
+                },
+                Outcome::Ingested {
+                    id: 4,
+                    duplicate: false
+                },
+            ]
+        );
+        // A later batch too.
+        assert_eq!(
+            one(&mut b, ingest("u1", Some("c1"), "{}")),
+            Outcome::Ingested {
+                id: 1,
+                duplicate: true
+            }
+        );
+        let all = records(&mut b, TABLE, 0, 100);
+        assert_eq!(all.len(), 4);
+        assert_eq!(
+            all[0],
+            Record {
+                id: 1,
+                kind: "sensor_data".into(),
+                user: "u1".into(),
+                connection: "0.1".into(),
+                client_id: Some("c1".into()),
+                received_at_ms: 1_000,
+                data: r#"{"t":1}"#.into(),
+            }
+        );
+        assert_eq!(all[3].client_id, None);
+        let page: Vec<i64> = records(&mut b, TABLE, 1, 2).iter().map(|r| r.id).collect();
+        assert_eq!(page, vec![2, 3]);
+    }
+
+    #[test]
+    fn ingest_creates_another_table_on_first_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path());
+        let op = Op::Ingest {
+            table: "other_table".into(),
+            kind: "k".into(),
+            user: "u".into(),
+            connection: "c".into(),
+            client_id: Some("x".into()),
+            received_at_ms: 7,
+            data: b"[1]".to_vec(),
+        };
+        assert_eq!(
+            one(&mut b, op),
+            Outcome::Ingested {
+                id: 1,
+                duplicate: false
+            }
+        );
+        assert_eq!(records(&mut b, "other_table", 0, 10)[0].data, "[1]");
+        assert_eq!(count(dir.path(), TABLE), 0);
+        // A table nobody wrote to cannot be read.
+        let r = b.apply(vec![Op::Records {
+            table: "nope".into(),
+            after_id: 0,
+            limit: 1,
+        }]);
+        assert!(matches!(
+            &*r[0].as_ref().unwrap_err().clone(),
+            StoreError::Sql(_)
+        ));
+    }
+
+    #[test]
+    fn history_is_trimmed_to_keep_and_loads_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path());
+        let mut ops: Vec<Op> = (1..=10)
+            .map(|o| publication("b:x", "e1", o, FAR, 3))
+            .collect();
+        ops.extend((1..=2).map(|o| publication("a", "e2", o, FAR, 5)));
+        ops.push(publication("c", "e3", 4, 1, 5)); // expired
+        assert!(
+            b.apply(ops)
+                .into_iter()
+                .all(|r| r.unwrap() == Outcome::Done)
+        );
+        assert_eq!(count(dir.path(), "history"), 3 + 2 + 1);
+        drop(b);
+
+        let mut b = open(dir.path());
+        let loaded = b.load(now_ms()).unwrap();
+        let summary: Vec<(&str, &str, u64, Vec<u64>)> = loaded
+            .channels
+            .iter()
+            .map(|c| {
+                let offsets = c.publications.iter().map(|p| p.offset).collect();
+                (c.channel.as_str(), c.epoch.as_str(), c.top_offset, offsets)
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("a", "e2", 2, vec![1, 2]),
+                ("b:x", "e1", 10, vec![8, 9, 10]),
+                ("c", "e3", 4, vec![]),
+            ]
+        );
+        let p = &loaded.channels[1].publications[0];
+        assert_eq!(&*p.payload, br#"{"n":8}"#);
+        assert_eq!((p.at_ms, p.expires_at_ms), (5, FAR));
+        assert!(loaded.revocations.is_empty());
+    }
+
+    #[test]
+    fn a_new_epoch_drops_the_old_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path());
+        b.apply(
+            (1..=5)
+                .map(|o| publication("ch", "old", o, FAR, 10))
+                .collect(),
+        );
+        one(&mut b, publication("ch", "new", 1, FAR, 10));
+        // Same epoch, an older offset arriving late: the top stays.
+        one(&mut b, publication("ch", "new", 3, FAR, 10));
+        one(&mut b, publication("ch", "new", 2, FAR, 10));
+        let loaded = b.load(now_ms()).unwrap();
+        let ch = &loaded.channels[0];
+        assert_eq!((ch.epoch.as_str(), ch.top_offset), ("new", 3));
+        let offsets: Vec<u64> = ch.publications.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn inbox_keeps_order_acks_only_for_the_owner_trims_and_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path());
+        let ids: Vec<i64> = b
+            .apply(
+                (0..5)
+                    .map(|i| put("alice", &format!("m{i}"), FAR, 3))
+                    .collect(),
+            )
+            .into_iter()
+            .map(|r| match r.unwrap() {
+                Outcome::Stored { id } => id,
+                o => panic!("{o:?}"),
+            })
+            .collect();
+        assert_eq!(ids, vec![1, 2, 3, 4, 5]);
+        one(&mut b, put("bob", "for bob", FAR, 3));
+        one(&mut b, put("alice", "expired", now_ms() - 1, 3)); // id 7, trims m2
+        let got = inbox(&mut b, "alice");
+        let texts: Vec<&[u8]> = got.iter().map(|m| &m.payload[..]).collect();
+        assert_eq!(texts, vec![&br#"{"text":"m3"}"#[..], br#"{"text":"m4"}"#]);
+        assert_eq!(got[0].id, 4);
+        assert_eq!(got[0].user, "alice");
+        assert_eq!(got[0].expires_at_ms, FAR);
+
+        let ack = |user: &str, id| Op::InboxAck {
+            user: user.into(),
+            id,
+        };
+        assert_eq!(one(&mut b, ack("bob", 4)), Outcome::Acked { found: false });
+        assert_eq!(one(&mut b, ack("alice", 4)), Outcome::Acked { found: true });
+        assert_eq!(
+            one(&mut b, ack("alice", 4)),
+            Outcome::Acked { found: false }
+        );
+        assert_eq!(inbox(&mut b, "alice").len(), 1);
+        assert_eq!(inbox(&mut b, "bob").len(), 1);
+
+        // Ids are never reused, even after the newest is deleted.
+        assert_eq!(one(&mut b, ack("alice", 7)), Outcome::Acked { found: true });
+        assert_eq!(
+            one(&mut b, put("alice", "later", FAR, 3)),
+            Outcome::Stored { id: 8 }
+        );
+        let limited = match one(
+            &mut b,
+            Op::Inbox {
+                user: "alice".into(),
+                limit: 1,
+            },
+        ) {
+            Outcome::Inbox(v) => v,
+            o => panic!("{o:?}"),
+        };
+        assert_eq!(limited.len(), 1);
+        assert_eq!(limited[0].id, 5);
+    }
+
+    #[test]
+    fn reads_in_a_batch_see_its_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path());
+        let r = b.apply(vec![
+            Op::Inbox {
+                user: "u".into(),
+                limit: 10,
+            },
+            put("u", "x", FAR, 10),
+        ]);
+        match &r[0] {
+            Ok(Outcome::Inbox(v)) => assert_eq!(v.len(), 1),
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(r[1].as_ref().unwrap(), &Outcome::Stored { id: 1 });
+    }
+
+    #[test]
+    fn revocations_upsert_keep_the_later_times_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path());
+        let now = now_ms();
+        let r = b.apply(vec![
+            revoke(RevocationKind::User, "mallory", 100, now + 1_000, "first"),
+            revoke(RevocationKind::User, "mallory", 50, now + 2_000, "older"),
+            revoke(RevocationKind::Token, "jti-1", 10, now - 1, "expired"),
+            revoke(
+                RevocationKind::Token,
+                "mallory",
+                10,
+                now + 5,
+                "same value, other kind",
+            ),
+        ]);
+        assert!(r.into_iter().all(|r| r.unwrap() == Outcome::Done));
+        drop(b);
+        let mut b = open(dir.path());
+        let loaded = b.load(now).unwrap();
+        assert_eq!(
+            loaded.revocations,
+            vec![
+                Revocation {
+                    kind: RevocationKind::Token,
+                    value: "mallory".into(),
+                    revoked_at_ms: 10,
+                    expires_at_ms: now + 5,
+                    reason: "same value, other kind".into(),
+                },
+                Revocation {
+                    kind: RevocationKind::User,
+                    value: "mallory".into(),
+                    revoked_at_ms: 100,
+                    expires_at_ms: now + 2_000,
+                    reason: "first".into(),
+                },
+            ]
+        );
+        one(
+            &mut b,
+            revoke(RevocationKind::User, "mallory", 200, 0, "again"),
+        );
+        let rev = b.load(now).unwrap().revocations.pop().unwrap();
+        assert_eq!((rev.revoked_at_ms, rev.expires_at_ms), (200, now + 2_000));
+        assert_eq!(rev.reason, "again");
+    }
+
+    #[test]
+    fn prune_deletes_expired_rows_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path());
+        b.apply(vec![
+            publication("ch", "e", 1, 100, 10),
+            publication("ch", "e", 2, FAR, 10),
+            put("u", "old", 100, 10),
+            put("u", "new", FAR, 10),
+            revoke(RevocationKind::Token, "t", 1, 100, ""),
+            revoke(RevocationKind::Token, "t2", 1, FAR, ""),
+            ingest("u", None, "{}"),
+        ]);
+        assert_eq!(b.prune(100).unwrap(), 3);
+        assert_eq!(b.prune(100).unwrap(), 0);
+        for table in ["history", "inbox", "revocations", TABLE, "channels"] {
+            assert_eq!(count(dir.path(), table), 1, "{table}");
+        }
+    }
+
+    #[test]
+    fn a_bad_op_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path());
+        let r = b.apply(vec![
+            put("u", "a", FAR, 10),
+            // Not an ingest table: the INSERT fails, the batch is retried without it.
+            Op::Ingest {
+                table: "history".into(),
+                kind: "k".into(),
+                user: "u".into(),
+                connection: "c".into(),
+                client_id: None,
+                received_at_ms: 0,
+                data: b"{}".to_vec(),
+            },
+            publication("ch", "e", u64::MAX, FAR, 1),
+            ingest("u", None, "\u{0}ok"),
+            Op::Ingest {
+                table: TABLE.into(),
+                kind: "k".into(),
+                user: "u".into(),
+                connection: "c".into(),
+                client_id: None,
+                received_at_ms: 0,
+                data: vec![0xff, 0xfe],
+            },
+            put("u", "b", FAR, 10),
+        ]);
+        assert_eq!(r[0].as_ref().unwrap(), &Outcome::Stored { id: 1 });
+        assert!(matches!(&**r[1].as_ref().unwrap_err(), StoreError::Sql(_)));
+        assert!(matches!(
+            &**r[2].as_ref().unwrap_err(),
+            StoreError::OutOfRange {
+                value: u64::MAX,
+                ..
+            }
+        ));
+        assert!(r[3].is_ok());
+        assert!(matches!(
+            &**r[4].as_ref().unwrap_err(),
+            StoreError::NotUtf8 { .. }
+        ));
+        assert_eq!(r[5].as_ref().unwrap(), &Outcome::Stored { id: 2 });
+        // Applied once: the first attempt was rolled back.
+        assert_eq!(inbox(&mut b, "u").len(), 2);
+        assert_eq!(records(&mut b, TABLE, 0, 10).len(), 1);
+    }
+
+    #[test]
+    fn a_failed_transaction_fails_every_write_and_applies_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path());
+        let other = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        other
+            .execute_batch(&format!("DROP TABLE {}", quote_ident(TABLE)))
+            .unwrap();
+        let r = b.apply(vec![
+            put("u", "a", FAR, 10),
+            ingest("u", None, "{}"),
+            ingest("u", Some("c"), "{}"),
+            revoke(RevocationKind::User, "u", 1, FAR, ""),
+            Op::Inbox {
+                user: "u".into(),
+                limit: 10,
+            },
+        ]);
+        for (i, r) in r[..4].iter().enumerate() {
+            let e = r.as_ref().unwrap_err();
+            assert!(e.to_string().contains(TABLE), "{i}: {e}");
+        }
+        assert_eq!(r[4].as_ref().unwrap(), &Outcome::Inbox(vec![]));
+        assert_eq!(count(dir.path(), "inbox"), 0);
+        assert_eq!(count(dir.path(), "revocations"), 0);
+        // The backend is still usable.
+        assert_eq!(
+            one(&mut b, put("u", "b", FAR, 10)),
+            Outcome::Stored { id: 1 }
+        );
+    }
+}

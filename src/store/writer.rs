@@ -1,0 +1,315 @@
+//! The writer thread: one consumer of a bounded queue that applies whatever
+//! has accumulated in one backend call (group commit).
+//!
+//! The batch grows by itself under load: while a commit is being made, new
+//! requests queue up, and the next loop turn takes them all (at most
+//! `max_batch`). An idle writer commits a single request at once, so there
+//! is no latency added to wait for a batch to fill.
+//!
+//! Shutdown must not lose a request a shard was told was queued. Senders
+//! announce themselves in `inflight` before they look at `closing`; shutdown
+//! sets `closing` and then waits for `inflight` to drain, so after it no
+//! request can enter the queue, and the thread drains what is there.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError, select};
+
+use super::{Backend, Done, Notify, Request, StoreError, now_ms};
+use crate::config::StorageConfig;
+
+/// How often expired history, inbox messages and revocations are deleted.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// A request the queue did not take; the caller gets it back.
+#[derive(Debug)]
+pub enum SendError {
+    /// The queue is full: answer `overloaded`.
+    Full(Request),
+    /// The writer is shutting down or gone.
+    Closed(Request),
+}
+
+impl SendError {
+    pub fn into_request(self) -> Request {
+        match self {
+            SendError::Full(r) | SendError::Closed(r) => r,
+        }
+    }
+}
+
+/// Counters of the writer since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Backend calls (one transaction each, unless one op had to be isolated).
+    pub batches: u64,
+    pub ops: u64,
+    /// Ops answered with an error, plus failed prunes.
+    pub errors: u64,
+    pub last_batch: u64,
+    pub max_batch: u64,
+    /// Time spent in the backend applying batches, in microseconds.
+    pub commit_us: u64,
+    /// Expired rows deleted.
+    pub pruned: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    batches: AtomicU64,
+    ops: AtomicU64,
+    errors: AtomicU64,
+    last_batch: AtomicU64,
+    max_batch: AtomicU64,
+    commit_us: AtomicU64,
+    pruned: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> WriterStats {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        WriterStats {
+            batches: get(&self.batches),
+            ops: get(&self.ops),
+            errors: get(&self.errors),
+            last_batch: get(&self.last_batch),
+            max_batch: get(&self.max_batch),
+            commit_us: get(&self.commit_us),
+            pruned: get(&self.pruned),
+        }
+    }
+}
+
+struct Shared {
+    closing: AtomicBool,
+    /// Senders between their `closing` check and their send.
+    inflight: AtomicUsize,
+    counters: Counters,
+}
+
+/// Send side, cloned into every shard.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: Sender<Request>,
+    shared: Arc<Shared>,
+}
+
+impl WriterHandle {
+    /// Queue a request without blocking.
+    pub fn try_send(&self, req: Request) -> Result<(), SendError> {
+        self.shared.inflight.fetch_add(1, Ordering::SeqCst);
+        let res = if self.shared.closing.load(Ordering::SeqCst) {
+            Err(SendError::Closed(req))
+        } else {
+            self.tx.try_send(req).map_err(|e| match e {
+                TrySendError::Full(r) => SendError::Full(r),
+                TrySendError::Disconnected(r) => SendError::Closed(r),
+            })
+        };
+        self.shared.inflight.fetch_sub(1, Ordering::SeqCst);
+        res
+    }
+
+    /// Requests waiting (for status/metrics).
+    pub fn depth(&self) -> usize {
+        self.tx.len()
+    }
+
+    pub fn stats(&self) -> WriterStats {
+        self.shared.counters.snapshot()
+    }
+}
+
+/// The running writer thread (named "writer").
+pub struct Writer {
+    handle: WriterHandle,
+    stop: Sender<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Start the thread. It blocks on the queue, takes everything queued (up
+    /// to `max_batch`), applies it in one `backend.apply` call, then calls
+    /// `notify.done` once per shard with that shard's results in request
+    /// order. It prunes expired rows at start and every [`PRUNE_EVERY`].
+    pub fn spawn(
+        backend: Box<dyn Backend>,
+        cfg: &StorageConfig,
+        notify: Arc<dyn Notify>,
+    ) -> std::io::Result<Writer> {
+        let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity.max(1));
+        let (stop, stop_rx) = crossbeam_channel::bounded(1);
+        let shared = Arc::new(Shared {
+            closing: AtomicBool::new(false),
+            inflight: AtomicUsize::new(0),
+            counters: Counters::default(),
+        });
+        let mut run = Run {
+            backend,
+            notify,
+            shared: shared.clone(),
+            max_batch: cfg.max_batch.max(1),
+        };
+        let thread = std::thread::Builder::new()
+            .name("writer".into())
+            .spawn(move || run.main(&rx, &stop_rx))?;
+        Ok(Writer {
+            handle: WriterHandle { tx, shared },
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn handle(&self) -> WriterHandle {
+        self.handle.clone()
+    }
+
+    pub fn stats(&self) -> WriterStats {
+        self.handle.stats()
+    }
+
+    /// Stop accepting, apply everything already queued (committed and
+    /// notified), join the thread. Idempotent; also done on drop.
+    pub fn shutdown(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let shared = &self.handle.shared;
+        shared.closing.store(true, Ordering::SeqCst);
+        while shared.inflight.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
+        let _ = self.stop.send(()); // Err: the thread is gone already
+        if thread.join().is_err() {
+            log::error!("the storage writer thread panicked");
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The thread's state.
+struct Run {
+    backend: Box<dyn Backend>,
+    notify: Arc<dyn Notify>,
+    shared: Arc<Shared>,
+    max_batch: usize,
+}
+
+impl Run {
+    fn main(&mut self, rx: &Receiver<Request>, stop: &Receiver<()>) {
+        let mut next_prune = Instant::now();
+        let mut batch = Vec::with_capacity(self.max_batch.min(4096));
+        loop {
+            let wait = next_prune.saturating_duration_since(Instant::now());
+            let stopping = select! {
+                recv(rx) -> req => match req {
+                    Ok(req) => {
+                        batch.push(req);
+                        false
+                    }
+                    Err(_) => true,
+                },
+                recv(stop) -> _ => true,
+                default(wait) => false,
+            };
+            // Everything queued, in batches of max_batch.
+            loop {
+                batch.extend(rx.try_iter().take(self.max_batch - batch.len()));
+                if batch.is_empty() {
+                    break;
+                }
+                self.run_batch(std::mem::take(&mut batch));
+                if !stopping {
+                    break;
+                }
+            }
+            if stopping {
+                return;
+            }
+            if Instant::now() >= next_prune {
+                self.prune();
+                next_prune = Instant::now() + PRUNE_EVERY;
+            }
+        }
+    }
+
+    fn run_batch(&mut self, batch: Vec<Request>) {
+        let n = batch.len();
+        let (ops, tickets): (Vec<_>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.ticket)).unzip();
+        let started = Instant::now();
+        let results = catch_unwind(AssertUnwindSafe(|| self.backend.apply(ops)));
+        let took = started.elapsed();
+        let results = results.unwrap_or_else(|_| {
+            log::error!("the storage backend panicked applying a batch of {n}");
+            let e = Arc::new(StoreError::BackendPanicked);
+            (0..n).map(|_| Err(e.clone())).collect()
+        });
+        let c = &self.shared.counters;
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        c.ops.fetch_add(n as u64, Ordering::Relaxed);
+        c.last_batch.store(n as u64, Ordering::Relaxed);
+        c.max_batch.fetch_max(n as u64, Ordering::Relaxed);
+        c.commit_us.fetch_add(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+
+        // Group by shard, keeping request order; a missing result is an error.
+        let mut per_shard: Vec<(usize, Vec<Done>)> = Vec::new();
+        let mut results = results.into_iter();
+        let mut errors = 0;
+        for ticket in tickets {
+            let result = results
+                .next()
+                .unwrap_or_else(|| Err(Arc::new(StoreError::NoResult)));
+            if let Err(e) = &result {
+                errors += 1;
+                if ticket.is_none() {
+                    log::warn!("storage write failed (nobody waits for it): {e}");
+                }
+            }
+            let Some(ticket) = ticket else { continue };
+            let done = Done {
+                token: ticket.token,
+                result,
+            };
+            match per_shard.iter_mut().find(|(s, _)| *s == ticket.shard) {
+                Some((_, v)) => v.push(done),
+                None => per_shard.push((ticket.shard, vec![done])),
+            }
+        }
+        c.errors.fetch_add(errors, Ordering::Relaxed);
+        for (shard, results) in per_shard {
+            self.notify.done(shard, results);
+        }
+    }
+
+    fn prune(&mut self) {
+        let c = &self.shared.counters;
+        match catch_unwind(AssertUnwindSafe(|| self.backend.prune(now_ms()))) {
+            Ok(Ok(n)) => {
+                c.pruned.fetch_add(n as u64, Ordering::Relaxed);
+                if n > 0 {
+                    log::debug!("pruned {n} expired rows");
+                }
+            }
+            Ok(Err(e)) => {
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                log::warn!("pruning expired rows failed: {e}");
+            }
+            Err(_) => {
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                log::error!("the storage backend panicked pruning");
+            }
+        }
+    }
+}
