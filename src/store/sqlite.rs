@@ -119,6 +119,10 @@ impl From<rusqlite::Error> for Fail {
 
 type OpResult = Result<Outcome, Arc<StoreError>>;
 
+/// A committed transaction's outcomes (op index, outcome), or the index of
+/// the op whose statement failed (`None`: BEGIN or COMMIT failed) and why.
+type Attempt = Result<Vec<(usize, Outcome)>, (Option<usize>, StoreError)>;
+
 pub struct SqliteBackend {
     conn: Connection,
     path: PathBuf,
@@ -207,7 +211,7 @@ impl SqliteBackend {
         ops: &[Op],
         todo: &[usize],
         results: &mut [Option<OpResult>],
-    ) -> Result<Vec<(usize, Outcome)>, (Option<usize>, StoreError)> {
+    ) -> Attempt {
         if !self.conn.is_autocommit() {
             // A rollback that failed earlier left a transaction open.
             let _ = self.conn.execute_batch("ROLLBACK");

@@ -100,6 +100,10 @@ pub struct WriterHandle {
 
 impl WriterHandle {
     /// Queue a request without blocking.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the request comes back so the caller can answer it; no allocation per send"
+    )]
     pub fn try_send(&self, req: Request) -> Result<(), SendError> {
         self.shared.inflight.fetch_add(1, Ordering::SeqCst);
         let res = if self.shared.closing.load(Ordering::SeqCst) {
@@ -311,5 +315,217 @@ impl Run {
                 log::error!("the storage backend panicked pruning");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Loaded, Op, Outcome, SqliteBackend, Ticket};
+    use crossbeam_channel::Receiver;
+
+    /// Results arrive on a channel, one message per `done` call.
+    struct ChanNotify(Sender<(usize, Vec<Done>)>);
+
+    impl Notify for ChanNotify {
+        fn done(&self, shard: usize, results: Vec<Done>) {
+            self.0.send((shard, results)).unwrap();
+        }
+    }
+
+    /// Answers every op `Done`; each `apply` first reports that it started,
+    /// then waits until the test opens the gate (drops its sender).
+    struct Gated {
+        entered: Sender<usize>,
+        gate: Receiver<()>,
+        panic_first: bool,
+    }
+
+    impl Backend for Gated {
+        fn apply(&mut self, ops: Vec<Op>) -> Vec<Result<Outcome, Arc<StoreError>>> {
+            let _ = self.entered.send(ops.len());
+            let _ = self.gate.recv();
+            if std::mem::take(&mut self.panic_first) {
+                panic!("test panic");
+            }
+            ops.iter().map(|_| Ok(Outcome::Done)).collect()
+        }
+        fn load(&mut self, _: i64) -> Result<Loaded, StoreError> {
+            Ok(Loaded::default())
+        }
+        fn prune(&mut self, _: i64) -> Result<usize, StoreError> {
+            Ok(0)
+        }
+    }
+
+    struct Setup {
+        writer: Writer,
+        results: Receiver<(usize, Vec<Done>)>,
+        entered: Receiver<usize>,
+        gate: Option<Sender<()>>,
+    }
+
+    fn gated(queue_capacity: usize, max_batch: usize, panic_first: bool) -> Setup {
+        let (entered_tx, entered) = crossbeam_channel::unbounded();
+        let (gate, gate_rx) = crossbeam_channel::unbounded();
+        let (tx, results) = crossbeam_channel::unbounded();
+        let cfg = StorageConfig {
+            queue_capacity,
+            max_batch,
+            ..StorageConfig::default()
+        };
+        let backend = Gated {
+            entered: entered_tx,
+            gate: gate_rx,
+            panic_first,
+        };
+        let writer = Writer::spawn(Box::new(backend), &cfg, Arc::new(ChanNotify(tx))).unwrap();
+        Setup {
+            writer,
+            results,
+            entered,
+            gate: Some(gate),
+        }
+    }
+
+    fn req(shard: usize, token: u64) -> Request {
+        Request {
+            op: Op::InboxAck {
+                user: "u".into(),
+                id: 1,
+            },
+            ticket: Some(Ticket { shard, token }),
+        }
+    }
+
+    /// Every (shard, token, result) received, in arrival order, until `n`.
+    fn collect(rx: &Receiver<(usize, Vec<Done>)>, n: usize) -> Vec<(usize, Done)> {
+        let mut all = Vec::new();
+        while all.len() < n {
+            let (shard, results) = rx.recv().unwrap();
+            assert!(!results.is_empty());
+            all.extend(results.into_iter().map(|d| (shard, d)));
+        }
+        assert!(rx.try_recv().is_err(), "more results than requests");
+        all
+    }
+
+    #[test]
+    fn group_commit_batches_and_answers_every_token_once_in_order() {
+        let mut s = gated(4096, 100, false);
+        let h = s.writer.handle();
+        h.try_send(req(0, 0)).unwrap();
+        assert_eq!(s.entered.recv().unwrap(), 1); // the writer is inside apply
+        for token in 1..1000 {
+            h.try_send(req(token as usize % 3, token)).unwrap();
+        }
+        assert_eq!(h.depth(), 999);
+        s.gate = None; // open
+        let all = collect(&s.results, 1000);
+        for shard in 0..3 {
+            let tokens: Vec<u64> = all
+                .iter()
+                .filter(|(s, _)| *s == shard)
+                .map(|(_, d)| d.token)
+                .collect();
+            let expected: Vec<u64> = (0..1000).filter(|t| t % 3 == shard as u64).collect();
+            assert_eq!(tokens, expected, "shard {shard}");
+        }
+        assert!(all.iter().all(|(_, d)| d.result.is_ok()));
+        let st = s.writer.stats();
+        // 1, then the 999 queued meanwhile in batches of at most 100.
+        assert_eq!(st.batches, 11);
+        assert_eq!(
+            (st.ops, st.max_batch, st.last_batch, st.errors),
+            (1000, 100, 99, 0)
+        );
+        let sizes: Vec<usize> = s.entered.try_iter().collect();
+        assert_eq!(sizes.len(), 10);
+        assert_eq!(h.depth(), 0);
+    }
+
+    #[test]
+    fn try_send_reports_full_then_closed() {
+        let mut s = gated(8, 4096, false);
+        let h = s.writer.handle();
+        h.try_send(req(0, 0)).unwrap();
+        s.entered.recv().unwrap();
+        for token in 1..=8 {
+            h.try_send(req(0, token)).unwrap();
+        }
+        match h.try_send(req(0, 9)) {
+            Err(SendError::Full(r)) => assert_eq!(r.ticket.unwrap().token, 9),
+            other => panic!("{other:?}"),
+        }
+        s.gate = None;
+        let tokens: Vec<u64> = collect(&s.results, 9)
+            .iter()
+            .map(|(_, d)| d.token)
+            .collect();
+        assert_eq!(tokens, (0..=8).collect::<Vec<_>>());
+        s.writer.shutdown();
+        s.writer.shutdown(); // idempotent
+        assert!(matches!(h.try_send(req(0, 10)), Err(SendError::Closed(_))));
+    }
+
+    #[test]
+    fn a_panicking_backend_answers_errors_and_the_writer_goes_on() {
+        let mut s = gated(16, 16, true);
+        let h = s.writer.handle();
+        s.gate = None;
+        h.try_send(req(1, 1)).unwrap();
+        let (shard, done) = s.results.recv().unwrap();
+        assert_eq!(shard, 1);
+        assert!(matches!(
+            &*done[0].result.as_ref().unwrap_err().clone(),
+            StoreError::BackendPanicked
+        ));
+        h.try_send(req(1, 2)).unwrap();
+        let (_, done) = s.results.recv().unwrap();
+        assert_eq!(done[0].result.as_ref().unwrap(), &Outcome::Done);
+        assert_eq!(s.writer.stats().errors, 1);
+    }
+
+    #[test]
+    fn shutdown_applies_everything_queued_before_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageConfig {
+            data_dir: dir.path().to_owned(),
+            synchronous: crate::config::SyncMode::Normal,
+            ..StorageConfig::default()
+        };
+        let backend = SqliteBackend::open(&cfg, "records").unwrap();
+        let (tx, results) = crossbeam_channel::unbounded();
+        let mut writer = Writer::spawn(Box::new(backend), &cfg, Arc::new(ChanNotify(tx))).unwrap();
+        let h = writer.handle();
+        for i in 0..500u64 {
+            let op = Op::Ingest {
+                table: "records".into(),
+                kind: "sensor_data".into(),
+                user: "u".into(),
+                connection: "0.1".into(),
+                client_id: Some(format!("c{i}")),
+                received_at_ms: 1,
+                data: format!(r#"{{"i":{i}}}"#).into_bytes(),
+            };
+            let ticket = (i % 2 == 0).then_some(Ticket { shard: 0, token: i });
+            h.try_send(Request { op, ticket }).unwrap();
+        }
+        writer.shutdown();
+        let answered = collect(&results, 250);
+        assert!(answered.iter().all(|(_, d)| matches!(
+            d.result,
+            Ok(Outcome::Ingested {
+                duplicate: false,
+                ..
+            })
+        )));
+        drop(writer);
+        let conn =
+            rusqlite::Connection::open(dir.path().join(super::super::sqlite::DB_FILE)).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 500);
     }
 }
