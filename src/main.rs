@@ -67,6 +67,23 @@ enum Command {
         #[arg(long)]
         alg: Option<String>,
     },
+    /// Print ingested records as JSON lines, encrypted fields decrypted (docs/STORAGE.md).
+    Decrypt {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Table to read (default: ingest.table).
+        #[arg(long, value_name = "NAME")]
+        table: Option<String>,
+        /// Only records with a larger id (the last id printed, to page).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        after_id: i64,
+        /// At most N records (default: all).
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+        /// Only this user's records.
+        #[arg(long, value_name = "ID")]
+        user: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -124,6 +141,24 @@ fn main() -> ExitCode {
                     println!("{token}");
                     ExitCode::SUCCESS
                 }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Decrypt {
+            config,
+            table,
+            after_id,
+            limit,
+            user,
+        } => {
+            let opts = switchboard::decrypt::ExportOptions {
+                table,
+                after_id,
+                limit,
+                user,
+            };
+            match switchboard::decrypt::run(config.as_deref(), &opts) {
+                Ok(_) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }
         }
