@@ -10,6 +10,7 @@ pub mod auth;
 pub mod auth_setup;
 pub mod config;
 pub mod conn;
+pub mod console;
 pub mod decrypt;
 pub mod error;
 pub mod http;
