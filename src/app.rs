@@ -66,6 +66,8 @@ pub struct Session {
     /// Channels subscribed with `since` whose recovery is still on its way:
     /// live publications for them are dropped (the recovery carries them).
     recovering: Vec<Arc<str>>,
+    /// When the upgrade completed (ms since the epoch).
+    connected_at_ms: i64,
 }
 
 /// What the connection should do after a handler ran.
@@ -82,6 +84,8 @@ pub enum Verdict {
 #[derive(Debug, Clone)]
 pub enum Audience {
     User(Arc<str>),
+    /// Several users (the HTTP API's `/websocket/message/users`).
+    Users(Arc<[Arc<str>]>),
     Channel(Arc<str>),
     /// Every authenticated connection.
     All,
@@ -110,6 +114,8 @@ pub enum ReplyKind {
     Subscribed { channel: Arc<str> },
     /// `{"type":"response","action":"history",...}`.
     History { channel: Arc<str>, upper: bool },
+    /// An HTTP API response (the connection is an HTTP one).
+    Api(Box<crate::api::Pending>),
 }
 
 /// A channel publication on its way to the channel's home shard.
@@ -140,10 +146,16 @@ pub enum StoreWait {
     },
     /// A direct message stored in the recipient's inbox: deliver it with
     /// its id, then `sent` to the sender.
+    /// Its `reply` kind is completed with the id once stored.
     InboxPut {
         to: Arc<str>,
         payload: Box<[u8]>,
-        request_id: Option<Vec<u8>>,
+        reply: Reply,
+    },
+    /// A revocation committed: apply it on every shard, then answer.
+    Revoke {
+        revocation: Arc<crate::store::Revocation>,
+        reply: Option<Reply>,
     },
     /// The user's pending inbox, to deliver to the connection that logged in.
     Inbox,
@@ -187,6 +199,17 @@ pub enum Outgoing {
         user: Arc<str>,
         id: i64,
     },
+    /// An HTTP API query to some shards (`shards` is a bitmask).
+    Query {
+        shards: u64,
+        query: crate::api::ShardQuery,
+        reply: Reply,
+    },
+    /// Store a revocation (when storage is on), then apply it everywhere.
+    Revoke {
+        revocation: crate::store::Revocation,
+        reply: Option<Reply>,
+    },
 }
 
 /// Shard state a handler may use.
@@ -228,6 +251,40 @@ impl Session {
             refilled: None,
             data_received: 0,
             recovering: Vec::new(),
+            connected_at_ms: crate::store::now_ms(),
+        }
+    }
+
+    pub fn connected_at_ms(&self) -> i64 {
+        self.connected_at_ms
+    }
+
+    /// Server-side subscribe or unsubscribe (HTTP API, seed 001
+    /// `area_added`/`area_removed`): no permission check, the backend decides.
+    /// Returns whether the connection's subscriptions changed.
+    pub fn server_membership(
+        &mut self,
+        channel: &Arc<str>,
+        subscribe: bool,
+        local: &mut LocalIndex,
+        router: &Router,
+        shard: usize,
+        key: usize,
+    ) -> bool {
+        let at = self.subs.iter().position(|s| s == channel);
+        match (subscribe, at) {
+            (true, None) => {
+                local.subscribe(router, shard, channel, key);
+                self.subs.push(channel.clone());
+                true
+            }
+            (false, Some(i)) => {
+                let ch = self.subs.swap_remove(i);
+                self.recovered(&ch);
+                local.unsubscribe(router, shard, &ch, key);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -1360,9 +1417,14 @@ pub fn store_direct(ctx: &mut AppCtx<'_>, to: Arc<str>, event: Vec<u8>, rid: Opt
             max_per_user: ctx.cfg.inbox.max_per_user,
         },
         wait: StoreWait::InboxPut {
-            to,
+            to: to.clone(),
             payload,
-            request_id: rid.map(<[u8]>::to_vec),
+            reply: Reply {
+                key: ctx.key,
+                conn: ctx.conn,
+                request_id: rid.map(<[u8]>::to_vec),
+                kind: ReplyKind::SentStored { to, id: 0 },
+            },
         },
     });
 }
@@ -1427,6 +1489,8 @@ pub struct Gathered<'a> {
     /// Connections reached (or present).
     pub connections: u64,
     pub presence: &'a [(Arc<str>, u32)],
+    /// Connections listed by the shards (API client list, user status).
+    pub clients: &'a [crate::api::ClientInfo],
     /// The offset and epoch the home shard gave a publication.
     pub published: Option<(u64, &'a str)>,
     /// A recovery or history page.
@@ -1503,6 +1567,7 @@ pub fn reply_text(kind: &ReplyKind, request_id: Option<&[u8]>, g: &Gathered<'_>)
             }
             o.opt_raw("requestId", request_id).finish();
         }
+        ReplyKind::Api(_) => {} // answered as HTTP by the shard
         ReplyKind::History { channel, upper } => {
             response_head(&mut b, *upper, request_id.unwrap_or(b"null"), "history");
             b.extend_from_slice(b"{\"channel\":");

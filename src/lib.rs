@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accept;
+pub mod api;
 pub mod app;
 pub mod auth;
 pub mod auth_setup;
@@ -13,10 +14,12 @@ pub mod conn;
 pub mod console;
 pub mod decrypt;
 pub mod error;
+pub mod history;
 pub mod http;
 pub mod ingest;
 pub mod logging;
 pub mod proto;
+pub mod revoke;
 pub mod route;
 pub mod server;
 pub mod shard;

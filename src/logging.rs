@@ -28,6 +28,11 @@ pub fn rfc3339_now() -> String {
 }
 
 /// Format seconds since the Unix epoch (civil-from-days, Howard Hinnant's algorithm).
+/// RFC 3339 UTC with milliseconds for a time in ms since the epoch.
+pub fn rfc3339_ms(ms: i64) -> String {
+    rfc3339(ms.div_euclid(1000), ms.rem_euclid(1000) as u32)
+}
+
 pub fn rfc3339(secs: i64, millis: u32) -> String {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);

@@ -12,7 +12,11 @@ macro_rules! counters {
 
         /// The published copy, readable from any thread.
         #[derive(Debug, Default)]
-        pub struct ShardStats { $($name: AtomicU64,)* }
+        pub struct ShardStats {
+            $($name: AtomicU64,)*
+            /// Latency histograms, published beside the counters.
+            pub histograms: Histograms,
+        }
 
         impl ShardStats {
             pub fn publish(&self, c: &Counters) {
@@ -35,6 +39,122 @@ macro_rules! counters {
             }
         }
     };
+}
+
+/// Upper bounds of the latency buckets, in microseconds (the last bucket is +Inf).
+pub const BUCKETS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+const NB: usize = BUCKETS_US.len() + 1;
+
+/// A latency histogram kept by one shard thread (plain integers).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Histo {
+    pub counts: [u64; NB],
+    pub sum_us: u64,
+}
+
+impl Histo {
+    pub fn observe(&mut self, d: std::time::Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(NB - 1);
+        if let Some(c) = self.counts.get_mut(i) {
+            *c += 1;
+        }
+        self.sum_us = self.sum_us.saturating_add(us);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// The published copy of a [`Histo`].
+#[derive(Debug, Default)]
+pub struct AtomicHisto {
+    counts: [AtomicU64; NB],
+    sum_us: AtomicU64,
+}
+
+impl AtomicHisto {
+    pub fn publish(&self, h: &Histo) {
+        for (a, v) in self.counts.iter().zip(h.counts) {
+            a.store(v, Relaxed);
+        }
+        self.sum_us.store(h.sum_us, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Histo {
+        let mut h = Histo::default();
+        for (v, a) in h.counts.iter_mut().zip(&self.counts) {
+            *v = a.load(Relaxed);
+        }
+        h.sum_us = self.sum_us.load(Relaxed);
+        h
+    }
+}
+
+/// Every latency histogram of a shard.
+#[derive(Debug, Default)]
+pub struct Histograms {
+    /// HTTP API requests: request parsed to response queued.
+    pub api: AtomicHisto,
+    /// Storage requests (ingest acks, stored direct messages): queued for the
+    /// writer to its answer back on the shard (includes the commit).
+    pub store: AtomicHisto,
+}
+
+/// Local (unpublished) histograms of a shard.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LocalHistos {
+    pub api: Histo,
+    pub store: Histo,
+}
+
+impl Histograms {
+    pub fn publish(&self, h: &LocalHistos) {
+        self.api.publish(&h.api);
+        self.store.publish(&h.store);
+    }
+}
+
+/// Append the latency histograms of every shard (Prometheus text format).
+pub fn prometheus_histograms(shards: &[std::sync::Arc<ShardStats>], out: &mut String) {
+    use std::fmt::Write;
+    let all: [(&str, &str, fn(&Histograms) -> &AtomicHisto); 2] = [
+        (
+            "switchboard_api_request_seconds",
+            "HTTP API requests, from parsed request to queued response.",
+            |h| &h.api,
+        ),
+        (
+            "switchboard_store_seconds",
+            "Storage requests, from queued for the writer to the answer (commit included).",
+            |h| &h.store,
+        ),
+    ];
+    for (name, help, pick) in all {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for (shard, st) in shards.iter().enumerate() {
+            let h = pick(&st.histograms).snapshot();
+            let mut cum = 0;
+            for (i, c) in h.counts.iter().enumerate() {
+                cum += c;
+                let le = match BUCKETS_US.get(i) {
+                    Some(us) => format!("{}", *us as f64 / 1e6),
+                    None => "+Inf".to_owned(),
+                };
+                let _ = writeln!(out, "{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}} {cum}");
+            }
+            let _ = writeln!(
+                out,
+                "{name}_sum{{shard=\"{shard}\"}} {}",
+                h.sum_us as f64 / 1e6
+            );
+            let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {cum}");
+        }
+    }
 }
 
 /// Counters that go up and down (Prometheus gauges); the others only grow.
@@ -127,6 +247,8 @@ counters! {
     store_rejected,
     /// Connections closed because their token was revoked (4001).
     revoked_closes,
+    /// HTTP requests served (API, health, metrics, console).
+    api_requests,
 }
 
 impl Counters {

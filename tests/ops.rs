@@ -26,14 +26,28 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').expect("name and type");
-            assert!(kind == "counter" || kind == "gauge", "{line}");
+            assert!(
+                kind == "counter" || kind == "gauge" || kind == "histogram",
+                "{line}"
+            );
             typed.insert(name.to_owned(), kind.to_owned());
         } else if line.starts_with("# HELP ") || line.is_empty() {
             continue;
         } else {
             let (series, value) = line.rsplit_once(' ').expect("a sample line");
-            let name = series.split('{').next().unwrap();
+            let mut name = series.split('{').next().unwrap();
+            // Histogram samples: <name>_bucket{le=..}, <name>_sum, <name>_count.
+            for suffix in ["_bucket", "_sum", "_count"] {
+                if let Some(base) = name.strip_suffix(suffix)
+                    && typed.get(base).map(String::as_str) == Some("histogram")
+                {
+                    name = base;
+                }
+            }
             assert!(typed.contains_key(name), "sample before its TYPE: {line}");
+            if series.contains("_bucket{") {
+                assert!(series.contains(",le=\""), "bucket without le: {line}");
+            }
             if typed[name] == "counter" {
                 assert!(name.ends_with("_total"), "counters end in _total: {name}");
             }

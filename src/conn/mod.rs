@@ -196,6 +196,8 @@ pub struct Ctx<'a> {
     pub storage: bool,
     pub sealer: Option<&'a crate::ingest::Sealer>,
     pub revoked: &'a crate::revoke::Revocations,
+    pub writer: Option<&'a crate::store::WriterHandle>,
+    pub histos: &'a mut crate::stats::LocalHistos,
 }
 
 pub struct Conn {
@@ -220,6 +222,10 @@ pub struct Conn {
     awaiting_pong: bool,
     /// Holds an [`Admission`] slot.
     counted: bool,
+    /// HTTP: a request waits for other shards; later ones stay buffered.
+    awaiting: bool,
+    /// HTTP: that request asked for `Connection: close`.
+    close_after: bool,
     rate_limited: bool,
     /// Wheel tick of the last data received (idle timeout).
     last_seen: u32,
@@ -258,32 +264,8 @@ impl app::Replies for Sink<'_> {
 enum Route {
     Upgrade(Endpoint),
     Reject(Response),
-    /// A plain HTTP answer that is not a refusal (health, metrics).
-    Answer(Response),
-}
-
-/// Requests on the listener that are not WebSocket upgrades.
-fn plain_route(req: &Request, ctx: &Ctx<'_>) -> Response {
-    let get = req.method == "GET";
-    match req.path.as_str() {
-        "/healthz" | "/readyz" | "/metrics" if !get => {
-            Response::error_with(405, "Method Not Allowed", "GET only", &[("Allow", "GET")])
-        }
-        // Live: the shard that answers is running its loop.
-        "/healthz" => Response::ok("text/plain; charset=utf-8", b"ok\n".to_vec()),
-        // Ready: accepting new connections (not shutting down).
-        "/readyz" if ctx.shutting_down => Response::shutting_down(),
-        "/readyz" => Response::ok("text/plain; charset=utf-8", b"ready\n".to_vec()),
-        "/metrics" => {
-            let shards: Vec<crate::stats::Counters> =
-                ctx.all_stats.iter().map(|s| s.snapshot()).collect();
-            Response::ok(
-                "text/plain; version=0.0.4; charset=utf-8",
-                crate::stats::prometheus(&shards).into_bytes(),
-            )
-        }
-        _ => Response::not_found(),
-    }
+    /// Not a WebSocket path: the HTTP API (health, metrics, console too).
+    Http,
 }
 
 impl Conn {
@@ -304,6 +286,8 @@ impl Conn {
             flush_queued: false,
             awaiting_pong: false,
             counted: false,
+            awaiting: false,
+            close_after: false,
             rate_limited,
             last_seen: 0,
         }
@@ -434,48 +418,199 @@ impl Conn {
         }
     }
 
+    /// Bytes of the HTTP phase: requests are served in order (keep-alive,
+    /// pipelining) until one upgrades to WebSocket or the connection closes.
     fn handshake_bytes(&mut self, data: &mut [u8], ctx: &mut Ctx<'_>) {
-        let max = ctx.cfg.max_header_bytes;
-        let from_hs = !self.hs.is_empty();
-        let parsed = if from_hs {
-            self.hs.extend_from_slice(data);
-            parse_request(&self.hs, max)
-        } else {
-            parse_request(data, max)
-        };
-        let (req, used) = match parsed {
-            Ok(None) => {
-                if !from_hs {
-                    self.hs.extend_from_slice(data);
+        if self.hs.is_empty() && !self.awaiting {
+            // The common case: whole requests in this read, nothing buffered.
+            let used = self.http_requests(data, ctx);
+            if self.in_http()
+                && let Some(rest) = data.get(used..)
+                && !rest.is_empty()
+            {
+                self.hs.extend_from_slice(rest);
+            }
+            return;
+        }
+        // Pipelined requests wait behind an unanswered one; bounded, so a
+        // client cannot make us buffer without limit.
+        let limit = ctx.cfg.max_header_bytes + ctx.cfg.api.max_body_bytes;
+        if self.hs.len() + data.len() > limit {
+            log::debug!("conn={} pipelined too much, closing", self.id);
+            self.awaiting = false;
+            return self.reject(
+                Response::error(413, "Content Too Large", "too many pipelined bytes"),
+                ctx,
+            );
+        }
+        self.hs.extend_from_slice(data);
+        if !self.awaiting {
+            self.resume_http(ctx);
+        }
+    }
+
+    fn in_http(&self) -> bool {
+        matches!(self.state, State::Handshake)
+    }
+
+    /// Serve the requests buffered in `hs`.
+    fn resume_http(&mut self, ctx: &mut Ctx<'_>) {
+        let mut buf = std::mem::take(&mut self.hs);
+        let used = self.http_requests(&mut buf, ctx);
+        if self.in_http() && used < buf.len() {
+            buf.drain(..used);
+            self.hs = buf;
+        }
+    }
+
+    /// Serve the complete requests at the front of `buf`, in order, until one
+    /// must wait for other shards; returns the bytes used.
+    fn http_requests(&mut self, buf: &mut [u8], ctx: &mut Ctx<'_>) -> usize {
+        let mut pos = 0;
+        while self.in_http() && !self.awaiting {
+            let Some(rest) = buf.get_mut(pos..) else {
+                break;
+            };
+            if rest.is_empty() {
+                break;
+            }
+            let (req, head) = match parse_request(rest, ctx.cfg.max_header_bytes) {
+                Ok(None) => break,
+                Err(e) => {
+                    log::debug!("conn={} bad request: {e:?}", self.id);
+                    self.reject(e.response(), ctx);
+                    return buf.len();
                 }
-                return;
-            }
-            Err(e) => {
-                log::debug!("conn={} bad request: {e:?}", self.id);
-                return self.reject(e.response(), ctx);
-            }
-            Ok(Some(r)) => r,
-        };
-        let ep = match self.route(&req, ctx) {
-            Route::Answer(resp) => {
-                self.respond(resp, ctx);
-                return;
-            }
-            Route::Reject(resp) => {
-                log::debug!(
-                    "conn={} {} {} -> {}",
-                    self.id,
-                    req.method,
-                    req.path,
-                    resp.status
+                Ok(Some(r)) => r,
+            };
+            if req.transfer_encoding {
+                self.reject(
+                    Response::error(411, "Length Required", "send the body with Content-Length"),
+                    ctx,
                 );
-                return self.reject(resp, ctx);
+                return buf.len();
             }
-            Route::Upgrade(ep) => ep,
+            if req.content_length > ctx.cfg.api.max_body_bytes {
+                self.reject(
+                    Response::error(
+                        413,
+                        "Content Too Large",
+                        &format!("bodies are at most {} bytes", ctx.cfg.api.max_body_bytes),
+                    ),
+                    ctx,
+                );
+                return buf.len();
+            }
+            let total = head + req.content_length;
+            if rest.len() < total {
+                break; // the body is still coming
+            }
+            pos += total;
+            match self.route(&req, ctx) {
+                Route::Upgrade(ep) => {
+                    self.upgrade(&req, ep, ctx);
+                    // Bytes after the request are the first frames.
+                    if self.is_open()
+                        && let Some(frames) = buf.get_mut(pos..)
+                        && !frames.is_empty()
+                    {
+                        self.ws_bytes(frames, ep, ctx);
+                    }
+                    return buf.len();
+                }
+                Route::Reject(resp) => {
+                    log::debug!(
+                        "conn={} {} {} -> {}",
+                        self.id,
+                        req.method,
+                        req.path,
+                        resp.status
+                    );
+                    self.reject(resp, ctx);
+                    return buf.len();
+                }
+                Route::Http => {
+                    let body = rest.get(head..total).unwrap_or_default();
+                    self.api_request(&req, body, ctx);
+                }
+            }
+        }
+        pos
+    }
+
+    /// One request for the HTTP API (or health, metrics, console).
+    fn api_request(&mut self, req: &Request, body: &[u8], ctx: &mut Ctx<'_>) {
+        ctx.c.api_requests += 1;
+        let mut actx = crate::api::ApiCtx {
+            cfg: ctx.cfg,
+            auth: ctx.auth,
+            router: ctx.router,
+            all_stats: ctx.all_stats,
+            outgoing: &mut *ctx.outgoing,
+            key: ctx.key,
+            conn: self.id,
+            shutting_down: ctx.shutting_down,
+            storage: ctx.storage,
+            writer_depth: ctx.writer.map_or(0, |w| w.depth()),
+            open_connections: ctx.admission.open(),
+            uptime_secs: ctx.uptime_secs,
+            now: ctx.now,
         };
+        match crate::api::handle(req, body, &mut actx) {
+            crate::api::Handled::Now(resp) => {
+                ctx.histos
+                    .api
+                    .observe(Instant::now().saturating_duration_since(ctx.now));
+                self.http_write(resp, req.close, ctx);
+            }
+            crate::api::Handled::Later => {
+                self.awaiting = true;
+                self.close_after = req.close;
+            }
+        }
+        if self.in_http() {
+            // Keep-alive: the idle deadline restarts with every request.
+            self.set_timer(ctx, ctx.cfg.handshake_timeout, TimerKind::Handshake);
+        }
+    }
+
+    /// Queue a response; `close` makes it the last one (FIN after it).
+    fn http_write(&mut self, resp: Response, close: bool, ctx: &mut Ctx<'_>) {
+        if close {
+            self.respond(resp, ctx);
+        } else {
+            Sink {
+                cork: &mut *ctx.cork,
+                out: &mut self.out,
+            }
+            .bytes(&resp.bytes);
+        }
+    }
+
+    /// The answer to the request that waited on other shards; requests
+    /// pipelined behind it are served next.
+    pub fn http_answer(&mut self, resp: Response, ctx: &mut Ctx<'_>) -> Next {
+        if !self.awaiting || !self.in_http() {
+            return Next::Keep;
+        }
+        self.awaiting = false;
+        let close = std::mem::take(&mut self.close_after);
+        self.http_write(resp, close, ctx);
+        if self.in_http() && !self.hs.is_empty() {
+            self.resume_http(ctx);
+        }
+        self.after_io(ctx)
+    }
+
+    /// A validated upgrade: answer 101 and start the WebSocket protocol.
+    fn upgrade(&mut self, req: &Request, ep: Endpoint, ctx: &mut Ctx<'_>) {
         let key = req.ws_key.as_deref().unwrap_or_default();
-        ctx.cork
-            .extend_from_slice(&Response::switching_protocols(key).bytes);
+        Sink {
+            cork: &mut *ctx.cork,
+            out: &mut self.out,
+        }
+        .bytes(&Response::switching_protocols(key).bytes);
+        self.hs = Vec::new();
         self.state = State::Open(ep);
         if let Some(k) = self.timer.take() {
             ctx.wheel.cancel(k); // the handshake deadline
@@ -507,22 +642,6 @@ impl Conn {
         } else {
             self.set_timer(ctx, ctx.cfg.heartbeat_interval, TimerKind::Ping);
         }
-        if !self.is_open() {
-            return;
-        }
-        // Bytes after the head are the first frames: decode them now.
-        if from_hs {
-            let mut buf = std::mem::take(&mut self.hs);
-            if let Some(rest) = buf.get_mut(used..)
-                && !rest.is_empty()
-            {
-                self.ws_bytes(rest, ep, ctx);
-            }
-        } else if let Some(rest) = data.get_mut(used..)
-            && !rest.is_empty()
-        {
-            self.ws_bytes(rest, ep, ctx);
-        }
     }
 
     fn route(&mut self, req: &Request, ctx: &mut Ctx<'_>) -> Route {
@@ -532,7 +651,7 @@ impl Conn {
         } else if req.path == cfg.ws_path {
             Endpoint::App
         } else {
-            return Route::Answer(plain_route(req, ctx));
+            return Route::Http;
         };
         if req.method != "GET" {
             return Route::Reject(Response::method_not_allowed());

@@ -52,6 +52,14 @@ pub struct Request {
     pub origin: Option<String>,
     pub authorization: Option<String>,
     pub host: Option<String>,
+    /// `X-API-Key`.
+    pub api_key: Option<String>,
+    /// `Content-Length` (0 when absent).
+    pub content_length: usize,
+    /// A `Transfer-Encoding` was given (we take only Content-Length bodies).
+    pub transfer_encoding: bool,
+    /// `Connection: close` was asked for.
+    pub close: bool,
 }
 
 impl Request {
@@ -80,6 +88,11 @@ impl Request {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
         })
     }
+}
+
+/// A path segment, percent-decoded (`+` stays `+` in paths).
+pub fn percent_decode_path(s: &str) -> String {
+    percent_decode(&s.replace('+', "%2B"))
 }
 
 fn percent_decode(s: &str) -> String {
@@ -159,6 +172,7 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Request, usi
         Some((p, q)) => (p, Some(q.to_owned())),
         None => (target, None),
     };
+    let mut seen_length = false;
     let mut out = Request {
         method: method.to_owned(),
         path: path.to_owned(),
@@ -171,6 +185,7 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Request, usi
             out.upgrade_websocket |= has_token(h.value, "websocket");
         } else if name.eq_ignore_ascii_case("connection") {
             out.connection_upgrade |= has_token(h.value, "upgrade");
+            out.close |= has_token(h.value, "close");
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
             out.ws_key = text(h.value);
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
@@ -181,6 +196,23 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Request, usi
             out.authorization = text(h.value);
         } else if name.eq_ignore_ascii_case("host") {
             out.host = text(h.value);
+        } else if name.eq_ignore_ascii_case("x-api-key") {
+            out.api_key = text(h.value);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            out.transfer_encoding = true;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            // One length, digits only (RFC 9110 8.6): anything else could
+            // desynchronise a pipeline, so it is refused.
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .map(str::trim)
+                .filter(|v| !v.is_empty() && v.len() <= 12 && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<usize>().ok());
+            match n {
+                Some(n) if !seen_length || n == out.content_length => out.content_length = n,
+                _ => return Err(HttpError::Malformed),
+            }
+            seen_length = true;
         }
     }
     Ok(Some((out, used)))
@@ -237,6 +269,42 @@ impl Response {
         Response { status: 200, bytes }
     }
 
+    /// A response on a keep-alive connection: `close` adds `Connection: close`.
+    pub fn with_body(
+        status: u16,
+        reason: &str,
+        content_type: &str,
+        body: &[u8],
+        extra: &[(&str, &str)],
+        close: bool,
+    ) -> Response {
+        let mut s = format!("HTTP/1.1 {status} {reason}\r\n");
+        for (k, v) in extra {
+            let _ = write!(s, "{k}: {v}\r\n");
+        }
+        let _ = write!(
+            s,
+            "Content-Type: {content_type}\r\nContent-Length: {}\r\n{}\r\n",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        let mut bytes = s.into_bytes();
+        bytes.extend_from_slice(body);
+        Response { status, bytes }
+    }
+
+    /// JSON on a keep-alive connection.
+    pub fn json(status: u16, body: &[u8], close: bool) -> Response {
+        Response::with_body(
+            status,
+            reason_phrase(status),
+            "application/json",
+            body,
+            &[],
+            close,
+        )
+    }
+
     pub fn not_found() -> Response {
         Response::error(404, "Not Found", "not found")
     }
@@ -287,6 +355,27 @@ impl Response {
 
     pub fn shutting_down() -> Response {
         Response::error_with(503, "Service Unavailable", "server shutting down", &[])
+    }
+}
+
+/// The reason phrase for the statuses we send.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        415 => "Unsupported Media Type",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "Unknown",
     }
 }
 

@@ -112,6 +112,15 @@ pub enum ShardMsg {
     },
     /// A revocation: remember it, close the connections it covers (4001).
     Revoke(Arc<Revocation>),
+    /// An HTTP API query; answered with `Delivered` (a count) or `Clients`.
+    Query {
+        query: crate::api::ShardQuery,
+        report: ReportTo,
+    },
+    Clients {
+        gather: usize,
+        clients: Vec<crate::api::ClientInfo>,
+    },
     /// How many local connections a `Deliver` reached (to the origin shard).
     Delivered {
         gather: usize,
@@ -146,6 +155,7 @@ struct Gather {
     presence: HashMap<Arc<str>, u32>,
     published: Option<(u64, Arc<str>)>,
     page: Option<Page>,
+    clients: Vec<crate::api::ClientInfo>,
 }
 
 impl Gather {
@@ -158,6 +168,7 @@ impl Gather {
             presence: HashMap::new(),
             published: None,
             page: None,
+            clients: Vec::new(),
         }
     }
 
@@ -171,6 +182,7 @@ struct Pending {
     key: usize,
     conn: ConnId,
     wait: StoreWait,
+    started: Instant,
 }
 
 /// An inbox message sent to a connection and not yet acknowledged.
@@ -237,6 +249,8 @@ macro_rules! ctx {
             storage: $s.writer.is_some(),
             sealer: $s.sealer.as_deref(),
             revoked: &$s.revoked,
+            writer: $s.writer.as_ref(),
+            histos: &mut $s.histos,
         }
     };
 }
@@ -286,6 +300,7 @@ pub struct Shard {
     /// Unacknowledged inbox messages by (connection key, message id).
     retries: HashMap<(usize, i64), Retry>,
     next_sweep: Instant,
+    histos: crate::stats::LocalHistos,
 }
 
 /// Everything a shard is built from.
@@ -409,6 +424,7 @@ impl Shard {
             pending: Slab::new(),
             retries: HashMap::new(),
             next_sweep: Instant::now() + SWEEP_EVERY,
+            histos: crate::stats::LocalHistos::default(),
         };
         Ok(Prepared {
             shard: Box::new(shard),
@@ -482,6 +498,7 @@ impl Shard {
             self.c.local_users = self.local.user_count() as u64;
             self.c.local_channels = self.local.channel_count() as u64;
             self.stats.publish(&self.c);
+            self.stats.histograms.publish(&self.histos);
             if let Some(deadline) = self.shutdown
                 && (self.conns.is_empty() || now >= deadline)
             {
@@ -590,7 +607,27 @@ impl Shard {
                 }
                 Ok(ShardMsg::Stored(done)) => self.stored(done, now),
                 Ok(ShardMsg::Acked { user, id }) => self.forget_acked(&user, id),
-                Ok(ShardMsg::Revoke(r)) => self.revoke(&r, now),
+                Ok(ShardMsg::Revoke(r)) => {
+                    self.revoke(&r, now);
+                }
+                Ok(ShardMsg::Query { query, report }) => {
+                    let n = self.answer_query(&query, report, now);
+                    if !matches!(query, crate::api::ShardQuery::Clients { .. }) {
+                        self.router.send(
+                            report.shard,
+                            ShardMsg::Delivered {
+                                gather: report.gather,
+                                connections: n,
+                            },
+                        );
+                    }
+                }
+                Ok(ShardMsg::Clients { gather, clients }) => {
+                    if let Some(g) = self.gathers.get_mut(gather) {
+                        g.clients.extend(clients);
+                    }
+                    self.gathered(gather, 0, Vec::new());
+                }
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
         }
@@ -727,6 +764,7 @@ impl Shard {
             } => {
                 let mask = match &audience {
                     Audience::User(u) => self.router.user_shards(u),
+                    Audience::Users(us) => us.iter().fold(0, |m, u| m | self.router.user_shards(u)),
                     Audience::Channel(c) => self.router.channel_shards(c),
                     Audience::All => self.router.all(),
                 };
@@ -858,7 +896,57 @@ impl Shard {
                 conn,
                 op,
                 wait,
-            } => self.to_writer(key, conn, op, wait),
+            } => self.to_writer(key, conn, op, wait, now),
+            Outgoing::Revoke { revocation, reply } => {
+                if self.writer.is_some() {
+                    let (key, conn) = reply
+                        .as_ref()
+                        .map_or((usize::MAX, ConnId(u64::MAX)), |r| (r.key, r.conn));
+                    let revocation = Arc::new(revocation);
+                    self.to_writer(
+                        key,
+                        conn,
+                        Op::Revoke((*revocation).clone()),
+                        StoreWait::Revoke { revocation, reply },
+                        now,
+                    );
+                } else if let Some(reply) = reply {
+                    self.route_one(
+                        Outgoing::Query {
+                            shards: self.router.all(),
+                            query: crate::api::ShardQuery::Revoke(Arc::new(revocation)),
+                            reply,
+                        },
+                        now,
+                    );
+                }
+            }
+            Outgoing::Query {
+                shards,
+                query,
+                reply,
+            } => {
+                let g = self.gathers.insert(Gather::new(reply));
+                let mut sent = 0;
+                let mut local = 0;
+                for shard in shards_in(shards) {
+                    if shard == self.id {
+                        local = self.answer_query(&query, ReportTo { shard, gather: g }, now);
+                    } else if self.router.send(
+                        shard,
+                        ShardMsg::Query {
+                            query: query.clone(),
+                            report: ReportTo {
+                                shard: self.id,
+                                gather: g,
+                            },
+                        },
+                    ) {
+                        sent += 1;
+                    }
+                }
+                self.start_gather(g, sent, local);
+            }
             Outgoing::Acked { user, id } => {
                 if let Some(w) = &self.writer
                     && let Err(e) = w.try_send(Request {
@@ -889,16 +977,18 @@ impl Shard {
     }
 
     /// Hand a request to the storage writer; its answer comes back as `Stored`.
-    fn to_writer(&mut self, key: usize, conn: ConnId, op: Op, wait: StoreWait) {
+    fn to_writer(&mut self, key: usize, conn: ConnId, op: Op, wait: StoreWait, now: Instant) {
+        let p = Pending {
+            key,
+            conn,
+            wait,
+            started: now,
+        };
         let Some(w) = &self.writer else {
-            self.store_failed(
-                Pending { key, conn, wait },
-                ErrorCode::StorageDisabled,
-                "this server stores nothing",
-            );
+            self.store_failed(p, ErrorCode::StorageDisabled, "this server stores nothing");
             return;
         };
-        let token = self.pending.insert(Pending { key, conn, wait });
+        let token = self.pending.insert(p);
         let req = Request {
             op,
             ticket: Some(Ticket {
@@ -922,10 +1012,24 @@ impl Shard {
 
     /// Tell the connection its storage request failed (nothing was acknowledged).
     fn store_failed(&mut self, p: Pending, code: ErrorCode, message: &str) {
-        let rid = match &p.wait {
-            StoreWait::Ingest { request_id, .. } | StoreWait::InboxPut { request_id, .. } => {
-                request_id.clone()
+        let rid = match p.wait {
+            StoreWait::Ingest { request_id, .. } => request_id,
+            StoreWait::InboxPut { reply, .. }
+            | StoreWait::Revoke {
+                reply: Some(reply), ..
+            } => {
+                if let ReplyKind::Api(pending) = &reply.kind {
+                    let resp = crate::api::storage_failure(
+                        pending,
+                        code == ErrorCode::Overloaded,
+                        message,
+                    );
+                    self.http_answer(reply.key, reply.conn, resp, pending.started, Instant::now());
+                    return;
+                }
+                reply.request_id
             }
+            StoreWait::Revoke { reply: None, .. } => return,
             StoreWait::Inbox => {
                 log::warn!("conn={} inbox not loaded: {message}", p.conn);
                 return;
@@ -945,6 +1049,9 @@ impl Shard {
             let Some(p) = self.pending.try_remove(token) else {
                 continue;
             };
+            self.histos
+                .store
+                .observe(now.saturating_duration_since(p.started));
             match (p.wait, d.result) {
                 (
                     StoreWait::Ingest {
@@ -968,24 +1075,41 @@ impl Shard {
                     StoreWait::InboxPut {
                         to,
                         payload,
-                        request_id,
+                        mut reply,
                     },
                     Ok(Outcome::Stored { id }),
                 ) => {
                     let frame = app::shared_frame(&app::with_ack_id(&payload, id));
                     self.c.inbox_stored += 1;
+                    match &mut reply.kind {
+                        ReplyKind::SentStored { id: slot, .. } => *slot = id,
+                        ReplyKind::Api(pending) => {
+                            if let crate::api::ApiReply::Sent { stored, .. } = &mut pending.kind {
+                                *stored = Some(id);
+                            }
+                        }
+                        _ => {}
+                    }
                     self.outgoing.push(Outgoing::Deliver {
-                        audience: Audience::User(to.clone()),
+                        audience: Audience::User(to),
                         frame,
-                        reply: Some(Reply {
-                            key: p.key,
-                            conn: p.conn,
-                            request_id,
-                            kind: ReplyKind::SentStored { to, id },
-                        }),
+                        reply: Some(reply),
                         ack: Some(id),
                     });
                 }
+                (StoreWait::Revoke { revocation, reply }, Ok(_)) => match reply {
+                    Some(reply) => self.outgoing.push(Outgoing::Query {
+                        shards: self.router.all(),
+                        query: crate::api::ShardQuery::Revoke(revocation),
+                        reply,
+                    }),
+                    None => {
+                        for shard in 0..self.router.shard_count() {
+                            self.router
+                                .send(shard, ShardMsg::Revoke(revocation.clone()));
+                        }
+                    }
+                },
                 (StoreWait::Inbox, Ok(Outcome::Inbox(msgs))) => {
                     for m in msgs {
                         let frame = app::shared_frame(&app::with_ack_id(&m.payload, m.id));
@@ -999,6 +1123,7 @@ impl Shard {
                             key: p.key,
                             conn: p.conn,
                             wait,
+                            started: p.started,
                         },
                         ErrorCode::StorageError,
                         "the store could not commit; nothing was acknowledged",
@@ -1231,8 +1356,9 @@ impl Shard {
     }
 
     /// A revocation reached this shard: remember it and close what it covers.
-    fn revoke(&mut self, r: &Revocation, now: Instant) {
+    fn revoke(&mut self, r: &Revocation, now: Instant) -> u64 {
         self.revoked.apply(r);
+        let mut closed = 0;
         let keys: Vec<usize> = match r.kind {
             store::RevocationKind::User => self
                 .local
@@ -1261,11 +1387,173 @@ impl Shard {
                 &event,
             ));
             self.c.revoked_closes += 1;
+            closed += 1;
             let mut ctx = ctx!(self, key, now);
             conn.close_code(app::close::TOKEN_REVOKED, "token revoked", &mut ctx);
             if conn.after_io(&mut ctx) == Next::Drop {
                 self.remove(key, now);
             }
+        }
+        closed
+    }
+
+    /// This shard's part of an API query. Returns a count for the gather;
+    /// a client list is sent (or added) separately.
+    fn answer_query(
+        &mut self,
+        query: &crate::api::ShardQuery,
+        report: ReportTo,
+        now: Instant,
+    ) -> u64 {
+        use crate::api::{ClientInfo, ShardQuery};
+        match query {
+            ShardQuery::Clients { user } => {
+                let keys: Vec<usize> = match user {
+                    Some(u) => self
+                        .local
+                        .user_conns(u)
+                        .map(|m| m.iter().collect())
+                        .unwrap_or_default(),
+                    None => self
+                        .conns
+                        .iter()
+                        .filter(|(_, c)| c.is_open())
+                        .map(|(k, _)| k)
+                        .collect(),
+                };
+                let clients: Vec<ClientInfo> = keys
+                    .into_iter()
+                    .filter_map(|k| self.conns.get(k))
+                    .map(|c| {
+                        let s = c.session();
+                        ClientInfo {
+                            id: c.id(),
+                            ip: c.peer().ip(),
+                            connected_at_ms: s.map_or(0, |s| s.connected_at_ms()),
+                            authenticated: s.is_some_and(|s| s.is_authenticated()),
+                            user: c.user().cloned(),
+                            data_received: s.map_or(0, |s| s.data_received()),
+                            subscriptions: s.map_or(0, |s| s.subscriptions().len() as u32),
+                        }
+                    })
+                    .collect();
+                if report.shard == self.id {
+                    if let Some(g) = self.gathers.get_mut(report.gather) {
+                        g.clients.extend(clients);
+                    }
+                } else {
+                    self.router.send(
+                        report.shard,
+                        ShardMsg::Clients {
+                            gather: report.gather,
+                            clients,
+                        },
+                    );
+                }
+                0
+            }
+            ShardQuery::Disconnect { user, code, reason } => {
+                let keys: Vec<usize> = self
+                    .local
+                    .user_conns(user)
+                    .map(|m| m.iter().collect())
+                    .unwrap_or_default();
+                let mut n = 0;
+                for key in keys {
+                    let Some(conn) = self.conns.get_mut(key) else {
+                        continue;
+                    };
+                    n += 1;
+                    let mut ctx = ctx!(self, key, now);
+                    conn.close_code(*code, reason, &mut ctx);
+                    if conn.after_io(&mut ctx) == Next::Drop {
+                        self.remove(key, now);
+                    }
+                }
+                n
+            }
+            ShardQuery::Membership {
+                user,
+                channel,
+                subscribe,
+                event,
+            } => {
+                let keys: Vec<usize> = self
+                    .local
+                    .user_conns(user)
+                    .map(|m| m.iter().collect())
+                    .unwrap_or_default();
+                let mut note = Vec::new();
+                crate::proto::Out::new(
+                    &mut note,
+                    if *subscribe {
+                        "subscribed"
+                    } else {
+                        "unsubscribed"
+                    },
+                )
+                .str("channel", channel)
+                .raw("server", b"true")
+                .finish();
+                let note = app::shared_frame(&note);
+                let mut n = 0;
+                for key in keys {
+                    let Some(conn) = self.conns.get_mut(key) else {
+                        continue;
+                    };
+                    let Some(session) = conn.session_mut() else {
+                        continue;
+                    };
+                    if *subscribe
+                        && session.subscriptions().len() >= self.cfg.channels.max_subscriptions
+                    {
+                        continue;
+                    }
+                    session.server_membership(
+                        channel,
+                        *subscribe,
+                        &mut self.local,
+                        &self.router,
+                        self.id,
+                        key,
+                    );
+                    n += 1;
+                    conn.deliver(note.clone());
+                    if let Some(e) = event {
+                        conn.deliver(e.clone());
+                    }
+                    if !conn.flush_queued {
+                        conn.flush_queued = true;
+                        self.flush.push(key);
+                    }
+                }
+                n
+            }
+            ShardQuery::Revoke(r) => self.revoke(r, now),
+        }
+    }
+
+    /// An HTTP API answer for connection `key` (if it is still the same one).
+    fn http_answer(
+        &mut self,
+        key: usize,
+        conn_id: ConnId,
+        resp: crate::http::Response,
+        started: Instant,
+        now: Instant,
+    ) {
+        self.histos
+            .api
+            .observe(now.saturating_duration_since(started));
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.id() != conn_id {
+            return;
+        }
+        let mut ctx = ctx!(self, key, now);
+        if conn.http_answer(resp, &mut ctx) == Next::Drop {
+            self.remove(key, now);
         }
     }
 
@@ -1320,9 +1608,12 @@ impl Shard {
         };
         let mut presence: Vec<(Arc<str>, u32)> = gather.presence.into_iter().collect();
         presence.sort_unstable();
+        let mut clients = gather.clients;
+        clients.sort_unstable_by_key(|c| c.id.0);
         let result = app::Gathered {
             connections: gather.connections,
             presence: &presence,
+            clients: &clients,
             published: gather.published.as_ref().map(|(o, e)| (*o, &**e)),
             page: gather.page.as_ref(),
         };
@@ -1331,6 +1622,11 @@ impl Shard {
 
     /// Send the result of a cross-shard operation to the connection that asked.
     fn finish_reply(&mut self, reply: &Reply, result: &app::Gathered<'_>) {
+        if let ReplyKind::Api(pending) = &reply.kind {
+            let resp = crate::api::later_response(pending, result);
+            self.http_answer(reply.key, reply.conn, resp, pending.started, Instant::now());
+            return;
+        }
         let Some(conn) = self.conns.get_mut(reply.key) else {
             return;
         };
@@ -1389,6 +1685,14 @@ impl Shard {
             _ => None,
         };
         let keys: Box<dyn Iterator<Item = usize> + '_> = match audience {
+            Audience::Users(us) => {
+                let local = &self.local;
+                Box::new(
+                    us.iter()
+                        .filter_map(|u| local.user_conns(u))
+                        .flat_map(|m| m.iter()),
+                )
+            }
             Audience::User(u) => match self.local.user_conns(u) {
                 Some(m) => Box::new(m.iter()),
                 None => return 0,

@@ -168,10 +168,20 @@ impl Raw {
     }
 }
 
-/// Send a raw HTTP request and return the whole response (until EOF).
+/// Send a raw HTTP request and return the whole response (until EOF). A
+/// request without a `Connection` header gets `Connection: close` (the
+/// server keeps HTTP/1.1 connections alive otherwise).
 pub fn http(addr: SocketAddr, request: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let request = if request.to_ascii_lowercase().contains("\r\nconnection:") {
+        request.to_owned()
+    } else {
+        match request.split_once("\r\n") {
+            Some((line, rest)) => format!("{line}\r\nConnection: close\r\n{rest}"),
+            None => request.to_owned(),
+        }
+    };
     s.write_all(request.as_bytes()).unwrap();
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
