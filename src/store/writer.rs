@@ -508,7 +508,7 @@ mod tests {
                 received_at_ms: 1,
                 data: format!(r#"{{"i":{i}}}"#).into_bytes(),
             };
-            let ticket = (i % 2 == 0).then_some(Ticket { shard: 0, token: i });
+            let ticket = i.is_multiple_of(2).then_some(Ticket { shard: 0, token: i });
             h.try_send(Request { op, ticket }).unwrap();
         }
         writer.shutdown();
