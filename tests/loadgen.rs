@@ -611,3 +611,271 @@ fn real_server_fanout_is_clean() {
         "{stdout}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Ingest mode: a hand-made server that acknowledges sensor records, and the
+// real server storing them in SQLite.
+
+/// What the hand-made ingest server does wrong (to the Nth record of each
+/// connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IngestFault {
+    /// Acknowledge every record once (the control).
+    None,
+    /// Acknowledge the Nth record twice.
+    AckTwice,
+    /// Never answer the Nth record.
+    NeverAck,
+    /// Give the Nth record the record id of the one before it.
+    ReuseId,
+    /// Mark the Nth ack `"duplicate":true`.
+    Duplicate,
+    /// Answer every 7th record `overloaded` the first time (backpressure:
+    /// the load generator sends it again and it is acknowledged then).
+    Overloaded,
+}
+
+/// Start the hand-made ingest server; every connection gets its own thread.
+fn ingest_server(fault: IngestFault) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let ids = Arc::new(std::sync::atomic::AtomicI64::new(1));
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            let Ok(stream) = stream else { continue };
+            let ids = ids.clone();
+            std::thread::spawn(move || {
+                let _ = serve_ingest(stream, n, &ids, fault);
+            });
+        }
+    });
+    addr
+}
+
+/// `connected` on upgrade; `sensor_data` -> `ack` with the next record id.
+fn serve_ingest(
+    mut s: TcpStream,
+    n: usize,
+    ids: &std::sync::atomic::AtomicI64,
+    fault: IngestFault,
+) -> io::Result<()> {
+    use std::sync::atomic::Ordering;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut buf = Vec::new();
+    if accept_upgrade(&mut s, &mut buf)?.is_none() {
+        return Ok(());
+    }
+    let mut out = Vec::new();
+    server_frame(
+        &mut out,
+        0x1,
+        format!(r#"{{"type":"connected","connectionId":"0.{n}","userId":"u{n}","features":[],"channels":[],"timestamp":"{TS}"}}"#).as_bytes(),
+    );
+    s.write_all(&out)?;
+    let mut records = 0u64;
+    let mut last_id = 0i64;
+    let mut seen = std::collections::HashSet::new();
+    let mut tmp = vec![0u8; 64 << 10];
+    loop {
+        let mut out = Vec::new();
+        while let Ok(Some(h)) = parse_header(&buf) {
+            let total = h.header_len + h.payload_len as usize;
+            if buf.len() < total {
+                break;
+            }
+            let mut payload = buf[h.header_len..total].to_vec();
+            buf.drain(..total);
+            let Some(mask) = h.mask else {
+                return Ok(());
+            };
+            apply_mask(&mut payload, mask);
+            match h.opcode {
+                RawOpCode::Text => {
+                    let v: Value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
+                    assert_eq!(v["type"], "sensor_data", "{v}");
+                    let cid = v["id"].as_str().unwrap_or_default().to_owned();
+                    let rid = v["requestId"].to_string();
+                    assert!(v["data"]["sensorId"].is_string(), "{v}");
+                    let first_time = seen.insert(cid.clone());
+                    if fault == IngestFault::Overloaded && first_time {
+                        let seq: u64 = cid.rsplit('-').next().unwrap().parse().unwrap();
+                        if seq.is_multiple_of(7) {
+                            server_frame(
+                                &mut out,
+                                0x1,
+                                format!(r#"{{"type":"error","code":"overloaded","message":"the storage queue is full; retry later","requestId":{rid},"timestamp":"{TS}"}}"#).as_bytes(),
+                            );
+                            continue;
+                        }
+                    }
+                    records += 1;
+                    let nth = records == NTH;
+                    if fault == IngestFault::NeverAck && nth {
+                        continue;
+                    }
+                    let id = if fault == IngestFault::ReuseId && nth {
+                        last_id
+                    } else {
+                        ids.fetch_add(1, Ordering::Relaxed)
+                    };
+                    last_id = id;
+                    let dup = if fault == IngestFault::Duplicate && nth {
+                        r#","duplicate":true"#
+                    } else {
+                        ""
+                    };
+                    let ack = format!(
+                        r#"{{"type":"ack","id":{id},"clientId":"{cid}"{dup},"requestId":{rid},"timestamp":"{TS}"}}"#
+                    );
+                    server_frame(&mut out, 0x1, ack.as_bytes());
+                    if fault == IngestFault::AckTwice && nth {
+                        server_frame(&mut out, 0x1, ack.as_bytes());
+                    }
+                }
+                RawOpCode::Ping => server_frame(&mut out, 0xA, &payload),
+                RawOpCode::Close => {
+                    server_frame(&mut out, 0x8, payload.get(..2).unwrap_or_default());
+                    s.write_all(&out)?;
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+        if !out.is_empty() {
+            s.write_all(&out)?;
+        }
+        let got = s.read(&mut tmp)?;
+        if got == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&tmp[..got]);
+    }
+}
+
+fn ingest_against(addr: SocketAddr) -> (ExitStatus, Value, String) {
+    let url = format!("ws://{addr}/ws");
+    let conns = CONNS.to_string();
+    run_load(&[
+        "ingest",
+        "--url",
+        &url,
+        "-c",
+        &conns,
+        "-w",
+        "4",
+        "-t",
+        "0.5",
+        "--warmup",
+        "0",
+        "--drain-timeout",
+        "1",
+    ])
+}
+
+/// Exactly one error of `kind` per connection, nothing else, exit status 1.
+fn assert_ingest_detects(fault: IngestFault, kind: &str) {
+    let (status, json, stdout) = ingest_against(ingest_server(fault));
+    assert_eq!(status.code(), Some(1), "{fault:?}: exit status\n{stdout}");
+    assert_eq!(json["errors"][kind], CONNS, "{fault:?}: {kind}\n{stdout}");
+    assert_eq!(
+        json["errors"]["total"], CONNS,
+        "{fault:?}: only {kind}\n{stdout}"
+    );
+    assert_eq!(json["opened"], CONNS, "{stdout}");
+    assert!(json["acked_total"].as_u64().unwrap() > NTH, "{stdout}");
+}
+
+#[test]
+fn ingest_test_server_without_fault_is_clean() {
+    let (status, json, stdout) = ingest_against(ingest_server(IngestFault::None));
+    assert!(status.success(), "{stdout}");
+    assert_eq!(json["errors"]["total"], 0, "{stdout}");
+    let records = json["records"].as_u64().unwrap();
+    assert!(records > 0, "{stdout}");
+    assert_eq!(json["acked_total"], records, "{stdout}");
+    assert_eq!(json["sends"], records, "{stdout}");
+    assert_eq!(json["closed_cleanly"], CONNS, "{stdout}");
+}
+
+#[test]
+fn ingest_detects_a_second_ack() {
+    assert_ingest_detects(IngestFault::AckTwice, "dup_ack");
+}
+
+#[test]
+fn ingest_detects_a_record_never_acked() {
+    assert_ingest_detects(IngestFault::NeverAck, "unacked");
+}
+
+#[test]
+fn ingest_detects_a_reused_record_id() {
+    assert_ingest_detects(IngestFault::ReuseId, "id_reused");
+}
+
+#[test]
+fn ingest_detects_a_duplicate_ack() {
+    assert_ingest_detects(IngestFault::Duplicate, "duplicate");
+}
+
+#[test]
+fn ingest_resends_overloaded_records_until_stored() {
+    let (status, json, stdout) = ingest_against(ingest_server(IngestFault::Overloaded));
+    assert!(status.success(), "{stdout}");
+    assert_eq!(json["errors"]["total"], 0, "{stdout}");
+    let overloaded = json["overloaded"].as_u64().unwrap();
+    assert!(overloaded > 0, "{stdout}");
+    assert_eq!(json["error_codes"]["overloaded"], overloaded, "{stdout}");
+    assert_eq!(json["resends"], overloaded, "{stdout}");
+    let records = json["records"].as_u64().unwrap();
+    assert_eq!(json["acked_total"], records, "{stdout}");
+    assert_eq!(json["sends"], records + overloaded, "{stdout}");
+}
+
+/// The real server with SQLite storage in `dir`.
+fn stored_server(mut cfg: Config, dir: &std::path::Path) -> Server {
+    cfg.storage.backend = switchboard::config::StorageBackend::Sqlite;
+    cfg.storage.data_dir = dir.to_path_buf();
+    Server::start(cfg).expect("server starts")
+}
+
+#[test]
+fn real_server_ingest_is_clean_and_every_ack_is_a_row() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two shards: connections on both hand records to the one writer.
+    let server = stored_server(
+        Config {
+            port: 0,
+            shards: 2,
+            ..Default::default()
+        },
+        dir.path(),
+    );
+    let url = format!("ws://{}/ws", server.local_addr());
+    let pid = std::process::id().to_string();
+    let (status, json, stdout) = run_load(&[
+        "ingest", "--url", &url, "-c", "6", "-w", "8", "-t", "1", "--warmup", "0.2", "--pid", &pid,
+    ]);
+    assert!(status.success(), "{stdout}");
+    assert_eq!(json["errors"]["total"], 0, "{stdout}");
+    assert_eq!(json["opened"], 6, "{stdout}");
+    let records = json["records"].as_u64().unwrap();
+    assert!(json["acked_in_window"].as_u64().unwrap() > 0, "{stdout}");
+    assert_eq!(json["acked_total"], records, "{stdout}");
+    assert_eq!(json["closed_cleanly"], 6, "{stdout}");
+    assert!(json["ack_latency_us"]["samples"].as_u64().unwrap() > 0);
+    assert!(json["server"]["cpu_us_per_record"].is_number(), "{stdout}");
+    server.shutdown();
+    // Every acknowledged record is a row, once, under this run's client ids.
+    let db = rusqlite::Connection::open(dir.path().join("switchboard.db")).unwrap();
+    let tag = json["run_tag"].as_str().unwrap();
+    let (rows, distinct): (i64, i64) = db
+        .query_row(
+            "SELECT COUNT(*), COUNT(DISTINCT client_id) FROM sensors_data WHERE client_id LIKE ?1",
+            [format!("{tag}.%")],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(rows as u64, records, "{stdout}");
+    assert_eq!(distinct as u64, records, "{stdout}");
+}

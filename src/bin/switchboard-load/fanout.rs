@@ -249,7 +249,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn json_str(s: &str) -> String {
+pub(crate) fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| format!("\"{s}\""))
 }
 
@@ -684,7 +684,7 @@ enum Stage {
 }
 
 /// `path` with `userId=<user>` added to its query.
-fn with_user(path: &str, user: &str) -> String {
+pub(crate) fn with_user(path: &str, user: &str) -> String {
     let sep = if path.contains('?') { '&' } else { '?' };
     format!("{path}{sep}userId={user}")
 }
@@ -866,7 +866,11 @@ pub fn run(
             stage = Stage::Drain;
             deadline = now + DRAIN_TIMEOUT;
         }
-        if stage == Stage::Drain && (now >= deadline || table.pending.is_empty()) {
+        // Drained when every publish was delivered and acknowledged: the
+        // server may send `published` after the deliveries (the channel's
+        // home shard numbers it, then answers the publisher's shard).
+        let acked = publ.dropped || publ.acks >= publ.sent;
+        if stage == Stage::Drain && (now >= deadline || (table.pending.is_empty() && acked)) {
             // Verdicts are final: what a live subscriber still misses is
             // lost. If the publisher's connection was lost, only what the
             // server acknowledged (`published`, in order) had to arrive.

@@ -25,6 +25,7 @@ mod connect;
 mod echo;
 mod fanout;
 mod hist;
+mod ingest;
 mod net;
 mod procfs;
 mod report;
@@ -73,6 +74,10 @@ enum Mode {
     /// Channel fan-out on the JSON protocol: N subscribers, one publisher,
     /// K publishes in flight; verified deliveries/s and delivery latency.
     Fanout(FanoutArgs),
+    /// Durable sensor-data ingestion: C connections, W records in flight
+    /// each; every record acknowledged once after its commit; durable
+    /// records/s and ack latency.
+    Ingest(IngestArgs),
 }
 
 #[derive(Args)]
@@ -150,6 +155,32 @@ struct FanoutArgs {
     handshake_timeout: Duration,
 }
 
+#[derive(Args)]
+struct IngestArgs {
+    /// Connections (users `<user-prefix>-<i>`).
+    #[arg(short = 'c', long, default_value_t = 50)]
+    connections: usize,
+    /// Records in flight per connection (each completes with its ack).
+    #[arg(short = 'w', long, default_value_t = 8)]
+    inflight: usize,
+    /// Measured seconds (fractions allowed).
+    #[arg(short = 't', long, default_value = "10", value_parser = parse_secs)]
+    duration: Duration,
+    /// Seconds of traffic before measuring (not counted).
+    #[arg(long, default_value = "1", value_parser = parse_secs)]
+    warmup: Duration,
+    /// Connection i is the user `<prefix>-<i>` (`?userId=`; auth mode none).
+    #[arg(long, default_value = "load")]
+    user_prefix: String,
+    /// Seconds allowed for one connection's connect, upgrade and welcome.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    handshake_timeout: Duration,
+    /// Seconds to wait for the records in flight after the measured window
+    /// (what is still unanswered then is counted unacked).
+    #[arg(long, default_value = "5", value_parser = parse_secs)]
+    drain_timeout: Duration,
+}
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let v: f64 = s
         .trim_end_matches('s')
@@ -165,7 +196,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let url_s = cli.common.url.clone().unwrap_or_else(|| {
         match cli.mode {
-            Mode::Fanout(_) => "ws://127.0.0.1:8080/ws",
+            Mode::Fanout(_) | Mode::Ingest(_) => "ws://127.0.0.1:8080/ws",
             _ => "ws://127.0.0.1:8080/echo",
         }
         .to_owned()
@@ -255,6 +286,33 @@ fn main() -> ExitCode {
                     report::print_fanout(&r, &url_s, cli.common.pid);
                     if cli.common.json {
                         println!("{}", report::fanout_json(&r, &url_s, cli.common.pid));
+                    }
+                    exit_for(r.errors.total())
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Mode::Ingest(a) => {
+            if a.duration.is_zero() {
+                return fail("--duration must be greater than 0");
+            }
+            if a.connections == 0 || a.inflight == 0 {
+                return fail("--connections and --inflight must be at least 1");
+            }
+            let opts = ingest::IngestOpts {
+                connections: a.connections,
+                inflight: a.inflight,
+                duration: a.duration,
+                warmup: a.warmup,
+                user_prefix: a.user_prefix,
+                handshake_timeout: a.handshake_timeout,
+                drain_timeout: a.drain_timeout,
+            };
+            match ingest::run(&url, addr, cli.common.pid, &opts) {
+                Ok(r) => {
+                    ingest::print(&r, &url_s, cli.common.pid);
+                    if cli.common.json {
+                        println!("{}", ingest::to_json(&r, &url_s, cli.common.pid));
                     }
                     exit_for(r.errors.total())
                 }

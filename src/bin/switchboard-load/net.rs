@@ -393,6 +393,88 @@ impl Link {
     }
 }
 
+/// How the frames of one read ended (see [`ws_feed`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum FeedEnd {
+    /// Every whole frame was handled; go on reading.
+    More,
+    /// The server sent a close frame while the connection was open: code
+    /// and reason. It was answered; the phase is now `Closing`.
+    ServerClose(u16, String),
+    /// The server answered our close frame.
+    CloseAcked,
+    /// A frame or a fragment sequence that breaks RFC 6455.
+    Protocol(String),
+}
+
+/// Decode the WebSocket frames of `fresh` (after what `inbuf` kept) on a
+/// JSON-protocol connection: every whole message goes to `on_message`
+/// (`true` for text), fragmented ones reassembled in `frag`; pings are
+/// answered into `out` (counted in `pings`); a close frame ends the feed.
+pub fn ws_feed(
+    link: &mut Link,
+    frag: &mut Option<(u8, Vec<u8>)>,
+    fresh: &[u8],
+    pings: &mut u64,
+    on_message: &mut dyn FnMut(bool, &[u8]),
+) -> FeedEnd {
+    let Link {
+        inbuf, out, phase, ..
+    } = link;
+    let mut end = FeedEnd::More;
+    let r = feed(inbuf, fresh, &mut |f: Frame<'_>| {
+        match (f.opcode, frag.is_some()) {
+            (wire::OP_TEXT | wire::OP_BINARY, false) if f.fin => {
+                on_message(f.opcode == wire::OP_TEXT, f.payload);
+            }
+            (wire::OP_TEXT | wire::OP_BINARY, false) => {
+                *frag = Some((f.opcode, f.payload.to_vec()));
+            }
+            (wire::OP_CONTINUATION, true) => {
+                if let Some((_, buf)) = frag.as_mut() {
+                    buf.extend_from_slice(f.payload);
+                }
+                if f.fin
+                    && let Some((op, buf)) = frag.take()
+                {
+                    on_message(op == wire::OP_TEXT, &buf);
+                }
+            }
+            (wire::OP_TEXT | wire::OP_BINARY | wire::OP_CONTINUATION, _) => {
+                end = FeedEnd::Protocol("bad fragmentation in a server message".into());
+                return false;
+            }
+            (wire::OP_PING, _) => {
+                *pings += 1;
+                wire::frame(out, wire::OP_PONG, f.payload);
+            }
+            (wire::OP_PONG, _) => {}
+            _ => {
+                if *phase == Phase::Open {
+                    let code = f
+                        .payload
+                        .get(..2)
+                        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+                    let reason = String::from_utf8_lossy(f.payload.get(2..).unwrap_or_default())
+                        .into_owned();
+                    // Answer with the same code (RFC 6455 5.5.1), then wait for EOF.
+                    wire::frame(out, wire::OP_CLOSE, f.payload.get(..2).unwrap_or_default());
+                    *phase = Phase::Closing;
+                    end = FeedEnd::ServerClose(code, reason);
+                } else {
+                    end = FeedEnd::CloseAcked;
+                }
+                return false;
+            }
+        }
+        true
+    });
+    match r {
+        Err(e) => FeedEnd::Protocol(format!("bad server frame: {e:?}")),
+        Ok(()) => end,
+    }
+}
+
 /// After a readiness event on a connecting socket: connected, still
 /// connecting, or failed.
 fn connect_result(s: &TcpStream) -> io::Result<bool> {

@@ -8,12 +8,12 @@ use crate::fanout::FanoutReport;
 use crate::hist::Histogram;
 use crate::procfs::{Delta, human_bytes};
 
-fn us(ns: u64) -> f64 {
+pub(crate) fn us(ns: u64) -> f64 {
     (ns as f64 / 100.0).round() / 10.0
 }
 
 /// "512.3 µs" or "1.25 ms".
-fn dur(ns: u64) -> String {
+pub(crate) fn dur(ns: u64) -> String {
     if ns >= 1_000_000 {
         format!("{:.2} ms", ns as f64 / 1e6)
     } else {
@@ -21,7 +21,7 @@ fn dur(ns: u64) -> String {
     }
 }
 
-fn latency_json(h: &Histogram) -> Value {
+pub(crate) fn latency_json(h: &Histogram) -> Value {
     json!({
         "samples": h.count(),
         "min": us(h.min()),
@@ -34,7 +34,7 @@ fn latency_json(h: &Histogram) -> Value {
     })
 }
 
-fn latency_line(h: &Histogram) -> String {
+pub(crate) fn latency_line(h: &Histogram) -> String {
     if h.count() == 0 {
         return "no samples".into();
     }
@@ -49,7 +49,7 @@ fn latency_line(h: &Histogram) -> String {
     )
 }
 
-fn server_json(pid: Option<u32>, d: Option<&Delta>) -> Value {
+pub(crate) fn server_json(pid: Option<u32>, d: Option<&Delta>) -> Value {
     match (pid, d) {
         (Some(pid), Some(d)) => json!({
             "pid": pid,
@@ -179,7 +179,7 @@ pub fn echo_json(r: &EchoReport, url: &str, pid: Option<u32>) -> Value {
     })
 }
 
-fn map_line(m: &std::collections::BTreeMap<String, u64>) -> String {
+pub(crate) fn map_line(m: &std::collections::BTreeMap<String, u64>) -> String {
     m.iter()
         .map(|(k, n)| format!("{k} {n}"))
         .collect::<Vec<_>>()
