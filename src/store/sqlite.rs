@@ -474,19 +474,27 @@ fn write(
             })?;
             let payload = utf8(payload, "the publication")?;
             let (channel, epoch) = (&**channel, &**epoch);
-            // A new epoch starts the offsets over: the old epoch's rows go.
-            conn.prepare_cached(
-                "DELETE FROM history WHERE channel = ?1 AND EXISTS \
-                 (SELECT 1 FROM channels WHERE channel = ?1 AND epoch <> ?2)",
-            )?
-            .execute(params![channel, epoch])?;
-            conn.prepare_cached(
-                "INSERT INTO channels (channel, epoch, top_offset) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (channel) DO UPDATE SET epoch = excluded.epoch, top_offset = \
-                 CASE WHEN epoch = excluded.epoch THEN max(top_offset, excluded.top_offset) \
-                 ELSE excluded.top_offset END",
-            )?
-            .execute(params![channel, epoch, offset])?;
+            let known: Option<(bool, i64)> = conn
+                .prepare_cached("SELECT epoch = ?2, top_offset FROM channels WHERE channel = ?1")?
+                .query_row(params![channel, epoch], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let top = match known {
+                Some((true, top)) => top.max(offset), // a late one keeps the top
+                Some((false, _)) => {
+                    // A new epoch starts the offsets over: the old epoch's rows go.
+                    conn.prepare_cached("DELETE FROM history WHERE channel = ?1")?
+                        .execute([channel])?;
+                    offset
+                }
+                None => offset,
+            };
+            if known != Some((true, top)) {
+                conn.prepare_cached(
+                    "INSERT OR REPLACE INTO channels (channel, epoch, top_offset) \
+                     VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![channel, epoch, top])?;
+            }
             conn.prepare_cached(
                 r#"INSERT OR REPLACE INTO history (channel, "offset", payload, at_ms, expires_at_ms)
                    VALUES (?1, ?2, ?3, ?4, ?5)"#,
