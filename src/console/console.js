@@ -518,7 +518,8 @@
   function sendApi() {
     const to = recipient();
     if (to === null) return;
-    const body = `{"userId":${JSON.stringify(to)},"data":${dataJson($('sendData').value)}}`;
+    const ack = $('sendAck').checked ? ',"ack":true' : '';
+    const body = `{"userId":${JSON.stringify(to)},"data":${dataJson($('sendData').value)}${ack}}`;
     apiAction('sendResult', 'POST /api/send', '/api/send', body, (r) =>
       `sent to ${r.userId ?? to}: ${fmtNum(r.connections)} connection(s)${r.stored !== undefined ? `, stored ${r.stored}` : ''}`);
   }
@@ -586,6 +587,9 @@
     setStat('statQueue', s.writerQueueDepth, fmtNum(s.writerQueueDepth));
     setStat('statSlow', s.slowConsumerCloses, fmtNum(s.slowConsumerCloses));
     setStat('statRejected', s.rejectedConnections, fmtNum(s.rejectedConnections));
+    setStat('statRevoked', s.revokedCloses, fmtNum(s.revokedCloses));
+    setStat('statRecords', s.recordsStored, fmtNum(s.recordsStored));
+    setStat('statStorage', s.storage, typeof s.storage === 'boolean' ? (s.storage ? 'on' : 'off') : fmtNum(s.storage));
     const rows = [];
     for (const sh of Array.isArray(s.shards) ? s.shards : []) {
       const tr = el('tr');
