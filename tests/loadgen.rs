@@ -183,6 +183,8 @@ fn run_load(args: &[&str]) -> (ExitStatus, Value, String) {
     let mut child = Command::new(BIN)
         .args(args)
         .arg("--json")
+        // api mode reads its key from here too: only what a test passes counts.
+        .env_remove("SWITCHBOARD_API_KEY")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -878,4 +880,372 @@ fn real_server_ingest_is_clean_and_every_ack_is_a_row() {
         .unwrap();
     assert_eq!(rows as u64, records, "{stdout}");
     assert_eq!(distinct as u64, records, "{stdout}");
+}
+
+// ---------------------------------------------------------------------------
+// API mode: publishes over HTTP, delivered to WebSocket subscribers. A
+// hand-made server that speaks both on one port, and the real server.
+
+const API_SUBS: u64 = 4;
+
+/// What the hand-made API server does wrong (to the Nth publish).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ApiFault {
+    /// Publish and answer every request (the control).
+    None,
+    /// Do not deliver the Nth publish to the first subscriber.
+    DropOne,
+    /// Deliver the Nth publish to the first subscriber twice.
+    DupOne,
+    /// Answer the Nth request 503 without publishing it.
+    Refuse,
+}
+
+/// Subscribers in the order they subscribed, and the channel's next offset
+/// (one lock: offsets are given and delivered in one order).
+type ApiHub = Arc<Mutex<(Vec<Writer>, u64)>>;
+
+fn api_server(fault: ApiFault) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let hub: ApiHub = Arc::new(Mutex::new((Vec::new(), 1)));
+    let publishes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            let Ok(stream) = stream else { continue };
+            let hub = hub.clone();
+            let publishes = publishes.clone();
+            std::thread::spawn(move || {
+                let _ = serve_api(stream, n, &hub, &publishes, fault);
+            });
+        }
+    });
+    addr
+}
+
+/// A request head in `buf` (read more until it is there); None at EOF.
+fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    let mut tmp = vec![0u8; 64 << 10];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Ok(Some(i + 4));
+        }
+        let n = s.read(&mut tmp)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+fn serve_api(
+    mut s: TcpStream,
+    n: usize,
+    hub: &ApiHub,
+    publishes: &std::sync::atomic::AtomicU64,
+    fault: ApiFault,
+) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut buf = Vec::new();
+    if read_head(&mut s, &mut buf)?.is_none() {
+        return Ok(());
+    }
+    if buf.starts_with(b"GET ") {
+        return serve_api_subscriber(s, buf, n, hub);
+    }
+    // HTTP/1.1 keep-alive: requests answered in order, pipelined or not.
+    let mut tmp = vec![0u8; 64 << 10];
+    loop {
+        let Some(head_len) = read_head(&mut s, &mut buf)? else {
+            return Ok(());
+        };
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        assert!(req.parse(&buf).unwrap().is_complete());
+        assert_eq!(req.method, Some("POST"));
+        assert_eq!(req.path, Some("/api/publish"));
+        let header = |name: &str| {
+            req.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value).into_owned())
+        };
+        assert_eq!(header("content-type").as_deref(), Some("application/json"));
+        assert_eq!(header("authorization").as_deref(), Some("Bearer test-key"));
+        let len: usize = header("content-length").unwrap().parse().unwrap();
+        while buf.len() < head_len + len {
+            let got = s.read(&mut tmp)?;
+            if got == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&tmp[..got]);
+        }
+        let body: Value = serde_json::from_slice(&buf[head_len..head_len + len]).unwrap();
+        buf.drain(..head_len + len);
+        let nth = publishes.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == NTH;
+        if fault == ApiFault::Refuse && nth {
+            let msg = r#"{"error":"unavailable"}"#;
+            s.write_all(
+                format!(
+                    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{msg}",
+                    msg.len()
+                )
+                .as_bytes(),
+            )?;
+            continue;
+        }
+        let channel = body["channel"].as_str().unwrap().to_owned();
+        let (offset, subscribers) = {
+            let mut h = hub.lock().unwrap();
+            let offset = h.1;
+            h.1 += 1;
+            let mut frame = Vec::new();
+            server_frame(
+                &mut frame,
+                0x1,
+                format!(
+                    r#"{{"type":"message","channel":"{channel}","data":{},"offset":{offset},"epoch":"fake-epoch","timestamp":"{TS}"}}"#,
+                    body["data"]
+                )
+                .as_bytes(),
+            );
+            for (i, w) in h.0.iter().enumerate() {
+                let times = match fault {
+                    ApiFault::DropOne if nth && i == 0 => 0,
+                    ApiFault::DupOne if nth && i == 0 => 2,
+                    _ => 1,
+                };
+                for _ in 0..times {
+                    let _ = w.lock().unwrap().write_all(&frame);
+                }
+            }
+            (offset, h.0.len())
+        };
+        let reply = format!(
+            r#"{{"success":true,"channel":"{channel}","offset":{offset},"epoch":"fake-epoch","connections":{subscribers}}}"#
+        );
+        s.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
+                reply.len()
+            )
+            .as_bytes(),
+        )?;
+    }
+}
+
+/// `connected` on upgrade; `subscribe` -> `subscribed` and into the hub.
+fn serve_api_subscriber(
+    mut s: TcpStream,
+    mut buf: Vec<u8>,
+    n: usize,
+    hub: &ApiHub,
+) -> io::Result<()> {
+    if accept_upgrade(&mut s, &mut buf)?.is_none() {
+        return Ok(());
+    }
+    let me: Writer = Arc::new(Mutex::new(s.try_clone()?));
+    send_text(
+        &me,
+        &format!(
+            r#"{{"type":"connected","connectionId":"0.{n}","userId":"u{n}","features":[],"channels":[],"timestamp":"{TS}"}}"#
+        ),
+    )?;
+    let mut tmp = vec![0u8; 64 << 10];
+    loop {
+        while let Ok(Some(h)) = parse_header(&buf) {
+            let total = h.header_len + h.payload_len as usize;
+            if buf.len() < total {
+                break;
+            }
+            let mut payload = buf[h.header_len..total].to_vec();
+            buf.drain(..total);
+            let Some(mask) = h.mask else {
+                return Ok(());
+            };
+            apply_mask(&mut payload, mask);
+            match h.opcode {
+                RawOpCode::Text => {
+                    let v: Value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
+                    assert_eq!(v["type"], "subscribe", "{v}");
+                    let channel = v["channel"].as_str().unwrap_or_default();
+                    // Into the hub and answered under its lock: no publish
+                    // can come between the two.
+                    let mut h = hub.lock().unwrap();
+                    h.0.push(me.clone());
+                    send_text(
+                        &me,
+                        &format!(
+                            r#"{{"type":"subscribed","channel":"{channel}","timestamp":"{TS}"}}"#
+                        ),
+                    )?;
+                }
+                RawOpCode::Ping => {
+                    let mut f = Vec::new();
+                    server_frame(&mut f, 0xA, &payload);
+                    me.lock().unwrap().write_all(&f)?;
+                }
+                RawOpCode::Close => {
+                    let mut f = Vec::new();
+                    server_frame(&mut f, 0x8, payload.get(..2).unwrap_or_default());
+                    me.lock().unwrap().write_all(&f)?;
+                    return s.shutdown(Shutdown::Both);
+                }
+                _ => {}
+            }
+        }
+        let got = s.read(&mut tmp)?;
+        if got == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&tmp[..got]);
+    }
+}
+
+fn api_against(addr: SocketAddr) -> (ExitStatus, Value, String) {
+    let url = format!("ws://{addr}/ws");
+    let n = API_SUBS.to_string();
+    run_load(&[
+        "api",
+        "--url",
+        &url,
+        "-n",
+        &n,
+        "-p",
+        "2",
+        "-k",
+        "4",
+        "-t",
+        "0.5",
+        "--warmup",
+        "0",
+        "--api-key",
+        "test-key",
+    ])
+}
+
+#[test]
+fn api_test_server_without_fault_is_clean() {
+    let (status, json, stdout) = api_against(api_server(ApiFault::None));
+    assert!(status.success(), "{stdout}");
+    assert_eq!(json["errors"]["total"], 0, "{stdout}");
+    assert_eq!(json["subscribed"], API_SUBS, "{stdout}");
+    assert_eq!(json["http_open"], 2, "{stdout}");
+    let completed = json["completed_total"].as_u64().unwrap();
+    assert!(completed > NTH, "{stdout}");
+    assert_eq!(json["sent_total"], completed, "{stdout}");
+    assert_eq!(json["answered_total"], completed, "{stdout}");
+    assert_eq!(json["received_total"], completed * API_SUBS, "{stdout}");
+    assert_eq!(json["first_offset"], 1, "{stdout}");
+    assert_eq!(json["last_offset"], completed, "{stdout}");
+    assert_eq!(json["closed_cleanly"], API_SUBS, "{stdout}");
+}
+
+/// Exactly `count` errors of `kind`, nothing else, exit status 1, and the
+/// pipeline went on past the fault.
+fn assert_api_detects(fault: ApiFault, kind: &str, count: u64) -> Value {
+    let (status, json, stdout) = api_against(api_server(fault));
+    assert_eq!(status.code(), Some(1), "{fault:?}: exit status\n{stdout}");
+    assert_eq!(json["errors"][kind], count, "{fault:?}: {kind}\n{stdout}");
+    assert_eq!(
+        json["errors"]["total"], count,
+        "{fault:?}: only {kind}\n{stdout}"
+    );
+    assert!(json["completed_total"].as_u64().unwrap() > NTH, "{stdout}");
+    json
+}
+
+#[test]
+fn api_detects_a_dropped_delivery() {
+    let json = assert_api_detects(ApiFault::DropOne, "lost", 1);
+    let completed = json["completed_total"].as_u64().unwrap();
+    assert_eq!(json["received_total"], completed * API_SUBS - 1);
+}
+
+#[test]
+fn api_detects_a_duplicated_delivery() {
+    assert_api_detects(ApiFault::DupOne, "dup", 1);
+}
+
+#[test]
+fn api_counts_refused_requests_by_status() {
+    let json = assert_api_detects(ApiFault::Refuse, "rejected", 1);
+    assert_eq!(json["http_statuses"]["503"], 1);
+    let completed = json["completed_total"].as_u64().unwrap();
+    assert_eq!(json["sent_total"], completed + 1);
+    assert_eq!(json["received_total"], completed * API_SUBS);
+}
+
+fn api_config(shards: usize) -> Config {
+    let mut cfg = Config {
+        port: 0,
+        shards,
+        ..Default::default()
+    };
+    cfg.channels.subscribe = switchboard::config::Rule::Any;
+    cfg.api.keys = vec!["test-key".into()];
+    cfg
+}
+
+#[test]
+fn real_server_api_publish_is_clean() {
+    // Two shards: subscribers and HTTP connections on both, the channel's
+    // home on one of them.
+    let server = real_server(api_config(2));
+    let url = format!("ws://{}/ws", server.local_addr());
+    let pid = std::process::id().to_string();
+    let (status, json, stdout) = run_load(&[
+        "api",
+        "--url",
+        &url,
+        "-n",
+        "20",
+        "-p",
+        "3",
+        "-k",
+        "8",
+        "-t",
+        "1",
+        "--warmup",
+        "0.2",
+        "--api-key",
+        "test-key",
+        "--pid",
+        &pid,
+    ]);
+    assert!(status.success(), "{stdout}");
+    assert_eq!(json["errors"]["total"], 0, "{stdout}");
+    assert_eq!(json["subscribed"], 20, "{stdout}");
+    assert_eq!(json["http_open"], 3, "{stdout}");
+    let publishes = json["publishes"].as_u64().unwrap();
+    assert!(publishes > 0, "{stdout}");
+    // Over the whole run: every request answered 200 and delivered to all 20 once.
+    let completed = json["completed_total"].as_u64().unwrap();
+    assert_eq!(json["sent_total"], completed, "{stdout}");
+    assert_eq!(json["answered_total"], completed, "{stdout}");
+    assert_eq!(json["received_total"], completed * 20, "{stdout}");
+    let first = json["first_offset"].as_u64().unwrap();
+    assert_eq!(json["last_offset"], first + completed - 1, "{stdout}");
+    assert_eq!(json["connections_reported"], 20, "{stdout}");
+    assert_eq!(json["http_statuses"], serde_json::json!({}), "{stdout}");
+    assert_eq!(json["closed_cleanly"], 20, "{stdout}");
+    assert!(json["http_latency_us"]["samples"].as_u64().unwrap() > 0);
+    assert!(json["e2e_latency_us"]["samples"].as_u64().unwrap() > 0);
+    assert!(json["server"]["cpu_us_per_publish"].is_number(), "{stdout}");
+}
+
+#[test]
+fn real_server_api_without_the_key_is_refused_and_counted() {
+    let server = real_server(api_config(1));
+    let url = format!("ws://{}/ws", server.local_addr());
+    let (status, json, stdout) = run_load(&[
+        "api", "--url", &url, "-n", "3", "-p", "1", "-k", "4", "-t", "0.3", "--warmup", "0",
+    ]);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    let refused = json["http_statuses"]["401"].as_u64().unwrap_or(0);
+    assert!(refused > 0, "{stdout}");
+    assert_eq!(json["errors"]["rejected"], refused, "{stdout}");
+    assert_eq!(json["errors"]["total"], refused, "{stdout}");
+    assert_eq!(json["received_total"], 0, "{stdout}");
 }

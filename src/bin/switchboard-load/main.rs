@@ -21,6 +21,7 @@
 //!
 //! One thread, no async runtime, no `unsafe`.
 
+mod api;
 mod connect;
 mod echo;
 mod fanout;
@@ -78,6 +79,10 @@ enum Mode {
     /// each; every record acknowledged once after its commit; durable
     /// records/s and ack latency.
     Ingest(IngestArgs),
+    /// Publishes through the HTTP API (POST /api/publish, keep-alive,
+    /// pipelined) delivered to N WebSocket subscribers; verified deliveries,
+    /// API publishes/s, HTTP and end-to-end latency.
+    Api(ApiArgs),
 }
 
 #[derive(Args)]
@@ -181,6 +186,45 @@ struct IngestArgs {
     drain_timeout: Duration,
 }
 
+#[derive(Args)]
+struct ApiArgs {
+    /// Subscriber connections.
+    #[arg(short = 'n', long, default_value_t = 1000)]
+    subscribers: usize,
+    /// HTTP/1.1 keep-alive connections issuing the publishes.
+    #[arg(short = 'p', long, default_value_t = 4)]
+    connections: usize,
+    /// Publish requests in flight in total, pipelined on the connections
+    /// (each completes when answered and delivered to every subscriber).
+    #[arg(short = 'k', long, default_value_t = 8)]
+    inflight: usize,
+    /// Measured seconds (fractions allowed).
+    #[arg(short = 't', long, default_value = "10", value_parser = parse_secs)]
+    duration: Duration,
+    /// Seconds of traffic before measuring (not counted).
+    #[arg(long, default_value = "1", value_parser = parse_secs)]
+    warmup: Duration,
+    /// New subscriber connections per second during setup.
+    #[arg(long, default_value_t = 2000.0)]
+    ramp: f64,
+    /// Source addresses 127.0.0.1..127.0.0.N to connect from (default:
+    /// enough that none needs more than 25,000 ports).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=254))]
+    sources: Option<u8>,
+    /// The channel (the server's channel rules must let anyone subscribe).
+    #[arg(long, default_value = "load")]
+    channel: String,
+    /// Sent as `Authorization: Bearer <KEY>`.
+    #[arg(long, value_name = "KEY", env = "SWITCHBOARD_API_KEY")]
+    api_key: Option<String>,
+    /// The publish route.
+    #[arg(long, default_value = "/api/publish")]
+    api_path: String,
+    /// Seconds allowed for one subscriber's connect, upgrade and subscribe.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    handshake_timeout: Duration,
+}
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let v: f64 = s
         .trim_end_matches('s')
@@ -196,7 +240,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let url_s = cli.common.url.clone().unwrap_or_else(|| {
         match cli.mode {
-            Mode::Fanout(_) | Mode::Ingest(_) => "ws://127.0.0.1:8080/ws",
+            Mode::Fanout(_) | Mode::Ingest(_) | Mode::Api(_) => "ws://127.0.0.1:8080/ws",
             _ => "ws://127.0.0.1:8080/echo",
         }
         .to_owned()
@@ -313,6 +357,43 @@ fn main() -> ExitCode {
                     ingest::print(&r, &url_s, cli.common.pid);
                     if cli.common.json {
                         println!("{}", ingest::to_json(&r, &url_s, cli.common.pid));
+                    }
+                    exit_for(r.errors.total())
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Mode::Api(a) => {
+            if a.duration.is_zero() {
+                return fail("--duration must be greater than 0");
+            }
+            if !(a.ramp > 0.0 && a.ramp.is_finite()) {
+                return fail("--ramp must be a positive number of connections per second");
+            }
+            if a.subscribers == 0 || a.connections == 0 || a.inflight == 0 {
+                return fail("--subscribers, --connections and --inflight must be at least 1");
+            }
+            if !a.api_path.starts_with('/') {
+                return fail("--api-path must start with /");
+            }
+            let opts = api::ApiOpts {
+                subscribers: a.subscribers,
+                connections: a.connections,
+                inflight: a.inflight,
+                duration: a.duration,
+                warmup: a.warmup,
+                ramp: a.ramp,
+                sources: a.sources,
+                channel: a.channel,
+                api_key: a.api_key.filter(|k| !k.is_empty()),
+                api_path: a.api_path,
+                handshake_timeout: a.handshake_timeout,
+            };
+            match api::run(&url, addr, cli.common.pid, &opts) {
+                Ok(r) => {
+                    api::print(&r, &url_s, cli.common.pid);
+                    if cli.common.json {
+                        println!("{}", api::to_json(&r, &url_s, cli.common.pid));
                     }
                     exit_for(r.errors.total())
                 }

@@ -393,6 +393,27 @@ impl Link {
     }
 }
 
+impl Link {
+    /// Move a plain TCP connect along (no upgrade: the HTTP API's
+    /// connections): true once connected, when the phase becomes `Open`.
+    pub fn tcp_connect(&mut self) -> Result<bool, Fail> {
+        if self.phase != Phase::Connecting {
+            return Ok(self.phase == Phase::Open);
+        }
+        let Some(s) = self.stream.as_ref() else {
+            return Err(Fail::Eof);
+        };
+        match connect_result(s) {
+            Ok(false) => Ok(false),
+            Ok(true) => {
+                self.phase = Phase::Open;
+                Ok(true)
+            }
+            Err(e) => Err(Fail::Connect(e)),
+        }
+    }
+}
+
 /// How the frames of one read ended (see [`ws_feed`]).
 #[derive(Debug, PartialEq, Eq)]
 pub enum FeedEnd {
