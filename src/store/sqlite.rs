@@ -302,7 +302,11 @@ impl Backend for SqliteBackend {
                 // Isolate the op whose statement failed; retry the others once.
                 results[bad] = Some(Err(Arc::new(e)));
                 todo.retain(|&i| i != bad && results[i].is_none());
-                attempt = self.transaction(&ops, &todo, &mut results);
+                attempt = if todo.is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    self.transaction(&ops, &todo, &mut results)
+                };
             }
             match attempt {
                 Ok(done) => {
@@ -1091,7 +1095,7 @@ mod tests {
         let mut b = open(dir.path());
         let r = b.apply(vec![
             put("u", "a", FAR, 10),
-            // Not an ingest table: the INSERT fails, the batch is retried without it.
+            // Not an ingest table: creating its dedup index fails.
             Op::Ingest {
                 table: "history".into(),
                 kind: "k".into(),
@@ -1129,9 +1133,43 @@ mod tests {
             StoreError::NotUtf8 { .. }
         ));
         assert_eq!(r[5].as_ref().unwrap(), &Outcome::Stored { id: 2 });
-        // Applied once: the first attempt was rolled back.
+        // Refused before any statement ran: the transaction went on without them.
         assert_eq!(inbox(&mut b, "u").len(), 2);
         assert_eq!(records(&mut b, TABLE, 0, 10).len(), 1);
+    }
+
+    #[test]
+    fn a_failing_statement_is_isolated_and_the_rest_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path());
+        let other = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        other
+            .execute_batch(
+                "CREATE TRIGGER refuse BEFORE INSERT ON inbox WHEN NEW.user_id = 'bad' \
+                 BEGIN SELECT RAISE(ABORT, 'refused by test'); END;",
+            )
+            .unwrap();
+        let r = b.apply(vec![
+            put("u", "a", FAR, 10),
+            publication("ch", "e", 1, FAR, 10),
+            put("bad", "x", FAR, 10),
+            put("u", "b", FAR, 10),
+        ]);
+        assert_eq!(r[0].as_ref().unwrap(), &Outcome::Stored { id: 1 });
+        assert_eq!(r[1].as_ref().unwrap(), &Outcome::Done);
+        let e = r[2].as_ref().unwrap_err();
+        assert!(e.to_string().contains("refused by test"), "{e}");
+        assert_eq!(r[3].as_ref().unwrap(), &Outcome::Stored { id: 2 });
+        // Applied once each: the first attempt was rolled back.
+        assert_eq!(count(dir.path(), "inbox"), 2);
+        assert_eq!(count(dir.path(), "history"), 1);
+        // Alone in its batch, it fails alone.
+        let r = b.apply(vec![put("bad", "y", FAR, 10)]);
+        assert!(r[0].is_err());
+        assert_eq!(
+            one(&mut b, put("u", "c", FAR, 10)),
+            Outcome::Stored { id: 3 }
+        );
     }
 
     #[test]
