@@ -16,7 +16,7 @@ pub mod sqlite;
 mod writer;
 
 pub use sqlite::SqliteBackend;
-pub use writer::{SendError, Writer, WriterHandle, WriterStats};
+pub use writer::{PRUNE_EVERY, SendError, Writer, WriterHandle, WriterStats};
 
 use std::fmt;
 use std::io;
