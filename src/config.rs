@@ -405,9 +405,9 @@ pub struct AuthConfig {
     /// Time allowed for an `authenticate` message when no token came with the upgrade.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub timeout: Duration,
-    /// How long a revocation of a user is kept: tokens of that user issued
-    /// (`iat`) before it are refused for this long. Match your longest token
-    /// lifetime. Revoked token ids are kept until the token's `exp`.
+    /// How long a revocation is kept: tokens of a revoked user issued
+    /// (`iat`) before it, and a revoked token id, are refused for this long.
+    /// Match your longest token lifetime.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub revocation_ttl: Duration,
     pub jwt: JwtConfig,

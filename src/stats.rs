@@ -121,7 +121,8 @@ impl Histograms {
 /// Append the latency histograms of every shard (Prometheus text format).
 pub fn prometheus_histograms(shards: &[std::sync::Arc<ShardStats>], out: &mut String) {
     use std::fmt::Write;
-    let all: [(&str, &str, fn(&Histograms) -> &AtomicHisto); 2] = [
+    type Pick = fn(&Histograms) -> &AtomicHisto;
+    let all: [(&str, &str, Pick); 2] = [
         (
             "switchboard_api_request_seconds",
             "HTTP API requests, from parsed request to queued response.",

@@ -367,6 +367,14 @@ fn auth_failures_and_bad_requests_get_clear_errors() {
         "POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
     );
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    // A revoked admin token stops working on the API too.
+    let admin = token("root", Some("admin"));
+    server
+        .revoke(switchboard::store::RevocationKind::User, "root", "left")
+        .unwrap();
+    wait_until("revocation applied", || {
+        api.get_as("/api/status", Some(&admin)).0 == 401
+    });
     // The server keeps serving.
     let (s, _) = api.get("/api/status");
     assert_eq!(s, 200);

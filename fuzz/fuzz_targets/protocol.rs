@@ -28,7 +28,13 @@ fn check(replies: &[Vec<u8>]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let cfg = Config::default();
+    let mut cfg = Config::default();
+    // Ingestion with validation and encryption runs too.
+    cfg.ingest.required_fields = vec!["value".into()];
+    cfg.ingest.fields_to_encrypt = vec!["value".into()];
+    cfg.ingest.key = Some("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".into());
+    let sealer = switchboard::ingest::Sealer::from_config(&cfg.ingest).expect("test key");
+    let revoked = switchboard::revoke::Revocations::default();
     let auth = Authenticator::None;
     let router = Router::new(Vec::new());
     let mut local = LocalIndex::default();
@@ -54,6 +60,9 @@ fuzz_target!(|data: &[u8]| {
         now: std::time::Instant::now(),
         uptime_secs: 1,
         open_connections: 1,
+        storage: true,
+        sealer: sealer.as_ref(),
+        revoked: &revoked,
     };
     session.on_open(&mut ctx, &mut out);
     // Several messages per input: split on a 0xFF byte (never valid UTF-8,

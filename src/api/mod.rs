@@ -190,7 +190,7 @@ pub fn find(method: &str, path: &str) -> Result<(&'static Route, Vec<String>), V
     let mut allowed = Vec::new();
     for route in ROUTES {
         if let Some(params) = matches(route.path, path) {
-            if route.method == method || (method == "HEAD" && route.method == "GET") {
+            if route.method == method {
                 return Ok((route, params));
             }
             allowed.push(route.method);
@@ -341,6 +341,7 @@ pub struct ApiCtx<'a> {
     pub open_connections: usize,
     pub uptime_secs: u64,
     pub now: Instant,
+    pub revoked: &'a crate::revoke::Revocations,
 }
 
 /// The outcome of one request.
@@ -389,16 +390,19 @@ fn authorize(
         }
     }
     let Some(token) = bearer else {
-        return Err(ApiError::new(
-            401,
-            "unauthorized",
-            "send an API key (Authorization: Bearer <key> or X-API-Key) or an admin token",
-        ));
+        let message = if access == Access::User {
+            "send the user's token (Authorization: Bearer <token>)"
+        } else {
+            "send an API key (Authorization: Bearer <key> or X-API-Key) or an admin token"
+        };
+        return Err(ApiError::new(401, "unauthorized", message));
     };
     let identity = match ctx.auth {
         Authenticator::None => None,
         auth => auth.authenticate(token).ok(),
     };
+    // A revoked token is refused here as on a WebSocket connect.
+    let identity = identity.filter(|id| !ctx.revoked.covers(id, store::now_ms()));
     match (access, identity) {
         (_, None) => Err(ApiError::new(
             401,
@@ -449,7 +453,7 @@ fn user_id(s: &str) -> Result<Arc<str>, ApiError> {
     if s.is_empty() || s.len() > 128 || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(bad(
             "invalid_user",
-            "user ids are 1-128 printable characters",
+            "user ids are 1-128 bytes of printable characters without spaces",
         ));
     }
     Ok(Arc::from(s))
@@ -735,11 +739,14 @@ fn serve(req: &Request, body: &[u8], ctx: &mut ApiCtx<'_>) -> Result<Handled, Ap
             if p.user_ids.is_empty() || p.user_ids.len() > 10_000 {
                 return Err(bad("invalid_body", "userIds needs 1 to 10000 user ids"));
             }
-            let users = p
+            let mut users = p
                 .user_ids
                 .iter()
                 .map(|u| user_id(u))
                 .collect::<Result<Vec<_>, _>>()?;
+            // Each user once, however often listed.
+            users.sort_unstable();
+            users.dedup();
             let kind = event_type(p.kind.as_deref(), "message")?;
             let mut event = Vec::new();
             proto::Out::new(&mut event, &kind)
@@ -926,14 +933,26 @@ fn serve(req: &Request, body: &[u8], ctx: &mut ApiCtx<'_>) -> Result<Handled, Ap
             Ok(Handled::Later)
         }
         Handler::Token => {
+            if ctx.cfg.auth.mode != crate::config::AuthMode::Jwt {
+                return Err(ApiError::new(
+                    409,
+                    "not_available",
+                    "tokens are minted only in auth mode \"jwt\" (in mode \"none\" connect with ?userId=)",
+                ));
+            }
             let p: TokenBody = body_json(body)?;
             user_id(&p.user_id)?;
             let ttl = match p.ttl.as_deref() {
                 None => std::time::Duration::from_secs(3600),
                 Some(t) => crate::config::parse_duration(t)
                     .ok()
-                    .filter(|d| !d.is_zero() && d.as_secs() <= 86_400 * 30)
-                    .ok_or_else(|| bad("invalid_body", "ttl is a duration up to 30 days"))?,
+                    .filter(|d| d.as_secs() >= 1 && d.as_secs() <= 86_400 * 30)
+                    .ok_or_else(|| {
+                        bad(
+                            "invalid_body",
+                            "ttl is a duration like \"1h\" from 1 s to 30 days",
+                        )
+                    })?,
             };
             let dev = crate::auth_setup::DevToken {
                 sub: p.user_id.clone(),
@@ -951,12 +970,16 @@ fn serve(req: &Request, body: &[u8], ctx: &mut ApiCtx<'_>) -> Result<Handled, Ap
                     let mut b = Vec::new();
                     b.extend_from_slice(b"{\"token\":");
                     proto::write_str(&mut b, &token);
-                    b.extend_from_slice(format!(",\"userId\":").as_bytes());
+                    b.extend_from_slice(b",\"userId\":");
                     proto::write_str(&mut b, &p.user_id);
                     b.extend_from_slice(format!(",\"expiresAt\":{exp}}}").as_bytes());
                     ok(&b)
                 }
-                Err(e) => Err(ApiError::new(409, "not_available", e.to_string())),
+                Err(e) => Err(ApiError::new(
+                    409,
+                    "not_available",
+                    format!("cannot mint with this server's keys: {e}"),
+                )),
             }
         }
     }
@@ -1082,7 +1105,11 @@ fn client_json(b: &mut Vec<u8>, c: &ClientInfo) {
     b.extend_from_slice(b",\"ip\":");
     proto::write_str(b, &c.ip.to_string());
     b.extend_from_slice(b",\"connectedAt\":");
-    proto::write_str(b, &crate::logging::rfc3339_ms(c.connected_at_ms));
+    if c.connected_at_ms > 0 {
+        proto::write_str(b, &crate::logging::rfc3339_ms(c.connected_at_ms));
+    } else {
+        b.extend_from_slice(b"null"); // the echo endpoint keeps no session
+    }
     let _ = write!(
         b,
         ",\"shard\":{},\"isAuthenticated\":{},\"userId\":",

@@ -555,6 +555,7 @@ impl Conn {
             open_connections: ctx.admission.open(),
             uptime_secs: ctx.uptime_secs,
             now: ctx.now,
+            revoked: ctx.revoked,
         };
         match crate::api::handle(req, body, &mut actx) {
             crate::api::Handled::Now(resp) => {

@@ -896,14 +896,14 @@ impl Shard {
                 conn,
                 op,
                 wait,
-            } => self.to_writer(key, conn, op, wait, now),
+            } => self.send_to_writer(key, conn, op, wait, now),
             Outgoing::Revoke { revocation, reply } => {
                 if self.writer.is_some() {
                     let (key, conn) = reply
                         .as_ref()
                         .map_or((usize::MAX, ConnId(u64::MAX)), |r| (r.key, r.conn));
                     let revocation = Arc::new(revocation);
-                    self.to_writer(
+                    self.send_to_writer(
                         key,
                         conn,
                         Op::Revoke((*revocation).clone()),
@@ -977,7 +977,7 @@ impl Shard {
     }
 
     /// Hand a request to the storage writer; its answer comes back as `Stored`.
-    fn to_writer(&mut self, key: usize, conn: ConnId, op: Op, wait: StoreWait, now: Instant) {
+    fn send_to_writer(&mut self, key: usize, conn: ConnId, op: Op, wait: StoreWait, now: Instant) {
         let p = Pending {
             key,
             conn,
@@ -1509,7 +1509,7 @@ impl Shard {
                     {
                         continue;
                     }
-                    session.server_membership(
+                    let changed = session.server_membership(
                         channel,
                         *subscribe,
                         &mut self.local,
@@ -1517,6 +1517,9 @@ impl Shard {
                         self.id,
                         key,
                     );
+                    if !changed {
+                        continue; // already (not) a member: nothing to tell
+                    }
                     n += 1;
                     conn.deliver(note.clone());
                     if let Some(e) = event {
