@@ -262,3 +262,39 @@ impl Counters {
         t
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn histogram_buckets_and_exposition() {
+        let mut h = Histo::default();
+        h.observe(Duration::from_micros(50)); // <= 100 us
+        h.observe(Duration::from_micros(100)); // <= 100 us (inclusive)
+        h.observe(Duration::from_millis(3)); // <= 5 ms
+        h.observe(Duration::from_secs(9)); // +Inf
+        assert_eq!(h.count(), 4);
+        assert_eq!(h.counts[0], 2);
+        assert_eq!(
+            h.counts[BUCKETS_US.iter().position(|&b| b == 5_000).unwrap()],
+            1
+        );
+        assert_eq!(h.counts[NB - 1], 1);
+        let stats = std::sync::Arc::new(ShardStats::default());
+        stats.histograms.publish(&LocalHistos {
+            api: h,
+            store: Histo::default(),
+        });
+        assert_eq!(stats.histograms.api.snapshot(), h);
+        let mut text = String::new();
+        prometheus_histograms(&[stats], &mut text);
+        assert!(text.contains("# TYPE switchboard_api_request_seconds histogram"));
+        assert!(
+            text.contains("switchboard_api_request_seconds_bucket{shard=\"0\",le=\"0.0001\"} 2")
+        );
+        assert!(text.contains("switchboard_api_request_seconds_bucket{shard=\"0\",le=\"+Inf\"} 4"));
+        assert!(text.contains("switchboard_api_request_seconds_count{shard=\"0\"} 4"));
+    }
+}
