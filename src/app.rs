@@ -280,7 +280,7 @@ impl Session {
             }
             (false, Some(i)) => {
                 let ch = self.subs.swap_remove(i);
-                self.recovered(&ch);
+                self.left(&ch);
                 local.unsubscribe(router, shard, &ch, key);
                 true
             }
@@ -302,7 +302,17 @@ impl Session {
     }
 
     /// The recovery for `channel` arrived: live publications flow again.
+    /// One recovery for `channel` arrived (several may be in flight: live
+    /// publications flow again once the last one is in).
     pub fn recovered(&mut self, channel: &str) {
+        let found = self.recovering.iter().position(|c| &**c == channel);
+        if let Some(i) = found {
+            self.recovering.swap_remove(i);
+        }
+    }
+
+    /// Forget every recovery of `channel` (it was left).
+    fn left(&mut self, channel: &str) {
         self.recovering.retain(|c| &**c != channel);
     }
 
@@ -645,7 +655,9 @@ impl Session {
             // Subscribed first, so every later publication reaches us; the
             // home shard's answer carries the ones before it.
             let ch: Arc<str> = Arc::from(channel);
-            if !self.is_recovering(channel) {
+            // One entry per recovery in flight (bounded: a connection's
+            // subscriptions times the queries it may send).
+            if self.recovering.len() < 4 * ctx.cfg.channels.max_subscriptions {
                 self.recovering.push(ch.clone());
             }
             ctx.outgoing.push(Outgoing::History {
@@ -692,7 +704,7 @@ impl Session {
             return;
         };
         let ch = self.subs.swap_remove(i);
-        self.recovered(&ch);
+        self.left(&ch);
         ctx.local.unsubscribe(ctx.router, ctx.shard, &ch, ctx.key);
         let mut b = Vec::new();
         Out::new(&mut b, "unsubscribed")
@@ -854,12 +866,25 @@ impl Session {
                     );
                     return;
                 }
-                let since = data.and_then(|d| d.get("since")).and_then(|s| s.as_u64());
+                let num = |name: &str| match data.and_then(|d| d.get(name)) {
+                    None => Ok(None),
+                    Some(v) => v.as_u64().map(Some).ok_or(name.to_owned()),
+                };
+                let (since, limit) = match (num("since"), num("limit")) {
+                    (Ok(s), Ok(l)) => (s, l),
+                    (Err(name), _) | (_, Err(name)) => {
+                        reply_error(
+                            out,
+                            ErrorCode::MissingField,
+                            &format!("data.{name} must be a whole number"),
+                            Some(rid),
+                            upper,
+                        );
+                        return;
+                    }
+                };
                 let max = ctx.cfg.history.max_page;
-                let limit = data
-                    .and_then(|d| d.get("limit"))
-                    .and_then(|l| l.as_u64())
-                    .map_or(max, |l| (l as usize).min(max));
+                let limit = limit.map_or(max, |l| (l as usize).clamp(1, max));
                 let ch: Arc<str> = Arc::from(channel);
                 ctx.outgoing.push(Outgoing::History {
                     channel: ch.clone(),
@@ -1544,6 +1569,14 @@ pub fn reply_text(kind: &ReplyKind, request_id: Option<&[u8]>, g: &Gathered<'_>)
             }
             b.extend_from_slice(b"]}");
             response_tail(&mut b);
+        }
+        ReplyKind::Published { .. } if g.published.is_none() => {
+            proto::error(
+                &mut b,
+                ErrorCode::Unavailable,
+                "the channel's shard is shutting down; nothing was published",
+                request_id,
+            );
         }
         ReplyKind::Published { channel } => {
             let (offset, epoch) = g.published.unwrap_or((0, ""));

@@ -16,6 +16,24 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::store::LoadedChannel;
 
+/// A new random epoch (12 hex digits).
+pub fn fresh_epoch() -> String {
+    epoch_with(&SystemRandom::new())
+}
+
+fn epoch_with(rng: &SystemRandom) -> String {
+    let mut b = [0u8; 6];
+    // An epoch only has to differ from the previous one; if the system RNG
+    // fails, the clock still makes it unique enough.
+    if rng.fill(&mut b).is_err() {
+        let t = crate::store::now_ms().to_le_bytes();
+        for (d, s) in b.iter_mut().zip(t) {
+            *d = s;
+        }
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// One kept publication: the JSON text of the `message` event as sent.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -92,17 +110,7 @@ impl History {
     }
 
     fn new_epoch(&self) -> Arc<str> {
-        let mut b = [0u8; 6];
-        // An epoch only has to differ from the previous one; if the system
-        // RNG fails, the clock still makes it unique enough.
-        if self.rng.fill(&mut b).is_err() {
-            b.copy_from_slice(&crate::store::now_ms().to_le_bytes()[..6]);
-        }
-        let mut s = String::with_capacity(12);
-        for x in b {
-            s.push_str(&format!("{x:02x}"));
-        }
-        Arc::from(s)
+        Arc::from(epoch_with(&self.rng))
     }
 
     fn state(&mut self, channel: &str, now_ms: i64) -> &mut ChannelState {
@@ -167,9 +175,18 @@ impl History {
         since: u64,
         epoch: &str,
         max: usize,
+        max_bytes: usize,
         now_ms: i64,
     ) -> Page {
-        let st = self.state(channel, now_ms);
+        // A read creates no state: a channel never published has no epoch.
+        let Some(st) = self.channels.get(channel) else {
+            return Page {
+                epoch: Arc::from(""),
+                top: 0,
+                publications: Vec::new(),
+                complete: false,
+            };
+        };
         let mut page = Page {
             epoch: st.epoch.clone(),
             top: st.top,
@@ -191,7 +208,8 @@ impl History {
         // Complete only if the kept publications are exactly since+1..=top.
         let first = live.first().map(|e| e.offset);
         let gapless = first == Some(since + 1) && live.len() as u64 == st.top - since;
-        if gapless && live.len() <= max {
+        let bytes: usize = live.iter().map(|e| e.json.len()).sum();
+        if gapless && live.len() <= max && bytes <= max_bytes {
             page.publications = live.into_iter().map(|e| e.json.clone()).collect();
             page.complete = true;
         }
@@ -200,8 +218,24 @@ impl History {
 
     /// A page of history: after `since` (ascending), or the latest `limit`.
     /// `complete` is false when more publications follow this page.
-    pub fn page(&mut self, channel: &str, since: Option<u64>, limit: usize, now_ms: i64) -> Page {
-        let st = self.state(channel, now_ms);
+    /// At most `limit` publications and about `max_bytes` of them (at
+    /// least one); `complete: false` says more follow.
+    pub fn page(
+        &self,
+        channel: &str,
+        since: Option<u64>,
+        limit: usize,
+        max_bytes: usize,
+        now_ms: i64,
+    ) -> Page {
+        let Some(st) = self.channels.get(channel) else {
+            return Page {
+                epoch: Arc::from(""),
+                top: 0,
+                publications: Vec::new(),
+                complete: true,
+            };
+        };
         let live = st.entries.iter().filter(|e| e.expires_ms > now_ms);
         let chosen: Vec<&Entry> = match since {
             Some(s) => live.filter(|e| e.offset > s).collect(),
@@ -211,16 +245,20 @@ impl History {
                 all.into_iter().skip(skip).collect()
             }
         };
-        let more = chosen.len() > limit;
+        let mut publications = Vec::new();
+        let mut bytes = 0usize;
+        for e in chosen.iter().take(limit) {
+            if !publications.is_empty() && bytes + e.json.len() > max_bytes {
+                break;
+            }
+            bytes += e.json.len();
+            publications.push(e.json.clone());
+        }
         Page {
             epoch: st.epoch.clone(),
             top: st.top,
-            publications: chosen
-                .into_iter()
-                .take(limit)
-                .map(|e| e.json.clone())
-                .collect(),
-            complete: !more,
+            complete: publications.len() == chosen.len(),
+            publications,
         }
     }
 
@@ -258,14 +296,14 @@ mod tests {
         for _ in 0..4 {
             publish(&mut h, "c", 0, 10);
         }
-        let p = h.recover("c", 2, &e, 100, 1);
+        let p = h.recover("c", 2, &e, 100, usize::MAX, 1);
         assert!(p.complete);
         assert_eq!(p.top, 5);
         assert_eq!(
             p.publications,
             vec![j("{\"o\":3}"), j("{\"o\":4}"), j("{\"o\":5}")]
         );
-        let p = h.recover("c", 5, &e, 100, 1);
+        let p = h.recover("c", 5, &e, 100, usize::MAX, 1);
         assert!(p.complete && p.publications.is_empty());
     }
 
@@ -277,13 +315,22 @@ mod tests {
             publish(&mut h, "c", 0, 3);
         }
         // Kept: 4, 5, 6. From 1, publications 2 and 3 are gone.
-        assert!(!h.recover("c", 1, &e, 100, 1).complete);
-        assert!(h.recover("c", 3, &e, 100, 1).complete);
-        assert!(!h.recover("c", 3, "other", 100, 1).complete, "epoch");
-        assert!(!h.recover("c", 9, &e, 100, 1).complete, "future");
-        assert!(!h.recover("c", 3, &e, 2, 1).complete, "over max");
+        assert!(!h.recover("c", 1, &e, 100, usize::MAX, 1).complete);
+        assert!(h.recover("c", 3, &e, 100, usize::MAX, 1).complete);
+        assert!(
+            !h.recover("c", 3, "other", 100, usize::MAX, 1).complete,
+            "epoch"
+        );
+        assert!(
+            !h.recover("c", 9, &e, 100, usize::MAX, 1).complete,
+            "future"
+        );
+        assert!(
+            !h.recover("c", 3, &e, 2, usize::MAX, 1).complete,
+            "over max"
+        );
         // Expired (ttl 1000 ms).
-        assert!(!h.recover("c", 3, &e, 100, 5000).complete);
+        assert!(!h.recover("c", 3, &e, 100, usize::MAX, 5000).complete);
     }
 
     #[test]
@@ -291,7 +338,7 @@ mod tests {
         let mut h = History::default();
         let (_, e) = publish(&mut h, "c", 0, 0);
         publish(&mut h, "c", 0, 0);
-        let p = h.recover("c", 1, &e, 100, 1);
+        let p = h.recover("c", 1, &e, 100, usize::MAX, 1);
         assert!(!p.complete);
         assert_eq!(p.top, 2);
     }
@@ -302,15 +349,33 @@ mod tests {
         for _ in 0..10 {
             publish(&mut h, "c", 0, 100);
         }
-        let p = h.page("c", Some(2), 3, 1);
+        let e = h.page("c", None, 1, usize::MAX, 1).epoch;
+        assert!(h.recover("c", 8, &e, 100, 100, 1).complete);
+        assert!(
+            !h.recover("c", 3, &e, 100, 10, 1).complete,
+            "over the byte cap"
+        );
+        assert_eq!(
+            h.recover("nope", 0, "", 100, usize::MAX, 1).epoch.as_ref(),
+            ""
+        );
+        assert_eq!(h.channel_count(), 1, "reads create no state");
+        let p = h.page("c", Some(2), 3, usize::MAX, 1);
         assert_eq!(p.publications.len(), 3);
         assert_eq!(p.publications[0], j("{\"o\":3}"));
         assert!(!p.complete);
-        let p = h.page("c", Some(7), 3, 1);
+        let p = h.page("c", Some(7), 3, usize::MAX, 1);
         assert_eq!(p.publications.len(), 3);
         assert!(p.complete);
-        let p = h.page("c", None, 2, 1);
+        let p = h.page("c", None, 2, usize::MAX, 1);
         assert_eq!(p.publications, vec![j("{\"o\":9}"), j("{\"o\":10}")]);
+        let small = h.page("c", Some(0), 10, 16, 1);
+        assert_eq!(
+            small.publications.len(),
+            2,
+            "about 16 bytes: two 7-byte entries"
+        );
+        assert!(!small.complete);
         let epoch = p.epoch.clone();
         h.sweep(500, 10_000);
         assert_eq!(h.channel_count(), 1);

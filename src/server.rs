@@ -14,6 +14,10 @@ use crate::shard::{Shard, ShardHandle, ShardMsg, ShardSetup};
 use crate::stats::Counters;
 use crate::store::{self, Backend, Revocation, RevocationKind, Writer};
 
+/// Written in the data directory after the writer's last commit of a
+/// graceful shutdown; removed at start.
+const CLEAN_MARKER: &str = "clean-shutdown";
+
 /// Hands the writer's results to the shards' inboxes.
 struct ShardNotify {
     inboxes: Vec<crate::shard::Inbox>,
@@ -92,7 +96,31 @@ impl Server {
             crate::config::StorageBackend::Sqlite => {
                 let mut b = store::SqliteBackend::open(&cfg.storage, &cfg.ingest.table)
                     .map_err(StartError::Storage)?;
-                let loaded = b.load(store::now_ms()).map_err(StartError::Storage)?;
+                let mut loaded = b.load(store::now_ms()).map_err(StartError::Storage)?;
+                // Publications are numbered before they are committed: after
+                // a crash the stored top offset may be behind what clients
+                // saw. Then every channel starts a new epoch (its history
+                // is lost), so no client is told "recovered" wrongly.
+                let marker = cfg.storage.data_dir.join(CLEAN_MARKER);
+                let clean = marker.exists();
+                if let Err(err) = std::fs::remove_file(&marker)
+                    && err.kind() != std::io::ErrorKind::NotFound
+                {
+                    return Err(StartError::Io {
+                        what: "the clean-shutdown marker",
+                        err,
+                    });
+                }
+                if !clean && !loaded.channels.is_empty() {
+                    log::warn!(
+                        "storage: the last run did not shut down cleanly; {} channel histories start new epochs",
+                        loaded.channels.len()
+                    );
+                    for ch in &mut loaded.channels {
+                        ch.epoch = crate::history::fresh_epoch();
+                        ch.publications.clear();
+                    }
+                }
                 log::info!(
                     "storage: {} ({} channel histories, {} revocations restored)",
                     b.path().display(),
@@ -295,6 +323,14 @@ impl Server {
         // Shards are gone: everything they queued is written before we return.
         if let Some(mut w) = self.writer.take() {
             w.shutdown();
+            // Everything numbered is committed (unless the writer's queue
+            // refused some): the next start may trust the stored offsets.
+            let marker = self.cfg.storage.data_dir.join(CLEAN_MARKER);
+            if self.stats().store_rejected > 0 {
+                log::warn!("some storage requests were refused: channel epochs restart");
+            } else if let Err(e) = std::fs::write(&marker, b"") {
+                log::warn!("cannot write {}: {e}", marker.display());
+            }
         }
         ShutdownReport {
             connections,

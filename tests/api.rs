@@ -583,3 +583,68 @@ fn openapi_document_matches_the_router() {
         "openapi.yaml documents routes that do not exist: {extra:?}"
     );
 }
+
+/// A client that pipelines requests and never reads its responses stops
+/// being served (back-pressure) instead of growing the server's memory;
+/// once it reads, every response arrives, in order.
+#[test]
+fn pipelining_without_reading_is_back_pressured() {
+    let mut cfg = api_config(1);
+    cfg.max_outbound_bytes = 64 << 10;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    const N: usize = 3000;
+    let one = b"GET /console.js HTTP/1.1\r\nHost: x\r\n\r\n";
+    let burst: Vec<u8> = one.iter().copied().cycle().take(one.len() * N).collect();
+    // Write from a thread: the server stops reading, so this may block.
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(&burst).is_ok());
+    std::thread::sleep(Duration::from_millis(500));
+    let served = server.stats().api_requests;
+    assert!(
+        (served as usize) < N / 2,
+        "{served} of {N} requests served while the client read nothing"
+    );
+    // Now read everything: all N responses, complete and in order.
+    let mut buf = Vec::new();
+    for i in 0..N {
+        let (code, body) = read_response(&mut s, &mut buf);
+        assert_eq!(code, 200, "response {i}");
+        assert!(
+            body.contains("function") || body.contains("=>"),
+            "response {i}"
+        );
+    }
+    assert!(writer.join().unwrap());
+}
+
+/// A client that sends a request and half-closes still gets the answer
+/// (it waited on the store), then the connection closes.
+#[test]
+fn half_close_after_a_request_still_gets_its_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = api_config(2);
+    cfg.storage = stored_config(2, dir.path()).storage;
+    let server = start(cfg);
+    let mut s = TcpStream::connect(server.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = r#"{"userId":"away","data":{"n":1},"ack":true}"#;
+    write!(
+        s,
+        "POST /api/send HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut buf = Vec::new();
+    let (code, body) = read_response(&mut s, &mut buf);
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["stored"], true);
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    server.shutdown();
+}

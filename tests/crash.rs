@@ -82,6 +82,20 @@ fn kill_9_mid_stream_loses_no_acknowledged_record() {
     )
     .unwrap();
     let (mut child, addr) = serve(&config);
+    // A publication whose history the crash may lose.
+    let mut publisher = connect(addr);
+    publisher
+        .send(Message::text(
+            json!({"type":"publish","channel":"public:crash","data":1}).to_string(),
+        ))
+        .unwrap();
+    let published = loop {
+        let m = read(&mut publisher).expect("published");
+        if m["type"] == "published" {
+            break m;
+        }
+    };
+    let epoch = published["epoch"].as_str().unwrap().to_owned();
 
     // The client: 16 records in flight, every ack noted.
     let acked: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
@@ -136,7 +150,22 @@ fn kill_9_mid_stream_loses_no_acknowledged_record() {
     assert_eq!(again["type"], "ack", "{again}");
     assert_eq!(again["id"].as_i64(), Some(id));
     assert_eq!(again["duplicate"], true);
+    // After a crash the stored offsets cannot be trusted: a new epoch, and
+    // recovery from the old position is refused rather than wrong.
+    ws.send(Message::text(
+        json!({"type":"subscribe","channel":"public:crash","since":{"offset":1,"epoch":epoch}})
+            .to_string(),
+    ))
+    .unwrap();
+    let sub = loop {
+        let m = read(&mut ws).expect("subscribed");
+        if m["type"] == "subscribed" {
+            break m;
+        }
+    };
+    assert_eq!(sub["recovered"], false, "{sub}");
     drop(ws);
+    drop(publisher);
     let pid = child.id() as i32;
     assert_eq!(sigterm(pid), 0);
     let status = child.wait().unwrap();

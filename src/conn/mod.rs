@@ -32,6 +32,10 @@ use crate::timer::{TimerKey, TimerWheel};
 use crate::ws::frame::{self, CloseCode, OpCode};
 use crate::ws::{BufPool, Flow, Inbound, Limits, Message};
 
+/// How long an HTTP request may wait for other shards or the store before
+/// the connection is dropped (answers normally take milliseconds).
+const AWAIT_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub use outq::OutQueue;
 pub use transport::{ReadOutcome, Transport, WriteOutcome};
 
@@ -76,8 +80,9 @@ pub enum TimerKind {
     /// No `authenticate` message arrived in time.
     Auth,
     /// Inbox message `id` was not acknowledged yet: redeliver (shard-level,
-    /// never the connection's own timer slot).
-    Retry(i64),
+    /// never the connection's own timer slot). The second field is the
+    /// tracking generation, so a stale timer chain does nothing.
+    Retry(i64, u32),
 }
 
 /// What the shard's timer wheel stores for a connection.
@@ -226,6 +231,8 @@ pub struct Conn {
     awaiting: bool,
     /// HTTP: that request asked for `Connection: close`.
     close_after: bool,
+    /// HTTP: buffered requests wait for output room.
+    held: bool,
     rate_limited: bool,
     /// Wheel tick of the last data received (idle timeout).
     last_seen: u32,
@@ -288,6 +295,7 @@ impl Conn {
             counted: false,
             awaiting: false,
             close_after: false,
+            held: false,
             rate_limited,
             last_seen: 0,
         }
@@ -364,10 +372,25 @@ impl Conn {
         {
             return (Next::Drop, false);
         }
+        if self.in_http() && !self.awaiting && !self.hs.is_empty() && !self.http_backlogged(ctx) {
+            // Requests that waited (behind an answer, or for output room).
+            self.resume_http(ctx);
+        }
         let mut budget = ctx.cfg.read_budget;
         while self.readable {
             if budget == 0 {
                 return (self.after_io(ctx), true);
+            }
+            if self.in_http() && (self.awaiting || self.http_backlogged(ctx)) {
+                // HTTP back-pressure: read no more requests until the one
+                // awaiting an answer is answered, or the client has read
+                // enough of its responses; the kernel buffers the rest.
+                // `readable` stays set: the answer, a WRITABLE event, or
+                // (if this flush already made room) the next loop turn
+                // brings us back here. Edge-triggered: nothing else would.
+                let next = self.after_io(ctx);
+                let room = !self.awaiting && !self.http_backlogged(ctx);
+                return (next, room);
             }
             match self.io.read(scratch) {
                 ReadOutcome::Data(n) => {
@@ -379,6 +402,13 @@ impl Conn {
                     self.process(data, ctx);
                 }
                 ReadOutcome::WouldBlock => self.readable = false,
+                ReadOutcome::Eof if self.awaiting => {
+                    // Half-closed after a request whose answer is on its
+                    // way: send it, then close.
+                    self.close_after = true;
+                    self.readable = false;
+                    return (self.after_io(ctx), false);
+                }
                 ReadOutcome::Eof => {
                     log::debug!("conn={} peer closed ({:?})", self.id, self.state);
                     if self.after_io(ctx) == Next::Drop
@@ -406,7 +436,11 @@ impl Conn {
                 }
             }
         }
-        (self.after_io(ctx), false)
+        let next = self.after_io(ctx);
+        // Requests left buffered for want of output room, and the room is
+        // there now: serve them next turn (no event would announce it).
+        let held = self.held && !self.awaiting && !self.http_backlogged(ctx);
+        (next, held)
     }
 
     fn process(&mut self, data: &mut [u8], ctx: &mut Ctx<'_>) {
@@ -432,21 +466,19 @@ impl Conn {
             }
             return;
         }
-        // Pipelined requests wait behind an unanswered one; bounded, so a
-        // client cannot make us buffer without limit.
-        let limit = ctx.cfg.max_header_bytes + ctx.cfg.api.max_body_bytes;
-        if self.hs.len() + data.len() > limit {
-            log::debug!("conn={} pipelined too much, closing", self.id);
-            self.awaiting = false;
-            return self.reject(
-                Response::error(413, "Content Too Large", "too many pipelined bytes"),
-                ctx,
-            );
-        }
+        // Bounded: no read happens while a request awaits its answer or
+        // responses pile up (see `on_ready`), and one incomplete request is
+        // at most a head plus a body.
         self.hs.extend_from_slice(data);
         if !self.awaiting {
             self.resume_http(ctx);
         }
+    }
+
+    /// Responses queued past `max_outbound_bytes`: serve no more requests
+    /// until the client reads them.
+    fn http_backlogged(&self, ctx: &Ctx<'_>) -> bool {
+        self.out.bytes() + ctx.cork.len() > ctx.cfg.max_outbound_bytes
     }
 
     fn in_http(&self) -> bool {
@@ -467,7 +499,12 @@ impl Conn {
     /// must wait for other shards; returns the bytes used.
     fn http_requests(&mut self, buf: &mut [u8], ctx: &mut Ctx<'_>) -> usize {
         let mut pos = 0;
+        self.held = false;
         while self.in_http() && !self.awaiting {
+            if self.http_backlogged(ctx) {
+                self.held = pos < buf.len();
+                break;
+            }
             let Some(rest) = buf.get_mut(pos..) else {
                 break;
             };
@@ -570,8 +607,14 @@ impl Conn {
             }
         }
         if self.in_http() {
-            // Keep-alive: the idle deadline restarts with every request.
-            self.set_timer(ctx, ctx.cfg.handshake_timeout, TimerKind::Handshake);
+            // Keep-alive: the idle deadline restarts with every request; an
+            // answer from other shards or the store gets more time.
+            let idle = if self.awaiting {
+                ctx.cfg.handshake_timeout.max(AWAIT_TIMEOUT)
+            } else {
+                ctx.cfg.handshake_timeout
+            };
+            self.set_timer(ctx, idle, TimerKind::Handshake);
         }
     }
 
@@ -597,8 +640,11 @@ impl Conn {
         self.awaiting = false;
         let close = std::mem::take(&mut self.close_after);
         self.http_write(resp, close, ctx);
-        if self.in_http() && !self.hs.is_empty() {
-            self.resume_http(ctx);
+        if self.in_http() {
+            self.set_timer(ctx, ctx.cfg.handshake_timeout, TimerKind::Handshake);
+            if !self.hs.is_empty() {
+                self.resume_http(ctx);
+            }
         }
         self.after_io(ctx)
     }
@@ -834,11 +880,18 @@ impl Conn {
     }
 
     /// Queue a frame already encoded for this connection (a reply produced
-    /// outside its read turn); the shard flushes it.
-    pub fn push_frame(&mut self, frame: &[u8]) {
-        if self.is_open() {
+    /// outside its read turn); the shard flushes it. Past `limit` queued
+    /// bytes nothing more is queued: the flush closes the connection as a
+    /// slow consumer (1008) anyway, and memory stays bounded.
+    pub fn push_frame(&mut self, frame: &[u8], limit: usize) {
+        if self.is_open() && self.out.bytes() <= limit {
             self.out.push_bytes(frame);
         }
+    }
+
+    /// Is the connection reading again (for the shard to serve it)?
+    pub fn wants_read(&self) -> bool {
+        self.readable
     }
 
     /// Bytes after our close: look only for the peer's close frame.

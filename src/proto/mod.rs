@@ -56,6 +56,8 @@ pub enum ErrorCode {
     StorageError,
     /// The token (or every token of the user) was revoked.
     TokenRevoked,
+    /// The server is shutting down and could not do it.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -79,6 +81,7 @@ impl ErrorCode {
             ErrorCode::StorageDisabled => "storage_disabled",
             ErrorCode::StorageError => "storage_error",
             ErrorCode::TokenRevoked => "token_revoked",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }

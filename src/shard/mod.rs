@@ -190,7 +190,15 @@ struct Retry {
     conn: ConnId,
     frame: Arc<[u8]>,
     delay: Duration,
+    /// Which timer chain owns the entry (a re-tracked entry starts a new one).
+    generation: u32,
+    /// Redeliveries left; then the message waits for the next login.
+    left: u8,
 }
+
+/// Redeliveries of one message on one connection before it is left for the
+/// next login (2 s doubling to 1 min: about 5 minutes of trying).
+const MAX_REDELIVERIES: u8 = 8;
 
 /// The sending side of a shard's inbox. Wakes coalesce: the waker is
 /// signalled only when the shard is not already due to drain the inbox.
@@ -299,6 +307,9 @@ pub struct Shard {
     pending: Slab<Pending>,
     /// Unacknowledged inbox messages by (connection key, message id).
     retries: HashMap<(usize, i64), Retry>,
+    /// Tracked retries per connection (bounded by `inbox.max_per_user`).
+    retry_counts: HashMap<ConnId, u32>,
+    retry_generation: u32,
     next_sweep: Instant,
     histos: crate::stats::LocalHistos,
 }
@@ -423,6 +434,8 @@ impl Shard {
             sealer: setup.sealer,
             pending: Slab::new(),
             retries: HashMap::new(),
+            retry_counts: HashMap::new(),
+            retry_generation: 0,
             next_sweep: Instant::now() + SWEEP_EVERY,
             histos: crate::stats::LocalHistos::default(),
         };
@@ -720,8 +733,8 @@ impl Shard {
         let mut fired = std::mem::take(&mut self.fired);
         self.wheel.expire(now, &mut fired);
         for t in fired.drain(..) {
-            if let TimerKind::Retry(id) = t.kind {
-                self.redeliver(t, id, now);
+            if let TimerKind::Retry(id, generation) = t.kind {
+                self.redeliver(t, id, generation, now);
                 continue;
             }
             let Some(conn) = self.conns.get_mut(t.key) else {
@@ -949,17 +962,19 @@ impl Shard {
             }
             Outgoing::Acked { user, id } => {
                 if let Some(w) = &self.writer
-                    && let Err(e) = w.try_send(Request {
+                    && w.try_send(Request {
                         op: Op::InboxAck {
                             user: user.clone(),
                             id,
                         },
                         ticket: None,
                     })
+                    .is_err()
                 {
-                    // Not lost: unacknowledged, the message is redelivered.
-                    let _ = e;
+                    // The store is full: keep redelivering, so the client
+                    // acknowledges again later.
                     self.c.store_rejected += 1;
+                    return;
                 }
                 self.forget_acked(&user, id);
                 let mask = self.router.user_shards(&user) & !(1u64 << self.id);
@@ -1175,35 +1190,71 @@ impl Shard {
     }
 
     fn track_retry(&mut self, key: usize, conn: ConnId, id: i64, frame: Arc<[u8]>, now: Instant) {
+        // At most `inbox.max_per_user` tracked per connection: past it the
+        // message was sent once and waits in the store for the next login.
+        let tracked = self.retry_counts.entry(conn).or_insert(0);
+        if *tracked as usize >= self.cfg.inbox.max_per_user {
+            return;
+        }
+        *tracked += 1;
         let delay = self.cfg.inbox.retry_initial;
-        self.retries.insert((key, id), Retry { conn, frame, delay });
+        self.retry_generation = self.retry_generation.wrapping_add(1);
+        let generation = self.retry_generation;
+        if let Some(old) = self.retries.insert(
+            (key, id),
+            Retry {
+                conn,
+                frame,
+                delay,
+                generation,
+                left: MAX_REDELIVERIES,
+            },
+        ) {
+            self.untrack(old.conn);
+        }
         self.wheel.insert(
             now,
             delay,
             TimerRef {
                 key,
                 id: conn,
-                kind: TimerKind::Retry(id),
+                kind: TimerKind::Retry(id, generation),
             },
         );
     }
 
+    fn untrack(&mut self, conn: ConnId) {
+        if let Some(n) = self.retry_counts.get_mut(&conn) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.retry_counts.remove(&conn);
+            }
+        }
+    }
+
+    fn forget_retry(&mut self, key: usize, id: i64) {
+        if let Some(r) = self.retries.remove(&(key, id)) {
+            self.untrack(r.conn);
+        }
+    }
+
     /// A redelivery timer fired: send again (doubling the wait) unless acknowledged.
-    fn redeliver(&mut self, t: TimerRef, id: i64, now: Instant) {
+    fn redeliver(&mut self, t: TimerRef, id: i64, generation: u32, now: Instant) {
         let Some(r) = self.retries.get_mut(&(t.key, id)) else {
             return; // acknowledged
         };
-        if r.conn != t.id {
-            return; // a newer delivery to a newer connection owns the entry
+        if r.conn != t.id || r.generation != generation {
+            return; // a newer delivery owns the entry, with its own timer
         }
         let alive = self
             .conns
             .get(t.key)
             .is_some_and(|c| c.id() == t.id && c.is_open());
-        if !alive {
-            self.retries.remove(&(t.key, id));
+        if !alive || r.left == 0 {
+            self.forget_retry(t.key, id);
             return;
         }
+        r.left -= 1;
         r.delay = (r.delay * 2).min(self.cfg.inbox.retry_max);
         let (frame, delay) = (r.frame.clone(), r.delay);
         if let Some(conn) = self.conns.get_mut(t.key)
@@ -1221,10 +1272,13 @@ impl Shard {
 
     /// Inbox message `id` of `user` was acknowledged: stop redelivering it here.
     fn forget_acked(&mut self, user: &str, id: i64) {
-        if let Some(m) = self.local.user_conns(user) {
-            for key in m.iter() {
-                self.retries.remove(&(key, id));
-            }
+        let keys: Vec<usize> = self
+            .local
+            .user_conns(user)
+            .map(|m| m.iter().collect())
+            .unwrap_or_default();
+        for key in keys {
+            self.forget_retry(key, id);
         }
     }
 
@@ -1327,14 +1381,20 @@ impl Shard {
 
     fn history_page(&mut self, channel: &str, query: &HistoryQuery) -> Page {
         let now_ms = store::now_ms();
+        // One reply stays well under the slow-consumer limit.
+        let max_bytes = self.cfg.max_outbound_bytes / 2;
         match query {
-            HistoryQuery::Recover { offset, epoch } => {
-                self.history
-                    .recover(channel, *offset, epoch, self.cfg.history.max_page, now_ms)
-            }
-            HistoryQuery::Page { since, limit } => {
-                self.history.page(channel, *since, *limit, now_ms)
-            }
+            HistoryQuery::Recover { offset, epoch } => self.history.recover(
+                channel,
+                *offset,
+                epoch,
+                self.cfg.history.max_page,
+                max_bytes,
+                now_ms,
+            ),
+            HistoryQuery::Page { since, limit } => self
+                .history
+                .page(channel, *since, *limit, max_bytes, now_ms),
         }
     }
 
@@ -1382,10 +1442,10 @@ impl Shard {
             if !covered {
                 continue;
             }
-            conn.push_frame(&crate::ws::frame::frame_bytes(
-                crate::ws::OpCode::Text,
-                &event,
-            ));
+            conn.push_frame(
+                &crate::ws::frame::frame_bytes(crate::ws::OpCode::Text, &event),
+                self.cfg.max_outbound_bytes,
+            );
             self.c.revoked_closes += 1;
             closed += 1;
             let mut ctx = ctx!(self, key, now);
@@ -1557,6 +1617,13 @@ impl Shard {
         let mut ctx = ctx!(self, key, now);
         if conn.http_answer(resp, &mut ctx) == Next::Drop {
             self.remove(key, now);
+            return;
+        }
+        // Reading stopped while the answer was awaited: serve the requests
+        // the kernel buffered since (no new edge will announce them).
+        if conn.wants_read() && !conn.queued {
+            conn.queued = true;
+            self.again.push(key);
         }
     }
 
@@ -1568,10 +1635,10 @@ impl Shard {
         if conn.id() != conn_id {
             return;
         }
-        conn.push_frame(&crate::ws::frame::frame_bytes(
-            crate::ws::OpCode::Text,
-            text,
-        ));
+        conn.push_frame(
+            &crate::ws::frame::frame_bytes(crate::ws::OpCode::Text, text),
+            self.cfg.max_outbound_bytes,
+        );
         self.c.messages_out += 1;
         if !conn.flush_queued {
             conn.flush_queued = true;
@@ -1640,12 +1707,15 @@ impl Shard {
             && let Some(session) = conn.session_mut()
         {
             session.recovered(channel);
+            if !session.subscriptions().iter().any(|c| c == channel) {
+                return; // unsubscribed while the recovery was on its way
+            }
         }
         let text = app::reply_text(&reply.kind, reply.request_id.as_deref(), result);
-        conn.push_frame(&crate::ws::frame::frame_bytes(
-            crate::ws::OpCode::Text,
-            &text,
-        ));
+        conn.push_frame(
+            &crate::ws::frame::frame_bytes(crate::ws::OpCode::Text, &text),
+            self.cfg.max_outbound_bytes,
+        );
         if !conn.flush_queued {
             conn.flush_queued = true;
             self.flush.push(reply.key);
