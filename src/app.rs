@@ -1299,6 +1299,37 @@ fn ingest(
     let Some(data) = required(v, "data", rid, out) else {
         return;
     };
+    // A client id makes retries idempotent: the same id is stored once.
+    // Integers and strings are both ids (42 and "42" are the same id).
+    let client_id = match field(v, "id") {
+        None => None,
+        Some(i) => match i.value_type() {
+            simd_json::ValueType::String => i.as_str().map(str::to_owned),
+            simd_json::ValueType::I64 | simd_json::ValueType::U64 => Some(i.encode()),
+            _ => {
+                reply_error(
+                    out,
+                    ErrorCode::InvalidData,
+                    "\"id\" must be a string or an integer",
+                    rid,
+                    false,
+                );
+                return;
+            }
+        },
+    };
+    if let Some(c) = &client_id
+        && c.len() > 256
+    {
+        reply_error(
+            out,
+            ErrorCode::InvalidData,
+            "\"id\" is longer than 256 bytes",
+            rid,
+            false,
+        );
+        return;
+    }
     let stored = match crate::ingest::prepare(&ctx.cfg.ingest, ctx.sealer, data) {
         Ok(s) => s,
         Err(crate::ingest::PrepareError::Invalid(e)) => {
@@ -1317,24 +1348,6 @@ fn ingest(
             return;
         }
     };
-    // A client id makes retries idempotent: the same id is stored once.
-    let client_id = field(v, "id").and_then(|i| match i.value_type() {
-        simd_json::ValueType::String => i.as_str().map(str::to_owned),
-        simd_json::ValueType::I64 | simd_json::ValueType::U64 => Some(i.encode()),
-        _ => None,
-    });
-    if let Some(c) = &client_id
-        && c.len() > 256
-    {
-        reply_error(
-            out,
-            ErrorCode::InvalidData,
-            "\"id\" is longer than 256 bytes",
-            rid,
-            false,
-        );
-        return;
-    }
     ctx.outgoing.push(Outgoing::Store {
         key: ctx.key,
         conn: ctx.conn,

@@ -131,6 +131,11 @@ fn ingested_records_are_acked_after_commit_and_decrypt_with_the_key() {
     assert_eq!(e["code"], "invalid_data");
     let e = c.ask(json!({"type":"sensor_data"}), "error");
     assert_eq!(e["code"], "missing_field");
+    let e = c.ask(
+        json!({"type":"sensor_data","id":{"x":1},"data":{"timestamp":1,"sensorId":"s","value":1}}),
+        "error",
+    );
+    assert_eq!(e["code"], "invalid_data", "{e}");
     c.ask(json!({"type":"ping"}), "pong");
     server.shutdown();
 }
