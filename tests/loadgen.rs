@@ -899,6 +899,9 @@ enum ApiFault {
     DupOne,
     /// Answer the Nth request 503 without publishing it.
     Refuse,
+    /// End every HTTP connection after its 5th response (`Connection:
+    /// close`), as servers limiting requests per connection do.
+    CloseEvery5,
 }
 
 /// Subscribers in the order they subscribed, and the channel's next offset
@@ -956,6 +959,7 @@ fn serve_api(
     }
     // HTTP/1.1 keep-alive: requests answered in order, pipelined or not.
     let mut tmp = vec![0u8; 64 << 10];
+    let mut answered = 0u64;
     loop {
         let Some(head_len) = read_head(&mut s, &mut buf)? else {
             return Ok(());
@@ -1025,13 +1029,19 @@ fn serve_api(
         let reply = format!(
             r#"{{"success":true,"channel":"{channel}","offset":{offset},"epoch":"fake-epoch","connections":{subscribers}}}"#
         );
+        answered += 1;
+        let last = fault == ApiFault::CloseEvery5 && answered.is_multiple_of(5);
         s.write_all(
             format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
-                reply.len()
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n{reply}",
+                reply.len(),
+                if last { "Connection: close\r\n" } else { "" }
             )
             .as_bytes(),
         )?;
+        if last {
+            return Ok(());
+        }
     }
 }
 
@@ -1104,25 +1114,27 @@ fn serve_api_subscriber(
 }
 
 fn api_against(addr: SocketAddr) -> (ExitStatus, Value, String) {
+    api_against_with(addr, &["-p", "2", "-k", "4"])
+}
+
+fn api_against_with(addr: SocketAddr, extra: &[&str]) -> (ExitStatus, Value, String) {
     let url = format!("ws://{addr}/ws");
     let n = API_SUBS.to_string();
-    run_load(&[
+    let mut args = vec![
         "api",
         "--url",
         &url,
         "-n",
         &n,
-        "-p",
-        "2",
-        "-k",
-        "4",
         "-t",
         "0.5",
         "--warmup",
         "0",
         "--api-key",
         "test-key",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    run_load(&args)
 }
 
 #[test]
@@ -1175,6 +1187,24 @@ fn api_counts_refused_requests_by_status() {
     let completed = json["completed_total"].as_u64().unwrap();
     assert_eq!(json["sent_total"], completed + 1);
     assert_eq!(json["received_total"], completed * API_SUBS);
+}
+
+#[test]
+fn api_opens_a_new_connection_when_the_server_ends_an_idle_one() {
+    // One request in flight: a connection the server ends after a response
+    // has nothing outstanding, so it is opened again, not an error.
+    let (status, json, stdout) =
+        api_against_with(api_server(ApiFault::CloseEvery5), &["-p", "2", "-k", "1"]);
+    assert!(status.success(), "{stdout}");
+    assert_eq!(json["errors"]["total"], 0, "{stdout}");
+    let completed = json["completed_total"].as_u64().unwrap();
+    assert!(completed >= 10, "{stdout}");
+    assert_eq!(json["sent_total"], completed, "{stdout}");
+    assert_eq!(json["received_total"], completed * API_SUBS, "{stdout}");
+    assert!(
+        json["http_reconnects"].as_u64().unwrap() >= completed / 5 - 1,
+        "{stdout}"
+    );
 }
 
 fn api_config(shards: usize) -> Config {

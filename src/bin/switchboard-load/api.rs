@@ -173,6 +173,8 @@ pub struct ApiReport {
     pub epoch: Option<String>,
     /// `connections` of the last 200 answer.
     pub connections_reported: Option<u64>,
+    /// HTTP connections the server closed while idle, opened again.
+    pub reconnects: u64,
     /// Messages verified through serde_json instead of the fast path.
     pub slow_path: u64,
     /// Statuses other than 200, by code.
@@ -842,6 +844,8 @@ struct Http {
     last_offset: Option<u64>,
     /// Lost, or said `Connection: close`: no new requests.
     done: bool,
+    /// Connected at least once (a failed reconnect is an error, not a setup failure).
+    ever_open: bool,
     failure: Option<String>,
 }
 
@@ -951,18 +955,42 @@ fn http_gone(h: &mut Http, cx: &mut Cx<'_>, what: String) {
     }
 }
 
-/// Read and answer an HTTP connection; false when it must go.
-fn serve_http(h: &mut Http, rbuf: &mut [u8], start: Instant, cx: &mut Cx<'_>) -> bool {
+/// What became of an HTTP connection after a readiness event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HttpEnd {
+    Keep,
+    /// Lost with requests outstanding, or broken (counted).
+    Gone,
+    /// The server ended it with nothing outstanding: a keep-alive
+    /// connection may be closed when idle (HTTP/1.1), so open another.
+    Idle,
+}
+
+/// Read and answer an HTTP connection.
+fn serve_http(h: &mut Http, rbuf: &mut [u8], start: Instant, cx: &mut Cx<'_>) -> HttpEnd {
     if h.link.phase == Phase::Connecting {
         match h.link.tcp_connect() {
-            Ok(false) => return true,
-            Ok(true) => {}
+            Ok(false) => return HttpEnd::Keep,
+            Ok(true) => h.ever_open = true,
             Err(f) => {
                 h.failure = Some(f.to_string());
-                return false;
+                if h.ever_open {
+                    // A reconnect that failed (setup counts its own failures).
+                    http_gone(h, cx, format!("HTTP connection: {f}"));
+                }
+                return HttpEnd::Gone;
             }
         }
     }
+    // The server's end of the connection, quietly if nothing was outstanding.
+    let ended = |h: &mut Http, cx: &mut Cx<'_>, what: String| {
+        if h.outstanding.is_empty() && !h.done {
+            HttpEnd::Idle
+        } else {
+            http_gone(h, cx, what);
+            HttpEnd::Gone
+        }
+    };
     loop {
         match h.link.read(rbuf) {
             ReadOutcome::Data(n) => {
@@ -978,35 +1006,35 @@ fn serve_http(h: &mut Http, rbuf: &mut [u8], start: Instant, cx: &mut Cx<'_>) ->
                             let close = r.close;
                             on_response(h, r, cx);
                             if close {
-                                http_gone(
+                                return ended(
                                     h,
                                     cx,
-                                    "the server closed an HTTP connection (Connection: close)"
-                                        .into(),
+                                    "the server closed an HTTP connection with requests outstanding (Connection: close)".into(),
                                 );
-                                return false;
                             }
                         }
                         Err(e) => {
                             cx.tally.errors.bad_response += 1;
                             http_gone(h, cx, e);
-                            return false;
+                            return HttpEnd::Gone;
                         }
                     }
                 }
             }
             ReadOutcome::WouldBlock => break,
             ReadOutcome::Eof => {
-                http_gone(h, cx, "the server closed an HTTP connection (EOF)".into());
-                return false;
+                return ended(
+                    h,
+                    cx,
+                    "the server closed an HTTP connection with requests outstanding (EOF)".into(),
+                );
             }
             ReadOutcome::Error(e) => {
-                http_gone(h, cx, format!("HTTP connection: {e}"));
-                return false;
+                return ended(h, cx, format!("HTTP connection: {e}"));
             }
         }
     }
-    true
+    HttpEnd::Keep
 }
 
 // ---------------------------------------------------------------------------
@@ -1085,6 +1113,7 @@ pub fn run(
             outstanding: VecDeque::new(),
             last_offset: None,
             done: false,
+            ever_open: false,
             failure: None,
         });
     }
@@ -1106,6 +1135,8 @@ pub fn run(
     let mut http_open = 0usize;
     let mut primed = false;
     let mut sent_total = 0u64;
+    let mut rr = 0usize;
+    let mut reconnects = 0u64;
     let mut server_a: Option<Sample> = None;
     let mut server_b: Option<Sample> = None;
     let mut client_a: Option<Sample> = None;
@@ -1298,10 +1329,40 @@ pub fn run(
                 if h.link.is_done() {
                     continue;
                 }
-                if !serve_http(h, &mut rbuf, start, &mut cx) {
-                    h.done = true;
-                    h.link.shut(poll.registry());
-                } else if h.link.flush_if_ready().is_err() {
+                match serve_http(h, &mut rbuf, start, &mut cx) {
+                    HttpEnd::Keep => {}
+                    HttpEnd::Gone => {
+                        h.done = true;
+                        h.link.shut(poll.registry());
+                        continue;
+                    }
+                    HttpEnd::Idle => {
+                        h.link.shut(poll.registry());
+                        let dialed = if sources.is_empty() {
+                            net::dial(None, addr)
+                        } else {
+                            sources.dial(tok, addr)
+                        };
+                        let reg = dialed.map(Link::new).and_then(|mut l| {
+                            l.register(poll.registry(), Token(tok))
+                                .map(|()| l)
+                                .map_err(Fail::Socket)
+                        });
+                        match reg {
+                            Ok(l) => {
+                                h.link = l;
+                                h.last_offset = None;
+                                reconnects += 1;
+                            }
+                            Err(f) => {
+                                http_gone(h, &mut cx, format!("HTTP reconnect: {f}"));
+                                h.done = true;
+                            }
+                        }
+                        continue;
+                    }
+                }
+                if h.link.flush_if_ready().is_err() {
                     http_gone(h, &mut cx, "HTTP write failed".into());
                     h.link.shut(poll.registry());
                 }
@@ -1354,13 +1415,19 @@ pub fn run(
         if sending {
             let now_ns = start.elapsed().as_nanos() as u64;
             while cx.table.credits > 0 && (cx.table.live > 0 || live_at_start == 0) {
-                let Some(h) = https
-                    .iter_mut()
-                    .filter(|h| !h.done && h.link.phase == Phase::Open)
-                    .min_by_key(|h| h.outstanding.len())
-                else {
+                // The fewest outstanding; among those, the next in turn (all
+                // connections stay busy, none is left to idle out).
+                let count = https.len();
+                let pick = (0..count)
+                    .map(|d| (rr + d) % count)
+                    .filter_map(|j| https.get(j).map(|h| (j, h)))
+                    .filter(|(_, h)| h.link.phase == Phase::Open && !h.done)
+                    .min_by_key(|(_, h)| h.outstanding.len())
+                    .map(|(j, _)| j);
+                let Some((j, h)) = pick.and_then(|j| Some(j).zip(https.get_mut(j))) else {
                     break;
                 };
+                rr = j + 1;
                 cx.table.credits -= 1;
                 let t_us = now_ns / 1000;
                 let seq = cx.table.publish(now_ns, t_us);
@@ -1405,6 +1472,7 @@ pub fn run(
         last_offset: table.last_offset,
         epoch: table.epoch,
         connections_reported: tally.connections_reported,
+        reconnects,
         slow_path: tally.slow_path,
         statuses: tally.statuses,
         errors: tally.errors,
@@ -1561,6 +1629,12 @@ pub fn print(r: &ApiReport, url: &str, pid: Option<u32>) {
     );
     println!("  HTTP response {}", latency_line(&r.http_latency));
     println!("  end to end    {}", latency_line(&r.e2e_latency));
+    if r.reconnects > 0 {
+        println!(
+            "  note          {} idle HTTP connections closed by the server were opened again",
+            r.reconnects
+        );
+    }
     if r.slow_path > 0 {
         println!(
             "  note          {} message events did not match the expected layout and were parsed as JSON (slow path)",
@@ -1677,6 +1751,7 @@ pub fn to_json(r: &ApiReport, url: &str, pid: Option<u32>) -> Value {
         "last_offset": r.last_offset,
         "epoch": r.epoch,
         "connections_reported": r.connections_reported,
+        "http_reconnects": r.reconnects,
         "slow_path_messages": r.slow_path,
         "http_latency_us": latency_json(&r.http_latency),
         "e2e_latency_us": latency_json(&r.e2e_latency),
@@ -1730,6 +1805,7 @@ mod tests {
                     outstanding: VecDeque::new(),
                     last_offset: None,
                     done: false,
+                    ever_open: true,
                     failure: None,
                 },
             };
@@ -1789,6 +1865,7 @@ mod tests {
                     outstanding: VecDeque::new(),
                     last_offset: None,
                     done: false,
+                    ever_open: true,
                     failure: None,
                 },
             );
