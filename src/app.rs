@@ -786,39 +786,9 @@ impl Session {
                 out.text(&b);
             }
             "presence" => {
-                let Some(channel) = data
-                    .and_then(|d| d.get_str("channel"))
-                    .or_else(|| field_str(v, "channel"))
-                else {
-                    reply_error(
-                        out,
-                        ErrorCode::MissingField,
-                        "presence needs data.channel",
-                        Some(rid),
-                        upper,
-                    );
+                let Some(channel) = visible_channel(data, v, rid, upper, id, ctx.cfg, out) else {
                     return;
                 };
-                if !valid_channel(channel, ctx.cfg) {
-                    reply_error(
-                        out,
-                        ErrorCode::InvalidChannel,
-                        "invalid channel name",
-                        Some(rid),
-                        upper,
-                    );
-                    return;
-                }
-                if !allowed(ctx.cfg, Action::Subscribe, channel, id) {
-                    reply_error(
-                        out,
-                        ErrorCode::Forbidden,
-                        &format!("not allowed to see {channel:?}"),
-                        Some(rid),
-                        upper,
-                    );
-                    return;
-                }
                 ctx.outgoing.push(Outgoing::Presence {
                     channel: Arc::from(channel),
                     reply: Reply {
@@ -833,39 +803,9 @@ impl Session {
                 });
             }
             "history" => {
-                let Some(channel) = data
-                    .and_then(|d| d.get_str("channel"))
-                    .or_else(|| field_str(v, "channel"))
-                else {
-                    reply_error(
-                        out,
-                        ErrorCode::MissingField,
-                        "history needs data.channel",
-                        Some(rid),
-                        upper,
-                    );
+                let Some(channel) = visible_channel(data, v, rid, upper, id, ctx.cfg, out) else {
                     return;
                 };
-                if !valid_channel(channel, ctx.cfg) {
-                    reply_error(
-                        out,
-                        ErrorCode::InvalidChannel,
-                        "invalid channel name",
-                        Some(rid),
-                        upper,
-                    );
-                    return;
-                }
-                if !allowed(ctx.cfg, Action::Subscribe, channel, id) {
-                    reply_error(
-                        out,
-                        ErrorCode::Forbidden,
-                        &format!("not allowed to see {channel:?}"),
-                        Some(rid),
-                        upper,
-                    );
-                    return;
-                }
                 let num = |name: &str| match data.and_then(|d| d.get(name)) {
                     None => Ok(None),
                     Some(v) => v.as_u64().map(Some).ok_or(name.to_owned()),
@@ -909,6 +849,64 @@ impl Session {
             }
         }
     }
+}
+
+/// The channel a `request` action reads (`data.channel`, or `channel`),
+/// if valid and the identity may see it; otherwise the error is sent.
+fn visible_channel<'v>(
+    data: Option<&'v simd_json::BorrowedValue<'_>>,
+    v: &'v simd_json::BorrowedValue<'_>,
+    rid: &[u8],
+    upper: bool,
+    id: &Identity,
+    cfg: &Config,
+    out: &mut dyn Replies,
+) -> Option<&'v str> {
+    let Some(channel) = data
+        .and_then(|d| d.get_str("channel"))
+        .or_else(|| field_str(v, "channel"))
+    else {
+        reply_error(
+            out,
+            ErrorCode::MissingField,
+            "this action needs data.channel",
+            Some(rid),
+            upper,
+        );
+        return None;
+    };
+    let problem = if !valid_channel(channel, cfg) {
+        Some((ErrorCode::InvalidChannel, "invalid channel name".to_owned()))
+    } else if !allowed(cfg, Action::Subscribe, channel, id) {
+        Some((
+            ErrorCode::Forbidden,
+            format!("not allowed to see {channel:?}"),
+        ))
+    } else {
+        None
+    };
+    if let Some((code, message)) = problem {
+        reply_error(out, code, &message, Some(rid), upper);
+        return None;
+    }
+    Some(channel)
+}
+
+/// `{"channel":..,"connections":n,"users":[{"userId","connections"}]}`.
+pub fn presence_json(b: &mut Vec<u8>, channel: &str, connections: u64, users: &[(Arc<str>, u32)]) {
+    use std::io::Write;
+    b.extend_from_slice(b"{\"channel\":");
+    proto::write_str(b, channel);
+    let _ = write!(b, ",\"connections\":{connections},\"users\":[");
+    for (i, (u, n)) in users.iter().enumerate() {
+        if i > 0 {
+            b.push(b',');
+        }
+        b.extend_from_slice(b"{\"userId\":");
+        proto::write_str(b, u);
+        let _ = write!(b, ",\"connections\":{n}}}");
+    }
+    b.extend_from_slice(b"]}");
 }
 
 fn opt_json_str(b: &mut Vec<u8>, s: Option<&str>) {
@@ -1569,18 +1567,7 @@ pub fn reply_text(kind: &ReplyKind, request_id: Option<&[u8]>, g: &Gathered<'_>)
         }
         ReplyKind::Presence { channel, upper } => {
             response_head(&mut b, *upper, request_id.unwrap_or(b"null"), "presence");
-            b.extend_from_slice(b"{\"channel\":");
-            proto::write_str(&mut b, channel);
-            let _ = write!(b, ",\"connections\":{},\"users\":[", g.connections);
-            for (i, (u, n)) in g.presence.iter().enumerate() {
-                if i > 0 {
-                    b.push(b',');
-                }
-                b.extend_from_slice(b"{\"userId\":");
-                proto::write_str(&mut b, u);
-                let _ = write!(b, ",\"connections\":{n}}}");
-            }
-            b.extend_from_slice(b"]}");
+            presence_json(&mut b, channel, g.connections, g.presence);
             response_tail(&mut b);
         }
         ReplyKind::Published { .. } if g.published.is_none() => {

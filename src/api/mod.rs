@@ -1240,18 +1240,7 @@ pub fn later_response(p: &Pending, g: &app::Gathered<'_>) -> Response {
             );
         }
         ApiReply::Presence { channel } => {
-            b.extend_from_slice(b"{\"channel\":");
-            proto::write_str(&mut b, channel);
-            let _ = write!(b, ",\"connections\":{},\"users\":[", g.connections);
-            for (i, (u, n)) in g.presence.iter().enumerate() {
-                if i > 0 {
-                    b.push(b',');
-                }
-                b.extend_from_slice(b"{\"userId\":");
-                proto::write_str(&mut b, u);
-                let _ = write!(b, ",\"connections\":{n}}}");
-            }
-            b.extend_from_slice(b"]}");
+            app::presence_json(&mut b, channel, g.connections, g.presence);
         }
         ApiReply::History { channel } => page_json(&mut b, channel, g.page),
         ApiReply::Clients { offset, limit } => {
