@@ -13,6 +13,16 @@
 //!   N have received one); every subscriber checks it gets every publish
 //!   exactly once, in order and intact; publishes/s, deliveries/s and
 //!   delivery latency are reported.
+//! * `ingest`: durable sensor-data ingestion: C connections, W
+//!   `sensor_data` records in flight on each; every record must get exactly
+//!   one `ack` (sent after the commit) with its own client id and a record
+//!   id of its own; `overloaded` records are sent again; durable records/s
+//!   and ack latency are reported.
+//! * `api`: publishes through the HTTP API (`POST /api/publish` on P
+//!   keep-alive connections, K requests in flight, pipelined) delivered to
+//!   N WebSocket subscribers; each checks every publish exactly once, in
+//!   offset order, matching the HTTP answer; API publishes/s, HTTP and end
+//!   to end latency are reported.
 //!
 //! With `--pid`, the server's CPU time and user-space RSS are read from
 //! /proc at both ends of the measured window. With `--json`, one JSON line
@@ -43,7 +53,7 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "switchboard-load",
     version,
-    about = "Load generator for Switchboard: verified echo throughput/latency, idle connection capacity, verified channel fan-out"
+    about = "Load generator for Switchboard: verified echo throughput/latency, idle connection capacity, verified channel fan-out, durable ingestion, HTTP API publishing"
 )]
 struct Cli {
     #[command(flatten)]
@@ -55,7 +65,8 @@ struct Cli {
 #[derive(Args)]
 struct Common {
     /// Server endpoint: ws://HOST:PORT/PATH (no TLS) [default:
-    /// ws://127.0.0.1:8080/echo, or ws://127.0.0.1:8080/ws for fanout].
+    /// ws://127.0.0.1:8080/echo, or ws://127.0.0.1:8080/ws for fanout,
+    /// ingest and api; api posts to the same HOST:PORT].
     #[arg(long, global = true)]
     url: Option<String>,
     /// Server process id: report its CPU time and user-space RSS over the measured window.
