@@ -926,7 +926,10 @@ fn on_response(h: &mut Http, r: HttpResponse, cx: &mut Cx<'_>) {
     if cx.table.epoch.is_none() {
         cx.table.epoch = Some(b.epoch.into_owned());
     }
-    if seq == 0 {
+    if cx.table.base.is_none() {
+        // Until a publish completes only one is in flight: the first
+        // answer is the run's first offset (even if an earlier request
+        // was refused).
         cx.table.base = Some(b.offset);
     }
     cx.table.last_offset = Some(cx.table.last_offset.map_or(b.offset, |l| l.max(b.offset)));
@@ -2011,6 +2014,23 @@ mod tests {
         r.http.last_offset = Some(5000);
         r.respond(2);
         assert_eq!(r.tally.errors.order, 1);
+    }
+
+    #[test]
+    fn a_refused_first_publish_leaves_the_next_answer_as_the_base() {
+        let mut r = Rig::new(1, 0);
+        let seq = r.table.publish(100, 7);
+        r.http.outstanding.push_back(seq);
+        r.respond_with(503, "busy");
+        assert_eq!(r.table.base, None);
+        let seq = r.table.publish(100, 8);
+        r.http.outstanding.push_back(seq);
+        r.respond(1);
+        assert_eq!(r.table.base, Some(1001));
+        r.deliver(0, 1);
+        assert_eq!(r.table.completed, 1);
+        assert_eq!(r.tally.errors.rejected, 1);
+        assert_eq!(r.tally.errors.total(), 1);
     }
 
     #[test]
