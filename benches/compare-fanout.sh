@@ -158,7 +158,9 @@ start_server() {
     local name=$1 port=$2 errfile=$3
     case $name in
         switchboard)
-            taskset -c "$SERVER_CPU" "$SB_BIN" serve --port "$port" --shards 1 --log-level warn 2>"$errfile" &
+            # Its store (channel history is persisted) in a fresh directory.
+            SWITCHBOARD_STORAGE_DATA_DIR="$(mktemp -d)" \
+                taskset -c "$SERVER_CPU" "$SB_BIN" serve --port "$port" --shards 1 --log-level warn 2>"$errfile" &
             ;;
         tokio-tungstenite)
             taskset -c "$SERVER_CPU" "$PEERS_DIR/peer-tokio-tungstenite" --port "$port" 2>"$errfile" &

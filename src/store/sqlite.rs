@@ -128,6 +128,11 @@ pub struct SqliteBackend {
     path: PathBuf,
     /// Ingest tables known to exist, with their SQL.
     tables: HashMap<Arc<str>, IngestSql>,
+    /// `storage.synchronous`.
+    sync: SyncMode,
+    /// The connection currently commits without fsync (a batch that
+    /// acknowledges nothing durable, see `apply`).
+    relaxed: bool,
 }
 
 impl SqliteBackend {
@@ -161,6 +166,8 @@ impl SqliteBackend {
             conn,
             path,
             tables: HashMap::new(),
+            sync: cfg.synchronous,
+            relaxed: false,
         };
         backend.ensure_table(ingest_table)?;
         Ok(backend)
@@ -296,6 +303,36 @@ impl Backend for SqliteBackend {
         let mut todo: Vec<usize> = (0..ops.len())
             .filter(|&i| results[i].is_none() && !ops[i].is_read())
             .collect();
+        // With `synchronous = FULL`, fsync only batches whose commit someone
+        // is told about (records, stored messages, revocations). History
+        // copies and inbox acks commit without it (WAL stays consistent; the
+        // next FULL commit makes them durable too): a publication is
+        // answered before its copy commits anyway, and a lost ack only means
+        // a redelivery. Measured: see docs/BENCHMARKS.md (fan-out).
+        if self.sync == SyncMode::Full {
+            let durable = todo.iter().any(|&i| {
+                matches!(
+                    ops[i],
+                    Op::Ingest { .. } | Op::InboxPut { .. } | Op::Revoke(_)
+                )
+            });
+            if durable == self.relaxed {
+                let mode = if durable { "FULL" } else { "NORMAL" };
+                match self.conn.pragma_update(None, "synchronous", mode) {
+                    Ok(()) => self.relaxed = !durable,
+                    Err(e) if durable => {
+                        // Never acknowledge durable data from a relaxed commit.
+                        let e = Arc::new(StoreError::Sql(e));
+                        for &i in &todo {
+                            results[i] = Some(Err(e.clone()));
+                        }
+                        todo.clear();
+                    }
+                    // Still FULL with nothing durable to commit: safe.
+                    Err(e) => log::warn!("cannot set synchronous = {mode}: {e}"),
+                }
+            }
+        }
         if !todo.is_empty() {
             let mut attempt = self.transaction(&ops, &todo, &mut results);
             if let Err((Some(bad), e)) = attempt {
@@ -658,6 +695,27 @@ mod tests {
             received_at_ms: 1_000,
             data: data.as_bytes().to_vec(),
         }
+    }
+
+    #[test]
+    fn only_batches_that_acknowledge_durable_data_are_fsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path());
+        let mode = |b: &SqliteBackend| -> i64 {
+            b.conn
+                .pragma_query_value(None, "synchronous", |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(mode(&b), 2, "FULL at start");
+        let r = b.apply(vec![publication("c", "e", 1, i64::MAX, 10)]);
+        assert!(r[0].is_ok());
+        assert_eq!(mode(&b), 1, "a history-only batch commits without fsync");
+        let r = b.apply(vec![
+            publication("c", "e", 2, i64::MAX, 10),
+            ingest("u", None, "{}"),
+        ]);
+        assert!(r.iter().all(Result::is_ok));
+        assert_eq!(mode(&b), 2, "a batch with a record is fsynced");
     }
 
     fn put(user: &str, text: &str, expires_at_ms: i64, max_per_user: usize) -> Op {
