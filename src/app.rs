@@ -280,7 +280,7 @@ impl Session {
             }
             (false, Some(i)) => {
                 let ch = self.subs.swap_remove(i);
-                self.left(&ch);
+                self.left(&ch, local);
                 local.unsubscribe(router, shard, &ch, key);
                 true
             }
@@ -304,16 +304,19 @@ impl Session {
     /// The recovery for `channel` arrived: live publications flow again.
     /// One recovery for `channel` arrived (several may be in flight: live
     /// publications flow again once the last one is in).
-    pub fn recovered(&mut self, channel: &str) {
+    pub fn recovered(&mut self, channel: &str, local: &mut LocalIndex) {
         let found = self.recovering.iter().position(|c| &**c == channel);
         if let Some(i) = found {
             self.recovering.swap_remove(i);
+            local.recovery_ended(channel, 1);
         }
     }
 
     /// Forget every recovery of `channel` (it was left).
-    fn left(&mut self, channel: &str) {
+    fn left(&mut self, channel: &str, local: &mut LocalIndex) {
+        let before = self.recovering.len();
         self.recovering.retain(|c| &**c != channel);
+        local.recovery_ended(channel, (before - self.recovering.len()) as u32);
     }
 
     pub fn user(&self) -> Option<&Arc<str>> {
@@ -448,7 +451,9 @@ impl Session {
 
     /// The connection stops being open: leave every index.
     pub fn on_close(&mut self, local: &mut LocalIndex, router: &Router, shard: usize, key: usize) {
-        self.recovering.clear();
+        for ch in self.recovering.drain(..) {
+            local.recovery_ended(&ch, 1);
+        }
         for ch in self.subs.drain(..) {
             local.unsubscribe(router, shard, &ch, key);
         }
@@ -658,6 +663,7 @@ impl Session {
             // One entry per recovery in flight (bounded: a connection's
             // subscriptions times the queries it may send).
             if self.recovering.len() < 4 * ctx.cfg.channels.max_subscriptions {
+                ctx.local.recovery_started(&ch);
                 self.recovering.push(ch.clone());
             }
             ctx.outgoing.push(Outgoing::History {
@@ -704,7 +710,7 @@ impl Session {
             return;
         };
         let ch = self.subs.swap_remove(i);
-        self.left(&ch);
+        self.left(&ch, ctx.local);
         ctx.local.unsubscribe(ctx.router, ctx.shard, &ch, ctx.key);
         let mut b = Vec::new();
         Out::new(&mut b, "unsubscribed")

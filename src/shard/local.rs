@@ -77,9 +77,29 @@ pub struct LocalIndex {
     users: HashMap<Arc<str>, Members>,
     channels: HashMap<Arc<str>, Members>,
     authed: IndexSet<usize>,
+    /// Recoveries in flight per channel on this shard, so a delivery looks
+    /// at each subscriber's recovery state only when one is in flight.
+    recovering: HashMap<Arc<str>, u32>,
 }
 
 impl LocalIndex {
+    pub fn recovery_started(&mut self, channel: &Arc<str>) {
+        *self.recovering.entry(channel.clone()).or_insert(0) += 1;
+    }
+
+    pub fn recovery_ended(&mut self, channel: &str, n: u32) {
+        if let Some(c) = self.recovering.get_mut(channel) {
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                self.recovering.remove(channel);
+            }
+        }
+    }
+
+    /// Is any connection of this shard recovering `channel`?
+    pub fn any_recovering(&self, channel: &str) -> bool {
+        !self.recovering.is_empty() && self.recovering.contains_key(channel)
+    }
     pub fn add_user(&mut self, router: &Router, shard: usize, user: &Arc<str>, key: usize) {
         self.authed.insert(key);
         add(
@@ -154,7 +174,10 @@ impl LocalIndex {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.users.is_empty() && self.channels.is_empty() && self.authed.is_empty()
+        self.users.is_empty()
+            && self.channels.is_empty()
+            && self.authed.is_empty()
+            && self.recovering.is_empty()
     }
 }
 

@@ -1706,7 +1706,7 @@ impl Shard {
         if let ReplyKind::Subscribed { channel } = &reply.kind
             && let Some(session) = conn.session_mut()
         {
-            session.recovered(channel);
+            session.recovered(channel, &mut self.local);
             if !session.subscriptions().iter().any(|c| c == channel) {
                 return; // unsubscribed while the recovery was on its way
             }
@@ -1753,8 +1753,11 @@ impl Shard {
             }
             return n;
         }
-        let channel = match audience {
-            Audience::Channel(c) => Some(&**c),
+        // A subscriber's own recovery state is looked at only while some
+        // connection here recovers this channel (no pointer chase per
+        // delivery otherwise).
+        let recovering = match audience {
+            Audience::Channel(c) if self.local.any_recovering(c) => Some(&**c),
             _ => None,
         };
         let keys: Box<dyn Iterator<Item = usize> + '_> = match audience {
@@ -1781,7 +1784,7 @@ impl Shard {
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
-            if let Some(c) = channel
+            if let Some(c) = recovering
                 && conn.recovering(c)
             {
                 continue; // its recovery, on the way, carries this publication
