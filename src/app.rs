@@ -40,6 +40,19 @@ pub const FEATURES: &[&str] = &[
     "ingest",
 ];
 
+/// Features without storage (`storage.backend = "none"`): no inbox, acks
+/// or ingestion; history is kept in memory only.
+pub const FEATURES_NO_STORAGE: &[&str] = &[
+    "channels",
+    "publish",
+    "direct",
+    "broadcast",
+    "presence",
+    "request",
+    "history",
+    "recovery",
+];
+
 /// What the client gave at connect time, kept until authentication.
 #[derive(Debug, Default, Clone)]
 pub struct ConnectParams {
@@ -427,7 +440,14 @@ impl Session {
         Out::new(&mut b, "connected")
             .str("connectionId", &ctx.conn.to_string())
             .str("userId", &user)
-            .strs("features", FEATURES)
+            .strs(
+                "features",
+                if ctx.storage {
+                    FEATURES
+                } else {
+                    FEATURES_NO_STORAGE
+                },
+            )
             .strs("channels", &subs)
             .opt_raw("requestId", rid)
             .finish();

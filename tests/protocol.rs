@@ -90,8 +90,19 @@ fn welcome_carries_identity_and_features() {
     assert!(c.welcome["connectionId"].is_string());
     assert!(c.welcome["timestamp"].is_string());
     let features = c.welcome["features"].as_array().unwrap();
-    for f in ["channels", "direct", "broadcast", "presence", "request"] {
+    for f in [
+        "channels",
+        "direct",
+        "broadcast",
+        "presence",
+        "request",
+        "history",
+    ] {
         assert!(features.contains(&json!(f)), "{f}");
+    }
+    // This server stores nothing: no inbox, acks or ingestion announced.
+    for f in ["inbox", "ack", "ingest"] {
+        assert!(!features.contains(&json!(f)), "{f}");
     }
     let anon = Client::connect(server.local_addr(), "");
     assert!(

@@ -83,6 +83,14 @@ fn ingested_records_are_acked_after_commit_and_decrypt_with_the_key() {
     cfg.ingest.fields_to_encrypt = vec!["value".into()];
     cfg.ingest.key = Some(KEY.into());
     let server = start(cfg.clone());
+    let mut probe = ws(server.local_addr(), "/ws?userId=probe");
+    let welcome = read_json(&mut probe);
+    for f in ["inbox", "ack", "ingest", "history", "recovery"] {
+        assert!(
+            welcome["features"].as_array().unwrap().contains(&json!(f)),
+            "{f}"
+        );
+    }
     let mut c = Client::user(server.local_addr(), "sensor-7");
     let data =
         json!({"timestamp": 1_700_000_000_000u64, "sensorId": "s-1", "value": 25.5, "unit": "C"});
