@@ -61,7 +61,7 @@ fuzz_target!(|data: &[u8]| {
             conn: ConnId::new(0, 1),
             shutting_down: false,
             storage: true,
-            writer_depth: 0,
+            writer: None,
             open_connections: 0,
             uptime_secs: 1,
             now: std::time::Instant::now(),

@@ -337,7 +337,8 @@ pub struct ApiCtx<'a> {
     pub conn: ConnId,
     pub shutting_down: bool,
     pub storage: bool,
-    pub writer_depth: usize,
+    /// The storage writer (its queue depth is in the status).
+    pub writer: Option<&'a crate::store::WriterHandle>,
     pub open_connections: usize,
     pub uptime_secs: u64,
     pub now: Instant,
@@ -1073,7 +1074,7 @@ fn status_json(ctx: &ApiCtx<'_>) -> Vec<u8> {
         t.rejected,
         t.revoked_closes,
         t.records_stored,
-        ctx.writer_depth,
+        ctx.writer.map_or(0, |w| w.depth()),
         ctx.storage,
     );
     for (i, c) in shards.iter().enumerate() {

@@ -588,7 +588,7 @@ impl Conn {
             conn: self.id,
             shutting_down: ctx.shutting_down,
             storage: ctx.storage,
-            writer_depth: ctx.writer.map_or(0, |w| w.depth()),
+            writer: ctx.writer,
             open_connections: ctx.admission.open(),
             uptime_secs: ctx.uptime_secs,
             now: ctx.now,
@@ -879,13 +879,22 @@ impl Conn {
         }
     }
 
-    /// Queue a frame already encoded for this connection (a reply produced
-    /// outside its read turn); the shard flushes it. Past `limit` queued
-    /// bytes nothing more is queued: the flush closes the connection as a
-    /// slow consumer (1008) anyway, and memory stays bounded.
-    pub fn push_frame(&mut self, frame: &[u8], limit: usize) {
+    /// Queue a text frame for this connection (a reply produced outside its
+    /// read turn), encoded straight into its queue; the shard flushes it.
+    /// Past `limit` queued bytes nothing more is queued: the flush closes
+    /// the connection as a slow consumer (1008) anyway, and memory stays
+    /// bounded.
+    pub fn push_text(&mut self, json: &[u8], limit: usize) {
         if self.is_open() && self.out.bytes() <= limit {
-            self.out.push_bytes(frame);
+            self.out.push_frame(OpCode::Text, json);
+        }
+    }
+
+    /// Put the connection on the shard's flush list (once per turn).
+    pub fn queue_flush(&mut self, key: usize, list: &mut Vec<usize>) {
+        if !self.flush_queued {
+            self.flush_queued = true;
+            list.push(key);
         }
     }
 

@@ -243,30 +243,15 @@ impl Response {
 
     /// Like [`Response::error`] with extra headers (`Allow`, `Retry-After`, ...).
     pub fn error_with(status: u16, reason: &str, body: &str, extra: &[(&str, &str)]) -> Response {
-        let mut s = format!("HTTP/1.1 {status} {reason}\r\n");
-        for (k, v) in extra {
-            let _ = write!(s, "{k}: {v}\r\n");
-        }
-        let _ = write!(
-            s,
-            "Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}\n",
-            body.len() + 1
-        );
-        Response {
+        let body = format!("{body}\n");
+        Response::with_body(
             status,
-            bytes: s.into_bytes(),
-        }
-    }
-
-    /// `200 OK` with a body; the connection closes after it.
-    pub fn ok(content_type: &str, body: Vec<u8>) -> Response {
-        let mut bytes = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
+            reason,
+            "text/plain; charset=utf-8",
+            body.as_bytes(),
+            extra,
+            true,
         )
-        .into_bytes();
-        bytes.extend_from_slice(&body);
-        Response { status: 200, bytes }
     }
 
     /// A response on a keep-alive connection: `close` adds `Connection: close`.

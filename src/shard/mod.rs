@@ -1179,10 +1179,7 @@ impl Shard {
             return false;
         }
         self.c.messages_out += 1;
-        if !conn.flush_queued {
-            conn.flush_queued = true;
-            self.flush.push(key);
-        }
+        conn.queue_flush(key, &mut self.flush);
         if let Some(id) = ack {
             self.track_retry(key, conn_id, id, frame, now);
         }
@@ -1262,10 +1259,7 @@ impl Shard {
         {
             self.c.redeliveries += 1;
             self.c.messages_out += 1;
-            if !conn.flush_queued {
-                conn.flush_queued = true;
-                self.flush.push(t.key);
-            }
+            conn.queue_flush(t.key, &mut self.flush);
         }
         self.wheel.insert(now, delay, t);
     }
@@ -1442,10 +1436,7 @@ impl Shard {
             if !covered {
                 continue;
             }
-            conn.push_frame(
-                &crate::ws::frame::frame_bytes(crate::ws::OpCode::Text, &event),
-                self.cfg.max_outbound_bytes,
-            );
+            conn.push_text(&event, self.cfg.max_outbound_bytes);
             self.c.revoked_closes += 1;
             closed += 1;
             let mut ctx = ctx!(self, key, now);
@@ -1585,10 +1576,7 @@ impl Shard {
                     if let Some(e) = event {
                         conn.deliver(e.clone());
                     }
-                    if !conn.flush_queued {
-                        conn.flush_queued = true;
-                        self.flush.push(key);
-                    }
+                    conn.queue_flush(key, &mut self.flush);
                 }
                 n
             }
@@ -1635,15 +1623,9 @@ impl Shard {
         if conn.id() != conn_id {
             return;
         }
-        conn.push_frame(
-            &crate::ws::frame::frame_bytes(crate::ws::OpCode::Text, text),
-            self.cfg.max_outbound_bytes,
-        );
+        conn.push_text(text, self.cfg.max_outbound_bytes);
         self.c.messages_out += 1;
-        if !conn.flush_queued {
-            conn.flush_queued = true;
-            self.flush.push(key);
-        }
+        conn.queue_flush(key, &mut self.flush);
     }
 
     fn start_gather(&mut self, g: usize, remaining: usize, connections: u64) {
@@ -1712,15 +1694,7 @@ impl Shard {
             }
         }
         let text = app::reply_text(&reply.kind, reply.request_id.as_deref(), result);
-        conn.push_frame(
-            &crate::ws::frame::frame_bytes(crate::ws::OpCode::Text, &text),
-            self.cfg.max_outbound_bytes,
-        );
-        if !conn.flush_queued {
-            conn.flush_queued = true;
-            self.flush.push(reply.key);
-        }
-        self.c.messages_out += 1;
+        self.send_text(reply.key, reply.conn, &text);
     }
 
     /// Queue `frame` on every local connection of `audience`; returns how many.
@@ -1791,10 +1765,7 @@ impl Shard {
             }
             if conn.deliver(frame.clone()) {
                 n += 1;
-                if !conn.flush_queued {
-                    conn.flush_queued = true;
-                    self.flush.push(key);
-                }
+                conn.queue_flush(key, &mut self.flush);
             }
         }
         self.c.messages_out += n;
