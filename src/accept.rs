@@ -7,9 +7,8 @@
 //! * `reuseport`: each shard owns an SO_REUSEPORT listener on the same port
 //!   and the kernel spreads connections by hashing the 4-tuple.
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -17,13 +16,12 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
-use parking_lot::Mutex;
 
+use crate::admission::IpLimiter;
 use crate::shard::{Inbox, ShardMsg};
 
 /// Pending connections the kernel may queue (capped by net.core.somaxconn).
 const BACKLOG: i32 = 4096;
-const RATE_WINDOW: Duration = Duration::from_secs(60);
 
 /// Bind a non-blocking listener, optionally with SO_REUSEPORT.
 pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
@@ -37,41 +35,6 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(TcpListener::from_std(socket.into()))
-}
-
-/// New connections per client IP in a fixed one-minute window (seed 001:
-/// 10 per minute). Touched once per accepted connection, never per message;
-/// with the acceptor thread only that thread takes the lock.
-pub struct IpLimiter {
-    per_minute: u32,
-    seen: Mutex<HashMap<IpAddr, (Instant, u32)>>,
-}
-
-impl IpLimiter {
-    pub fn new(per_minute: u32) -> Self {
-        IpLimiter {
-            per_minute,
-            seen: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Count a connection from `ip`; true if it is over the limit.
-    pub fn is_limited(&self, ip: IpAddr, now: Instant) -> bool {
-        if self.per_minute == 0 {
-            return false;
-        }
-        let mut seen = self.seen.lock();
-        if seen.len() >= 65_536 {
-            // Bound the map: forget windows that have ended.
-            seen.retain(|_, (start, _)| now.saturating_duration_since(*start) < RATE_WINDOW);
-        }
-        let entry = seen.entry(ip).or_insert((now, 0));
-        if now.saturating_duration_since(entry.0) >= RATE_WINDOW {
-            *entry = (now, 0);
-        }
-        entry.1 = entry.1.saturating_add(1);
-        entry.1 > self.per_minute
-    }
 }
 
 const LISTENER: Token = Token(0);
@@ -172,25 +135,5 @@ fn run(
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn limiter_window() {
-        let l = IpLimiter::new(3);
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let other: IpAddr = "10.0.0.2".parse().unwrap();
-        let t0 = Instant::now();
-        assert!(!l.is_limited(ip, t0));
-        assert!(!l.is_limited(ip, t0));
-        assert!(!l.is_limited(ip, t0));
-        assert!(l.is_limited(ip, t0));
-        assert!(!l.is_limited(other, t0));
-        assert!(!l.is_limited(ip, t0 + RATE_WINDOW));
-        assert!(!IpLimiter::new(0).is_limited(ip, t0));
     }
 }

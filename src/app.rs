@@ -9,7 +9,7 @@ use simd_json::prelude::*;
 
 use crate::auth::{Authenticator, Identity};
 use crate::config::{Config, Rule};
-use crate::conn::ConnId;
+use crate::id::ConnId;
 use crate::proto::{self, ErrorCode, Out, field, field_str};
 use crate::route::Router;
 use crate::shard::local::LocalIndex;
@@ -264,7 +264,7 @@ impl Session {
             refilled: None,
             data_received: 0,
             recovering: Vec::new(),
-            connected_at_ms: crate::store::now_ms(),
+            connected_at_ms: crate::clock::now_ms(),
         }
     }
 
@@ -403,7 +403,7 @@ impl Session {
         out: &mut dyn Replies,
         rid: Option<&[u8]>,
     ) -> Verdict {
-        if ctx.revoked.covers(&identity, crate::store::now_ms()) {
+        if ctx.revoked.covers(&identity, crate::clock::now_ms()) {
             reply_error(
                 out,
                 ErrorCode::TokenRevoked,
@@ -969,7 +969,7 @@ pub fn response_head(b: &mut Vec<u8>, upper: bool, rid: &[u8], action: &str) {
 /// Close a response started with [`response_head`].
 pub fn response_tail(b: &mut Vec<u8>) {
     b.extend_from_slice(b",\"timestamp\":");
-    proto::write_str(b, &crate::logging::rfc3339_now());
+    proto::write_str(b, &crate::clock::rfc3339_now());
     b.push(b'}');
 }
 
@@ -1381,7 +1381,7 @@ fn ingest(
             user: user.clone(),
             connection: ctx.conn.to_string(),
             client_id: client_id.clone(),
-            received_at_ms: crate::store::now_ms(),
+            received_at_ms: crate::clock::now_ms(),
             data: stored,
         },
         wait: StoreWait::Ingest {
@@ -1465,7 +1465,7 @@ fn direct(
 /// Keep a direct message in `to`'s inbox; once stored it is delivered with
 /// its id (and redelivered until acknowledged).
 pub fn store_direct(ctx: &mut AppCtx<'_>, to: Arc<str>, event: Vec<u8>, rid: Option<&[u8]>) {
-    let now = crate::store::now_ms();
+    let now = crate::clock::now_ms();
     let ttl = i64::try_from(ctx.cfg.inbox.ttl.as_millis()).unwrap_or(i64::MAX);
     let payload: Box<[u8]> = event.into_boxed_slice();
     ctx.outgoing.push(Outgoing::Store {

@@ -894,7 +894,7 @@ impl Config {
                 "ingest.fields_to_encrypt is set but no key is configured".into(),
             );
         }
-        if crate::logging::parse_level(&self.log_level).is_none() {
+        if parse_level(&self.log_level).is_none() {
             return bad(
                 "log_level",
                 format!("{:?}: use debug, info, warn or error", self.log_level),
@@ -966,6 +966,19 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+/// `debug`, `info`, `warn`/`warning`, `error` (the seed's levels), plus `trace` and `off`.
+pub fn parse_level(s: &str) -> Option<log::LevelFilter> {
+    match s.to_ascii_lowercase().as_str() {
+        "trace" => Some(log::LevelFilter::Trace),
+        "debug" => Some(log::LevelFilter::Debug),
+        "info" => Some(log::LevelFilter::Info),
+        "warn" | "warning" => Some(log::LevelFilter::Warn),
+        "error" => Some(log::LevelFilter::Error),
+        "off" => Some(log::LevelFilter::Off),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use rusqlite::{OpenFlags, params};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use crate::clock::rfc3339_ms;
 use crate::config::{Config, ConfigError, Overrides};
 use crate::ingest::{IngestSetupError, OpenError, Sealer, reveal_with};
 
@@ -145,12 +146,6 @@ struct Line<'a> {
     client_id: Option<&'a str>,
     received_at: String,
     data: &'a RawValue,
-}
-
-/// Milliseconds since the epoch as RFC 3339 UTC with milliseconds.
-fn rfc3339_ms(ms: i64) -> String {
-    // rem_euclid(1000) is in 0..1000, so the cast cannot truncate.
-    crate::logging::rfc3339(ms.div_euclid(1000), ms.rem_euclid(1000) as u32)
 }
 
 /// Print the records of `opts` as JSON lines to `out`, encrypted fields

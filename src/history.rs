@@ -26,7 +26,7 @@ fn epoch_with(rng: &SystemRandom) -> String {
     // An epoch only has to differ from the previous one; if the system RNG
     // fails, the clock still makes it unique enough.
     if rng.fill(&mut b).is_err() {
-        let t = crate::store::now_ms().to_le_bytes();
+        let t = crate::clock::now_ms().to_le_bytes();
         for (d, s) in b.iter_mut().zip(t) {
             *d = s;
         }

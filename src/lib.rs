@@ -5,17 +5,21 @@
 #![forbid(unsafe_code)]
 
 pub mod accept;
+pub mod admission;
 pub mod api;
 pub mod app;
 pub mod auth;
 pub mod auth_setup;
+pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod console;
+pub mod deadline;
 pub mod decrypt;
 pub mod error;
 pub mod history;
 pub mod http;
+pub mod id;
 pub mod ingest;
 pub mod logging;
 pub mod proto;

@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::accept::{self, AcceptorHandle, IpLimiter};
+use crate::accept::{self, AcceptorHandle};
+use crate::admission::Admission;
+use crate::admission::IpLimiter;
 use crate::config::{AcceptMode, Config};
-use crate::conn::Admission;
 use crate::error::StartError;
 use crate::route::Router;
 use crate::shard::{Shard, ShardHandle, ShardMsg, ShardSetup};
@@ -96,7 +97,9 @@ impl Server {
             crate::config::StorageBackend::Sqlite => {
                 let mut b = store::SqliteBackend::open(&cfg.storage, &cfg.ingest.table)
                     .map_err(StartError::Storage)?;
-                let mut loaded = b.load(store::now_ms()).map_err(StartError::Storage)?;
+                let mut loaded = b
+                    .load(crate::clock::now_ms())
+                    .map_err(StartError::Storage)?;
                 // Publications are numbered before they are committed: after
                 // a crash the stored top offset may be behind what clients
                 // saw. Then every channel starts a new epoch (its history
@@ -234,7 +237,7 @@ impl Server {
         value: &str,
         reason: &str,
     ) -> Result<(), RevokeError> {
-        let now = store::now_ms();
+        let now = crate::clock::now_ms();
         let ttl = i64::try_from(self.cfg.auth.revocation_ttl.as_millis()).unwrap_or(i64::MAX);
         let r = Revocation {
             kind,

@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use switchboard::api::{ApiCtx, Handled, handle};
 use switchboard::auth::Authenticator;
 use switchboard::config::Config;
-use switchboard::conn::ConnId;
+use switchboard::id::ConnId;
 use switchboard::http::parse_request;
 use switchboard::route::Router;
 

@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 use switchboard::app::{AppCtx, ConnectParams, Replies, Session};
 use switchboard::auth::Authenticator;
 use switchboard::config::Config;
-use switchboard::conn::ConnId;
+use switchboard::id::ConnId;
 use switchboard::route::Router;
 use switchboard::shard::local::LocalIndex;
 

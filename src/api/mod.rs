@@ -17,9 +17,9 @@ use serde_json::value::RawValue;
 use crate::app::{self, Audience, HistoryQuery, Outgoing, PubEvent, Reply, ReplyKind, StoreWait};
 use crate::auth::{Authenticator, Identity};
 use crate::config::Config;
-use crate::conn::ConnId;
 use crate::history::Page;
 use crate::http::{Request, Response};
+use crate::id::ConnId;
 use crate::proto;
 use crate::route::Router;
 use crate::stats::{Counters, ShardStats};
@@ -403,7 +403,7 @@ fn authorize(
         auth => auth.authenticate(token).ok(),
     };
     // A revoked token is refused here as on a WebSocket connect.
-    let identity = identity.filter(|id| !ctx.revoked.covers(id, store::now_ms()));
+    let identity = identity.filter(|id| !ctx.revoked.covers(id, crate::clock::now_ms()));
     match (access, identity) {
         (_, None) => Err(ApiError::new(
             401,
@@ -911,7 +911,7 @@ fn serve(req: &Request, body: &[u8], ctx: &mut ApiCtx<'_>) -> Result<Handled, Ap
             if kind == RevocationKind::User {
                 user_id(&value)?;
             }
-            let now = store::now_ms();
+            let now = crate::clock::now_ms();
             let ttl = i64::try_from(ctx.cfg.auth.revocation_ttl.as_millis()).unwrap_or(i64::MAX);
             let revocation = Revocation {
                 kind,
@@ -967,7 +967,7 @@ fn serve(req: &Request, body: &[u8], ctx: &mut ApiCtx<'_>) -> Result<Handled, Ap
             };
             match crate::auth_setup::mint_dev_token(&ctx.cfg.auth, &dev) {
                 Ok(token) => {
-                    let exp = store::now_ms() / 1000 + ttl.as_secs() as i64;
+                    let exp = crate::clock::now_ms() / 1000 + ttl.as_secs() as i64;
                     let mut b = Vec::new();
                     b.extend_from_slice(b"{\"token\":");
                     proto::write_str(&mut b, &token);
@@ -1003,7 +1003,7 @@ fn direct(
         ));
     }
     if ctx.storage && (ack || ctx.router.user_shards(&user) == 0) {
-        let now = store::now_ms();
+        let now = crate::clock::now_ms();
         let ttl = i64::try_from(ctx.cfg.inbox.ttl.as_millis()).unwrap_or(i64::MAX);
         let payload: Box<[u8]> = event.into_boxed_slice();
         let reply = reply(
@@ -1107,7 +1107,7 @@ fn client_json(b: &mut Vec<u8>, c: &ClientInfo) {
     proto::write_str(b, &c.ip.to_string());
     b.extend_from_slice(b",\"connectedAt\":");
     if c.connected_at_ms > 0 {
-        proto::write_str(b, &crate::logging::rfc3339_ms(c.connected_at_ms));
+        proto::write_str(b, &crate::clock::rfc3339_ms(c.connected_at_ms));
     } else {
         b.extend_from_slice(b"null"); // the echo endpoint keeps no session
     }
@@ -1208,7 +1208,7 @@ pub fn later_response(p: &Pending, g: &app::Gathered<'_>) -> Response {
                 shards
             );
             match since {
-                Some(ms) => proto::write_str(&mut b, &crate::logging::rfc3339_ms(ms)),
+                Some(ms) => proto::write_str(&mut b, &crate::clock::rfc3339_ms(ms)),
                 None => b.extend_from_slice(b"null"),
             }
             b.extend_from_slice(b",\"clients\":[");

@@ -14,16 +14,17 @@
 pub mod outq;
 pub mod transport;
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::admission::Admission;
 use crate::app::{self, AppCtx, ConnectParams, Outgoing, Session, Verdict};
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::deadline::{TimerKind, TimerRef};
 use crate::http::{Request, Response, parse_request};
+use crate::id::ConnId;
 use crate::proto::{self, ErrorCode};
 use crate::route::Router;
 use crate::shard::local::LocalIndex;
@@ -39,25 +40,6 @@ const AWAIT_TIMEOUT: Duration = Duration::from_secs(60);
 pub use outq::OutQueue;
 pub use transport::{ReadOutcome, Transport, WriteOutcome};
 
-/// Unique connection id: shard index in the top 16 bits, a per-shard sequence below.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConnId(pub u64);
-
-impl ConnId {
-    pub fn new(shard: usize, seq: u64) -> Self {
-        ConnId(((shard as u64) << 48) | (seq & ((1 << 48) - 1)))
-    }
-    pub fn shard(self) -> usize {
-        (self.0 >> 48) as usize
-    }
-}
-
-impl fmt::Display for ConnId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.shard(), self.0 & ((1 << 48) - 1))
-    }
-}
-
 /// What a WebSocket connection was opened for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -65,32 +47,6 @@ pub enum Endpoint {
     Echo,
     /// The Switchboard JSON protocol.
     App,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimerKind {
-    /// The upgrade request did not complete in time.
-    Handshake,
-    /// Time to send a heartbeat ping.
-    Ping,
-    /// The pong for the last ping is due.
-    PongDeadline,
-    /// A closing connection has waited long enough for its peer.
-    Linger,
-    /// No `authenticate` message arrived in time.
-    Auth,
-    /// Inbox message `id` was not acknowledged yet: redeliver (shard-level,
-    /// never the connection's own timer slot). The second field is the
-    /// tracking generation, so a stale timer chain does nothing.
-    Retry(i64, u32),
-}
-
-/// What the shard's timer wheel stores for a connection.
-#[derive(Debug, Clone, Copy)]
-pub struct TimerRef {
-    pub key: usize,
-    pub id: ConnId,
-    pub kind: TimerKind,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,38 +71,6 @@ enum State {
 pub enum Next {
     Keep,
     Drop,
-}
-
-/// Limits on open WebSocket connections, shared by all shards.
-#[derive(Debug)]
-pub struct Admission {
-    open: AtomicUsize,
-    max: usize,
-}
-
-impl Admission {
-    pub fn new(max: usize) -> Self {
-        Admission {
-            open: AtomicUsize::new(0),
-            max,
-        }
-    }
-    /// Take a slot; false at the limit.
-    pub fn try_acquire(&self) -> bool {
-        self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .is_ok()
-    }
-    pub fn release(&self) {
-        let _ = self
-            .open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-    }
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
-    }
 }
 
 /// The protocol handler's view of `ctx`, borrowed field by field so the

@@ -13,7 +13,7 @@ use std::io::Write;
 
 use simd_json::prelude::*;
 
-use crate::logging::rfc3339_now;
+use crate::clock::rfc3339_now;
 
 pub use decode::{Decoded, field, field_str, raw_field};
 

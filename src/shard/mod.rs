@@ -28,12 +28,14 @@ pub mod local;
 
 use std::collections::HashMap;
 
-use crate::accept::IpLimiter;
+use crate::admission::{Admission, IpLimiter};
 use crate::app::{self, Audience, HistoryQuery, Outgoing, PubEvent, Reply, ReplyKind, StoreWait};
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::conn::{Admission, Conn, ConnId, Ctx, Next, TimerKind, TimerRef, Transport};
+use crate::conn::{Conn, Ctx, Next, Transport};
+use crate::deadline::{TimerKind, TimerRef};
 use crate::history::{History, Page};
+use crate::id::ConnId;
 use crate::proto::ErrorCode;
 use crate::revoke::Revocations;
 use crate::route::{Router, shards_in};
@@ -387,7 +389,7 @@ impl Shard {
             max_frame: setup.cfg.max_frame_size,
             max_message: setup.cfg.max_message_size,
         };
-        let now_ms = store::now_ms();
+        let now_ms = crate::clock::now_ms();
         let mut history = History::default();
         history.restore(setup.history, now_ms);
         let mut revoked = Revocations::default();
@@ -502,7 +504,7 @@ impl Shard {
             self.flush_pending(now);
             if now >= self.next_sweep {
                 self.next_sweep = now + SWEEP_EVERY;
-                let now_ms = store::now_ms();
+                let now_ms = crate::clock::now_ms();
                 let idle = i64::try_from(self.cfg.history.ttl.as_millis()).unwrap_or(i64::MAX);
                 self.history.sweep(now_ms, idle);
                 self.revoked.sweep(now_ms);
@@ -1285,7 +1287,7 @@ impl Shard {
         report: Option<ReportTo>,
         now: Instant,
     ) {
-        let now_ms = store::now_ms();
+        let now_ms = crate::clock::now_ms();
         let (offset, epoch) = self.history.next_offset(&channel, now_ms);
         let json: Arc<[u8]> = Arc::from(app::publication_json(&channel, &event, offset, &epoch));
         let rule = self.cfg.history.rule(&channel);
@@ -1374,7 +1376,7 @@ impl Shard {
     }
 
     fn history_page(&mut self, channel: &str, query: &HistoryQuery) -> Page {
-        let now_ms = store::now_ms();
+        let now_ms = crate::clock::now_ms();
         // One reply stays well under the slow-consumer limit.
         let max_bytes = self.cfg.max_outbound_bytes / 2;
         match query {

@@ -18,6 +18,7 @@
 //! - The schema is versioned with `PRAGMA user_version` and an ordered list
 //!   of migrations, each applied in its own transaction at open.
 
+use crate::clock::now_ms;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
     Backend, InboxMsg, Loaded, LoadedChannel, Op, Outcome, Record, Revocation, RevocationKind,
-    StoreError, StoredPublication, now_ms,
+    StoreError, StoredPublication,
 };
 use crate::config::{StorageConfig, SyncMode};
 

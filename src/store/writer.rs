@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 
-use super::{Backend, Done, Notify, Request, StoreError, now_ms};
+use super::{Backend, Done, Notify, Request, StoreError};
+use crate::clock::now_ms;
 use crate::config::StorageConfig;
 
 /// How often expired history, inbox messages and revocations are deleted.
