@@ -772,13 +772,13 @@ impl Config {
             Err(_) if self.host == "localhost" => IpAddr::from([127, 0, 0, 1]),
             Err(_) => return bad("host", format!("{:?} is not an IP address", self.host)),
         };
-        if !(1..=crate::route::MAX_SHARDS).contains(&self.shards) {
+        if !(1..=crate::id::MAX_SHARDS).contains(&self.shards) {
             return bad(
                 "shards",
                 format!(
                     "{} is outside 1..={}",
                     self.shards,
-                    crate::route::MAX_SHARDS
+                    crate::id::MAX_SHARDS
                 ),
             );
         }
@@ -873,7 +873,7 @@ impl Config {
             );
         }
         if let Some(k) = &self.ingest.key
-            && crate::ingest::decode_key(k).is_none()
+            && decode_key(k).is_none()
         {
             return bad(
                 "ingest.key",
@@ -881,7 +881,7 @@ impl Config {
             );
         }
         for (id, k) in &self.ingest.old_keys {
-            if crate::ingest::decode_key(k).is_none() {
+            if decode_key(k).is_none() {
                 return bad(
                     "ingest.old_keys",
                     format!("{id}: must be 32 bytes in base64"),
@@ -979,6 +979,18 @@ pub fn parse_level(s: &str) -> Option<log::LevelFilter> {
         "off" => Some(log::LevelFilter::Off),
         _ => None,
     }
+}
+
+/// A 32-byte AES-256 key from base64 (standard or URL-safe alphabet).
+pub fn decode_key(b64: &str) -> Option<[u8; 32]> {
+    use base64::Engine;
+    let b64 = b64.trim();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(b64))
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(b64))
+        .ok()?;
+    bytes.try_into().ok()
 }
 
 #[cfg(test)]

@@ -3,6 +3,9 @@
 
 use std::fmt;
 
+/// Most shards a process runs: the routing table names shards in a 64-bit set.
+pub const MAX_SHARDS: usize = 64;
+
 /// Unique connection id: shard index in the top 16 bits, a per-shard sequence below.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnId(pub u64);

@@ -25,17 +25,6 @@ pub const ENC_MEMBER: &str = "$enc";
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-/// A 32-byte AES-256 key from base64 (standard or URL-safe alphabet).
-pub fn decode_key(b64: &str) -> Option<[u8; 32]> {
-    let b64 = b64.trim();
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(b64))
-        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(b64))
-        .ok()?;
-    bytes.try_into().ok()
-}
-
 // ---------------------------------------------------------------------------
 // Keys
 // ---------------------------------------------------------------------------
@@ -199,10 +188,10 @@ impl Sealer {
         let bad = |kid: &str| IngestSetupError::BadKey {
             kid: kid.to_owned(),
         };
-        let current = decode_key(current_b64).ok_or_else(|| bad(&cfg.key_id))?;
+        let current = crate::config::decode_key(current_b64).ok_or_else(|| bad(&cfg.key_id))?;
         let mut keys = BTreeMap::new();
         for (kid, b64) in &cfg.old_keys {
-            let raw = decode_key(b64).ok_or_else(|| bad(kid))?;
+            let raw = crate::config::decode_key(b64).ok_or_else(|| bad(kid))?;
             if *kid == cfg.key_id {
                 if raw != current {
                     return Err(IngestSetupError::KeyIdConflict { kid: kid.clone() });

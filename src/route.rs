@@ -18,8 +18,7 @@ use std::sync::Arc;
 
 use crate::shard::{Inbox, ShardMsg};
 
-/// Most shards a bit set can name.
-pub const MAX_SHARDS: usize = 64;
+pub use crate::id::MAX_SHARDS;
 
 pub struct Router {
     users: papaya::HashMap<Arc<str>, u64>,
