@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use switchboard::app::shared_frame;
 use switchboard::conn::OutQueue;
 use switchboard::proto::Out;
+use switchboard::proto::encode::shared_frame;
 use switchboard::route::Router;
 
 fn messages() -> Vec<(&'static str, Vec<u8>)> {
@@ -42,8 +42,8 @@ fn parse(c: &mut Criterion) {
             let mut work = msg.clone();
             b.iter(|| {
                 work.copy_from_slice(&msg); // parsing is in place
-                let d = switchboard::proto::decode::decode(&mut work, &mut buffers).ok();
-                black_box(d.map(|d| d.kind().len()));
+                let d = switchboard::proto::decode(&mut work, &mut buffers).ok();
+                black_box(d.map(|d| d.type_name().len()));
             })
         });
         g.bench_function(format!("serde_json/{name}"), |b| {
@@ -60,7 +60,7 @@ fn parse(c: &mut Criterion) {
 
 fn routing(c: &mut Criterion) {
     let mut g = c.benchmark_group("routing");
-    let router = Arc::new(Router::new(Vec::new()));
+    let router = Arc::new(Router::new(4));
     let users: Vec<Arc<str>> = (0..10_000)
         .map(|i| Arc::from(format!("user-{i}")))
         .collect();

@@ -775,11 +775,7 @@ impl Config {
         if !(1..=crate::id::MAX_SHARDS).contains(&self.shards) {
             return bad(
                 "shards",
-                format!(
-                    "{} is outside 1..={}",
-                    self.shards,
-                    crate::id::MAX_SHARDS
-                ),
+                format!("{} is outside 1..={}", self.shards, crate::id::MAX_SHARDS),
             );
         }
         for (name, p) in [("ws_path", &self.ws_path), ("echo_path", &self.echo_path)] {

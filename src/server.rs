@@ -11,7 +11,7 @@ use crate::admission::IpLimiter;
 use crate::config::{AcceptMode, Config};
 use crate::error::StartError;
 use crate::route::Router;
-use crate::shard::{Shard, ShardHandle, ShardMsg, ShardSetup};
+use crate::shard::{Inbox, Opened, Peers, ShardHandle, ShardMsg, ShardSetup};
 use crate::stats::Counters;
 use crate::store::{self, Backend, Revocation, RevocationKind, Writer};
 
@@ -21,7 +21,7 @@ const CLEAN_MARKER: &str = "clean-shutdown";
 
 /// Hands the writer's results to the shards' inboxes.
 struct ShardNotify {
-    inboxes: Vec<crate::shard::Inbox>,
+    inboxes: Vec<Inbox>,
 }
 
 impl store::Notify for ShardNotify {
@@ -141,9 +141,34 @@ impl Server {
                 h.push(ch);
             }
         }
-        let mut prepared = Vec::with_capacity(cfg.shards);
-        for ((id, listener), history) in listeners.into_iter().enumerate().zip(histories) {
-            let p = Shard::prepare(ShardSetup {
+        // Every shard's poller and inbox first, so each shard starts knowing
+        // every other one; then the writer (it answers into the inboxes).
+        let opened = (0..cfg.shards)
+            .map(|_| Opened::new())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|err| StartError::Io {
+                what: "shard poller",
+                err,
+            })?;
+        let inboxes: Vec<Inbox> = opened.iter().map(Opened::inbox).collect();
+        let peers = Arc::new(Peers::new(inboxes.clone()));
+        let router = Arc::new(Router::new(cfg.shards));
+        let all_stats: Arc<[Arc<crate::stats::ShardStats>]> =
+            opened.iter().map(Opened::stats).collect();
+        let writer = match backend {
+            Some(b) => Some(
+                Writer::spawn(Box::new(b), &cfg.storage, Arc::new(ShardNotify { inboxes }))
+                    .map_err(|err| StartError::Io {
+                        what: "storage writer thread",
+                        err,
+                    })?,
+            ),
+            None => None,
+        };
+        let mut shards = Vec::with_capacity(cfg.shards);
+        let parts = opened.into_iter().zip(listeners).zip(histories);
+        for (id, ((opened, listener), history)) in parts.enumerate() {
+            let setup = ShardSetup {
                 id,
                 cfg: cfg.clone(),
                 admission: admission.clone(),
@@ -154,42 +179,15 @@ impl Server {
                 history,
                 revocations: loaded.revocations.clone(),
                 sealer: sealer.clone(),
-            })
-            .map_err(|err| StartError::Io {
-                what: "shard poller",
+                router: router.clone(),
+                peers: peers.clone(),
+                all_stats: all_stats.clone(),
+                writer: writer.as_ref().map(Writer::handle),
+            };
+            shards.push(opened.start(setup).map_err(|err| StartError::Io {
+                what: "shard thread",
                 err,
-            })?;
-            prepared.push(p);
-        }
-        let router = Arc::new(Router::new(prepared.iter().map(|p| p.inbox()).collect()));
-        let all_stats: Arc<[Arc<crate::stats::ShardStats>]> =
-            prepared.iter().map(|p| p.stats()).collect();
-        let writer = match backend {
-            Some(b) => Some(
-                Writer::spawn(
-                    Box::new(b),
-                    &cfg.storage,
-                    Arc::new(ShardNotify {
-                        inboxes: prepared.iter().map(|p| p.inbox()).collect(),
-                    }),
-                )
-                .map_err(|err| StartError::Io {
-                    what: "storage writer thread",
-                    err,
-                })?,
-            ),
-            None => None,
-        };
-        let mut shards = Vec::with_capacity(cfg.shards);
-        for p in prepared {
-            let w = writer.as_ref().map(Writer::handle);
-            shards.push(
-                p.spawn(router.clone(), all_stats.clone(), w)
-                    .map_err(|err| StartError::Io {
-                        what: "shard thread",
-                        err,
-                    })?,
-            );
+            })?);
         }
         let acceptor = match acceptor_listener {
             Some(l) => Some(
@@ -255,8 +253,8 @@ impl Server {
                 .map_err(|_| RevokeError::StorageBusy)?;
         }
         let r = Arc::new(r);
-        for shard in 0..self.router.shard_count() {
-            self.router.send(shard, ShardMsg::Revoke(r.clone()));
+        for s in &self.shards {
+            s.inbox.send(ShardMsg::Revoke(r.clone()));
         }
         Ok(())
     }

@@ -6,12 +6,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use switchboard::api::{ApiCtx, Handled, handle};
+use switchboard::api::{Handled, handle};
 use switchboard::auth::Authenticator;
 use switchboard::config::Config;
-use switchboard::id::ConnId;
+use switchboard::env::{Desk, Env, Handling};
 use switchboard::http::parse_request;
-use switchboard::route::Router;
+use switchboard::id::ConnId;
 
 fn check(resp: &[u8]) {
     let mut headers = [httparse::EMPTY_HEADER; 16];
@@ -38,34 +38,23 @@ fn check(resp: &[u8]) {
 fuzz_target!(|data: &[u8]| {
     let mut cfg = Config::default();
     cfg.api.allow_anonymous = true; // reach every handler
-    let auth = Authenticator::None;
-    let router = Router::new(Vec::new());
-    let stats = Vec::new();
-    let revoked = switchboard::revoke::Revocations::default();
-    let mut outgoing = Vec::new();
+    let max_header_bytes = cfg.max_header_bytes;
+    let env = Env::detached(cfg, Authenticator::None, None);
+    let mut desk = Desk::default();
     let mut rest = data;
     // Pipelined requests, as the connection state machine serves them.
     for _ in 0..8 {
-        let Ok(Some((req, head))) = parse_request(rest, cfg.max_header_bytes) else {
+        let Ok(Some((req, head))) = parse_request(rest, max_header_bytes) else {
             return;
         };
         let end = head.saturating_add(req.content_length).min(rest.len());
         let body = &rest[head..end];
-        let mut ctx = ApiCtx {
-            cfg: &cfg,
-            auth: &auth,
-            router: &router,
-            all_stats: &stats,
-            outgoing: &mut outgoing,
+        let mut ctx = Handling {
+            env: &env,
+            desk: &mut desk,
             key: 0,
             conn: ConnId::new(0, 1),
-            shutting_down: false,
-            storage: true,
-            writer: None,
-            open_connections: 0,
-            uptime_secs: 1,
             now: std::time::Instant::now(),
-            revoked: &revoked,
         };
         if let Handled::Now(resp) = handle(&req, body, &mut ctx) {
             check(&resp.bytes);

@@ -5,12 +5,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use switchboard::app::{AppCtx, ConnectParams, Replies, Session};
 use switchboard::auth::Authenticator;
 use switchboard::config::Config;
+use switchboard::env::{Desk, Env, Handling};
 use switchboard::id::ConnId;
-use switchboard::route::Router;
-use switchboard::shard::local::LocalIndex;
+use switchboard::session::{ConnectParams, Replies, Session};
 
 struct Collect(Vec<Vec<u8>>);
 
@@ -34,35 +33,19 @@ fuzz_target!(|data: &[u8]| {
     cfg.ingest.fields_to_encrypt = vec!["value".into()];
     cfg.ingest.key = Some("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".into());
     let sealer = switchboard::ingest::Sealer::from_config(&cfg.ingest).expect("test key");
-    let revoked = switchboard::revoke::Revocations::default();
-    let auth = Authenticator::None;
-    let router = Router::new(Vec::new());
-    let mut local = LocalIndex::default();
-    let mut json = simd_json::Buffers::default();
-    let mut outgoing = Vec::new();
-    let mut raw = Vec::new();
+    let env = Env::detached(cfg, Authenticator::None, sealer);
+    let mut desk = Desk::default();
     let mut session = Session::new(ConnectParams {
         dev_user: Some("fuzzer".into()),
         ..ConnectParams::default()
     });
     let mut out = Collect(Vec::new());
-    let mut ctx = AppCtx {
-        cfg: &cfg,
-        auth: &auth,
-        router: &router,
-        local: &mut local,
-        shard: 0,
+    let mut ctx = Handling {
+        env: &env,
+        desk: &mut desk,
         key: 0,
         conn: ConnId::new(0, 1),
-        json: &mut json,
-        raw: &mut raw,
-        outgoing: &mut outgoing,
         now: std::time::Instant::now(),
-        uptime_secs: 1,
-        open_connections: 1,
-        storage: true,
-        sealer: sealer.as_ref(),
-        revoked: &revoked,
     };
     session.on_open(&mut ctx, &mut out);
     // Several messages per input: split on a 0xFF byte (never valid UTF-8,
@@ -75,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
         session.on_text(&mut text, &mut ctx, &mut out);
     }
     check(&out.0);
-    session.on_close(ctx.local, &router, 0, 0);
-    assert!(local.is_empty(), "closing a session leaves the shard index empty");
-    assert_eq!(router.user_count() + router.channel_count(), 0);
+    session.on_close(&mut ctx.desk.local, &env.router, 0, 0);
+    assert!(desk.local.is_empty(), "closing a session leaves the shard index empty");
+    assert_eq!(env.router.user_count() + env.router.channel_count(), 0);
 });

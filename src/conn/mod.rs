@@ -18,20 +18,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::admission::Admission;
-use crate::app::{self, AppCtx, ConnectParams, Outgoing, Session, Verdict};
-use crate::auth::Authenticator;
-use crate::config::Config;
+use crate::api;
 use crate::deadline::{TimerKind, TimerRef};
+use crate::env::{Desk, Env, Handling};
 use crate::http::{Request, Response, parse_request};
 use crate::id::ConnId;
 use crate::proto::{self, ErrorCode};
-use crate::route::Router;
-use crate::shard::local::LocalIndex;
-use crate::stats::Counters;
+use crate::session::{ConnectParams, Replies, Session, Verdict, close};
+use crate::stats::{Counters, LocalHistos};
 use crate::timer::{TimerKey, TimerWheel};
 use crate::ws::frame::{self, CloseCode, OpCode};
-use crate::ws::{BufPool, Flow, Inbound, Limits, Message};
+use crate::ws::{BufPool, Flow, Inbound, Message};
 
 /// How long an HTTP request may wait for other shards or the store before
 /// the connection is dropped (answers normally take milliseconds).
@@ -73,60 +70,38 @@ pub enum Next {
     Drop,
 }
 
-/// The protocol handler's view of `ctx`, borrowed field by field so the
-/// cork and counters stay usable beside it.
-macro_rules! app_ctx {
-    ($ctx:ident, $conn:expr) => {
-        AppCtx {
-            cfg: $ctx.cfg,
-            auth: $ctx.auth,
-            router: $ctx.router,
-            local: &mut *$ctx.local,
-            shard: $ctx.shard,
-            key: $ctx.key,
-            conn: $conn,
-            json: &mut *$ctx.json,
-            raw: &mut *$ctx.raw,
-            outgoing: &mut *$ctx.outgoing,
-            now: $ctx.now,
-            uptime_secs: $ctx.uptime_secs,
-            open_connections: $ctx.admission.open(),
-            storage: $ctx.storage,
-            sealer: $ctx.sealer,
-            revoked: $ctx.revoked,
-        }
-    };
+/// The shard's state that connections use for I/O.
+pub struct Io {
+    /// One write per connection per turn: replies are corked here first.
+    pub cork: Vec<u8>,
+    pub wheel: TimerWheel<TimerRef>,
+    pub c: Counters,
+    /// Spare buffers for large partial frames.
+    pub pool: BufPool,
+    pub histos: LocalHistos,
 }
 
-/// Shard-owned context passed to connection calls.
+/// A connection call's context: the shard's surroundings, the state
+/// handlers change, the I/O state, which connection, and when. Borrowed
+/// field by field from the shard, so its slab entry can be borrowed too.
 pub struct Ctx<'a> {
-    pub cfg: &'a Config,
-    pub limits: Limits,
-    pub cork: &'a mut Vec<u8>,
-    pub wheel: &'a mut TimerWheel<TimerRef>,
-    pub now: Instant,
+    pub env: &'a Env,
+    pub desk: &'a mut Desk,
+    pub io: &'a mut Io,
     pub key: usize,
-    pub c: &'a mut Counters,
-    pub admission: &'a Admission,
-    pub shutting_down: bool,
-    pub shard: usize,
-    pub auth: &'a Authenticator,
-    pub router: &'a Router,
-    pub local: &'a mut LocalIndex,
-    pub json: &'a mut simd_json::Buffers,
-    pub raw: &'a mut Vec<u8>,
-    pub outgoing: &'a mut Vec<Outgoing>,
-    pub uptime_secs: u64,
-    /// Spare buffers for large partial frames.
-    pub pool: &'a mut BufPool,
-    /// Every shard's published counters (`/metrics`).
-    pub all_stats: &'a [Arc<crate::stats::ShardStats>],
-    /// A storage writer runs.
-    pub storage: bool,
-    pub sealer: Option<&'a crate::ingest::Sealer>,
-    pub revoked: &'a crate::revoke::Revocations,
-    pub writer: Option<&'a crate::store::WriterHandle>,
-    pub histos: &'a mut crate::stats::LocalHistos,
+    pub now: Instant,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(env: &'a Env, desk: &'a mut Desk, io: &'a mut Io, key: usize, now: Instant) -> Self {
+        Ctx {
+            env,
+            desk,
+            io,
+            key,
+            now,
+        }
+    }
 }
 
 pub struct Conn {
@@ -186,7 +161,7 @@ impl Sink<'_> {
     }
 }
 
-impl app::Replies for Sink<'_> {
+impl Replies for Sink<'_> {
     fn text(&mut self, json: &[u8]) {
         self.frame(OpCode::Text, json);
     }
@@ -248,17 +223,17 @@ impl Conn {
 
     /// Called once the socket is registered.
     pub fn start(&mut self, ctx: &mut Ctx<'_>) {
-        ctx.c.sockets += 1;
-        ctx.c.accepted += 1;
-        self.set_timer(ctx, ctx.cfg.handshake_timeout, TimerKind::Handshake);
+        ctx.io.c.sockets += 1;
+        ctx.io.c.accepted += 1;
+        self.set_timer(ctx, ctx.env.cfg.handshake_timeout, TimerKind::Handshake);
     }
 
     /// Called when the connection leaves the slab, whatever the reason.
     pub fn release(&mut self, ctx: &mut Ctx<'_>) {
         if let Some(k) = self.timer.take() {
-            ctx.wheel.cancel(k);
+            ctx.io.wheel.cancel(k);
         }
-        ctx.c.sockets = ctx.c.sockets.saturating_sub(1);
+        ctx.io.c.sockets = ctx.io.c.sockets.saturating_sub(1);
         self.leave_open(ctx);
     }
 
@@ -266,25 +241,25 @@ impl Conn {
     /// its `max_connections` slot is free for the next upgrade.
     fn leave_open(&mut self, ctx: &mut Ctx<'_>) {
         if let Some(session) = self.session.as_mut() {
-            session.on_close(ctx.local, ctx.router, ctx.shard, ctx.key);
+            session.on_close(&mut ctx.desk.local, &ctx.env.router, ctx.env.shard, ctx.key);
         }
         if self.counted {
             self.counted = false;
-            ctx.admission.release();
-            ctx.c.connections = ctx.c.connections.saturating_sub(1);
+            ctx.env.admission.release();
+            ctx.io.c.connections = ctx.io.c.connections.saturating_sub(1);
         }
     }
 
     fn set_timer(&mut self, ctx: &mut Ctx<'_>, after: Duration, kind: TimerKind) {
         if let Some(k) = self.timer.take() {
-            ctx.wheel.cancel(k);
+            ctx.io.wheel.cancel(k);
         }
         let r = TimerRef {
             key: ctx.key,
             id: self.id,
             kind,
         };
-        self.timer = Some(ctx.wheel.insert(ctx.now, after, r));
+        self.timer = Some(ctx.io.wheel.insert(ctx.now, after, r));
     }
 
     /// Serve a readiness event: flush, then read up to the budget.
@@ -300,7 +275,7 @@ impl Conn {
             // Requests that waited (behind an answer, or for output room).
             self.resume_http(ctx);
         }
-        let mut budget = ctx.cfg.read_budget;
+        let mut budget = ctx.env.cfg.read_budget;
         while self.readable {
             if budget == 0 {
                 return (self.after_io(ctx), true);
@@ -319,7 +294,7 @@ impl Conn {
             match self.io.read(scratch) {
                 ReadOutcome::Data(n) => {
                     budget = budget.saturating_sub(n);
-                    ctx.c.bytes_in += n as u64;
+                    ctx.io.c.bytes_in += n as u64;
                     let Some(data) = scratch.get_mut(..n) else {
                         return (Next::Drop, false);
                     };
@@ -344,7 +319,7 @@ impl Conn {
                     // are still queued: keep flushing, at most `close_timeout`.
                     self.leave_open(ctx);
                     if !matches!(self.state, State::Closing { .. } | State::Rejecting { .. }) {
-                        self.set_timer(ctx, ctx.cfg.close_timeout, TimerKind::Linger);
+                        self.set_timer(ctx, ctx.env.cfg.close_timeout, TimerKind::Linger);
                     }
                     self.state = State::Closing {
                         peer_closed: true,
@@ -354,7 +329,7 @@ impl Conn {
                     return (Next::Keep, false);
                 }
                 ReadOutcome::Error(e) => {
-                    ctx.cork.clear();
+                    ctx.io.cork.clear();
                     log::debug!("conn={} read error: {e}", self.id);
                     return (Next::Drop, false);
                 }
@@ -402,7 +377,7 @@ impl Conn {
     /// Responses queued past `max_outbound_bytes`: serve no more requests
     /// until the client reads them.
     fn http_backlogged(&self, ctx: &Ctx<'_>) -> bool {
-        self.out.bytes() + ctx.cork.len() > ctx.cfg.max_outbound_bytes
+        self.out.bytes() + ctx.io.cork.len() > ctx.env.cfg.max_outbound_bytes
     }
 
     fn in_http(&self) -> bool {
@@ -435,7 +410,7 @@ impl Conn {
             if rest.is_empty() {
                 break;
             }
-            let (req, head) = match parse_request(rest, ctx.cfg.max_header_bytes) {
+            let (req, head) = match parse_request(rest, ctx.env.cfg.max_header_bytes) {
                 Ok(None) => break,
                 Err(e) => {
                     log::debug!("conn={} bad request: {e:?}", self.id);
@@ -451,12 +426,15 @@ impl Conn {
                 );
                 return buf.len();
             }
-            if req.content_length > ctx.cfg.api.max_body_bytes {
+            if req.content_length > ctx.env.cfg.api.max_body_bytes {
                 self.reject(
                     Response::error(
                         413,
                         "Content Too Large",
-                        &format!("bodies are at most {} bytes", ctx.cfg.api.max_body_bytes),
+                        &format!(
+                            "bodies are at most {} bytes",
+                            ctx.env.cfg.api.max_body_bytes
+                        ),
                     ),
                     ctx,
                 );
@@ -501,31 +479,23 @@ impl Conn {
 
     /// One request for the HTTP API (or health, metrics, console).
     fn api_request(&mut self, req: &Request, body: &[u8], ctx: &mut Ctx<'_>) {
-        ctx.c.api_requests += 1;
-        let mut actx = crate::api::ApiCtx {
-            cfg: ctx.cfg,
-            auth: ctx.auth,
-            router: ctx.router,
-            all_stats: ctx.all_stats,
-            outgoing: &mut *ctx.outgoing,
+        ctx.io.c.api_requests += 1;
+        let mut actx = Handling {
+            env: ctx.env,
+            desk: &mut *ctx.desk,
             key: ctx.key,
             conn: self.id,
-            shutting_down: ctx.shutting_down,
-            storage: ctx.storage,
-            writer: ctx.writer,
-            open_connections: ctx.admission.open(),
-            uptime_secs: ctx.uptime_secs,
             now: ctx.now,
-            revoked: ctx.revoked,
         };
-        match crate::api::handle(req, body, &mut actx) {
-            crate::api::Handled::Now(resp) => {
-                ctx.histos
+        match api::handle(req, body, &mut actx) {
+            api::Handled::Now(resp) => {
+                ctx.io
+                    .histos
                     .api
                     .observe(Instant::now().saturating_duration_since(ctx.now));
                 self.http_write(resp, req.close, ctx);
             }
-            crate::api::Handled::Later => {
+            api::Handled::Later => {
                 self.awaiting = true;
                 self.close_after = req.close;
             }
@@ -534,9 +504,9 @@ impl Conn {
             // Keep-alive: the idle deadline restarts with every request; an
             // answer from other shards or the store gets more time.
             let idle = if self.awaiting {
-                ctx.cfg.handshake_timeout.max(AWAIT_TIMEOUT)
+                ctx.env.cfg.handshake_timeout.max(AWAIT_TIMEOUT)
             } else {
-                ctx.cfg.handshake_timeout
+                ctx.env.cfg.handshake_timeout
             };
             self.set_timer(ctx, idle, TimerKind::Handshake);
         }
@@ -548,7 +518,7 @@ impl Conn {
             self.respond(resp, ctx);
         } else {
             Sink {
-                cork: &mut *ctx.cork,
+                cork: &mut ctx.io.cork,
                 out: &mut self.out,
             }
             .bytes(&resp.bytes);
@@ -565,7 +535,7 @@ impl Conn {
         let close = std::mem::take(&mut self.close_after);
         self.http_write(resp, close, ctx);
         if self.in_http() {
-            self.set_timer(ctx, ctx.cfg.handshake_timeout, TimerKind::Handshake);
+            self.set_timer(ctx, ctx.env.cfg.handshake_timeout, TimerKind::Handshake);
             if !self.hs.is_empty() {
                 self.resume_http(ctx);
             }
@@ -577,18 +547,18 @@ impl Conn {
     fn upgrade(&mut self, req: &Request, ep: Endpoint, ctx: &mut Ctx<'_>) {
         let key = req.ws_key.as_deref().unwrap_or_default();
         Sink {
-            cork: &mut *ctx.cork,
+            cork: &mut ctx.io.cork,
             out: &mut self.out,
         }
         .bytes(&Response::switching_protocols(key).bytes);
         self.hs = Vec::new();
         self.state = State::Open(ep);
         if let Some(k) = self.timer.take() {
-            ctx.wheel.cancel(k); // the handshake deadline
+            ctx.io.wheel.cancel(k); // the handshake deadline
         }
-        ctx.c.upgrades += 1;
-        ctx.c.connections += 1;
-        self.last_seen = ctx.wheel.tick_of(ctx.now) as u32;
+        ctx.io.c.upgrades += 1;
+        ctx.io.c.connections += 1;
+        self.last_seen = ctx.io.wheel.tick_of(ctx.now) as u32;
         log::debug!("conn={} upgraded {} from {}", self.id, req.path, self.peer);
         if ep == Endpoint::App {
             let token = req
@@ -611,12 +581,12 @@ impl Conn {
             self.session = Some(session);
             self.apply(verdict, ctx);
         } else {
-            self.set_timer(ctx, ctx.cfg.heartbeat_interval, TimerKind::Ping);
+            self.set_timer(ctx, ctx.env.cfg.heartbeat_interval, TimerKind::Ping);
         }
     }
 
     fn route(&mut self, req: &Request, ctx: &mut Ctx<'_>) -> Route {
-        let cfg = ctx.cfg;
+        let cfg = &ctx.env.cfg;
         let ep = if cfg.echo_enabled && req.path == cfg.echo_path {
             Endpoint::Echo
         } else if req.path == cfg.ws_path {
@@ -639,15 +609,15 @@ impl Conn {
         {
             return Route::Reject(Response::error(403, "Forbidden", "origin not allowed"));
         }
-        if ctx.shutting_down {
+        if ctx.desk.shutting_down {
             return Route::Reject(Response::shutting_down());
         }
         if self.rate_limited {
-            ctx.c.rejected_rate += 1;
+            ctx.io.c.rejected_rate += 1;
             return Route::Reject(Response::rate_limited());
         }
-        if !ctx.admission.try_acquire() {
-            ctx.c.rejected_capacity += 1;
+        if !ctx.env.admission.try_acquire() {
+            ctx.io.c.rejected_capacity += 1;
             return Route::Reject(Response::at_capacity());
         }
         self.counted = true;
@@ -655,20 +625,20 @@ impl Conn {
     }
 
     fn reject(&mut self, resp: Response, ctx: &mut Ctx<'_>) {
-        ctx.c.rejected += 1;
+        ctx.io.c.rejected += 1;
         self.respond(resp, ctx);
     }
 
     /// Send a final HTTP response, then close (FIN after it, linger for EOF).
     fn respond(&mut self, resp: Response, ctx: &mut Ctx<'_>) {
         self.hs = Vec::new();
-        ctx.cork.extend_from_slice(&resp.bytes);
+        ctx.io.cork.extend_from_slice(&resp.bytes);
         self.state = State::Rejecting { write_shut: false };
-        self.set_timer(ctx, ctx.cfg.close_timeout, TimerKind::Linger);
+        self.set_timer(ctx, ctx.env.cfg.close_timeout, TimerKind::Linger);
     }
 
     fn ws_bytes(&mut self, data: &mut [u8], ep: Endpoint, ctx: &mut Ctx<'_>) {
-        let now_tick = ctx.wheel.tick_of(ctx.now) as u32;
+        let now_tick = ctx.io.wheel.tick_of(ctx.now) as u32;
         let conn_id = self.id;
         let Conn {
             inbound,
@@ -679,15 +649,21 @@ impl Conn {
             ..
         } = self;
         let mut sink = Sink {
-            cork: &mut *ctx.cork,
+            cork: &mut ctx.io.cork,
             out,
         };
-        let c = &mut *ctx.c;
-        let mut actx = app_ctx!(ctx, conn_id);
+        let c = &mut ctx.io.c;
+        let mut actx = Handling {
+            env: ctx.env,
+            desk: &mut *ctx.desk,
+            key: ctx.key,
+            conn: conn_id,
+            now: ctx.now,
+        };
         let mut peer_close: Option<Option<u16>> = None;
         let mut verdict = Verdict::Continue;
-        let pool = &mut *ctx.pool;
-        let result = inbound.feed_pooled(data, &ctx.limits, pool, &mut |m| {
+        let pool = &mut ctx.io.pool;
+        let result = inbound.feed_pooled(data, &ctx.env.limits, pool, &mut |m| {
             match m {
                 Message::Text(bytes) => {
                     *last_seen = now_tick; // data, not control frames, counts as activity
@@ -759,11 +735,11 @@ impl Conn {
                     write_shut: false,
                 };
                 self.leave_open(ctx);
-                self.set_timer(ctx, ctx.cfg.close_timeout, TimerKind::Linger);
+                self.set_timer(ctx, ctx.env.cfg.close_timeout, TimerKind::Linger);
             }
             Ok(_) => self.apply(verdict, ctx),
             Err(e) => {
-                ctx.c.protocol_errors += 1;
+                ctx.io.c.protocol_errors += 1;
                 log::debug!("conn={} protocol error: {}", self.id, e.reason());
                 self.close(e.close_code(), e.reason(), ctx);
             }
@@ -774,12 +750,18 @@ impl Conn {
     fn with_app<T>(
         &mut self,
         ctx: &mut Ctx<'_>,
-        f: impl FnOnce(&mut Session, &mut AppCtx<'_>, &mut Sink<'_>) -> T,
+        f: impl FnOnce(&mut Session, &mut Handling<'_>, &mut Sink<'_>) -> T,
         session: &mut Session,
     ) -> T {
-        let mut actx = app_ctx!(ctx, self.id);
+        let mut actx = Handling {
+            env: ctx.env,
+            desk: &mut *ctx.desk,
+            key: ctx.key,
+            conn: self.id,
+            now: ctx.now,
+        };
         let mut sink = Sink {
-            cork: &mut *ctx.cork,
+            cork: &mut ctx.io.cork,
             out: &mut self.out,
         };
         f(session, &mut actx, &mut sink)
@@ -793,11 +775,11 @@ impl Conn {
                 if self.timer.is_none()
                     && self.session.as_ref().is_some_and(|s| !s.is_authenticated())
                 {
-                    self.set_timer(ctx, ctx.cfg.auth.timeout, TimerKind::Auth);
+                    self.set_timer(ctx, ctx.env.cfg.auth.timeout, TimerKind::Auth);
                 }
             }
             Verdict::Authenticated => {
-                self.set_timer(ctx, ctx.cfg.heartbeat_interval, TimerKind::Ping);
+                self.set_timer(ctx, ctx.env.cfg.heartbeat_interval, TimerKind::Ping);
             }
             Verdict::Close(code, reason) => self.close_code(code, reason, ctx),
         }
@@ -832,7 +814,7 @@ impl Conn {
         let mut got_close = false;
         let r = self
             .inbound
-            .feed_pooled(data, &ctx.limits, ctx.pool, &mut |m| {
+            .feed_pooled(data, &ctx.env.limits, &mut ctx.io.pool, &mut |m| {
                 if let Message::Close(_) = m {
                     got_close = true;
                     return Flow::Stop;
@@ -861,7 +843,7 @@ impl Conn {
         let mut f = Vec::with_capacity(4 + reason.len());
         frame::encode_close(&mut f, code, reason);
         Sink {
-            cork: &mut *ctx.cork,
+            cork: &mut ctx.io.cork,
             out: &mut self.out,
         }
         .bytes(&f);
@@ -870,35 +852,36 @@ impl Conn {
             write_shut: false,
         };
         self.leave_open(ctx);
-        self.set_timer(ctx, ctx.cfg.close_timeout, TimerKind::Linger);
+        self.set_timer(ctx, ctx.env.cfg.close_timeout, TimerKind::Linger);
     }
 
     /// Move the cork and the queue towards the socket, then apply the outbound
     /// budget and the closing transitions.
     pub fn after_io(&mut self, ctx: &mut Ctx<'_>) -> Next {
-        if !ctx.cork.is_empty() {
+        if !ctx.io.cork.is_empty() {
             if self.out.is_empty() && self.writable {
-                match self.io.write_direct(ctx.cork) {
+                match self.io.write_direct(&ctx.io.cork) {
                     Ok(n) => {
-                        ctx.c.bytes_out += n as u64;
-                        if n < ctx.cork.len() {
-                            self.out.push_bytes(ctx.cork.get(n..).unwrap_or_default());
+                        ctx.io.c.bytes_out += n as u64;
+                        if n < ctx.io.cork.len() {
+                            self.out
+                                .push_bytes(ctx.io.cork.get(n..).unwrap_or_default());
                         }
                     }
                     Err(e) => {
-                        ctx.cork.clear();
+                        ctx.io.cork.clear();
                         log::debug!("conn={} write error: {e}", self.id);
                         return Next::Drop;
                     }
                 }
             } else {
-                self.out.push_bytes(ctx.cork);
+                self.out.push_bytes(&ctx.io.cork);
             }
-            ctx.cork.clear();
+            ctx.io.cork.clear();
         }
         if self.writable && (!self.out.is_empty() || self.io.has_pending_output()) {
             let (n, outcome) = self.io.write_queue(&mut self.out);
-            ctx.c.bytes_out += n as u64;
+            ctx.io.c.bytes_out += n as u64;
             match outcome {
                 WriteOutcome::Done => {}
                 WriteOutcome::WouldBlock => self.writable = false,
@@ -908,9 +891,9 @@ impl Conn {
                 }
             }
         }
-        if self.out.bytes() > ctx.cfg.max_outbound_bytes && self.is_open() {
+        if self.out.bytes() > ctx.env.cfg.max_outbound_bytes && self.is_open() {
             // A slow consumer: it must not hold the shard's memory or time.
-            ctx.c.slow_consumers += 1;
+            ctx.io.c.slow_consumers += 1;
             log::info!(
                 "conn={} slow consumer: {} bytes queued, closing 1008",
                 self.id,
@@ -951,15 +934,15 @@ impl Conn {
         self.timer = None;
         match (kind, self.state) {
             (TimerKind::Handshake, State::Handshake) => {
-                ctx.c.handshake_timeouts += 1;
+                ctx.io.c.handshake_timeouts += 1;
                 log::debug!("conn={} handshake timeout", self.id);
                 Next::Drop
             }
             (TimerKind::Ping, State::Open(_)) => {
-                let idle = ctx.cfg.idle_timeout;
-                let now_tick = ctx.wheel.tick_of(ctx.now) as u32;
+                let idle = ctx.env.cfg.idle_timeout;
+                let now_tick = ctx.io.wheel.tick_of(ctx.now) as u32;
                 // Ticks are floored: one tick less than measured, so never early.
-                let tick_ms = ctx.wheel.tick_len().as_millis();
+                let tick_ms = ctx.io.wheel.tick_len().as_millis();
                 if !idle.is_zero()
                     && u128::from(now_tick.wrapping_sub(self.last_seen).saturating_sub(1)) * tick_ms
                         >= idle.as_millis()
@@ -969,26 +952,27 @@ impl Conn {
                 }
                 self.out.push_frame(OpCode::Ping, b"");
                 self.awaiting_pong = true;
-                ctx.c.pings_sent += 1;
-                self.set_timer(ctx, ctx.cfg.pong_timeout, TimerKind::PongDeadline);
+                ctx.io.c.pings_sent += 1;
+                self.set_timer(ctx, ctx.env.cfg.pong_timeout, TimerKind::PongDeadline);
                 self.after_io(ctx)
             }
             (TimerKind::PongDeadline, State::Open(_)) => {
                 if self.awaiting_pong {
-                    ctx.c.heartbeat_timeouts += 1;
+                    ctx.io.c.heartbeat_timeouts += 1;
                     log::info!(
                         "conn={} no pong within {:?}, closing",
                         self.id,
-                        ctx.cfg.pong_timeout
+                        ctx.env.cfg.pong_timeout
                     );
                     self.close(CloseCode::Error, "heartbeat timeout", ctx);
                     return self.after_io(ctx);
                 }
                 // The next ping is due one interval after the last one.
                 let rest = ctx
+                    .env
                     .cfg
                     .heartbeat_interval
-                    .saturating_sub(ctx.cfg.pong_timeout);
+                    .saturating_sub(ctx.env.cfg.pong_timeout);
                 if rest.is_zero() {
                     return self.on_timer(TimerKind::Ping, ctx);
                 }
@@ -1005,11 +989,11 @@ impl Conn {
                         None,
                     );
                     self.out.push_frame(OpCode::Text, &e);
-                    self.close_code(app::close::AUTH_TIMEOUT, "authentication timeout", ctx);
+                    self.close_code(close::AUTH_TIMEOUT, "authentication timeout", ctx);
                     return self.after_io(ctx);
                 }
                 // Authenticated meanwhile: the heartbeat takes over the timer.
-                self.set_timer(ctx, ctx.cfg.heartbeat_interval, TimerKind::Ping);
+                self.set_timer(ctx, ctx.env.cfg.heartbeat_interval, TimerKind::Ping);
                 Next::Keep
             }
             (TimerKind::Linger, _) => Next::Drop,

@@ -4,20 +4,119 @@
 use simd_json::BorrowedValue;
 use simd_json::prelude::*;
 
-use super::ErrorCode;
+use super::{Dialect, ErrorCode};
+
+/// The message types of the protocol, with the seeds' spellings folded in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind<'a> {
+    Ping,
+    /// `authenticate`, or the seeds' `authentication`.
+    Authenticate,
+    Subscribe,
+    Unsubscribe,
+    Publish,
+    /// A direct message: `send`, or seed 003's `chat` (`chat` is echoed in
+    /// the delivered event's type).
+    Direct {
+        chat: bool,
+    },
+    Broadcast,
+    Ack,
+    /// `request`, or seed 004's `REQUEST` (then the dialect is upper).
+    Request,
+    /// Any other type: an ingestible record type if configured, else unknown.
+    Other(&'a str),
+}
+
+impl<'a> Kind<'a> {
+    fn of(t: &'a str) -> (Kind<'a>, Dialect) {
+        let k = match t {
+            "ping" => Kind::Ping,
+            "authenticate" | "authentication" => Kind::Authenticate,
+            "subscribe" => Kind::Subscribe,
+            "unsubscribe" => Kind::Unsubscribe,
+            "publish" => Kind::Publish,
+            "send" => Kind::Direct { chat: false },
+            "chat" => Kind::Direct { chat: true },
+            "broadcast" => Kind::Broadcast,
+            "ack" => Kind::Ack,
+            "request" => Kind::Request,
+            "REQUEST" => return (Kind::Request, Dialect::Upper),
+            other => Kind::Other(other),
+        };
+        (k, Dialect::Native)
+    }
+
+    /// A protocol message that needs an authenticated connection (the
+    /// answer before authentication is `not_authenticated`, not `unknown_type`).
+    pub fn needs_auth(self) -> bool {
+        !matches!(self, Kind::Ping | Kind::Authenticate | Kind::Other(_))
+    }
+}
 
 /// A decoded client message.
-pub struct Decoded<'a> {
+pub struct ClientMsg<'a> {
     /// The whole object.
     pub value: BorrowedValue<'a>,
     /// `requestId` re-encoded as JSON text (string or number), if present.
     pub request_id: Option<Vec<u8>>,
+    pub dialect: Dialect,
 }
 
-impl<'a> Decoded<'a> {
-    /// The message `type`.
-    pub fn kind(&self) -> &str {
+impl<'a> ClientMsg<'a> {
+    /// The message type, typed.
+    pub fn kind(&self) -> Kind<'_> {
+        Kind::of(self.type_name()).0
+    }
+
+    /// The `type` as the client wrote it.
+    pub fn type_name(&self) -> &str {
         self.value.get_str("type").unwrap_or_default()
+    }
+}
+
+/// Why a text frame is not a protocol message (the client's fault).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Not JSON at all (simd-json's reason).
+    NotJson(String),
+    /// JSON, but not an object.
+    NotAnObject,
+    /// An object whose `type` is not a string.
+    TypeNotString { request_id: Option<Vec<u8>> },
+    /// An object without `type`.
+    NoType { request_id: Option<Vec<u8>> },
+}
+
+impl DecodeError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::NotJson(_) | DecodeError::NotAnObject => ErrorCode::BadJson,
+            DecodeError::TypeNotString { .. } | DecodeError::NoType { .. } => {
+                ErrorCode::MissingType
+            }
+        }
+    }
+
+    /// The `requestId` the client sent, so the error can carry it.
+    pub fn request_id(&self) -> Option<&[u8]> {
+        match self {
+            DecodeError::TypeNotString { request_id } | DecodeError::NoType { request_id } => {
+                request_id.as_deref()
+            }
+            DecodeError::NotJson(_) | DecodeError::NotAnObject => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::NotJson(e) => write!(f, "invalid JSON: {e}"),
+            DecodeError::NotAnObject => f.write_str("a message must be a JSON object"),
+            DecodeError::TypeNotString { .. } => f.write_str("\"type\" must be a string"),
+            DecodeError::NoType { .. } => f.write_str("every message needs a string \"type\""),
+        }
     }
 }
 
@@ -25,33 +124,28 @@ impl<'a> Decoded<'a> {
 pub fn decode<'a>(
     text: &'a mut [u8],
     buffers: &mut simd_json::Buffers,
-) -> Result<Decoded<'a>, (ErrorCode, String, Option<Vec<u8>>)> {
+) -> Result<ClientMsg<'a>, DecodeError> {
     let value = simd_json::to_borrowed_value_with_buffers(text, buffers)
-        .map_err(|e| (ErrorCode::BadJson, format!("invalid JSON: {e}"), None))?;
+        .map_err(|e| DecodeError::NotJson(e.to_string()))?;
     if !value.is_object() {
-        return Err((
-            ErrorCode::BadJson,
-            "a message must be a JSON object".into(),
-            None,
-        ));
+        return Err(DecodeError::NotAnObject);
     }
     let request_id = match value.get("requestId") {
         Some(v) if v.is_str() || v.is_number() => Some(v.encode().into_bytes()),
         _ => None,
     };
-    match value.get("type") {
-        Some(t) if t.is_str() => Ok(Decoded { value, request_id }),
-        Some(_) => Err((
-            ErrorCode::MissingType,
-            "\"type\" must be a string".into(),
-            request_id,
-        )),
-        None => Err((
-            ErrorCode::MissingType,
-            "every message needs a string \"type\"".into(),
-            request_id,
-        )),
-    }
+    let dialect = match value.get("type") {
+        Some(t) => match t.as_str() {
+            Some(t) => Kind::of(t).1,
+            None => return Err(DecodeError::TypeNotString { request_id }),
+        },
+        None => return Err(DecodeError::NoType { request_id }),
+    };
+    Ok(ClientMsg {
+        value,
+        request_id,
+        dialect,
+    })
 }
 
 /// The fields whose value is forwarded to other clients, as raw JSON text.
@@ -118,11 +212,11 @@ mod tests {
         decode(&mut b, &mut bufs)
             .map(|d| {
                 (
-                    d.kind().to_owned(),
+                    d.type_name().to_owned(),
                     d.request_id.map(|r| String::from_utf8(r).unwrap()),
                 )
             })
-            .map_err(|e| e.0)
+            .map_err(|e| e.code())
     }
 
     #[test]

@@ -4,18 +4,18 @@
 //! * [`decode`]: simd-json parses a text frame in place (per-shard buffers)
 //!   into a borrowed value; fields are read from the top level or, for the
 //!   seeds' clients, from a nested `payload` object.
-//! * [`Out`]: server messages are written straight into a byte buffer (no
-//!   intermediate value); a fan-out message is written once and framed once.
+//! * [`encode`]: server messages are written straight into a byte buffer
+//!   (no intermediate value); a fan-out message is written once and framed
+//!   once ([`encode::shared_frame`]).
+//!
+//! A client speaks one [`Dialect`], decided at decode from the spelling of
+//! its messages, so handlers answer in kind without re-reading the input.
 
 pub mod decode;
+pub mod encode;
 
-use std::io::Write;
-
-use simd_json::prelude::*;
-
-use crate::clock::rfc3339_now;
-
-pub use decode::{Decoded, field, field_str, raw_field};
+pub use decode::{ClientMsg, DecodeError, Kind, decode, field, field_str, raw_field};
+pub use encode::{Out, error, write_str};
 
 /// Error codes sent in `{"type":"error","code":...}`. Each has one meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,126 +86,15 @@ impl ErrorCode {
     }
 }
 
-/// Append `s` as a JSON string literal.
-pub fn write_str(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let esc: Option<&[u8]> = match b {
-            b'"' => Some(b"\\\""),
-            b'\\' => Some(b"\\\\"),
-            b'\n' => Some(b"\\n"),
-            b'\r' => Some(b"\\r"),
-            b'\t' => Some(b"\\t"),
-            0..=0x1f => None,
-            _ => continue,
-        };
-        out.extend_from_slice(bytes.get(start..i).unwrap_or_default());
-        match esc {
-            Some(e) => out.extend_from_slice(e),
-            None => {
-                let _ = write!(out, "\\u{b:04x}");
-            }
-        }
-        start = i + 1;
-    }
-    out.extend_from_slice(bytes.get(start..).unwrap_or_default());
-    out.push(b'"');
-}
-
-/// A server message being written: `{"type":"...", ... ,"timestamp":"..."}`.
-pub struct Out<'a> {
-    buf: &'a mut Vec<u8>,
-}
-
-impl<'a> Out<'a> {
-    /// Start a message of `kind` in `buf` (appending).
-    pub fn new(buf: &'a mut Vec<u8>, kind: &str) -> Self {
-        buf.extend_from_slice(b"{\"type\":");
-        write_str(buf, kind);
-        Out { buf }
-    }
-
-    fn key(&mut self, k: &str) {
-        self.buf.push(b',');
-        write_str(self.buf, k);
-        self.buf.push(b':');
-    }
-
-    pub fn str(mut self, k: &str, v: &str) -> Self {
-        self.key(k);
-        write_str(self.buf, v);
-        self
-    }
-
-    pub fn opt_str(self, k: &str, v: Option<&str>) -> Self {
-        match v {
-            Some(v) => self.str(k, v),
-            None => self,
-        }
-    }
-
-    pub fn num(mut self, k: &str, v: u64) -> Self {
-        self.key(k);
-        let _ = write!(self.buf, "{v}");
-        self
-    }
-
-    /// A value that is already JSON text (e.g. a requestId as received).
-    pub fn raw(mut self, k: &str, json: &[u8]) -> Self {
-        self.key(k);
-        self.buf.extend_from_slice(json);
-        self
-    }
-
-    pub fn opt_raw(self, k: &str, json: Option<&[u8]>) -> Self {
-        match json {
-            Some(j) => self.raw(k, j),
-            None => self,
-        }
-    }
-
-    /// A value from a decoded client message, re-encoded.
-    pub fn value(mut self, k: &str, v: &simd_json::BorrowedValue<'_>) -> Self {
-        self.key(k);
-        let _ = v.write(&mut *self.buf);
-        self
-    }
-
-    pub fn strs(mut self, k: &str, items: &[&str]) -> Self {
-        self.key(k);
-        self.buf.push(b'[');
-        for (i, s) in items.iter().enumerate() {
-            if i > 0 {
-                self.buf.push(b',');
-            }
-            write_str(self.buf, s);
-        }
-        self.buf.push(b']');
-        self
-    }
-
-    /// Close the object with the server timestamp.
-    pub fn finish(self) {
-        let ts = rfc3339_now();
-        self.finish_at(&ts);
-    }
-
-    pub fn finish_at(mut self, ts: &str) {
-        self.key("timestamp");
-        write_str(self.buf, ts);
-        self.buf.push(b'}');
-    }
-}
-
-/// `{"type":"error","code","message","requestId"?,"timestamp"}`.
-pub fn error(buf: &mut Vec<u8>, code: ErrorCode, message: &str, request_id: Option<&[u8]>) {
-    Out::new(buf, "error")
-        .str("code", code.as_str())
-        .str("message", message)
-        .opt_raw("requestId", request_id)
-        .finish();
+/// How a client spells its messages; replies use the same spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dialect {
+    /// Lowercase types (`request`, `response`, `error`): docs/PROTOCOL.md.
+    #[default]
+    Native,
+    /// Seed 004's uppercase `REQUEST`, answered by `RESPONSE` and `ERROR`
+    /// (with a nested `error {code, message}` object).
+    Upper,
 }
 
 #[cfg(test)]

@@ -1,29 +1,13 @@
-//! The routing table: which shards hold a user's connections and which
-//! shards have subscribers on a channel. The only mutable state shared
-//! between shards.
-//!
-//! Each value is a bit set of shard indexes (so at most 64 shards). A shard
-//! sets its bit when its local count for a key goes 0 -> 1 and clears it when
-//! the count goes back to 0; the update is one atomic `compute` on a
-//! lock-free map (papaya), and an entry whose set becomes empty is removed in
-//! the same operation, so nothing leaks. Readers (every send) only load.
-//!
-//! A lookup may be stale by one in-flight update: a message sent to a shard
-//! that just lost its last subscriber finds nobody locally and is dropped
-//! there; a shard that just gained one may miss a message published in the
-//! same instant. Delivery is exact for every subscription that completed
-//! (its `subscribed` reply was sent) before the publish.
+//! The shared table itself: user -> shard bit set, channel -> shard bit
+//! set, on lock-free maps (see the module docs of `route`).
 
+use crate::id::MAX_SHARDS;
 use std::sync::Arc;
-
-use crate::shard::{Inbox, ShardMsg};
-
-pub use crate::id::MAX_SHARDS;
 
 pub struct Router {
     users: papaya::HashMap<Arc<str>, u64>,
     channels: papaya::HashMap<Arc<str>, u64>,
-    inboxes: Vec<Inbox>,
+    shards: usize,
 }
 
 fn bit(shard: usize) -> u64 {
@@ -31,19 +15,19 @@ fn bit(shard: usize) -> u64 {
 }
 
 impl Router {
-    pub fn new(inboxes: Vec<Inbox>) -> Self {
+    /// The table for a process of `shards` shards (at most [`MAX_SHARDS`]).
+    pub fn new(shards: usize) -> Self {
         Router {
             users: table(),
             channels: table(),
-            inboxes,
+            shards: shards.min(MAX_SHARDS),
         }
     }
 
     pub fn shard_count(&self) -> usize {
-        self.inboxes.len()
+        self.shards
     }
 
-    /// Every shard.
     /// The home shard of `channel`: it numbers the channel's publications
     /// and keeps its history (FNV-1a of the name, so it is stable across
     /// restarts with the same shard count).
@@ -51,8 +35,9 @@ impl Router {
         home_shard(channel, self.shard_count())
     }
 
+    /// Every shard.
     pub fn all(&self) -> u64 {
-        match self.inboxes.len() {
+        match self.shards {
             n if n >= 64 => u64::MAX,
             n => (1u64 << n) - 1,
         }
@@ -96,11 +81,6 @@ impl Router {
     pub fn channel_left(&self, channel: &Arc<str>, shard: usize) {
         clear_bit(&self.channels, channel, shard);
     }
-
-    /// Send to one shard's inbox (wakes it if needed). False if it is gone.
-    pub fn send(&self, shard: usize, msg: ShardMsg) -> bool {
-        self.inboxes.get(shard).is_some_and(|i| i.send(msg))
-    }
 }
 
 /// Blocking resize: with papaya's default incremental resize, maps filled
@@ -129,7 +109,6 @@ fn clear_bit(map: &papaya::HashMap<Arc<str>, u64>, key: &Arc<str>, shard: usize)
     });
 }
 
-/// Iterate the shard indexes in a bit set.
 /// The home shard of `channel` among `shards` (see [`Router::home`]).
 pub fn home_shard(channel: &str, shards: usize) -> usize {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -140,6 +119,7 @@ pub fn home_shard(channel: &str, shards: usize) -> usize {
     (h % shards.max(1) as u64) as usize
 }
 
+/// Iterate the shard indexes in a bit set.
 pub fn shards_in(mut mask: u64) -> impl Iterator<Item = usize> {
     std::iter::from_fn(move || {
         if mask == 0 {
@@ -157,7 +137,7 @@ mod tests {
 
     #[test]
     fn bits_set_clear_and_entries_vanish() {
-        let r = Router::new(Vec::new());
+        let r = Router::new(4);
         let alice: Arc<str> = Arc::from("alice");
         r.user_joined(&alice, 0);
         r.user_joined(&alice, 3);
@@ -173,7 +153,7 @@ mod tests {
 
     #[test]
     fn concurrent_updates_stay_exact() {
-        let r = Arc::new(Router::new(Vec::new()));
+        let r = Arc::new(Router::new(4));
         let threads: Vec<_> = (0..4)
             .map(|shard| {
                 let r = r.clone();

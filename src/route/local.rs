@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use indexmap::IndexSet;
 
-use crate::route::Router;
+use super::table::Router;
 
 /// The connections (slab keys) of one user or one channel on this shard.
 /// Most users hold one connection: that case needs no allocation of its
@@ -239,7 +239,7 @@ mod tests {
 
     #[test]
     fn index_keeps_router_exact() {
-        let router = Router::new(Vec::new());
+        let router = Router::new(4);
         let mut idx = LocalIndex::default();
         let u: Arc<str> = Arc::from("u");
         let c: Arc<str> = Arc::from("c");

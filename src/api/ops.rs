@@ -1,0 +1,145 @@
+//! Operations: health, readiness, Prometheus metrics, the web console's
+//! files, and the server status.
+
+use crate::env::Handling;
+use crate::http::{Request, Response};
+use crate::proto;
+use crate::stats::Counters;
+
+use super::error::{ApiError, Caller, Server};
+use super::serve::{Call, Handled};
+
+pub(super) fn healthz(
+    _req: &Request,
+    _body: &[u8],
+    _ctx: &mut Handling<'_>,
+    call: &Call<'_>,
+) -> Result<Handled, ApiError> {
+    Ok(Handled::Now(Response::with_body(
+        200,
+        "OK",
+        "text/plain; charset=utf-8",
+        b"ok\n",
+        &[],
+        call.close,
+    )))
+}
+
+pub(super) fn readyz(
+    _req: &Request,
+    _body: &[u8],
+    ctx: &mut Handling<'_>,
+    call: &Call<'_>,
+) -> Result<Handled, ApiError> {
+    if ctx.desk.shutting_down {
+        return Err(ApiError::server(
+            Server::ShuttingDown,
+            "server shutting down",
+        ));
+    }
+    Ok(Handled::Now(Response::with_body(
+        200,
+        "OK",
+        "text/plain; charset=utf-8",
+        b"ready\n",
+        &[],
+        call.close,
+    )))
+}
+
+pub(super) fn metrics(
+    _req: &Request,
+    _body: &[u8],
+    ctx: &mut Handling<'_>,
+    call: &Call<'_>,
+) -> Result<Handled, ApiError> {
+    let shards: Vec<Counters> = ctx.env.all_stats.iter().map(|s| s.snapshot()).collect();
+    let mut text = crate::stats::prometheus(&shards);
+    crate::stats::prometheus_histograms(&ctx.env.all_stats, &mut text);
+    Ok(Handled::Now(Response::with_body(
+        200,
+        "OK",
+        "text/plain; version=0.0.4; charset=utf-8",
+        text.as_bytes(),
+        &[],
+        call.close,
+    )))
+}
+
+pub(super) fn console(
+    req: &Request,
+    _body: &[u8],
+    _ctx: &mut Handling<'_>,
+    call: &Call<'_>,
+) -> Result<Handled, ApiError> {
+    match crate::console::asset(&req.path) {
+        Some((ctype, bytes)) => Ok(Handled::Now(Response::with_body(
+            200,
+            "OK",
+            ctype,
+            bytes,
+            &[("Cache-Control", "no-cache")],
+            call.close,
+        ))),
+        None => Err(ApiError::caller(Caller::NotFound, "no such file")),
+    }
+}
+
+pub(super) fn status(
+    _req: &Request,
+    _body: &[u8],
+    ctx: &mut Handling<'_>,
+    call: &Call<'_>,
+) -> Result<Handled, ApiError> {
+    call.ok(&status_json(ctx))
+}
+
+fn status_json(ctx: &Handling<'_>) -> Vec<u8> {
+    use std::io::Write;
+    let shards: Vec<Counters> = ctx.env.all_stats.iter().map(|s| s.snapshot()).collect();
+    let mut t = Counters::default();
+    for c in &shards {
+        t.add(c);
+    }
+    let mut b = Vec::new();
+    b.extend_from_slice(b"{\"version\":");
+    proto::write_str(&mut b, env!("CARGO_PKG_VERSION"));
+    let _ = write!(
+        b,
+        ",\"uptimeSeconds\":{},\"connections\":{},\"usersOnline\":{},\"channels\":{},\"messagesIn\":{},\"messagesOut\":{},\"bytesIn\":{},\"bytesOut\":{},\"slowConsumerCloses\":{},\"rejectedConnections\":{},\"revokedCloses\":{},\"recordsStored\":{},\"writerQueueDepth\":{},\"storage\":{},\"shards\":[",
+        ctx.env.uptime_secs(),
+        ctx.env.open_connections(),
+        ctx.env.router.user_count(),
+        ctx.env.router.channel_count(),
+        t.messages_in,
+        t.messages_out,
+        t.bytes_in,
+        t.bytes_out,
+        t.slow_consumers,
+        t.rejected,
+        t.revoked_closes,
+        t.records_stored,
+        ctx.env.writer.as_ref().map_or(0, |w| w.depth()),
+        ctx.env.storage(),
+    );
+    for (i, c) in shards.iter().enumerate() {
+        if i > 0 {
+            b.push(b',');
+        }
+        let _ = write!(
+            b,
+            "{{\"shard\":{i},\"connections\":{},\"sockets\":{},\"messagesIn\":{},\"messagesOut\":{},\"bytesIn\":{},\"bytesOut\":{},\"slowConsumerCloses\":{},\"rejectedConnections\":{},\"publications\":{}}}",
+            c.connections,
+            c.sockets,
+            c.messages_in,
+            c.messages_out,
+            c.bytes_in,
+            c.bytes_out,
+            c.slow_consumers,
+            c.rejected,
+            c.publications,
+        );
+    }
+    b.extend_from_slice(b"]}");
+    b
+}

@@ -1,0 +1,116 @@
+//! One request: find its route, check the API is on and who is calling,
+//! and hand it to its handler, which answers now or leaves work for the
+//! shard whose gathered result becomes the answer ([`super::render`]).
+
+use crate::auth::Identity;
+use crate::env::Handling;
+use crate::http::{Request, Response};
+use crate::work::{ApiReply, Reply};
+
+use super::authorize::authorize;
+use super::error::{ApiError, Caller};
+use super::routes::{Access, Handler, find};
+use super::{admin, messages, ops};
+
+/// The outcome of one request.
+pub enum Handled {
+    Now(Response),
+    /// The shard will answer (`later_response`) once its work completes.
+    Later,
+}
+
+/// What a handler knows of the call besides the request: its route, the
+/// caller's identity (for a token), the path parameters.
+pub(super) struct Call<'a> {
+    pub handler: Handler,
+    pub close: bool,
+    pub who: Option<Identity>,
+    pub params: &'a [String],
+}
+
+impl Call<'_> {
+    /// Path parameter `i` (decoded), or empty.
+    pub fn param(&self, i: usize) -> &str {
+        self.params.get(i).map(String::as_str).unwrap_or_default()
+    }
+
+    /// A 200 JSON answer now.
+    pub fn ok(&self, body: &[u8]) -> Result<Handled, ApiError> {
+        Ok(Handled::Now(Response::json(200, body, self.close)))
+    }
+}
+
+/// Serve one request with its body.
+pub fn handle(req: &Request, body: &[u8], ctx: &mut Handling<'_>) -> Handled {
+    let close = req.close;
+    match serve(req, body, ctx) {
+        Ok(h) => h,
+        Err(e) => Handled::Now(e.response(close)),
+    }
+}
+
+fn serve(req: &Request, body: &[u8], ctx: &mut Handling<'_>) -> Result<Handled, ApiError> {
+    let close = req.close;
+    let (route, params) = match find(&req.method, &req.path) {
+        Ok(found) => found,
+        Err(allowed) if allowed.is_empty() => {
+            return Err(ApiError::caller(
+                Caller::NotFound,
+                format!("no route {}", req.path),
+            ));
+        }
+        Err(allowed) => {
+            let allow = allowed.join(", ");
+            return Ok(Handled::Now(Response::with_body(
+                405,
+                "Method Not Allowed",
+                "application/json",
+                br#"{"error":{"code":"method_not_allowed","message":"method not allowed on this path"}}"#,
+                &[("Allow", &allow)],
+                close,
+            )));
+        }
+    };
+    let console_off = route.handler == Handler::Console && !ctx.env.cfg.api.console;
+    let api_off = route.access != Access::Public && !ctx.env.cfg.api.enabled;
+    if console_off || api_off {
+        return Err(ApiError::caller(
+            Caller::NotFound,
+            format!("no route {}", req.path),
+        ));
+    }
+    let who = authorize(req, route.access, ctx)?;
+    let call = Call {
+        handler: route.handler,
+        close,
+        who,
+        params: &params,
+    };
+    let h = match route.handler {
+        Handler::Healthz => ops::healthz,
+        Handler::Readyz => ops::readyz,
+        Handler::Metrics => ops::metrics,
+        Handler::Console => ops::console,
+        Handler::Status => ops::status,
+        Handler::UsersConnected => admin::users_connected,
+        Handler::Publish => messages::publish,
+        Handler::Send => messages::send,
+        Handler::Notification => messages::notification,
+        Handler::SendUsers => messages::send_users,
+        Handler::Broadcast => messages::broadcast,
+        Handler::UserStatus | Handler::MeStatus => admin::user_status,
+        Handler::Clients => admin::clients,
+        Handler::Disconnect => admin::disconnect,
+        Handler::Subscribe | Handler::Unsubscribe => admin::membership,
+        Handler::Presence => admin::presence,
+        Handler::History => admin::history,
+        Handler::Revoke => admin::revoke,
+        Handler::Token => admin::token,
+    };
+    h(req, body, ctx, &call)
+}
+
+/// Where the answer to this request goes once its work is done.
+pub(super) fn reply(ctx: &Handling<'_>, what: ApiReply, close: bool) -> Reply {
+    Reply::api(ctx.asker(), what, close, ctx.now)
+}

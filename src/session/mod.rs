@@ -1,0 +1,32 @@
+//! The client protocol on `ws_path` (docs/PROTOCOL.md): the state of one
+//! connection ([`Session`]) and a handler per message. Sans-IO: handlers
+//! write replies into a [`Replies`] sink and ask their shard for work
+//! ([`crate::work::Work`]) through the [`Handling`](crate::env::Handling)
+//! context; [`render`] turns the gathered result of that work into the
+//! answer.
+//!
+//! | file | owns |
+//! |---|---|
+//! | `state.rs` | `Session`, connect parameters, verdicts, close codes, the rate limit |
+//! | `dispatch.rs` | one text message: decode, rate limit, route to its handler |
+//! | `auth.rs` | authentication and login |
+//! | `channels.rs` | subscribe (recovery), unsubscribe, publish |
+//! | `direct.rs` | direct messages, the offline inbox, broadcast, acks |
+//! | `request.rs` | request/response actions |
+//! | `ingest.rs` | sensor-data records |
+//! | `reply.rs` | the reply sink and the shared argument checks |
+//! | `render.rs` | answers built from gathered cross-shard results |
+
+mod auth;
+mod channels;
+mod direct;
+mod dispatch;
+mod ingest;
+mod reply;
+mod request;
+mod state;
+
+pub mod render;
+
+pub use reply::Replies;
+pub use state::{ConnectParams, FEATURES, FEATURES_NO_STORAGE, Session, Verdict, close};

@@ -1,0 +1,167 @@
+//! A shard's inbox: the only way other threads (other shards, the acceptor,
+//! the storage writer, the server) talk to it. [`ShardMsg`] is every
+//! message it takes; [`Inbox`] sends one and wakes the shard at most once
+//! per drain; [`Peers`] holds every shard's inbox for cross-shard work,
+//! with [`Peers::scatter`], the one loop that sends a message to each shard
+//! of a bit set.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+use mio::Waker;
+use mio::net::TcpStream;
+
+use crate::history::Page;
+use crate::route::shards_in;
+use crate::store::{Done, Revocation};
+use crate::work::{Audience, ClientInfo, HistoryQuery, PubEvent, ShardQuery};
+
+/// Messages other threads send to a shard.
+pub enum ShardMsg {
+    /// A new TCP connection for this shard to serve.
+    Adopt {
+        stream: TcpStream,
+        peer: SocketAddr,
+        rate_limited: bool,
+    },
+    /// Stop accepting, close every client with 1001, exit by the deadline.
+    Shutdown {
+        deadline: Instant,
+    },
+    /// Deliver a pre-encoded frame to the local connections of an audience.
+    /// With `ack`, it is inbox message `ack`: redeliver until acknowledged.
+    Deliver {
+        audience: Audience,
+        frame: Arc<[u8]>,
+        report: Option<ReportTo>,
+        ack: Option<i64>,
+    },
+    /// A publication for a channel whose home is this shard.
+    Publish {
+        channel: Arc<str>,
+        event: PubEvent,
+        report: Option<ReportTo>,
+    },
+    /// The home shard numbered a publication and sent it to `shards` other
+    /// shards (each reports `Delivered`); `connections` were reached there.
+    Published {
+        gather: usize,
+        offset: u64,
+        epoch: Arc<str>,
+        shards: usize,
+        connections: u64,
+    },
+    /// Recovery or a history page, for the channel's home shard.
+    HistoryQuery {
+        channel: Arc<str>,
+        query: HistoryQuery,
+        report: ReportTo,
+    },
+    HistoryReply {
+        gather: usize,
+        page: Page,
+    },
+    /// Results from the storage writer.
+    Stored(Vec<Done>),
+    /// Inbox message `id` of `user` was acknowledged: stop redelivering it.
+    Acked {
+        user: Arc<str>,
+        id: i64,
+    },
+    /// A revocation: remember it, close the connections it covers (4001).
+    Revoke(Arc<Revocation>),
+    /// An HTTP API query; answered with `Delivered` (a count) or `Clients`.
+    Query {
+        query: ShardQuery,
+        report: ReportTo,
+    },
+    Clients {
+        gather: usize,
+        clients: Vec<ClientInfo>,
+    },
+    /// How many local connections a `Deliver` reached (to the origin shard).
+    Delivered {
+        gather: usize,
+        connections: u64,
+    },
+    /// Who is subscribed to a channel on this shard.
+    PresenceQuery {
+        channel: Arc<str>,
+        report: ReportTo,
+    },
+    /// The answer: (user, connections) pairs.
+    PresenceReply {
+        gather: usize,
+        entries: Vec<(Arc<str>, u32)>,
+    },
+}
+
+/// Where a shard sends the result of its part of a cross-shard operation.
+#[derive(Debug, Clone, Copy)]
+pub struct ReportTo {
+    pub shard: usize,
+    pub gather: usize,
+}
+
+/// The sending side of a shard's inbox. Wakes coalesce: the waker is
+/// signalled only when the shard is not already due to drain the inbox.
+#[derive(Clone)]
+pub struct Inbox {
+    pub(super) tx: Sender<ShardMsg>,
+    pub(super) waker: Arc<Waker>,
+    pub(super) notified: Arc<AtomicBool>,
+}
+
+impl Inbox {
+    /// Queue a message and wake the shard if it is not already awake for its
+    /// inbox. Returns false if the shard has exited.
+    pub fn send(&self, msg: ShardMsg) -> bool {
+        if self.tx.send(msg).is_err() {
+            return false;
+        }
+        if !self.notified.swap(true, Ordering::AcqRel) {
+            let _ = self.waker.wake();
+        }
+        true
+    }
+}
+
+/// Every shard's inbox, by shard index: how a shard reaches the others.
+pub struct Peers {
+    inboxes: Vec<Inbox>,
+}
+
+impl Peers {
+    pub fn new(inboxes: Vec<Inbox>) -> Self {
+        Peers { inboxes }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inboxes.is_empty()
+    }
+
+    /// Send to one shard's inbox (wakes it if needed). False if it is gone.
+    pub fn send(&self, shard: usize, msg: ShardMsg) -> bool {
+        self.inboxes.get(shard).is_some_and(|i| i.send(msg))
+    }
+
+    /// Send `make()` to every shard in `mask` except `me`; returns how many
+    /// took it (a shard that has exited during shutdown does not count, so
+    /// a gather never waits for it).
+    pub fn scatter(&self, mask: u64, me: usize, mut make: impl FnMut() -> ShardMsg) -> usize {
+        let mut sent = 0;
+        for shard in shards_in(mask) {
+            if shard != me && self.send(shard, make()) {
+                sent += 1;
+            }
+        }
+        sent
+    }
+}
