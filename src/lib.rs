@@ -8,7 +8,6 @@ pub mod accept;
 pub mod admission;
 pub mod api;
 pub mod auth;
-pub mod auth_setup;
 pub mod clock;
 pub mod config;
 pub mod conn;

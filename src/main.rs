@@ -126,7 +126,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let t = switchboard::auth_setup::DevToken {
+            let t = switchboard::auth::dev::DevToken {
                 sub,
                 channels,
                 role,
@@ -136,7 +136,7 @@ fn main() -> ExitCode {
                 private_key: key,
                 algorithm: alg,
             };
-            match switchboard::auth_setup::mint_dev_token(&cfg.auth, &t) {
+            match switchboard::auth::dev::mint_dev_token(&cfg.auth, &t) {
                 Ok(token) => {
                     println!("{token}");
                     ExitCode::SUCCESS

@@ -86,7 +86,7 @@ impl Server {
             acceptor_listener = Some(first);
             listeners.resize_with(cfg.shards, || None);
         }
-        let auth = Arc::new(crate::auth_setup::build(&cfg.auth)?);
+        let auth = Arc::new(crate::auth::setup::build(&cfg.auth)?);
         let sealer = crate::ingest::Sealer::from_config(&cfg.ingest)
             .map_err(StartError::Ingest)?
             .map(Arc::new);

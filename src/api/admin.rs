@@ -263,7 +263,7 @@ pub(super) fn token(
                 )
             })?,
     };
-    let dev = crate::auth_setup::DevToken {
+    let dev = crate::auth::dev::DevToken {
         sub: p.user_id.clone(),
         channels: p.channels,
         role: p.role,
@@ -273,7 +273,7 @@ pub(super) fn token(
         private_key: None,
         algorithm: None,
     };
-    match crate::auth_setup::mint_dev_token(&ctx.env.cfg.auth, &dev) {
+    match crate::auth::dev::mint_dev_token(&ctx.env.cfg.auth, &dev) {
         Ok(token) => {
             let exp = crate::clock::now_ms() / 1000 + ttl.as_secs() as i64;
             let mut b = Vec::new();

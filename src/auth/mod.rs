@@ -19,9 +19,11 @@
 //!
 //! [`mint`] signs tokens for the `switchboard token` dev command and tests.
 
+pub mod dev;
 mod jwt;
 mod keys;
 pub mod ring_provider;
+pub mod setup;
 
 #[cfg(test)]
 mod tests;

@@ -11,6 +11,7 @@
 //! read burst; only what the socket does not take is copied into the
 //! connection's own [`OutQueue`].
 
+mod http;
 pub mod outq;
 pub mod transport;
 
@@ -18,13 +19,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::api;
 use crate::deadline::{TimerKind, TimerRef};
 use crate::env::{Desk, Env, Handling};
-use crate::http::{Request, Response, parse_request};
 use crate::id::ConnId;
 use crate::proto::{self, ErrorCode};
-use crate::session::{ConnectParams, Replies, Session, Verdict, close};
+use crate::session::{Replies, Session, Verdict, close};
 use crate::stats::{Counters, LocalHistos};
 use crate::timer::{TimerKey, TimerWheel};
 use crate::ws::frame::{self, CloseCode, OpCode};
@@ -165,13 +164,6 @@ impl Replies for Sink<'_> {
     fn text(&mut self, json: &[u8]) {
         self.frame(OpCode::Text, json);
     }
-}
-
-enum Route {
-    Upgrade(Endpoint),
-    Reject(Response),
-    /// Not a WebSocket path: the HTTP API (health, metrics, console too).
-    Http,
 }
 
 impl Conn {
@@ -349,292 +341,6 @@ impl Conn {
             State::Closing { .. } => self.closing_bytes(data, ctx),
             State::Rejecting { .. } => {} // discard: the answer is already decided
         }
-    }
-
-    /// Bytes of the HTTP phase: requests are served in order (keep-alive,
-    /// pipelining) until one upgrades to WebSocket or the connection closes.
-    fn handshake_bytes(&mut self, data: &mut [u8], ctx: &mut Ctx<'_>) {
-        if self.hs.is_empty() && !self.awaiting {
-            // The common case: whole requests in this read, nothing buffered.
-            let used = self.http_requests(data, ctx);
-            if self.in_http()
-                && let Some(rest) = data.get(used..)
-                && !rest.is_empty()
-            {
-                self.hs.extend_from_slice(rest);
-            }
-            return;
-        }
-        // Bounded: no read happens while a request awaits its answer or
-        // responses pile up (see `on_ready`), and one incomplete request is
-        // at most a head plus a body.
-        self.hs.extend_from_slice(data);
-        if !self.awaiting {
-            self.resume_http(ctx);
-        }
-    }
-
-    /// Responses queued past `max_outbound_bytes`: serve no more requests
-    /// until the client reads them.
-    fn http_backlogged(&self, ctx: &Ctx<'_>) -> bool {
-        self.out.bytes() + ctx.io.cork.len() > ctx.env.cfg.max_outbound_bytes
-    }
-
-    fn in_http(&self) -> bool {
-        matches!(self.state, State::Handshake)
-    }
-
-    /// Serve the requests buffered in `hs`.
-    fn resume_http(&mut self, ctx: &mut Ctx<'_>) {
-        let mut buf = std::mem::take(&mut self.hs);
-        let used = self.http_requests(&mut buf, ctx);
-        if self.in_http() && used < buf.len() {
-            buf.drain(..used);
-            self.hs = buf;
-        }
-    }
-
-    /// Serve the complete requests at the front of `buf`, in order, until one
-    /// must wait for other shards; returns the bytes used.
-    fn http_requests(&mut self, buf: &mut [u8], ctx: &mut Ctx<'_>) -> usize {
-        let mut pos = 0;
-        self.held = false;
-        while self.in_http() && !self.awaiting {
-            if self.http_backlogged(ctx) {
-                self.held = pos < buf.len();
-                break;
-            }
-            let Some(rest) = buf.get_mut(pos..) else {
-                break;
-            };
-            if rest.is_empty() {
-                break;
-            }
-            let (req, head) = match parse_request(rest, ctx.env.cfg.max_header_bytes) {
-                Ok(None) => break,
-                Err(e) => {
-                    log::debug!("conn={} bad request: {e:?}", self.id);
-                    self.reject(e.response(), ctx);
-                    return buf.len();
-                }
-                Ok(Some(r)) => r,
-            };
-            if req.transfer_encoding {
-                self.reject(
-                    Response::error(411, "Length Required", "send the body with Content-Length"),
-                    ctx,
-                );
-                return buf.len();
-            }
-            if req.content_length > ctx.env.cfg.api.max_body_bytes {
-                self.reject(
-                    Response::error(
-                        413,
-                        "Content Too Large",
-                        &format!(
-                            "bodies are at most {} bytes",
-                            ctx.env.cfg.api.max_body_bytes
-                        ),
-                    ),
-                    ctx,
-                );
-                return buf.len();
-            }
-            let total = head + req.content_length;
-            if rest.len() < total {
-                break; // the body is still coming
-            }
-            pos += total;
-            match self.route(&req, ctx) {
-                Route::Upgrade(ep) => {
-                    self.upgrade(&req, ep, ctx);
-                    // Bytes after the request are the first frames.
-                    if self.is_open()
-                        && let Some(frames) = buf.get_mut(pos..)
-                        && !frames.is_empty()
-                    {
-                        self.ws_bytes(frames, ep, ctx);
-                    }
-                    return buf.len();
-                }
-                Route::Reject(resp) => {
-                    log::debug!(
-                        "conn={} {} {} -> {}",
-                        self.id,
-                        req.method,
-                        req.path,
-                        resp.status
-                    );
-                    self.reject(resp, ctx);
-                    return buf.len();
-                }
-                Route::Http => {
-                    let body = rest.get(head..total).unwrap_or_default();
-                    self.api_request(&req, body, ctx);
-                }
-            }
-        }
-        pos
-    }
-
-    /// One request for the HTTP API (or health, metrics, console).
-    fn api_request(&mut self, req: &Request, body: &[u8], ctx: &mut Ctx<'_>) {
-        ctx.io.c.api_requests += 1;
-        let mut actx = Handling {
-            env: ctx.env,
-            desk: &mut *ctx.desk,
-            key: ctx.key,
-            conn: self.id,
-            now: ctx.now,
-        };
-        match api::handle(req, body, &mut actx) {
-            api::Handled::Now(resp) => {
-                ctx.io
-                    .histos
-                    .api
-                    .observe(Instant::now().saturating_duration_since(ctx.now));
-                self.http_write(resp, req.close, ctx);
-            }
-            api::Handled::Later => {
-                self.awaiting = true;
-                self.close_after = req.close;
-            }
-        }
-        if self.in_http() {
-            // Keep-alive: the idle deadline restarts with every request; an
-            // answer from other shards or the store gets more time.
-            let idle = if self.awaiting {
-                ctx.env.cfg.handshake_timeout.max(AWAIT_TIMEOUT)
-            } else {
-                ctx.env.cfg.handshake_timeout
-            };
-            self.set_timer(ctx, idle, TimerKind::Handshake);
-        }
-    }
-
-    /// Queue a response; `close` makes it the last one (FIN after it).
-    fn http_write(&mut self, resp: Response, close: bool, ctx: &mut Ctx<'_>) {
-        if close {
-            self.respond(resp, ctx);
-        } else {
-            Sink {
-                cork: &mut ctx.io.cork,
-                out: &mut self.out,
-            }
-            .bytes(&resp.bytes);
-        }
-    }
-
-    /// The answer to the request that waited on other shards; requests
-    /// pipelined behind it are served next.
-    pub fn http_answer(&mut self, resp: Response, ctx: &mut Ctx<'_>) -> Next {
-        if !self.awaiting || !self.in_http() {
-            return Next::Keep;
-        }
-        self.awaiting = false;
-        let close = std::mem::take(&mut self.close_after);
-        self.http_write(resp, close, ctx);
-        if self.in_http() {
-            self.set_timer(ctx, ctx.env.cfg.handshake_timeout, TimerKind::Handshake);
-            if !self.hs.is_empty() {
-                self.resume_http(ctx);
-            }
-        }
-        self.after_io(ctx)
-    }
-
-    /// A validated upgrade: answer 101 and start the WebSocket protocol.
-    fn upgrade(&mut self, req: &Request, ep: Endpoint, ctx: &mut Ctx<'_>) {
-        let key = req.ws_key.as_deref().unwrap_or_default();
-        Sink {
-            cork: &mut ctx.io.cork,
-            out: &mut self.out,
-        }
-        .bytes(&Response::switching_protocols(key).bytes);
-        self.hs = Vec::new();
-        self.state = State::Open(ep);
-        if let Some(k) = self.timer.take() {
-            ctx.io.wheel.cancel(k); // the handshake deadline
-        }
-        ctx.io.c.upgrades += 1;
-        ctx.io.c.connections += 1;
-        self.last_seen = ctx.io.wheel.tick_of(ctx.now) as u32;
-        log::debug!("conn={} upgraded {} from {}", self.id, req.path, self.peer);
-        if ep == Endpoint::App {
-            let token = req
-                .authorization
-                .as_deref()
-                .and_then(crate::auth::bearer_token)
-                .map(str::to_owned)
-                .or_else(|| req.query_param("token"));
-            let params = ConnectParams {
-                token,
-                artifact_id: req.query_param("artifactId"),
-                dev_user: req.query_param("userId"),
-            };
-            let mut session = Box::new(Session::new(params));
-            let verdict = self.with_app(
-                ctx,
-                |session, actx, sink| session.on_open(actx, sink),
-                &mut session,
-            );
-            self.session = Some(session);
-            self.apply(verdict, ctx);
-        } else {
-            self.set_timer(ctx, ctx.env.cfg.heartbeat_interval, TimerKind::Ping);
-        }
-    }
-
-    fn route(&mut self, req: &Request, ctx: &mut Ctx<'_>) -> Route {
-        let cfg = &ctx.env.cfg;
-        let ep = if cfg.echo_enabled && req.path == cfg.echo_path {
-            Endpoint::Echo
-        } else if req.path == cfg.ws_path {
-            Endpoint::App
-        } else {
-            return Route::Http;
-        };
-        if req.method != "GET" {
-            return Route::Reject(Response::method_not_allowed());
-        }
-        if !req.wants_upgrade() || req.ws_version.as_deref() != Some("13") {
-            return Route::Reject(Response::upgrade_required());
-        }
-        if !req.ws_key_valid() {
-            return Route::Reject(Response::bad_key());
-        }
-        if let Some(origin) = req.origin.as_deref()
-            && !cfg.allowed_origins.is_empty()
-            && !cfg.allowed_origins.iter().any(|o| o == origin)
-        {
-            return Route::Reject(Response::error(403, "Forbidden", "origin not allowed"));
-        }
-        if ctx.desk.shutting_down {
-            return Route::Reject(Response::shutting_down());
-        }
-        if self.rate_limited {
-            ctx.io.c.rejected_rate += 1;
-            return Route::Reject(Response::rate_limited());
-        }
-        if !ctx.env.admission.try_acquire() {
-            ctx.io.c.rejected_capacity += 1;
-            return Route::Reject(Response::at_capacity());
-        }
-        self.counted = true;
-        Route::Upgrade(ep)
-    }
-
-    fn reject(&mut self, resp: Response, ctx: &mut Ctx<'_>) {
-        ctx.io.c.rejected += 1;
-        self.respond(resp, ctx);
-    }
-
-    /// Send a final HTTP response, then close (FIN after it, linger for EOF).
-    fn respond(&mut self, resp: Response, ctx: &mut Ctx<'_>) {
-        self.hs = Vec::new();
-        ctx.io.cork.extend_from_slice(&resp.bytes);
-        self.state = State::Rejecting { write_shut: false };
-        self.set_timer(ctx, ctx.env.cfg.close_timeout, TimerKind::Linger);
     }
 
     fn ws_bytes(&mut self, data: &mut [u8], ep: Endpoint, ctx: &mut Ctx<'_>) {

@@ -254,3 +254,198 @@ impl Shard {
             });
     }
 }
+
+/// Dispatch, scatter/gather and home-shard publishing, driven directly on a
+/// shard that is built but not running: its peers' inboxes are read by the
+/// test instead of by other shard threads. No sockets.
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use crossbeam_channel::Receiver;
+
+    use crate::admission::{Admission, IpLimiter};
+    use crate::auth::Authenticator;
+    use crate::config::{Config, StorageBackend};
+    use crate::id::ConnId;
+    use crate::proto::Dialect;
+    use crate::route::{Router, home_shard};
+    use crate::work::{Asker, Audience, PubEvent, Reply, Work, WsReply};
+
+    use super::super::inbox::{Peers, ShardMsg};
+    use super::super::state::{Opened, Shard, ShardSetup};
+
+    /// Shard 0 of `n`, built, plus the inboxes of shards 1..n to read.
+    fn shard0(n: usize) -> (Box<Shard>, Arc<Router>, Vec<Receiver<ShardMsg>>) {
+        let mut cfg = Config {
+            shards: n,
+            ..Config::default()
+        };
+        cfg.storage.backend = StorageBackend::None;
+        let cfg = Arc::new(cfg);
+        let opened: Vec<Opened> = (0..n).map(|_| Opened::new().unwrap()).collect();
+        let peers = Arc::new(Peers::new(opened.iter().map(Opened::inbox).collect()));
+        let router = Arc::new(Router::new(n));
+        let all_stats = opened.iter().map(Opened::stats).collect();
+        let mut opened = opened.into_iter();
+        let first = opened.next().unwrap();
+        let others: Vec<Receiver<ShardMsg>> = opened.map(|o| o.rx).collect();
+        let setup = ShardSetup {
+            id: 0,
+            admission: Arc::new(Admission::new(cfg.max_connections)),
+            limiter: Arc::new(IpLimiter::new(0)),
+            tls: None,
+            listener: None,
+            auth: Arc::new(Authenticator::None),
+            history: Vec::new(),
+            revocations: Vec::new(),
+            sealer: None,
+            router: router.clone(),
+            peers,
+            all_stats,
+            writer: None,
+            cfg,
+        };
+        let (shard, _, _) = first.build(setup).unwrap();
+        (shard, router, others)
+    }
+
+    fn asker() -> Asker {
+        Asker {
+            key: 7,
+            conn: ConnId::new(0, 99),
+        }
+    }
+
+    /// A channel whose home is `shard` among `n`.
+    fn homed(shard: usize, n: usize) -> Arc<str> {
+        (0..)
+            .map(|i| format!("room:{i}"))
+            .find(|c| home_shard(c, n) == shard)
+            .map(Arc::from)
+            .unwrap()
+    }
+
+    #[test]
+    fn scatter_skips_itself_and_counts_what_was_sent() {
+        let opened: Vec<Opened> = (0..3).map(|_| Opened::new().unwrap()).collect();
+        let peers = Peers::new(opened.iter().map(Opened::inbox).collect());
+        let sent = peers.scatter(0b111, 1, || ShardMsg::Acked {
+            user: Arc::from("u"),
+            id: 1,
+        });
+        assert_eq!(sent, 2);
+        let got: Vec<usize> = opened.iter().map(|o| o.rx.try_iter().count()).collect();
+        assert_eq!(got, [1, 0, 1]);
+        assert_eq!(peers.scatter(0, 1, || unreachable!()), 0);
+    }
+
+    #[test]
+    fn a_delivery_with_a_reply_is_gathered_across_shards() {
+        let (mut shard, router, others) = shard0(3);
+        let room: Arc<str> = Arc::from("room:x");
+        router.channel_joined(&room, 1);
+        router.channel_joined(&room, 2);
+        let reply = Reply::ws(
+            asker(),
+            None,
+            Dialect::Native,
+            WsReply::Sent { to: room.clone() },
+        );
+        shard.desk.work.push(Work::Deliver {
+            audience: Audience::Channel(room.clone()),
+            frame: Arc::from(&b"frame"[..]),
+            reply: Some(reply),
+            ack: None,
+        });
+        shard.route_outgoing(Instant::now());
+        assert!(shard.desk.work.is_empty());
+        let mut gathers = Vec::new();
+        for rx in &others {
+            match rx.try_recv() {
+                Ok(ShardMsg::Deliver {
+                    report: Some(r),
+                    frame,
+                    ..
+                }) => {
+                    assert_eq!(r.shard, 0);
+                    assert_eq!(&*frame, b"frame", "the frame is shared as is");
+                    gathers.push(r.gather);
+                }
+                _ => panic!("each shard with subscribers gets one Deliver"),
+            }
+        }
+        assert_eq!(gathers[0], gathers[1], "one gather for the operation");
+        assert_eq!(shard.gathers.len(), 1);
+        shard.gathered(gathers[0], 2, Vec::new());
+        assert_eq!(shard.gathers.len(), 1, "waits for every shard");
+        shard.gathered(gathers[0], 3, Vec::new());
+        assert!(shard.gathers.is_empty(), "complete once both answered");
+    }
+
+    #[test]
+    fn a_delivery_nobody_else_has_is_answered_at_once() {
+        let (mut shard, _router, others) = shard0(2);
+        let reply = Reply::ws(
+            asker(),
+            None,
+            Dialect::Native,
+            WsReply::Sent {
+                to: Arc::from("nobody"),
+            },
+        );
+        shard.desk.work.push(Work::Deliver {
+            audience: Audience::User(Arc::from("nobody")),
+            frame: Arc::from(&b"f"[..]),
+            reply: Some(reply),
+            ack: None,
+        });
+        shard.route_outgoing(Instant::now());
+        assert!(shard.gathers.is_empty());
+        assert!(others[0].try_recv().is_err(), "no message to other shards");
+    }
+
+    #[test]
+    fn the_home_shard_numbers_publications_and_fans_them_out() {
+        let (mut shard, router, others) = shard0(2);
+        let home = homed(0, 2);
+        router.channel_joined(&home, 1);
+        for expected in 1..=2u64 {
+            shard.desk.work.push(Work::Publish {
+                channel: home.clone(),
+                event: PubEvent {
+                    from: None,
+                    data: Box::from(&b"{\"n\":1}"[..]),
+                },
+                reply: None,
+            });
+            shard.route_outgoing(Instant::now());
+            match others[0].try_recv() {
+                Ok(ShardMsg::Deliver { frame, .. }) => {
+                    let text = String::from_utf8_lossy(&frame);
+                    assert!(
+                        text.contains(&format!("\"offset\":{expected}")),
+                        "offset {expected} in {text}"
+                    );
+                }
+                _ => panic!("the subscriber's shard gets the numbered publication"),
+            }
+        }
+        // A channel homed elsewhere goes to its home shard to be numbered.
+        let away = homed(1, 2);
+        shard.desk.work.push(Work::Publish {
+            channel: away.clone(),
+            event: PubEvent {
+                from: None,
+                data: Box::from(&b"1"[..]),
+            },
+            reply: None,
+        });
+        shard.route_outgoing(Instant::now());
+        match others[0].try_recv() {
+            Ok(ShardMsg::Publish { channel, .. }) => assert_eq!(channel, away),
+            _ => panic!("a publication goes to its channel's home shard"),
+        }
+    }
+}

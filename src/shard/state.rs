@@ -173,7 +173,7 @@ pub struct ShardSetup {
 /// shard's inbox can be handed to every other.
 pub struct Opened {
     poll: Poll,
-    rx: Receiver<ShardMsg>,
+    pub(super) rx: Receiver<ShardMsg>,
     inbox: Inbox,
     stats: Arc<ShardStats>,
 }
@@ -206,6 +206,23 @@ impl Opened {
 
     /// Build the shard and start its thread (`shard-N`).
     pub fn start(self, setup: ShardSetup) -> io::Result<ShardHandle> {
+        let id = setup.id;
+        let (shard, inbox, stats) = self.build(setup)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("shard-{id}"))
+            .spawn(move || shard.run())?;
+        Ok(ShardHandle {
+            inbox,
+            stats,
+            thread: Some(thread),
+        })
+    }
+
+    /// The shard, whole, not yet running (unit tests drive it directly).
+    pub(super) fn build(
+        self,
+        setup: ShardSetup,
+    ) -> io::Result<(Box<Shard>, Inbox, Arc<ShardStats>)> {
         let Opened {
             poll,
             rx,
@@ -273,13 +290,6 @@ impl Opened {
             retry_generation: 0,
             next_sweep: Instant::now() + SWEEP_EVERY,
         });
-        let thread = std::thread::Builder::new()
-            .name(format!("shard-{}", setup.id))
-            .spawn(move || shard.run())?;
-        Ok(ShardHandle {
-            inbox,
-            stats,
-            thread: Some(thread),
-        })
+        Ok((shard, inbox, stats))
     }
 }
