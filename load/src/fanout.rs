@@ -699,7 +699,7 @@ pub fn run(
     if n == 0 || o.inflight == 0 {
         return Err("--subscribers and --inflight must be at least 1".into());
     }
-    let fd_limit = match switchboard::raise_fd_limit() {
+    let fd_limit = match net::raise_fd_limit() {
         Ok((_, now, _)) => now,
         Err(e) => return Err(format!("cannot read the open-file limit: {e}")),
     };

@@ -135,7 +135,7 @@ pub fn run(
         return Err("--connections and --depth must be at least 1".into());
     }
     // Each connection is a descriptor: take whatever the hard limit allows.
-    if let Ok((_, limit, _)) = switchboard::raise_fd_limit()
+    if let Ok((_, limit, _)) = net::raise_fd_limit()
         && (o.connections as u64) + 16 > limit
     {
         eprintln!(

@@ -31,6 +31,8 @@
 //!
 //! One thread, no async runtime, no `unsafe`.
 
+#![forbid(unsafe_code)]
+
 mod api;
 mod connect;
 mod echo;

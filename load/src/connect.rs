@@ -161,7 +161,7 @@ pub fn run(
     o: &ConnectOpts,
 ) -> Result<ConnectReport, String> {
     let k = o.connections;
-    let fd_limit = match switchboard::raise_fd_limit() {
+    let fd_limit = match net::raise_fd_limit() {
         Ok((_, now, _)) => now,
         Err(e) => return Err(format!("cannot read the open-file limit: {e}")),
     };

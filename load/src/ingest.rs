@@ -550,7 +550,7 @@ pub fn run(
     if n == 0 || o.inflight == 0 {
         return Err("--connections and --inflight must be at least 1".into());
     }
-    if let Ok((_, limit, _)) = switchboard::raise_fd_limit()
+    if let Ok((_, limit, _)) = net::raise_fd_limit()
         && (n as u64) + 16 > limit
     {
         eprintln!(

@@ -78,6 +78,17 @@ impl std::fmt::Display for Fail {
     }
 }
 
+/// Raise the soft open-file limit to the hard limit (every connection is a
+/// descriptor): the limits before, now and the hard one.
+pub fn raise_fd_limit() -> io::Result<(u64, u64, u64)> {
+    let (soft, hard) = rlimit::Resource::NOFILE.get()?;
+    if soft < hard {
+        rlimit::Resource::NOFILE.set(hard, hard)?;
+    }
+    let (now, _) = rlimit::Resource::NOFILE.get()?;
+    Ok((soft, now, hard))
+}
+
 /// Start a non-blocking connect to `dst`, bound first to `src` if given
 /// (port 0: the kernel picks).
 pub fn dial(src: Option<SocketAddr>, dst: SocketAddr) -> Result<TcpStream, Fail> {
