@@ -7,27 +7,23 @@
 //! when the ramp completes, one at the end of the hold.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll, Registry, Token};
+use mio::{Events, Registry, Token};
+use serde_json::{Value, json};
 
+use crate::driver::{self, Driver, Mode, Plan, Ramp, Turn};
 use crate::hist::Histogram;
 use crate::net::{self, Fail, Link, Phase, Progress, ReadOutcome};
-use crate::procfs::{self, Delta, Sample};
+use crate::procfs::{Delta, human_bytes};
+use crate::report::{self, Summary, latency_json, latency_line, map_line};
 use crate::url::WsUrl;
 use crate::wire::{self, Frame};
 
-/// Ports one source address is asked for at most (the ephemeral range is
-/// usually 28,232 wide).
-const PORTS_PER_SOURCE: usize = 25_000;
 /// How long to wait for the server's side of the closing handshake.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often handshake deadlines are checked.
-const TIMEOUT_SCAN: Duration = Duration::from_millis(100);
 const READ_BUF: usize = 64 << 10;
-/// Connections dialed per loop turn at most.
-const DIAL_BATCH: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct ConnectOpts {
@@ -81,17 +77,120 @@ impl ConnectReport {
     }
 }
 
+impl Summary for ConnectReport {
+    fn print(&self, url: &str, pid: Option<u32>) {
+        let (r, o) = (self, &self.opts);
+        println!("switchboard-load connect  {url}");
+        println!(
+            "  attempted     {} at {:.0}/s from {} (open-file limit {})",
+            r.attempted,
+            o.ramp,
+            report::sources_text(r.sources),
+            r.fd_limit
+        );
+        println!(
+            "  ramp          {:.2} s ({:.0} upgrades/s); upgrade time {}",
+            r.ramp_s,
+            if r.ramp_s > 0.0 {
+                r.opened as f64 / r.ramp_s
+            } else {
+                0.0
+            },
+            latency_line(&r.handshake)
+        );
+        println!(
+            "  open          {} upgraded, {} still open after {:.2} s hold; {} pings answered",
+            r.opened, r.open_at_end, r.hold_s, r.pings
+        );
+        if r.failures.is_empty() && r.dropped.is_empty() {
+            println!("  failures      none");
+        } else {
+            if !r.failures.is_empty() {
+                println!("  failures      {}", map_line(&r.failures));
+            }
+            if !r.dropped.is_empty() {
+                println!("  lost while held  {}", map_line(&r.dropped));
+            }
+            if let Some(f) = &r.first_failure {
+                println!("  first failure {f}");
+            }
+        }
+        println!(
+            "  close         {} of {} answered our close frame",
+            r.closed_cleanly, r.close_sent
+        );
+        if let (Some(pid), Some(ramp), Some(hold)) =
+            (pid, r.server_ramp.as_ref(), r.server_hold.as_ref())
+        {
+            println!(
+                "  server {pid}  cpu {:.2} s during the ramp, {:.2} s during the hold ({:.1}% of one core)",
+                ramp.cpu_s,
+                hold.cpu_s,
+                hold.cores() * 100.0
+            );
+            println!(
+                "               user-space RSS {} before, {} after the ramp, {} at the end of the hold",
+                human_bytes(ramp.rss_before as f64),
+                human_bytes(ramp.rss_after as f64),
+                human_bytes(hold.rss_after as f64)
+            );
+            if let Some(b) = r.rss_per_connection() {
+                println!(
+                    "               {} of user-space RSS per open connection (socket buffers are kernel memory, not included)",
+                    human_bytes(b)
+                );
+            }
+        }
+    }
+
+    fn to_json(&self, url: &str, pid: Option<u32>) -> Value {
+        let (r, o) = (self, &self.opts);
+        let server = match (pid, r.server_ramp.as_ref(), r.server_hold.as_ref()) {
+            (Some(pid), Some(ramp), Some(hold)) => json!({
+                "pid": pid,
+                "rss_baseline_bytes": ramp.rss_before,
+                "rss_after_ramp_bytes": ramp.rss_after,
+                "rss_end_of_hold_bytes": hold.rss_after,
+                "rss_bytes_per_connection": r.rss_per_connection().map(f64::round),
+                "cpu_ramp_s": report::round(ramp.cpu_s, 100.0),
+                "cpu_hold_s": report::round(hold.cpu_s, 100.0),
+                "cpu_hold_cores": report::round(hold.cores(), 1000.0),
+            }),
+            _ => Value::Null,
+        };
+        json!({
+            "mode": "connect",
+            "url": url,
+            "connections": o.connections,
+            "ramp_per_s": o.ramp,
+            "hold_s": report::round(r.hold_s, 1000.0),
+            "sources": r.sources,
+            "fd_limit": r.fd_limit,
+            "attempted": r.attempted,
+            "opened": r.opened,
+            "open_at_end": r.open_at_end,
+            "failures": r.failures,
+            "dropped": r.dropped,
+            "problems": r.problems(),
+            "first_failure": r.first_failure,
+            "ramp_s": report::round(r.ramp_s, 1000.0),
+            "upgrade_us": latency_json(&r.handshake),
+            "pings_answered": r.pings,
+            "close_sent": r.close_sent,
+            "closed_cleanly": r.closed_cleanly,
+            "server": server,
+        })
+    }
+
+    fn problems(&self) -> u64 {
+        self.problems()
+    }
+}
+
 struct Slot {
     link: Link,
     started: Instant,
     close_acked: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Stage {
-    Ramp,
-    Hold,
-    Close,
 }
 
 /// Connections per phase, kept up to date on every transition.
@@ -154,6 +253,23 @@ impl Tally {
     }
 }
 
+/// The connect mode's part of the run loop: setup is the ramp, the
+/// measured window the hold (no warmup, no drain).
+struct Connect<'a> {
+    url: &'a WsUrl,
+    addr: SocketAddr,
+    nonce: u64,
+    sources: net::SourcePorts,
+    ramp: Ramp,
+    connections: usize,
+    handshake_timeout: Duration,
+    slots: Vec<Slot>,
+    counts: Counts,
+    tally: Tally,
+    open_at_end: usize,
+    close_sent: usize,
+}
+
 pub fn run(
     url: &WsUrl,
     addr: SocketAddr,
@@ -161,249 +277,182 @@ pub fn run(
     o: &ConnectOpts,
 ) -> Result<ConnectReport, String> {
     let k = o.connections;
-    let fd_limit = match net::raise_fd_limit() {
-        Ok((_, now, _)) => now,
-        Err(e) => return Err(format!("cannot read the open-file limit: {e}")),
+    let fd_limit = driver::fd_limit(
+        k as u64 + 16,
+        &format!("{k} connections will not all fit (expect fd_limit failures)"),
+    )
+    .map_err(|e| format!("cannot read the open-file limit: {e}"))?;
+    let sources = net::SourcePorts::new(net::source_addresses(addr, k, o.sources));
+    let driver = Driver::new(Plan {
+        pid,
+        warmup: Duration::ZERO,
+        duration: o.hold,
+        drain_timeout: Duration::ZERO,
+        close_timeout: CLOSE_TIMEOUT,
+        tick: Duration::from_secs(1),
+        events: 4096,
+        read_buf: READ_BUF,
+        baseline: true,
+        client: false,
+    })?;
+    let mut mode = Connect {
+        url,
+        addr,
+        nonce: driver::run_nonce(),
+        sources,
+        ramp: Ramp::new(driver.start(), o.ramp, k),
+        connections: k,
+        handshake_timeout: o.handshake_timeout,
+        slots: Vec::with_capacity(k),
+        counts: Counts::default(),
+        tally: Tally::default(),
+        open_at_end: 0,
+        close_sent: 0,
     };
-    if (k as u64) + 16 > fd_limit {
-        eprintln!(
-            "switchboard-load: warning: the open-file limit is {fd_limit}; {k} connections will not all fit (expect fd_limit failures)"
-        );
+    let t = driver.run(&mut mode)?;
+    let closed_cleanly = mode.slots.iter().filter(|s| s.close_acked).count();
+    let tally = mode.tally;
+    Ok(ConnectReport {
+        opts: o.clone(),
+        sources: mode.sources.len(),
+        fd_limit,
+        attempted: mode.slots.len(),
+        opened: tally.opened,
+        open_at_end: mode.open_at_end,
+        failures: tally.failures,
+        dropped: tally.dropped,
+        first_failure: tally.first_failure,
+        handshake: tally.handshake,
+        ramp_s: t.setup_s(),
+        hold_s: t
+            .window
+            .1
+            .saturating_duration_since(t.setup_end)
+            .as_secs_f64(),
+        pings: tally.pings,
+        close_sent: mode.close_sent,
+        closed_cleanly,
+        server_ramp: driver::delta(t.baseline, t.server.0),
+        server_hold: driver::delta(t.server.0, t.server.1),
+    })
+}
+
+impl Mode for Connect<'_> {
+    /// The ramp: dial what is due, until every attempt has opened or failed.
+    fn setup(&mut self, now: Instant, registry: &Registry) -> Result<bool, String> {
+        let batch_end = self.ramp.batch_end(now, self.slots.len());
+        while self.slots.len() < batch_end {
+            let i = self.slots.len();
+            let dialed = self.sources.dial(i, self.addr);
+            let link = net::open(dialed, registry, Token(i)).unwrap_or_else(|f| {
+                self.tally.fail(&f);
+                Link::dead()
+            });
+            self.counts.moved(Phase::Done, link.phase);
+            self.slots.push(Slot {
+                link,
+                started: Instant::now(),
+                close_acked: false,
+            });
+        }
+        if self.ramp.scan_due(now) {
+            let (counts, tally) = (&mut self.counts, &mut self.tally);
+            self.ramp.expire(
+                &mut self.slots,
+                now,
+                self.handshake_timeout,
+                |s| {
+                    matches!(s.link.phase, Phase::Connecting | Phase::Upgrading)
+                        .then_some(s.started)
+                },
+                |s| {
+                    tally.fail(&Fail::Timeout);
+                    counts.moved(s.link.phase, Phase::Done);
+                    s.link.shut(registry);
+                },
+            );
+        }
+        Ok(self.slots.len() == self.connections && self.counts.handshaking == 0)
     }
-    let mut sources = net::SourcePorts::new(source_addresses(addr, k, o.sources));
-    let pid_s = pid.map(|p| p.to_string());
-    let sample = |what: &Option<String>| -> Result<Option<Sample>, String> {
-        what.as_deref().map(procfs::sample).transpose()
-    };
-    let baseline = sample(&pid_s)?;
 
-    let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
-    let mut events = Events::with_capacity(4096);
-    let mut rbuf = vec![0u8; READ_BUF];
-    let mut slots: Vec<Slot> = Vec::with_capacity(k);
-    let mut counts = Counts::default();
-    let mut tally = Tally::default();
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-        ^ u64::from(std::process::id());
+    fn setup_wait(&self, now: Instant) -> Duration {
+        self.ramp.wait(now, self.slots.len())
+    }
 
-    let start = Instant::now();
-    let mut stage = Stage::Ramp;
-    let mut ramp_end = start;
-    let mut hold_end = start;
-    let mut deadline = start;
-    let mut after_ramp: Option<Sample> = None;
-    let mut end_hold: Option<Sample> = None;
-    let mut open_at_end = 0;
-    let mut close_sent = 0;
-    let mut next_scan = start + TIMEOUT_SCAN;
-    let mut scan_from = 0usize;
-    loop {
-        let now = Instant::now();
-        if stage == Stage::Ramp {
-            let due = due_now(start, now, o.ramp);
-            // A bounded batch per turn: events are served between batches
-            // even when dialing falls behind the schedule.
-            let batch_end = due.min(k).min(slots.len() + DIAL_BATCH);
-            while slots.len() < batch_end {
-                let i = slots.len();
-                let dialed = if sources.is_empty() {
-                    net::dial(None, addr)
-                } else {
-                    sources.dial(i, addr)
-                };
-                let mut link = match dialed {
-                    Ok(s) => Link::new(s),
-                    Err(f) => {
-                        tally.fail(&f);
-                        Link::dead()
-                    }
-                };
-                if let Err(e) = link.register(poll.registry(), Token(i)) {
-                    tally.fail(&Fail::Socket(e));
-                    link.shut(poll.registry());
-                }
-                counts.moved(Phase::Done, link.phase);
-                slots.push(Slot {
-                    link,
-                    started: Instant::now(),
-                    close_acked: false,
-                });
+    fn begin(&mut self, _at: Instant, _turn: &mut Turn<'_>) -> bool {
+        true
+    }
+
+    /// The hold is never cut short.
+    fn live(&self) -> bool {
+        true
+    }
+
+    fn drained(&self) -> bool {
+        true
+    }
+
+    fn finish(&mut self, registry: &Registry) {
+        self.open_at_end = self.counts.open;
+        for s in &mut self.slots {
+            let before = s.link.phase;
+            if s.link.begin_close(registry) {
+                self.close_sent += 1;
             }
-            if now >= next_scan {
-                next_scan = now + TIMEOUT_SCAN;
-                scan_from = expire_handshakes(
-                    &mut slots,
-                    scan_from,
-                    now,
-                    o.handshake_timeout,
-                    &mut counts,
-                    &mut tally,
-                    poll.registry(),
-                );
-            }
-            if slots.len() == k && counts.handshaking == 0 {
-                ramp_end = Instant::now();
-                after_ramp = sample(&pid_s)?;
-                stage = Stage::Hold;
-                deadline = ramp_end + o.hold;
-            }
+            self.counts.moved(before, s.link.phase);
         }
-        if stage == Stage::Hold && now >= deadline {
-            end_hold = sample(&pid_s)?;
-            hold_end = Instant::now();
-            open_at_end = counts.open;
-            for s in slots.iter_mut().filter(|s| s.link.phase == Phase::Open) {
-                wire::close_frame(&mut s.link.out, 1000);
-                s.link.phase = Phase::Closing;
-                counts.moved(Phase::Open, Phase::Closing);
-                close_sent += 1;
-                if s.link.flush_if_ready().is_err() {
-                    s.link.shut(poll.registry());
-                    counts.moved(Phase::Closing, Phase::Done);
-                }
-            }
-            stage = Stage::Close;
-            deadline = Instant::now() + CLOSE_TIMEOUT;
-        }
-        if stage == Stage::Close && (counts.closing == 0 || now >= deadline) {
-            break;
-        }
-        let wait = match stage {
-            Stage::Ramp if slots.len() < k && slots.len() >= due_now(start, now, o.ramp) => {
-                let next = start + Duration::from_secs_f64(slots.len() as f64 / o.ramp);
-                next.saturating_duration_since(now)
-                    .min(Duration::from_millis(10))
-            }
-            // Behind schedule: just collect what is ready.
-            Stage::Ramp if slots.len() < k => Duration::ZERO,
-            Stage::Ramp => TIMEOUT_SCAN,
-            Stage::Hold | Stage::Close => deadline
-                .saturating_duration_since(now)
-                .min(Duration::from_secs(1)),
-        };
-        match poll.poll(&mut events, Some(wait)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("poll: {e}")),
-        }
+    }
+
+    fn closed(&self) -> bool {
+        self.counts.closing == 0
+    }
+
+    fn serve(&mut self, events: &Events, turn: &mut Turn<'_>) {
+        let registry = turn.registry;
         for ev in events.iter() {
             let i = ev.token().0;
-            let Some(s) = slots.get_mut(i) else { continue };
+            let Some(s) = self.slots.get_mut(i) else {
+                continue;
+            };
             let before = s.link.phase;
             if ev.is_writable() {
                 s.link.write_blocked = false;
             }
             match before {
                 Phase::Connecting | Phase::Upgrading => {
-                    let key = wire::ws_key(nonce, i as u64);
+                    let key = wire::ws_key(self.nonce, i as u64);
+                    let url = self.url;
                     let req = || wire::upgrade_request(&url.authority, &url.path, &key);
-                    match s.link.handshake(&mut rbuf, req, &key) {
+                    match s.link.handshake(turn.rbuf, req, &key) {
                         Progress::Waiting => {}
                         Progress::Opened => {
-                            tally.opened += 1;
-                            tally
+                            self.tally.opened += 1;
+                            self.tally
                                 .handshake
                                 .record(s.started.elapsed().as_nanos() as u64);
                             // Frames right behind the 101 (a ping, say).
                             if !s.link.inbuf.is_empty()
-                                && serve_open(s, &[], &mut tally, poll.registry())
+                                && serve_open(s, &[], &mut self.tally, registry)
                                 && s.link.flush_if_ready().is_err()
                             {
-                                tally.drop_("write".into());
-                                s.link.shut(poll.registry());
+                                self.tally.drop_("write".into());
+                                s.link.shut(registry);
                             }
                         }
                         Progress::Failed(f) => {
-                            tally.fail(&f);
-                            s.link.shut(poll.registry());
+                            self.tally.fail(&f);
+                            s.link.shut(registry);
                         }
                     }
                 }
                 Phase::Open | Phase::Closing => {
-                    serve_io(s, &mut rbuf, &mut tally, poll.registry());
+                    serve_io(s, turn.rbuf, &mut self.tally, registry);
                 }
                 Phase::Done => {}
             }
-            counts.moved(before, s.link.phase);
+            self.counts.moved(before, s.link.phase);
         }
     }
-    let closed_cleanly = slots.iter().filter(|s| s.close_acked).count();
-    for s in &mut slots {
-        s.link.shut(poll.registry());
-    }
-    Ok(ConnectReport {
-        opts: o.clone(),
-        sources: sources.len(),
-        fd_limit,
-        attempted: slots.len(),
-        opened: tally.opened,
-        open_at_end,
-        failures: tally.failures,
-        dropped: tally.dropped,
-        first_failure: tally.first_failure,
-        handshake: tally.handshake,
-        ramp_s: ramp_end.saturating_duration_since(start).as_secs_f64(),
-        hold_s: hold_end.saturating_duration_since(ramp_end).as_secs_f64(),
-        pings: tally.pings,
-        close_sent,
-        closed_cleanly,
-        server_ramp: baseline
-            .zip(after_ramp)
-            .map(|(a, b)| Delta::between(&a, &b)),
-        server_hold: after_ramp
-            .zip(end_hold)
-            .map(|(a, b)| Delta::between(&a, &b)),
-    })
-}
-
-/// Connections that should have been started by `now` (also used by fanout mode).
-pub(crate) fn due_now(start: Instant, now: Instant, ramp: f64) -> usize {
-    (now.saturating_duration_since(start).as_secs_f64() * ramp).floor() as usize + 1
-}
-
-/// 127.0.0.1..=127.0.0.N when the server is on IPv4 loopback; none otherwise
-/// (also used by fanout mode).
-pub(crate) fn source_addresses(dst: SocketAddr, k: usize, want: Option<u8>) -> Vec<IpAddr> {
-    let loopback_v4 = matches!(dst.ip(), IpAddr::V4(v4) if v4.is_loopback());
-    if !loopback_v4 {
-        if want.is_some() {
-            eprintln!(
-                "switchboard-load: warning: --sources needs an IPv4 loopback server; ignored"
-            );
-        }
-        return Vec::new();
-    }
-    let n = want.map_or_else(|| k.div_ceil(PORTS_PER_SOURCE).clamp(1, 254), usize::from);
-    (1..=n)
-        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i as u8)))
-        .collect()
-}
-
-/// Fail handshakes older than the timeout. Slots were started in order, so
-/// only a prefix can have expired; returns where the next scan may start.
-fn expire_handshakes(
-    slots: &mut [Slot],
-    mut from: usize,
-    now: Instant,
-    timeout: Duration,
-    counts: &mut Counts,
-    tally: &mut Tally,
-    registry: &Registry,
-) -> usize {
-    while let Some(s) = slots.get_mut(from) {
-        if matches!(s.link.phase, Phase::Connecting | Phase::Upgrading) {
-            if now.saturating_duration_since(s.started) < timeout {
-                break;
-            }
-            tally.fail(&Fail::Timeout);
-            counts.moved(s.link.phase, Phase::Done);
-            s.link.shut(registry);
-        }
-        from += 1;
-    }
-    from
 }
 
 /// Read until WouldBlock, answer pings, notice closes; one write at the end.
@@ -484,18 +533,6 @@ fn serve_open(s: &mut Slot, fresh: &[u8], tally: &mut Tally, registry: &Registry
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sources_cover_the_ports_needed() {
-        let lo: SocketAddr = "127.0.0.1:9001".parse().unwrap();
-        assert_eq!(source_addresses(lo, 19_000, None).len(), 1);
-        assert_eq!(source_addresses(lo, 25_001, None).len(), 2);
-        assert_eq!(source_addresses(lo, 100_000, None).len(), 4);
-        let three = source_addresses(lo, 10, Some(3));
-        assert_eq!(three.last(), Some(&IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3))));
-        let v6: SocketAddr = "[::1]:9001".parse().unwrap();
-        assert!(source_addresses(v6, 10, None).is_empty());
-    }
 
     #[test]
     fn counts_follow_transitions() {

@@ -1,15 +1,50 @@
-//! The readable summary and the one-line JSON of each mode.
+//! The skeleton every mode's report is built on: the readable summary's
+//! shared lines, the JSON line's shared fields, and the number formats.
+//! Each mode prints its own figures between them (see its `Summary`).
 
-use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::time::Duration;
 
-use crate::connect::ConnectReport;
-use crate::echo::EchoReport;
-use crate::fanout::FanoutReport;
+use serde_json::{Map, Value, json};
+
 use crate::hist::Histogram;
 use crate::procfs::{Delta, human_bytes};
 
+/// What `main` does with a finished run.
+pub trait Summary {
+    /// The readable summary on stdout.
+    fn print(&self, url: &str, pid: Option<u32>);
+    /// Every figure as one JSON object.
+    fn to_json(&self, url: &str, pid: Option<u32>) -> Value;
+    /// Errors detected (0 for a clean run): the exit status.
+    fn problems(&self) -> u64;
+}
+
+/// Errors by kind, in report order.
+pub type Kinds<'a> = &'a [(&'static str, u64)];
+
+/// Sum of every kind.
+pub fn total(kinds: Kinds<'_>) -> u64 {
+    kinds.iter().map(|(_, n)| n).sum()
+}
+
+/// Microseconds with one decimal, from nanoseconds.
 pub(crate) fn us(ns: u64) -> f64 {
     (ns as f64 / 100.0).round() / 10.0
+}
+
+/// `v` rounded to `1 / scale`.
+pub(crate) fn round(v: f64, scale: f64) -> f64 {
+    (v * scale).round() / scale
+}
+
+/// `n` per second of a window of `window_s` seconds.
+pub(crate) fn per_sec(n: u64, window_s: f64) -> f64 {
+    if window_s > 0.0 {
+        n as f64 / window_s
+    } else {
+        0.0
+    }
 }
 
 /// "512.3 µs" or "1.25 ms".
@@ -49,13 +84,92 @@ pub(crate) fn latency_line(h: &Histogram) -> String {
     )
 }
 
+pub(crate) fn map_line(m: &BTreeMap<String, u64>) -> String {
+    m.iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Where connections were dialed from.
+pub(crate) fn sources_text(sources: usize) -> String {
+    match sources {
+        0 => "a kernel-chosen address".to_owned(),
+        1 => "127.0.0.1".to_owned(),
+        n => format!("127.0.0.1..127.0.0.{n}"),
+    }
+}
+
+/// "  window ..." of a measured run.
+pub(crate) fn window_line(window_s: f64, warmup: Duration) -> String {
+    format!(
+        "  window        {window_s:.2} s measured after {:.1} s warmup",
+        warmup.as_secs_f64()
+    )
+}
+
+/// "  verification ok: `ok`" when nothing went wrong, else the kinds that did.
+pub(crate) fn print_verification(kinds: Kinds<'_>, ok: &str) {
+    if total(kinds) == 0 {
+        println!("  verification  ok: {ok}");
+    } else {
+        let kinds: Vec<String> = kinds
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        println!("  verification  FAILED: {}", kinds.join(", "));
+    }
+}
+
+/// The server's CPU (with `per`, its cost per unit of work) and RSS over
+/// the window, when `--pid` was given.
+pub(crate) fn print_server(
+    pid: Option<u32>,
+    d: Option<&Delta>,
+    per: impl FnOnce(&Delta) -> String,
+    rss_note: bool,
+) {
+    let (Some(pid), Some(d)) = (pid, d) else {
+        return;
+    };
+    println!(
+        "  server {pid}  cpu {:.2} s in {:.2} s ({:.0}% of one core), {}",
+        d.cpu_s,
+        d.wall_s,
+        d.cores() * 100.0,
+        per(d)
+    );
+    println!(
+        "               user-space RSS {} -> {}{}",
+        human_bytes(d.rss_before as f64),
+        human_bytes(d.rss_after as f64),
+        if rss_note {
+            " (socket buffers are kernel memory, not included)"
+        } else {
+            ""
+        }
+    );
+}
+
+/// This process's CPU over the window.
+pub(crate) fn print_client(c: Option<&Delta>) {
+    if let Some(c) = c {
+        println!(
+            "  client        cpu {:.2} s ({:.0}% of one core)",
+            c.cpu_s,
+            c.cores() * 100.0
+        );
+    }
+}
+
 pub(crate) fn server_json(pid: Option<u32>, d: Option<&Delta>) -> Value {
     match (pid, d) {
         (Some(pid), Some(d)) => json!({
             "pid": pid,
-            "cpu_s": (d.cpu_s * 100.0).round() / 100.0,
-            "wall_s": (d.wall_s * 1000.0).round() / 1000.0,
-            "cpu_cores": (d.cores() * 1000.0).round() / 1000.0,
+            "cpu_s": round(d.cpu_s, 100.0),
+            "wall_s": round(d.wall_s, 1000.0),
+            "cpu_cores": round(d.cores(), 1000.0),
             "rss_before_bytes": d.rss_before,
             "rss_after_bytes": d.rss_after,
         }),
@@ -63,398 +177,164 @@ pub(crate) fn server_json(pid: Option<u32>, d: Option<&Delta>) -> Value {
     }
 }
 
-pub fn print_echo(r: &EchoReport, url: &str, pid: Option<u32>) {
-    let o = &r.opts;
-    println!("switchboard-load echo  {url}");
-    println!(
-        "  connections   {} opened of {}; {} B {} payloads, {} in flight each",
-        r.opened,
-        o.connections,
-        o.size,
-        if o.binary { "binary" } else { "text" },
-        o.depth
-    );
-    println!(
-        "  window        {:.2} s measured after {:.1} s warmup",
-        r.window_s,
-        o.warmup.as_secs_f64()
-    );
-    println!(
-        "  throughput    {:.0} msg/s  ({} round trips in the window; {} sent, {} echoed in all)",
-        r.msgs_per_sec(),
-        r.measured,
-        r.sent_total,
-        r.completed_total
-    );
-    println!("  round trip    {}", latency_line(&r.latency));
-    let e = &r.errors;
-    if e.total() == 0 {
-        println!("  verification  ok: every echo in order and byte-identical; no errors");
-    } else {
-        let kinds: Vec<String> = e
-            .kinds()
-            .iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect();
-        println!("  verification  FAILED: {}", kinds.join(", "));
-    }
-    if let Some(f) = &r.connect_failure {
-        println!("  first connect failure: {f}");
-    }
-    if let Some(p) = &r.first_problem {
-        println!("  first problem: {p}");
-    }
-    println!(
-        "  close         {} of {} answered our close frame; {} pings answered",
-        r.closed_cleanly, r.opened, r.pings
-    );
-    if let (Some(pid), Some(d)) = (pid, r.server.as_ref()) {
-        let per_msg = if r.measured > 0 {
-            format!("{:.2} µs/msg", d.cpu_s * 1e6 / r.measured as f64)
-        } else {
-            "- µs/msg".into()
-        };
-        println!(
-            "  server {pid}  cpu {:.2} s in {:.2} s ({:.0}% of one core), {per_msg}",
-            d.cpu_s,
-            d.wall_s,
-            d.cores() * 100.0
-        );
-        println!(
-            "               user-space RSS {} -> {} (socket buffers are kernel memory, not included)",
-            human_bytes(d.rss_before as f64),
-            human_bytes(d.rss_after as f64)
-        );
-    }
-    if let Some(c) = &r.client {
-        println!(
-            "  client        cpu {:.2} s ({:.0}% of one core)",
-            c.cpu_s,
-            c.cores() * 100.0
-        );
-    }
-}
-
-pub fn echo_json(r: &EchoReport, url: &str, pid: Option<u32>) -> Value {
-    let o = &r.opts;
-    let e = &r.errors;
-    let mut server = server_json(pid, r.server.as_ref());
-    if let (Some(obj), Some(d)) = (server.as_object_mut(), r.server.as_ref()) {
-        let per =
-            (r.measured > 0).then(|| (d.cpu_s * 1e6 / r.measured as f64 * 1000.0).round() / 1000.0);
-        obj.insert("cpu_us_per_msg".into(), json!(per));
-    }
-    let mut errors = serde_json::Map::new();
-    for (k, n) in e.kinds() {
-        errors.insert(k.into(), json!(n));
-    }
-    errors.insert("total".into(), json!(e.total()));
-    json!({
-        "mode": "echo",
-        "url": url,
-        "connections": o.connections,
-        "opened": r.opened,
-        "size": o.size,
-        "depth": o.depth,
-        "binary": o.binary,
-        "warmup_s": o.warmup.as_secs_f64(),
-        "duration_s": o.duration.as_secs_f64(),
-        "window_s": (r.window_s * 1000.0).round() / 1000.0,
-        "messages": r.measured,
-        "msgs_per_sec": r.msgs_per_sec().round(),
-        "sent_total": r.sent_total,
-        "echoed_total": r.completed_total,
-        "latency_us": latency_json(&r.latency),
-        "errors": errors,
-        "connect_failure": r.connect_failure,
-        "first_problem": r.first_problem,
-        "closed_cleanly": r.closed_cleanly,
-        "pings_answered": r.pings,
-        "server": server,
-        "client": r.client.as_ref().map(|c| json!({
-            "cpu_s": (c.cpu_s * 100.0).round() / 100.0,
-            "cpu_cores": (c.cores() * 1000.0).round() / 1000.0,
-        })),
-    })
-}
-
-pub(crate) fn map_line(m: &std::collections::BTreeMap<String, u64>) -> String {
-    m.iter()
-        .map(|(k, n)| format!("{k} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-pub fn print_connect(r: &ConnectReport, url: &str, pid: Option<u32>) {
-    let o = &r.opts;
-    println!("switchboard-load connect  {url}");
-    println!(
-        "  attempted     {} at {:.0}/s from {} (open-file limit {})",
-        r.attempted,
-        o.ramp,
-        if r.sources > 1 {
-            format!("127.0.0.1..127.0.0.{}", r.sources)
-        } else if r.sources == 1 {
-            "127.0.0.1".into()
-        } else {
-            "a kernel-chosen address".into()
-        },
-        r.fd_limit
-    );
-    println!(
-        "  ramp          {:.2} s ({:.0} upgrades/s); upgrade time {}",
-        r.ramp_s,
-        if r.ramp_s > 0.0 {
-            r.opened as f64 / r.ramp_s
-        } else {
-            0.0
-        },
-        latency_line(&r.handshake)
-    );
-    println!(
-        "  open          {} upgraded, {} still open after {:.2} s hold; {} pings answered",
-        r.opened, r.open_at_end, r.hold_s, r.pings
-    );
-    if r.failures.is_empty() && r.dropped.is_empty() {
-        println!("  failures      none");
-    } else {
-        if !r.failures.is_empty() {
-            println!("  failures      {}", map_line(&r.failures));
-        }
-        if !r.dropped.is_empty() {
-            println!("  lost while held  {}", map_line(&r.dropped));
-        }
-        if let Some(f) = &r.first_failure {
-            println!("  first failure {f}");
-        }
-    }
-    println!(
-        "  close         {} of {} answered our close frame",
-        r.closed_cleanly, r.close_sent
-    );
-    if let (Some(pid), Some(ramp), Some(hold)) =
-        (pid, r.server_ramp.as_ref(), r.server_hold.as_ref())
-    {
-        println!(
-            "  server {pid}  cpu {:.2} s during the ramp, {:.2} s during the hold ({:.1}% of one core)",
-            ramp.cpu_s,
-            hold.cpu_s,
-            hold.cores() * 100.0
-        );
-        println!(
-            "               user-space RSS {} before, {} after the ramp, {} at the end of the hold",
-            human_bytes(ramp.rss_before as f64),
-            human_bytes(ramp.rss_after as f64),
-            human_bytes(hold.rss_after as f64)
-        );
-        if let Some(b) = r.rss_per_connection() {
-            println!(
-                "               {} of user-space RSS per open connection (socket buffers are kernel memory, not included)",
-                human_bytes(b)
-            );
-        }
-    }
-}
-
-pub fn connect_json(r: &ConnectReport, url: &str, pid: Option<u32>) -> Value {
-    let o = &r.opts;
-    let server = match (pid, r.server_ramp.as_ref(), r.server_hold.as_ref()) {
-        (Some(pid), Some(ramp), Some(hold)) => json!({
-            "pid": pid,
-            "rss_baseline_bytes": ramp.rss_before,
-            "rss_after_ramp_bytes": ramp.rss_after,
-            "rss_end_of_hold_bytes": hold.rss_after,
-            "rss_bytes_per_connection": r.rss_per_connection().map(f64::round),
-            "cpu_ramp_s": (ramp.cpu_s * 100.0).round() / 100.0,
-            "cpu_hold_s": (hold.cpu_s * 100.0).round() / 100.0,
-            "cpu_hold_cores": (hold.cores() * 1000.0).round() / 1000.0,
-        }),
-        _ => Value::Null,
-    };
-    json!({
-        "mode": "connect",
-        "url": url,
-        "connections": o.connections,
-        "ramp_per_s": o.ramp,
-        "hold_s": (r.hold_s * 1000.0).round() / 1000.0,
-        "sources": r.sources,
-        "fd_limit": r.fd_limit,
-        "attempted": r.attempted,
-        "opened": r.opened,
-        "open_at_end": r.open_at_end,
-        "failures": r.failures,
-        "dropped": r.dropped,
-        "problems": r.problems(),
-        "first_failure": r.first_failure,
-        "ramp_s": (r.ramp_s * 1000.0).round() / 1000.0,
-        "upgrade_us": latency_json(&r.handshake),
-        "pings_answered": r.pings,
-        "close_sent": r.close_sent,
-        "closed_cleanly": r.closed_cleanly,
-        "server": server,
-    })
-}
-
-pub fn print_fanout(r: &FanoutReport, url: &str, pid: Option<u32>) {
-    let o = &r.opts;
-    println!("switchboard-load fanout  {url}");
-    println!(
-        "  subscribers   {} subscribed of {} to {:?} from {} (open-file limit {}); publisher {:?}",
-        r.subscribed,
-        o.subscribers,
-        o.channel,
-        match r.sources {
-            0 => "a kernel-chosen address".to_owned(),
-            1 => "127.0.0.1".to_owned(),
-            n => format!("127.0.0.1..127.0.0.{n}"),
-        },
-        r.fd_limit,
-        r.publisher
-    );
-    println!(
-        "  setup         {:.2} s at {:.0}/s; dial to subscribed {}",
-        r.setup_s,
-        o.ramp,
-        latency_line(&r.subscribe_time)
-    );
-    println!(
-        "  load          {} publishes in flight, ~{} B data each",
-        o.inflight, o.size
-    );
-    println!(
-        "  window        {:.2} s measured after {:.1} s warmup",
-        r.window_s,
-        o.warmup.as_secs_f64()
-    );
-    println!(
-        "  throughput    {:.0} publishes/s, {:.0} deliveries/s ({} publishes x {} subscribers in the window)",
-        r.publishes_per_sec(),
-        r.deliveries_per_sec(),
-        r.publishes,
-        r.live_at_start
-    );
-    println!(
-        "  totals        {} published, {} completed, {} acknowledged; {} deliveries received",
-        r.sent_total, r.completed_total, r.acks, r.received_total
-    );
-    println!("  latency       {}", latency_line(&r.latency));
-    if r.slow_path > 0 {
-        println!(
-            "  note          {} message events did not match the expected envelope byte for byte and were parsed as JSON (slow path)",
-            r.slow_path
-        );
-    }
-    let e = &r.errors;
-    if e.total() == 0 {
-        println!(
-            "  verification  ok: every subscriber got every publish once, in order, intact; no errors"
-        );
-    } else {
-        let kinds: Vec<String> = e
-            .kinds()
-            .iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect();
-        println!("  verification  FAILED: {}", kinds.join(", "));
-    }
-    if !r.failures.is_empty() {
-        println!("  not subscribed  {}", map_line(&r.failures));
-    }
-    if let Some(f) = &r.first_failure {
-        println!("  first setup failure: {f}");
-    }
-    if let Some(p) = &r.first_problem {
-        println!("  first problem: {p}");
-    }
-    println!(
-        "  close         {} of {} answered our close frame; {} pings answered",
-        r.closed_cleanly, r.close_sent, r.pings
-    );
-    if let (Some(pid), Some(d)) = (pid, r.server.as_ref()) {
-        let per = r
-            .server_us_per_delivery()
-            .map_or("- µs/delivery".into(), |u| format!("{u:.3} µs/delivery"));
-        println!(
-            "  server {pid}  cpu {:.2} s in {:.2} s ({:.0}% of one core), {per}",
-            d.cpu_s,
-            d.wall_s,
-            d.cores() * 100.0
-        );
-        println!(
-            "               user-space RSS {} -> {} (socket buffers are kernel memory, not included)",
-            human_bytes(d.rss_before as f64),
-            human_bytes(d.rss_after as f64)
-        );
-    }
-    if let Some(c) = &r.client {
-        println!(
-            "  client        cpu {:.2} s ({:.0}% of one core)",
-            c.cpu_s,
-            c.cores() * 100.0
-        );
-    }
-}
-
-pub fn fanout_json(r: &FanoutReport, url: &str, pid: Option<u32>) -> Value {
-    let o = &r.opts;
-    let e = &r.errors;
-    let mut server = server_json(pid, r.server.as_ref());
+/// [`server_json`] with the CPU per unit of work (`cpu_us_per_...`, three
+/// decimals) added when there is a server.
+pub(crate) fn server_json_per(
+    pid: Option<u32>,
+    d: Option<&Delta>,
+    per: &[(&str, Option<f64>)],
+) -> Value {
+    let mut server = server_json(pid, d);
     if let Some(obj) = server.as_object_mut() {
-        obj.insert(
-            "cpu_us_per_delivery".into(),
-            json!(
-                r.server_us_per_delivery()
-                    .map(|u| (u * 1000.0).round() / 1000.0)
-            ),
+        for (k, v) in per {
+            obj.insert((*k).into(), json!(v.map(|u| round(u, 1000.0))));
+        }
+    }
+    server
+}
+
+pub(crate) fn client_json(c: Option<&Delta>) -> Value {
+    match c {
+        Some(c) => json!({
+            "cpu_s": round(c.cpu_s, 100.0),
+            "cpu_cores": round(c.cores(), 1000.0),
+        }),
+        None => Value::Null,
+    }
+}
+
+/// The errors by kind and their total.
+pub(crate) fn errors_json(kinds: Kinds<'_>) -> Value {
+    let mut errors = Map::new();
+    for (k, n) in kinds {
+        errors.insert((*k).into(), json!(n));
+    }
+    errors.insert("total".into(), json!(total(kinds)));
+    Value::Object(errors)
+}
+
+/// Add the fields of `more` (an object) to `v` (an object).
+pub(crate) fn extend(mut v: Value, more: Value) -> Value {
+    if let (Some(a), Value::Object(b)) = (v.as_object_mut(), more) {
+        a.extend(b);
+    }
+    v
+}
+
+/// What every run with setup, a measured window and verified traffic
+/// reports besides its own figures (fanout, ingest and api).
+#[derive(Debug)]
+pub struct Outcome {
+    pub setup_s: f64,
+    pub window_s: f64,
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// The server over the window (`--pid`).
+    pub server: Option<Delta>,
+    /// This process over the window.
+    pub client: Option<Delta>,
+    /// Connections that never got through setup, by kind.
+    pub failures: BTreeMap<String, u64>,
+    pub first_failure: Option<String>,
+    /// The first error after setup, as text.
+    pub first_problem: Option<String>,
+    pub close_sent: usize,
+    /// Connections whose close the server answered.
+    pub closed_cleanly: usize,
+    pub pings: u64,
+}
+
+impl Outcome {
+    /// `n` per second of the measured window.
+    pub fn per_sec(&self, n: u64) -> f64 {
+        per_sec(n, self.window_s)
+    }
+
+    /// Server CPU microseconds per one of `n` units of work in the window.
+    pub fn server_us_per(&self, n: u64) -> Option<f64> {
+        let d = self.server.as_ref()?;
+        (n > 0).then(|| d.cpu_s * 1e6 / n as f64)
+    }
+
+    /// The readable summary's last lines: setup failures (`failed`
+    /// labels them), the first problem, the close, the server and the
+    /// client. `per` tells the server's CPU per unit of work; `who` names
+    /// what was closed.
+    pub fn print_tail(
+        &self,
+        pid: Option<u32>,
+        failed: &str,
+        who: &str,
+        per: impl FnOnce(&Delta) -> String,
+        rss_note: bool,
+    ) {
+        if !self.failures.is_empty() {
+            println!("  {failed}{}", map_line(&self.failures));
+        }
+        if let Some(f) = &self.first_failure {
+            println!("  first setup failure: {f}");
+        }
+        if let Some(p) = &self.first_problem {
+            println!("  first problem: {p}");
+        }
+        println!(
+            "  close         {} of {}{who} answered our close frame; {} pings answered",
+            self.closed_cleanly, self.close_sent, self.pings
         );
+        print_server(pid, self.server.as_ref(), per, rss_note);
+        print_client(self.client.as_ref());
     }
-    let mut errors = serde_json::Map::new();
-    for (k, n) in e.kinds() {
-        errors.insert(k.into(), json!(n));
+
+    /// The JSON line: the shared fields, the errors, the server (with its
+    /// CPU per unit of work, `per`) and the mode's own fields `own`.
+    pub fn json(
+        &self,
+        mode: &str,
+        url: &str,
+        pid: Option<u32>,
+        kinds: Kinds<'_>,
+        per: &[(&str, Option<f64>)],
+        own: Value,
+    ) -> Value {
+        let shared = json!({
+            "mode": mode,
+            "url": url,
+            "setup_s": round(self.setup_s, 1000.0),
+            "warmup_s": self.warmup.as_secs_f64(),
+            "duration_s": self.duration.as_secs_f64(),
+            "window_s": round(self.window_s, 1000.0),
+            "errors": errors_json(kinds),
+            "failures": self.failures,
+            "first_failure": self.first_failure,
+            "first_problem": self.first_problem,
+            "close_sent": self.close_sent,
+            "closed_cleanly": self.closed_cleanly,
+            "pings_answered": self.pings,
+            "server": server_json_per(pid, self.server.as_ref(), per),
+            "client": client_json(self.client.as_ref()),
+        });
+        extend(shared, own)
     }
-    errors.insert("total".into(), json!(e.total()));
-    json!({
-        "mode": "fanout",
-        "url": url,
-        "subscribers": o.subscribers,
-        "subscribed": r.subscribed,
-        "live_at_start": r.live_at_start,
-        "channel": o.channel,
-        "publisher": r.publisher,
-        "inflight": o.inflight,
-        "size": o.size,
-        "ramp_per_s": o.ramp,
-        "sources": r.sources,
-        "fd_limit": r.fd_limit,
-        "setup_s": (r.setup_s * 1000.0).round() / 1000.0,
-        "warmup_s": o.warmup.as_secs_f64(),
-        "duration_s": o.duration.as_secs_f64(),
-        "window_s": (r.window_s * 1000.0).round() / 1000.0,
-        "publishes": r.publishes,
-        "publishes_per_sec": (r.publishes_per_sec() * 10.0).round() / 10.0,
-        "deliveries": r.deliveries(),
-        "deliveries_per_sec": r.deliveries_per_sec().round(),
-        "received_in_window": r.received_window,
-        "sent_total": r.sent_total,
-        "completed_total": r.completed_total,
-        "received_total": r.received_total,
-        "published_acks": r.acks,
-        "slow_path_messages": r.slow_path,
-        "latency_us": latency_json(&r.latency),
-        "subscribe_us": latency_json(&r.subscribe_time),
-        "errors": errors,
-        "failures": r.failures,
-        "first_failure": r.first_failure,
-        "first_problem": r.first_problem,
-        "close_sent": r.close_sent,
-        "closed_cleanly": r.closed_cleanly,
-        "pings_answered": r.pings,
-        "server": server,
-        "client": r.client.as_ref().map(|c| json!({
-            "cpu_s": (c.cpu_s * 100.0).round() / 100.0,
-            "cpu_cores": (c.cores() * 1000.0).round() / 1000.0,
-        })),
-    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers() {
+        assert_eq!(us(1_234_567), 1234.6);
+        assert_eq!(round(1.23456, 1000.0), 1.235);
+        assert_eq!(per_sec(10, 0.0), 0.0);
+        assert_eq!(per_sec(10, 2.0), 5.0);
+        assert_eq!(dur(512_300), "512.3 µs");
+        assert_eq!(dur(1_250_000), "1.25 ms");
+        assert_eq!(sources_text(3), "127.0.0.1..127.0.0.3");
+    }
+
+    #[test]
+    fn errors_have_a_total() {
+        let v = errors_json(&[("lost", 2), ("dup", 1)]);
+        assert_eq!(v, json!({"lost": 2, "dup": 1, "total": 3}));
+    }
 }
