@@ -37,17 +37,17 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll, Registry, Token};
+use mio::{Events, Registry, Token};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use crate::connect;
+use crate::driver::{self, Driver, Mode, Plan, Ramp, Turn};
 use crate::fanout::{json_str, with_user};
 use crate::hist::Histogram;
 use crate::net::{self, Fail, FeedEnd, Link, Phase, Progress, ReadOutcome};
-use crate::procfs::{self, Delta, Sample, human_bytes};
-use crate::report::{latency_json, latency_line, map_line, server_json};
+use crate::procfs::Delta;
+use crate::report::{self, Outcome, Summary, latency_json, latency_line, map_line};
 use crate::url::WsUrl;
 use crate::wire;
 
@@ -55,12 +55,8 @@ use crate::wire;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long to wait for the server's side of the closing handshakes.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often setup deadlines are checked.
-const TIMEOUT_SCAN: Duration = Duration::from_millis(100);
 /// One read lands here (shared by all connections).
 const READ_BUF: usize = 256 << 10;
-/// Subscribers dialed per loop turn at most.
-const DIAL_BATCH: usize = 64;
 /// HTTP connections are tokens from here on; subscribers are 0..N.
 const HTTP_BASE: usize = 1 << 40;
 /// Offsets a subscriber remembers as skipped (counted lost, but forgiven
@@ -122,7 +118,7 @@ pub struct ApiErrors {
 
 impl ApiErrors {
     pub fn total(&self) -> u64 {
-        self.kinds().iter().map(|(_, n)| n).sum()
+        report::total(&self.kinds())
     }
 
     /// Kinds and counts, in report order.
@@ -153,9 +149,7 @@ pub struct ApiReport {
     pub subscribed: usize,
     pub live_at_start: usize,
     pub http_open: usize,
-    pub setup_s: f64,
     pub subscribe_time: Histogram,
-    pub window_s: f64,
     /// Publishes completed (answered and delivered) inside the window.
     pub publishes: u64,
     /// Intact deliveries inside the window.
@@ -180,43 +174,27 @@ pub struct ApiReport {
     /// Statuses other than 200, by code.
     pub statuses: BTreeMap<String, u64>,
     pub errors: ApiErrors,
-    pub failures: BTreeMap<String, u64>,
-    pub first_failure: Option<String>,
-    pub first_problem: Option<String>,
-    pub close_sent: usize,
-    pub closed_cleanly: usize,
-    pub pings: u64,
-    pub server: Option<Delta>,
-    pub client: Option<Delta>,
+    /// The window, the samples, connections never made (by kind), the close.
+    pub run: Outcome,
 }
 
 impl ApiReport {
-    fn per_sec(&self, n: u64) -> f64 {
-        if self.window_s > 0.0 {
-            n as f64 / self.window_s
-        } else {
-            0.0
-        }
-    }
-
     pub fn publishes_per_sec(&self) -> f64 {
-        self.per_sec(self.publishes)
+        self.run.per_sec(self.publishes)
     }
 
     pub fn deliveries_per_sec(&self) -> f64 {
-        self.per_sec(self.received_window)
+        self.run.per_sec(self.received_window)
     }
 
     /// Server CPU microseconds per publish (fan-out included) in the window.
     pub fn server_us_per_publish(&self) -> Option<f64> {
-        let d = self.server.as_ref()?;
-        (self.publishes > 0).then(|| d.cpu_s * 1e6 / self.publishes as f64)
+        self.run.server_us_per(self.publishes)
     }
 
     /// Server CPU microseconds per delivery in the window.
     pub fn server_us_per_delivery(&self) -> Option<f64> {
-        let d = self.server.as_ref()?;
-        (self.received_window > 0).then(|| d.cpu_s * 1e6 / self.received_window as f64)
+        self.run.server_us_per(self.received_window)
     }
 }
 
@@ -1049,13 +1027,35 @@ struct Sub {
     frag: Option<(u8, Vec<u8>)>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Stage {
-    Setup,
-    Warmup,
-    Measure,
-    Drain,
-    Close,
+/// The API mode's part of the run loop.
+struct Api<'a> {
+    url: &'a WsUrl,
+    o: &'a ApiOpts,
+    addr: SocketAddr,
+    nonce: u64,
+    tag: u32,
+    start: Instant,
+    sources: net::SourcePorts,
+    ramp: Ramp,
+    channel_json: String,
+    subscribe_msg: String,
+    /// `{"type":"message","channel":C,"data":`
+    prefix: Vec<u8>,
+    /// The request head up to Content-Length.
+    head: Vec<u8>,
+    https: Vec<Http>,
+    subs: Vec<Sub>,
+    table: Table,
+    tally: Tally,
+    live_at_start: usize,
+    http_open: usize,
+    /// The first publish completed: the others may go.
+    primed: bool,
+    sent_total: u64,
+    /// The HTTP connection next in turn.
+    rr: usize,
+    reconnects: u64,
+    close_sent: usize,
 }
 
 pub fn run(
@@ -1068,38 +1068,28 @@ pub fn run(
     if n == 0 || o.inflight == 0 || o.connections == 0 {
         return Err("--subscribers, --connections and --inflight must be at least 1".into());
     }
-    let fd_limit = match switchboard::raise_fd_limit() {
-        Ok((_, now, _)) => now,
-        Err(e) => return Err(format!("cannot read the open-file limit: {e}")),
-    };
-    if (n + o.connections) as u64 + 16 > fd_limit {
-        eprintln!(
-            "switchboard-load: warning: the open-file limit is {fd_limit}; {n} subscribers will not all fit (expect fd_limit failures)"
-        );
-    }
-    let mut sources = net::SourcePorts::new(connect::source_addresses(
-        addr,
-        n + o.connections,
-        o.sources,
-    ));
-    let pid_s = pid.map(|p| p.to_string());
-    let sample = |what: &Option<String>| -> Result<Option<Sample>, String> {
-        what.as_deref().map(procfs::sample).transpose()
-    };
-    let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
-    let mut events = Events::with_capacity(4096);
-    let mut rbuf = vec![0u8; READ_BUF];
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-        ^ u64::from(std::process::id());
-    let tag = std::process::id();
+    let fd_limit = driver::fd_limit(
+        (n + o.connections) as u64 + 16,
+        &format!("{n} subscribers will not all fit (expect fd_limit failures)"),
+    )
+    .map_err(|e| format!("cannot read the open-file limit: {e}"))?;
+    let mut sources =
+        net::SourcePorts::new(net::source_addresses(addr, n + o.connections, o.sources));
+    let driver = Driver::new(Plan {
+        pid,
+        warmup: o.warmup,
+        duration: o.duration,
+        drain_timeout: DRAIN_TIMEOUT,
+        close_timeout: CLOSE_TIMEOUT,
+        tick: Duration::from_millis(100),
+        events: 4096,
+        read_buf: READ_BUF,
+        baseline: false,
+        client: true,
+    })?;
+    let nonce = driver::run_nonce();
     let channel_json = json_str(&o.channel);
-    let subscribe_msg = format!("{{\"type\":\"subscribe\",\"channel\":{channel_json}}}");
-    let prefix =
-        format!("{{\"type\":\"message\",\"channel\":{channel_json},\"data\":").into_bytes();
-    let head = request_head(&o.api_path, &url.authority, o.api_key.as_deref());
-    let start = Instant::now();
+    let start = driver.start();
 
     // The HTTP connections first.
     let mut https: Vec<Http> = Vec::with_capacity(o.connections);
@@ -1108,7 +1098,7 @@ pub fn run(
             Ok(s) => Link::new(s),
             Err(f) => return Err(format!("HTTP connection: {f}")),
         };
-        link.register(poll.registry(), Token(HTTP_BASE + j))
+        link.register(driver.registry(), Token(HTTP_BASE + j))
             .map_err(|e| format!("HTTP connection: register: {e}"))?;
         https.push(Http {
             link,
@@ -1120,339 +1110,48 @@ pub fn run(
             failure: None,
         });
     }
-
-    let mut subs: Vec<Sub> = Vec::with_capacity(n);
-    let mut table = Table {
-        subscribers: n,
-        ..Default::default()
+    let mut mode = Api {
+        url,
+        o,
+        addr,
+        nonce,
+        tag: std::process::id(),
+        start,
+        sources,
+        ramp: Ramp::new(start, o.ramp, n),
+        subscribe_msg: format!("{{\"type\":\"subscribe\",\"channel\":{channel_json}}}"),
+        prefix: format!("{{\"type\":\"message\",\"channel\":{channel_json},\"data\":").into_bytes(),
+        head: request_head(&o.api_path, &url.authority, o.api_key.as_deref()),
+        channel_json,
+        https,
+        subs: Vec::with_capacity(n),
+        table: Table {
+            subscribers: n,
+            ..Default::default()
+        },
+        tally: Tally::default(),
+        live_at_start: 0,
+        http_open: 0,
+        primed: false,
+        sent_total: 0,
+        rr: 0,
+        reconnects: 0,
+        close_sent: 0,
     };
-    let mut tally = Tally::default();
-    let mut stage = Stage::Setup;
-    let mut setup_end = start;
-    let mut t_warm = start;
-    let mut t_end = start;
-    let mut deadline = start;
-    let mut next_scan = start + TIMEOUT_SCAN;
-    let mut scan_from = 0usize;
-    let mut live_at_start = 0usize;
-    let mut http_open = 0usize;
-    let mut primed = false;
-    let mut sent_total = 0u64;
-    let mut rr = 0usize;
-    let mut reconnects = 0u64;
-    let mut server_a: Option<Sample> = None;
-    let mut server_b: Option<Sample> = None;
-    let mut client_a: Option<Sample> = None;
-    let mut client_b: Option<Sample> = None;
-    let mut window = (start, start);
-    let mut close_sent = 0usize;
-    loop {
-        let now = Instant::now();
-        if stage == Stage::Setup {
-            let due = connect::due_now(start, now, o.ramp);
-            let batch_end = due.min(n).min(subs.len() + DIAL_BATCH);
-            while subs.len() < batch_end {
-                let i = subs.len();
-                let mut track = Track::new(Instant::now());
-                tally.pending_setup += 1;
-                let dialed = if sources.is_empty() {
-                    net::dial(None, addr)
-                } else {
-                    sources.dial(i, addr)
-                };
-                let mut link = match dialed {
-                    Ok(s) => Link::new(s),
-                    Err(f) => {
-                        setup_failed(&mut track, &mut tally, f.kind(), || f.to_string());
-                        Link::dead()
-                    }
-                };
-                if let Err(e) = link.register(poll.registry(), Token(i)) {
-                    let f = Fail::Socket(e);
-                    setup_failed(&mut track, &mut tally, f.kind(), || f.to_string());
-                    link.shut(poll.registry());
-                }
-                subs.push(Sub {
-                    link,
-                    track,
-                    frag: None,
-                });
-            }
-            if now >= next_scan {
-                next_scan = now + TIMEOUT_SCAN;
-                while let Some(s) = subs.get_mut(scan_from) {
-                    if !s.track.settled {
-                        if now.saturating_duration_since(s.track.started) < o.handshake_timeout {
-                            break;
-                        }
-                        setup_failed(&mut s.track, &mut tally, Fail::Timeout.kind(), || {
-                            "no subscribed reply in time".to_owned()
-                        });
-                        s.link.shut(poll.registry());
-                    }
-                    scan_from += 1;
-                }
-                for h in https
-                    .iter_mut()
-                    .filter(|h| h.link.phase == Phase::Connecting)
-                {
-                    if now.saturating_duration_since(h.started) >= o.handshake_timeout {
-                        h.failure = Some("TCP connect timed out".into());
-                        h.link.shut(poll.registry());
-                    }
-                }
-            }
-            let http_settled = https.iter().all(|h| h.link.phase != Phase::Connecting);
-            if subs.len() == n && tally.pending_setup == 0 && http_settled {
-                for h in https.iter_mut().filter(|h| h.link.phase != Phase::Open) {
-                    tally.errors.connect += 1;
-                    *tally.failures.entry("http_connect".into()).or_default() += 1;
-                    h.done = true;
-                    if tally.first_failure.is_none() {
-                        tally.first_failure = h.failure.clone();
-                    }
-                }
-                http_open = https.iter().filter(|h| h.link.phase == Phase::Open).count();
-                if http_open == 0 {
-                    return Err(format!(
-                        "no HTTP connection could be made: {}",
-                        tally.first_failure.clone().unwrap_or_default()
-                    ));
-                }
-                setup_end = Instant::now();
-                live_at_start = table.live;
-                t_warm = setup_end + o.warmup;
-                t_end = t_warm + o.duration;
-                deadline = t_warm;
-                // The first publish alone: its offset is where the run starts.
-                table.credits = 1;
-                stage = Stage::Warmup;
-            }
-        }
-        let http_live = https.iter().any(|h| !h.done);
-        let publishing = http_live && (table.live > 0 || live_at_start == 0);
-        if stage == Stage::Warmup && (now >= t_warm || !publishing) {
-            stage = Stage::Measure;
-            deadline = t_end;
-            server_a = sample(&pid_s)?;
-            client_a = procfs::sample("self").ok();
-            window.0 = Instant::now();
-        }
-        if stage == Stage::Measure && (now >= t_end || !publishing) {
-            server_b = sample(&pid_s)?;
-            client_b = procfs::sample("self").ok();
-            window.1 = Instant::now();
-            stage = Stage::Drain;
-            deadline = now + DRAIN_TIMEOUT;
-        }
-        if stage == Stage::Drain && (now >= deadline || table.pending.is_empty()) {
-            // Verdicts are final.
-            let mut missing = 0u64;
-            for (i, s) in subs.iter_mut().enumerate() {
-                if !s.track.live {
-                    continue;
-                }
-                for p in table.pending.values().filter(|p| p.answered) {
-                    if p.passed
-                        .get(i / 64)
-                        .is_some_and(|w| w & (1 << (i % 64)) == 0)
-                    {
-                        missing += 1;
-                    }
-                }
-                s.track.live = false;
-            }
-            if missing > 0 {
-                tally.errors.lost += missing;
-                tally.problem(|| {
-                    format!("{missing} deliveries still missing at subscribers after the drain")
-                });
-            }
-            let unanswered: u64 = https.iter().map(|h| h.outstanding.len() as u64).sum();
-            if unanswered > 0 {
-                tally.errors.unanswered += unanswered;
-                tally.problem(|| format!("{unanswered} publish requests never answered"));
-            }
-            for s in subs.iter_mut().filter(|s| s.link.phase == Phase::Open) {
-                wire::close_frame(&mut s.link.out, 1000);
-                s.link.phase = Phase::Closing;
-                close_sent += 1;
-                if s.link.flush_if_ready().is_err() {
-                    s.link.shut(poll.registry());
-                }
-            }
-            for h in &mut https {
-                h.done = true;
-                h.link.shut(poll.registry());
-            }
-            stage = Stage::Close;
-            deadline = now + CLOSE_TIMEOUT;
-        }
-        if stage == Stage::Close && (now >= deadline || subs.iter().all(|s| s.link.is_done())) {
-            break;
-        }
-        let wait = match stage {
-            Stage::Setup
-                if subs.len() < n && subs.len() >= connect::due_now(start, now, o.ramp) =>
-            {
-                let next = start + Duration::from_secs_f64(subs.len() as f64 / o.ramp);
-                next.saturating_duration_since(now)
-                    .min(Duration::from_millis(10))
-            }
-            Stage::Setup if subs.len() < n => Duration::ZERO,
-            Stage::Setup => TIMEOUT_SCAN,
-            _ => deadline
-                .saturating_duration_since(now)
-                .min(Duration::from_millis(100)),
-        };
-        match poll.poll(&mut events, Some(wait)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("poll: {e}")),
-        }
-        let sending = matches!(stage, Stage::Warmup | Stage::Measure);
-        let mut cx = Cx {
-            table: &mut table,
-            tally: &mut tally,
-            prefix: &prefix,
-            channel: &o.channel,
-            now_ns: 0,
-            measuring: stage == Stage::Measure,
-            verifying: stage <= Stage::Drain,
-        };
-        for ev in events.iter() {
-            let tok = ev.token().0;
-            if tok >= HTTP_BASE {
-                let Some(h) = https.get_mut(tok - HTTP_BASE) else {
-                    continue;
-                };
-                if ev.is_writable() {
-                    h.link.write_blocked = false;
-                }
-                if h.link.is_done() {
-                    continue;
-                }
-                match serve_http(h, &mut rbuf, start, &mut cx) {
-                    HttpEnd::Keep => {}
-                    HttpEnd::Gone => {
-                        h.done = true;
-                        h.link.shut(poll.registry());
-                        continue;
-                    }
-                    HttpEnd::Idle => {
-                        h.link.shut(poll.registry());
-                        let dialed = if sources.is_empty() {
-                            net::dial(None, addr)
-                        } else {
-                            sources.dial(tok, addr)
-                        };
-                        let reg = dialed.map(Link::new).and_then(|mut l| {
-                            l.register(poll.registry(), Token(tok))
-                                .map(|()| l)
-                                .map_err(Fail::Socket)
-                        });
-                        match reg {
-                            Ok(l) => {
-                                h.link = l;
-                                h.last_offset = None;
-                                reconnects += 1;
-                            }
-                            Err(f) => {
-                                http_gone(h, &mut cx, format!("HTTP reconnect: {f}"));
-                                h.done = true;
-                            }
-                        }
-                        continue;
-                    }
-                }
-                if h.link.flush_if_ready().is_err() {
-                    http_gone(h, &mut cx, "HTTP write failed".into());
-                    h.link.shut(poll.registry());
-                }
-                continue;
-            }
-            let Some(s) = subs.get_mut(tok) else { continue };
-            if ev.is_writable() {
-                s.link.write_blocked = false;
-            }
-            match s.link.phase {
-                Phase::Connecting | Phase::Upgrading => {
-                    let key = wire::ws_key(nonce, tok as u64);
-                    let req = || {
-                        let path = with_user(&url.path, &format!("load-sub-{tag}-{tok}"));
-                        wire::upgrade_request(&url.authority, &path, &key)
-                    };
-                    match s.link.handshake(&mut rbuf, req, &key) {
-                        Progress::Waiting => {}
-                        Progress::Opened => {
-                            wire::frame(&mut s.link.out, wire::OP_TEXT, subscribe_msg.as_bytes());
-                            cx.now_ns = start.elapsed().as_nanos() as u64;
-                            if !s.link.inbuf.is_empty() && !sub_bytes(s, tok, &[], &mut cx) {
-                                s.link.shut(poll.registry());
-                            } else if s.link.flush_if_ready().is_err() {
-                                sub_gone(&mut s.track, tok, &mut cx, Gone::Closed, "write", || {
-                                    "write failed after the upgrade".into()
-                                });
-                                s.link.shut(poll.registry());
-                            }
-                        }
-                        Progress::Failed(f) => {
-                            setup_failed(&mut s.track, cx.tally, f.kind(), || f.to_string());
-                            s.link.shut(poll.registry());
-                        }
-                    }
-                }
-                Phase::Open | Phase::Closing => {
-                    serve_sub(s, tok, &mut rbuf, start, &mut cx, poll.registry());
-                }
-                Phase::Done => {}
-            }
-            if s.track.abandon && !s.link.is_done() {
-                s.link.shut(poll.registry());
-            }
-        }
-        if !primed && cx.table.completed > 0 {
-            primed = true;
-            cx.table.credits += o.inflight - 1;
-        }
-        if sending {
-            let now_ns = start.elapsed().as_nanos() as u64;
-            while cx.table.credits > 0 && (cx.table.live > 0 || live_at_start == 0) {
-                // The fewest outstanding; among those, the next in turn (all
-                // connections stay busy, none is left to idle out).
-                let count = https.len();
-                let pick = (0..count)
-                    .map(|d| (rr + d) % count)
-                    .filter_map(|j| https.get(j).map(|h| (j, h)))
-                    .filter(|(_, h)| h.link.phase == Phase::Open && !h.done)
-                    .min_by_key(|(_, h)| h.outstanding.len())
-                    .map(|(j, _)| j);
-                let Some((j, h)) = pick.and_then(|j| Some(j).zip(https.get_mut(j))) else {
-                    break;
-                };
-                rr = j + 1;
-                cx.table.credits -= 1;
-                let t_us = now_ns / 1000;
-                let seq = cx.table.publish(now_ns, t_us);
-                write_request(&mut h.link.out, &head, &channel_json, seq, t_us);
-                h.outstanding.push_back(seq);
-                sent_total += 1;
-            }
-        } else {
-            cx.table.credits = 0;
-        }
-        for h in https.iter_mut().filter(|h| !h.link.out.is_empty()) {
-            if h.link.flush_if_ready().is_err() {
-                http_gone(h, &mut cx, "HTTP write failed".into());
-                h.link.shut(poll.registry());
-            }
-        }
-    }
+    let t = driver.run(&mut mode)?;
+    let Api {
+        subs,
+        table,
+        tally,
+        sources,
+        live_at_start,
+        http_open,
+        sent_total,
+        reconnects,
+        close_sent,
+        ..
+    } = mode;
     let closed_cleanly = subs.iter().filter(|s| s.track.close_acked).count();
-    for s in &mut subs {
-        s.link.shut(poll.registry());
-    }
-    let window_s = window.1.saturating_duration_since(window.0).as_secs_f64();
     Ok(ApiReport {
         opts: o.clone(),
         sources: sources.len(),
@@ -1460,9 +1159,7 @@ pub fn run(
         subscribed: tally.ready,
         live_at_start,
         http_open,
-        setup_s: setup_end.saturating_duration_since(start).as_secs_f64(),
         subscribe_time: tally.subscribe_time,
-        window_s,
         publishes: table.completed_window,
         received_window: tally.received_window,
         http_latency: tally.http_latency,
@@ -1479,15 +1176,316 @@ pub fn run(
         slow_path: tally.slow_path,
         statuses: tally.statuses,
         errors: tally.errors,
-        failures: tally.failures,
-        first_failure: tally.first_failure,
-        first_problem: tally.first_problem,
-        close_sent,
-        closed_cleanly,
-        pings: tally.pings,
-        server: server_a.zip(server_b).map(|(a, b)| Delta::between(&a, &b)),
-        client: client_a.zip(client_b).map(|(a, b)| Delta::between(&a, &b)),
+        run: Outcome {
+            setup_s: t.setup_s(),
+            window_s: t.window_s(),
+            warmup: o.warmup,
+            duration: o.duration,
+            server: t.server(),
+            client: t.client(),
+            failures: tally.failures,
+            first_failure: tally.first_failure,
+            first_problem: tally.first_problem,
+            close_sent,
+            closed_cleanly,
+            pings: tally.pings,
+        },
     })
+}
+
+impl Mode for Api<'_> {
+    /// Subscribers dialed at the ramp rate; setup is over when every one
+    /// is subscribed or failed and every HTTP connection is made or failed.
+    fn setup(&mut self, now: Instant, registry: &Registry) -> Result<bool, String> {
+        let o = self.o;
+        let batch_end = self.ramp.batch_end(now, self.subs.len());
+        while self.subs.len() < batch_end {
+            let i = self.subs.len();
+            let mut track = Track::new(Instant::now());
+            self.tally.pending_setup += 1;
+            let dialed = self.sources.dial(i, self.addr);
+            let link = net::open(dialed, registry, Token(i)).unwrap_or_else(|f| {
+                setup_failed(&mut track, &mut self.tally, f.kind(), || f.to_string());
+                Link::dead()
+            });
+            self.subs.push(Sub {
+                link,
+                track,
+                frag: None,
+            });
+        }
+        if self.ramp.scan_due(now) {
+            let tally = &mut self.tally;
+            self.ramp.expire(
+                &mut self.subs,
+                now,
+                o.handshake_timeout,
+                |s| (!s.track.settled).then_some(s.track.started),
+                |s| {
+                    setup_failed(&mut s.track, tally, Fail::Timeout.kind(), || {
+                        "no subscribed reply in time".to_owned()
+                    });
+                    s.link.shut(registry);
+                },
+            );
+            for h in self
+                .https
+                .iter_mut()
+                .filter(|h| h.link.phase == Phase::Connecting)
+            {
+                if now.saturating_duration_since(h.started) >= o.handshake_timeout {
+                    h.failure = Some("TCP connect timed out".into());
+                    h.link.shut(registry);
+                }
+            }
+        }
+        let http_settled = self.https.iter().all(|h| h.link.phase != Phase::Connecting);
+        if !(self.subs.len() == o.subscribers && self.tally.pending_setup == 0 && http_settled) {
+            return Ok(false);
+        }
+        let tally = &mut self.tally;
+        for h in self
+            .https
+            .iter_mut()
+            .filter(|h| h.link.phase != Phase::Open)
+        {
+            tally.errors.connect += 1;
+            *tally.failures.entry("http_connect".into()).or_default() += 1;
+            h.done = true;
+            if tally.first_failure.is_none() {
+                tally.first_failure = h.failure.clone();
+            }
+        }
+        self.http_open = self
+            .https
+            .iter()
+            .filter(|h| h.link.phase == Phase::Open)
+            .count();
+        if self.http_open == 0 {
+            return Err(format!(
+                "no HTTP connection could be made: {}",
+                tally.first_failure.clone().unwrap_or_default()
+            ));
+        }
+        Ok(true)
+    }
+
+    fn setup_wait(&self, now: Instant) -> Duration {
+        self.ramp.wait(now, self.subs.len())
+    }
+
+    /// The first publish alone: its offset is where the run starts.
+    fn begin(&mut self, _at: Instant, _turn: &mut Turn<'_>) -> bool {
+        self.live_at_start = self.table.live;
+        self.table.credits = 1;
+        true
+    }
+
+    fn live(&self) -> bool {
+        let http_live = self.https.iter().any(|h| !h.done);
+        http_live && (self.table.live > 0 || self.live_at_start == 0)
+    }
+
+    fn drained(&self) -> bool {
+        self.table.pending.is_empty()
+    }
+
+    /// Verdicts are final.
+    fn finish(&mut self, registry: &Registry) {
+        let (table, tally) = (&self.table, &mut self.tally);
+        let mut missing = 0u64;
+        for (i, s) in self.subs.iter_mut().enumerate() {
+            if !s.track.live {
+                continue;
+            }
+            for p in table.pending.values().filter(|p| p.answered) {
+                if p.passed
+                    .get(i / 64)
+                    .is_some_and(|w| w & (1 << (i % 64)) == 0)
+                {
+                    missing += 1;
+                }
+            }
+            s.track.live = false;
+        }
+        if missing > 0 {
+            tally.errors.lost += missing;
+            tally.problem(|| {
+                format!("{missing} deliveries still missing at subscribers after the drain")
+            });
+        }
+        let unanswered: u64 = self.https.iter().map(|h| h.outstanding.len() as u64).sum();
+        if unanswered > 0 {
+            tally.errors.unanswered += unanswered;
+            tally.problem(|| format!("{unanswered} publish requests never answered"));
+        }
+        for s in &mut self.subs {
+            if s.link.begin_close(registry) {
+                self.close_sent += 1;
+            }
+        }
+        for h in &mut self.https {
+            h.done = true;
+            h.link.shut(registry);
+        }
+    }
+
+    fn closed(&self) -> bool {
+        self.subs.iter().all(|s| s.link.is_done())
+    }
+
+    fn serve(&mut self, events: &Events, turn: &mut Turn<'_>) {
+        let Api {
+            url,
+            o,
+            addr,
+            nonce,
+            tag,
+            start,
+            sources,
+            channel_json,
+            subscribe_msg,
+            prefix,
+            head,
+            https,
+            subs,
+            table,
+            tally,
+            live_at_start,
+            primed,
+            sent_total,
+            rr,
+            reconnects,
+            ..
+        } = self;
+        let (url, o, start, registry) = (*url, *o, *start, turn.registry);
+        let mut cx = Cx {
+            table,
+            tally,
+            prefix,
+            channel: &o.channel,
+            now_ns: 0,
+            measuring: turn.measuring(),
+            verifying: turn.verifying(),
+        };
+        for ev in events.iter() {
+            let tok = ev.token().0;
+            if tok >= HTTP_BASE {
+                let Some(h) = https.get_mut(tok - HTTP_BASE) else {
+                    continue;
+                };
+                if ev.is_writable() {
+                    h.link.write_blocked = false;
+                }
+                if h.link.is_done() {
+                    continue;
+                }
+                match serve_http(h, turn.rbuf, start, &mut cx) {
+                    HttpEnd::Keep => {}
+                    HttpEnd::Gone => {
+                        h.done = true;
+                        h.link.shut(registry);
+                        continue;
+                    }
+                    HttpEnd::Idle => {
+                        h.link.shut(registry);
+                        match net::open(sources.dial(tok, *addr), registry, Token(tok)) {
+                            Ok(l) => {
+                                h.link = l;
+                                h.last_offset = None;
+                                *reconnects += 1;
+                            }
+                            Err(f) => {
+                                http_gone(h, &mut cx, format!("HTTP reconnect: {f}"));
+                                h.done = true;
+                            }
+                        }
+                        continue;
+                    }
+                }
+                if h.link.flush_if_ready().is_err() {
+                    http_gone(h, &mut cx, "HTTP write failed".into());
+                    h.link.shut(registry);
+                }
+                continue;
+            }
+            let Some(s) = subs.get_mut(tok) else { continue };
+            if ev.is_writable() {
+                s.link.write_blocked = false;
+            }
+            match s.link.phase {
+                Phase::Connecting | Phase::Upgrading => {
+                    let key = wire::ws_key(*nonce, tok as u64);
+                    let req = || {
+                        let path = with_user(&url.path, &format!("load-sub-{tag}-{tok}"));
+                        wire::upgrade_request(&url.authority, &path, &key)
+                    };
+                    match s.link.handshake(turn.rbuf, req, &key) {
+                        Progress::Waiting => {}
+                        Progress::Opened => {
+                            wire::frame(&mut s.link.out, wire::OP_TEXT, subscribe_msg.as_bytes());
+                            cx.now_ns = start.elapsed().as_nanos() as u64;
+                            if !s.link.inbuf.is_empty() && !sub_bytes(s, tok, &[], &mut cx) {
+                                s.link.shut(registry);
+                            } else if s.link.flush_if_ready().is_err() {
+                                sub_gone(&mut s.track, tok, &mut cx, Gone::Closed, "write", || {
+                                    "write failed after the upgrade".into()
+                                });
+                                s.link.shut(registry);
+                            }
+                        }
+                        Progress::Failed(f) => {
+                            setup_failed(&mut s.track, cx.tally, f.kind(), || f.to_string());
+                            s.link.shut(registry);
+                        }
+                    }
+                }
+                Phase::Open | Phase::Closing => {
+                    serve_sub(s, tok, turn.rbuf, start, &mut cx, registry);
+                }
+                Phase::Done => {}
+            }
+            if s.track.abandon && !s.link.is_done() {
+                s.link.shut(registry);
+            }
+        }
+        if !*primed && cx.table.completed > 0 {
+            *primed = true;
+            cx.table.credits += o.inflight - 1;
+        }
+        if turn.sending() {
+            let now_ns = start.elapsed().as_nanos() as u64;
+            while cx.table.credits > 0 && (cx.table.live > 0 || *live_at_start == 0) {
+                // The fewest outstanding; among those, the next in turn (all
+                // connections stay busy, none is left to idle out).
+                let count = https.len();
+                let pick = (0..count)
+                    .map(|d| (*rr + d) % count)
+                    .filter_map(|j| https.get(j).map(|h| (j, h)))
+                    .filter(|(_, h)| h.link.phase == Phase::Open && !h.done)
+                    .min_by_key(|(_, h)| h.outstanding.len())
+                    .map(|(j, _)| j);
+                let Some((j, h)) = pick.and_then(|j| Some(j).zip(https.get_mut(j))) else {
+                    break;
+                };
+                *rr = j + 1;
+                cx.table.credits -= 1;
+                let t_us = now_ns / 1000;
+                let seq = cx.table.publish(now_ns, t_us);
+                write_request(&mut h.link.out, head, channel_json, seq, t_us);
+                h.outstanding.push_back(seq);
+                *sent_total += 1;
+            }
+        } else {
+            cx.table.credits = 0;
+        }
+        for h in https.iter_mut().filter(|h| !h.link.out.is_empty()) {
+            if h.link.flush_if_ready().is_err() {
+                http_gone(h, &mut cx, "HTTP write failed".into());
+                h.link.shut(registry);
+            }
+        }
+    }
 }
 
 /// A readiness event on an open (or closing) subscriber (see fanout's
@@ -1584,199 +1582,125 @@ fn sub_bytes(s: &mut Sub, sub: usize, fresh: &[u8], cx: &mut Cx<'_>) -> bool {
 // ---------------------------------------------------------------------------
 // Report.
 
-pub fn print(r: &ApiReport, url: &str, pid: Option<u32>) {
-    let o = &r.opts;
-    println!("switchboard-load api  {url}");
-    println!(
-        "  subscribers   {} subscribed of {} to {:?} from {} (open-file limit {})",
-        r.subscribed,
-        o.subscribers,
-        o.channel,
-        match r.sources {
-            0 => "a kernel-chosen address".to_owned(),
-            1 => "127.0.0.1".to_owned(),
-            n => format!("127.0.0.1..127.0.0.{n}"),
-        },
-        r.fd_limit
-    );
-    println!(
-        "  publishers    {} of {} HTTP keep-alive connections to POST {}, {} requests in flight in total",
-        r.http_open, o.connections, o.api_path, o.inflight
-    );
-    println!(
-        "  setup         {:.2} s; dial to subscribed {}",
-        r.setup_s,
-        latency_line(&r.subscribe_time)
-    );
-    println!(
-        "  window        {:.2} s measured after {:.1} s warmup",
-        r.window_s,
-        o.warmup.as_secs_f64()
-    );
-    println!(
-        "  throughput    {:.0} API publishes/s, {:.0} deliveries/s ({} publishes, {} deliveries in the window)",
-        r.publishes_per_sec(),
-        r.deliveries_per_sec(),
-        r.publishes,
-        r.received_window
-    );
-    println!(
-        "  totals        {} requests, {} answered 200, {} completed; {} deliveries; offsets {} to {} (epoch {})",
-        r.sent_total,
-        r.answered_total,
-        r.completed_total,
-        r.received_total,
-        r.first_offset.map_or("-".into(), |v| v.to_string()),
-        r.last_offset.map_or("-".into(), |v| v.to_string()),
-        r.epoch.as_deref().unwrap_or("-")
-    );
-    println!("  HTTP response {}", latency_line(&r.http_latency));
-    println!("  end to end    {}", latency_line(&r.e2e_latency));
-    if r.reconnects > 0 {
+impl Summary for ApiReport {
+    fn print(&self, url: &str, pid: Option<u32>) {
+        let (r, o) = (self, &self.opts);
+        println!("switchboard-load api  {url}");
         println!(
-            "  note          {} idle HTTP connections closed by the server were opened again",
-            r.reconnects
-        );
-    }
-    if r.slow_path > 0 {
-        println!(
-            "  note          {} message events did not match the expected layout and were parsed as JSON (slow path)",
-            r.slow_path
-        );
-    }
-    if !r.statuses.is_empty() {
-        println!("  HTTP statuses {}", map_line(&r.statuses));
-    }
-    let e = &r.errors;
-    if e.total() == 0 {
-        println!(
-            "  verification  ok: every publish answered and delivered to every subscriber once, in offset order, intact; no errors"
-        );
-    } else {
-        let kinds: Vec<String> = e
-            .kinds()
-            .iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect();
-        println!("  verification  FAILED: {}", kinds.join(", "));
-    }
-    if !r.failures.is_empty() {
-        println!("  not connected {}", map_line(&r.failures));
-    }
-    if let Some(f) = &r.first_failure {
-        println!("  first setup failure: {f}");
-    }
-    if let Some(p) = &r.first_problem {
-        println!("  first problem: {p}");
-    }
-    println!(
-        "  close         {} of {} subscribers answered our close frame; {} pings answered",
-        r.closed_cleanly, r.close_sent, r.pings
-    );
-    if let (Some(pid), Some(d)) = (pid, r.server.as_ref()) {
-        let per_pub = r
-            .server_us_per_publish()
-            .map_or("-".into(), |u| format!("{u:.1}"));
-        let per_del = r
-            .server_us_per_delivery()
-            .map_or("-".into(), |u| format!("{u:.3}"));
-        println!(
-            "  server {pid}  cpu {:.2} s in {:.2} s ({:.0}% of one core), {per_pub} µs/publish, {per_del} µs/delivery",
-            d.cpu_s,
-            d.wall_s,
-            d.cores() * 100.0
+            "  subscribers   {} subscribed of {} to {:?} from {} (open-file limit {})",
+            r.subscribed,
+            o.subscribers,
+            o.channel,
+            report::sources_text(r.sources),
+            r.fd_limit
         );
         println!(
-            "               user-space RSS {} -> {}",
-            human_bytes(d.rss_before as f64),
-            human_bytes(d.rss_after as f64)
+            "  publishers    {} of {} HTTP keep-alive connections to POST {}, {} requests in flight in total",
+            r.http_open, o.connections, o.api_path, o.inflight
         );
-    }
-    if let Some(c) = &r.client {
         println!(
-            "  client        cpu {:.2} s ({:.0}% of one core)",
-            c.cpu_s,
-            c.cores() * 100.0
+            "  setup         {:.2} s; dial to subscribed {}",
+            r.run.setup_s,
+            latency_line(&r.subscribe_time)
         );
+        println!("{}", report::window_line(r.run.window_s, o.warmup));
+        println!(
+            "  throughput    {:.0} API publishes/s, {:.0} deliveries/s ({} publishes, {} deliveries in the window)",
+            r.publishes_per_sec(),
+            r.deliveries_per_sec(),
+            r.publishes,
+            r.received_window
+        );
+        println!(
+            "  totals        {} requests, {} answered 200, {} completed; {} deliveries; offsets {} to {} (epoch {})",
+            r.sent_total,
+            r.answered_total,
+            r.completed_total,
+            r.received_total,
+            r.first_offset.map_or("-".into(), |v| v.to_string()),
+            r.last_offset.map_or("-".into(), |v| v.to_string()),
+            r.epoch.as_deref().unwrap_or("-")
+        );
+        println!("  HTTP response {}", latency_line(&r.http_latency));
+        println!("  end to end    {}", latency_line(&r.e2e_latency));
+        if r.reconnects > 0 {
+            println!(
+                "  note          {} idle HTTP connections closed by the server were opened again",
+                r.reconnects
+            );
+        }
+        if r.slow_path > 0 {
+            println!(
+                "  note          {} message events did not match the expected layout and were parsed as JSON (slow path)",
+                r.slow_path
+            );
+        }
+        if !r.statuses.is_empty() {
+            println!("  HTTP statuses {}", map_line(&r.statuses));
+        }
+        report::print_verification(
+            &r.errors.kinds(),
+            "every publish answered and delivered to every subscriber once, in offset order, intact; no errors",
+        );
+        let per = |_: &Delta| {
+            let per_pub = r
+                .server_us_per_publish()
+                .map_or("-".into(), |u| format!("{u:.1}"));
+            let per_del = r
+                .server_us_per_delivery()
+                .map_or("-".into(), |u| format!("{u:.3}"));
+            format!("{per_pub} µs/publish, {per_del} µs/delivery")
+        };
+        r.run
+            .print_tail(pid, "not connected ", " subscribers", per, false);
     }
-}
 
-pub fn to_json(r: &ApiReport, url: &str, pid: Option<u32>) -> Value {
-    let o = &r.opts;
-    let e = &r.errors;
-    let round3 = |v: Option<f64>| v.map(|u| (u * 1000.0).round() / 1000.0);
-    let mut server = server_json(pid, r.server.as_ref());
-    if let Some(obj) = server.as_object_mut() {
-        obj.insert(
-            "cpu_us_per_publish".into(),
-            json!(round3(r.server_us_per_publish())),
-        );
-        obj.insert(
-            "cpu_us_per_delivery".into(),
-            json!(round3(r.server_us_per_delivery())),
-        );
+    fn to_json(&self, url: &str, pid: Option<u32>) -> Value {
+        let (r, o) = (self, &self.opts);
+        let own = json!({
+            "api_path": o.api_path,
+            "subscribers": o.subscribers,
+            "subscribed": r.subscribed,
+            "live_at_start": r.live_at_start,
+            "channel": o.channel,
+            "http_connections": o.connections,
+            "http_open": r.http_open,
+            "inflight": o.inflight,
+            "ramp_per_s": o.ramp,
+            "sources": r.sources,
+            "fd_limit": r.fd_limit,
+            "publishes": r.publishes,
+            "publishes_per_sec": report::round(r.publishes_per_sec(), 10.0),
+            "deliveries": r.received_window,
+            "deliveries_per_sec": r.deliveries_per_sec().round(),
+        });
+        let more = json!({
+            "sent_total": r.sent_total,
+            "answered_total": r.answered_total,
+            "completed_total": r.completed_total,
+            "received_total": r.received_total,
+            "first_offset": r.first_offset,
+            "last_offset": r.last_offset,
+            "epoch": r.epoch,
+            "connections_reported": r.connections_reported,
+            "http_reconnects": r.reconnects,
+            "slow_path_messages": r.slow_path,
+            "http_latency_us": latency_json(&r.http_latency),
+            "e2e_latency_us": latency_json(&r.e2e_latency),
+            "subscribe_us": latency_json(&r.subscribe_time),
+            "http_statuses": r.statuses,
+        });
+        let per = [
+            ("cpu_us_per_publish", r.server_us_per_publish()),
+            ("cpu_us_per_delivery", r.server_us_per_delivery()),
+        ];
+        let own = report::extend(own, more);
+        r.run.json("api", url, pid, &r.errors.kinds(), &per, own)
     }
-    let mut errors = serde_json::Map::new();
-    for (k, n) in e.kinds() {
-        errors.insert(k.into(), json!(n));
+
+    fn problems(&self) -> u64 {
+        self.errors.total()
     }
-    errors.insert("total".into(), json!(e.total()));
-    let mut v = json!({
-        "mode": "api",
-        "url": url,
-        "api_path": o.api_path,
-        "subscribers": o.subscribers,
-        "subscribed": r.subscribed,
-        "live_at_start": r.live_at_start,
-        "channel": o.channel,
-        "http_connections": o.connections,
-        "http_open": r.http_open,
-        "inflight": o.inflight,
-        "ramp_per_s": o.ramp,
-        "sources": r.sources,
-        "fd_limit": r.fd_limit,
-        "setup_s": (r.setup_s * 1000.0).round() / 1000.0,
-        "warmup_s": o.warmup.as_secs_f64(),
-        "duration_s": o.duration.as_secs_f64(),
-        "window_s": (r.window_s * 1000.0).round() / 1000.0,
-        "publishes": r.publishes,
-        "publishes_per_sec": (r.publishes_per_sec() * 10.0).round() / 10.0,
-        "deliveries": r.received_window,
-        "deliveries_per_sec": r.deliveries_per_sec().round(),
-    });
-    let more = json!({
-        "sent_total": r.sent_total,
-        "answered_total": r.answered_total,
-        "completed_total": r.completed_total,
-        "received_total": r.received_total,
-        "first_offset": r.first_offset,
-        "last_offset": r.last_offset,
-        "epoch": r.epoch,
-        "connections_reported": r.connections_reported,
-        "http_reconnects": r.reconnects,
-        "slow_path_messages": r.slow_path,
-        "http_latency_us": latency_json(&r.http_latency),
-        "e2e_latency_us": latency_json(&r.e2e_latency),
-        "subscribe_us": latency_json(&r.subscribe_time),
-        "http_statuses": r.statuses,
-        "errors": errors,
-        "failures": r.failures,
-        "first_failure": r.first_failure,
-        "first_problem": r.first_problem,
-        "close_sent": r.close_sent,
-        "closed_cleanly": r.closed_cleanly,
-        "pings_answered": r.pings,
-        "server": server,
-        "client": r.client.as_ref().map(|c| json!({
-            "cpu_s": (c.cpu_s * 100.0).round() / 100.0,
-            "cpu_cores": (c.cores() * 1000.0).round() / 1000.0,
-        })),
-    });
-    if let (Some(a), Value::Object(b)) = (v.as_object_mut(), more) {
-        a.extend(b);
-    }
-    v
 }
 
 #[cfg(test)]

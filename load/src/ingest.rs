@@ -34,16 +34,17 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mio::{Events, Poll, Registry, Token};
+use mio::{Events, Registry, Token};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
+use crate::driver::{self, Driver, Mode, Plan, Turn};
 use crate::fanout::with_user;
 use crate::hist::Histogram;
 use crate::net::{self, Fail, FeedEnd, Link, Phase, Progress, ReadOutcome};
-use crate::procfs::{self, Delta, Sample, human_bytes};
-use crate::report::{latency_json, latency_line, map_line, server_json};
+use crate::procfs::Delta;
+use crate::report::{self, Outcome, Summary, latency_json, latency_line, map_line};
 use crate::url::WsUrl;
 use crate::wire;
 
@@ -101,7 +102,7 @@ pub struct IngestErrors {
 
 impl IngestErrors {
     pub fn total(&self) -> u64 {
-        self.kinds().iter().map(|(_, n)| n).sum()
+        report::total(&self.kinds())
     }
 
     /// Kinds and counts, in report order.
@@ -130,8 +131,6 @@ pub struct IngestReport {
     pub run_tag: String,
     /// Connections welcomed with `connected`.
     pub opened: usize,
-    pub setup_s: f64,
-    pub window_s: f64,
     /// Records acknowledged inside the measured window.
     pub acked_window: u64,
     /// Send to ack (from the record's first send), every ack of the window (ns).
@@ -149,29 +148,18 @@ pub struct IngestReport {
     /// Error replies by code (`overloaded` included).
     pub codes: BTreeMap<String, u64>,
     pub errors: IngestErrors,
-    pub failures: BTreeMap<String, u64>,
-    pub first_failure: Option<String>,
-    pub first_problem: Option<String>,
-    pub close_sent: usize,
-    pub closed_cleanly: usize,
-    pub pings: u64,
-    pub server: Option<Delta>,
-    pub client: Option<Delta>,
+    /// The window, the samples, setup failures, the close.
+    pub run: Outcome,
 }
 
 impl IngestReport {
     pub fn records_per_sec(&self) -> f64 {
-        if self.window_s > 0.0 {
-            self.acked_window as f64 / self.window_s
-        } else {
-            0.0
-        }
+        self.run.per_sec(self.acked_window)
     }
 
     /// Server CPU microseconds per acknowledged record in the window.
     pub fn server_us_per_record(&self) -> Option<f64> {
-        let d = self.server.as_ref()?;
-        (self.acked_window > 0).then(|| d.cpu_s * 1e6 / self.acked_window as f64)
+        self.run.server_us_per(self.acked_window)
     }
 
     pub fn overloaded(&self) -> u64 {
@@ -525,19 +513,24 @@ struct Conn {
     frag: Option<(u8, Vec<u8>)>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Stage {
-    Setup,
-    Warmup,
-    Measure,
-    Drain,
-    Close,
-}
-
 fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The ingest mode's part of the run loop.
+struct Ingest<'a> {
+    url: &'a WsUrl,
+    user_prefix: &'a str,
+    nonce: u64,
+    start: Instant,
+    /// Every connection must be welcomed by then.
+    setup_deadline: Instant,
+    conns: Vec<Conn>,
+    tally: Tally,
+    close_sent: usize,
+    scratch: Vec<u8>,
 }
 
 pub fn run(
@@ -550,186 +543,223 @@ pub fn run(
     if n == 0 || o.inflight == 0 {
         return Err("--connections and --inflight must be at least 1".into());
     }
-    if let Ok((_, limit, _)) = switchboard::raise_fd_limit()
-        && (n as u64) + 16 > limit
-    {
-        eprintln!(
-            "switchboard-load: warning: the open-file limit is {limit}; {n} connections will not all fit"
-        );
-    }
-    let pid_s = pid.map(|p| p.to_string());
-    let sample = |what: &Option<String>| -> Result<Option<Sample>, String> {
-        what.as_deref().map(procfs::sample).transpose()
-    };
-    let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
-    let mut events = Events::with_capacity(1024);
-    let mut rbuf = vec![0u8; READ_BUF];
+    let _ = driver::fd_limit(n as u64 + 16, &format!("{n} connections will not all fit"));
+    let driver = Driver::new(Plan {
+        pid,
+        warmup: o.warmup,
+        duration: o.duration,
+        drain_timeout: o.drain_timeout,
+        close_timeout: CLOSE_TIMEOUT,
+        tick: Duration::from_millis(100),
+        events: 1024,
+        read_buf: READ_BUF,
+        baseline: false,
+        client: true,
+    })?;
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    let nonce = nanos ^ u64::from(std::process::id());
     // Distinct per run: base 36 of the clock in ms and the process id.
     let run_tag = format!(
         "{}{}",
         base36(nanos / 1_000_000),
         base36(u64::from(std::process::id()))
     );
-    let start = Instant::now();
+    let start = driver.start();
     let mut tally = Tally::default();
     let mut conns: Vec<Conn> = Vec::with_capacity(n);
     for i in 0..n {
         let mut track = Track::new(format!("{run_tag}.{i}"), o.inflight);
         tally.pending_setup += 1;
-        let mut link = match net::dial(None, addr) {
-            Ok(s) => Link::new(s),
-            Err(f) => {
+        let link =
+            net::open(net::dial(None, addr), driver.registry(), Token(i)).unwrap_or_else(|f| {
                 setup_failed(&mut track, &mut tally, f.kind(), || f.to_string());
                 Link::dead()
-            }
-        };
-        if let Err(e) = link.register(poll.registry(), Token(i)) {
-            let f = Fail::Socket(e);
-            setup_failed(&mut track, &mut tally, f.kind(), || f.to_string());
-            link.shut(poll.registry());
-        }
+            });
         conns.push(Conn {
             link,
             track,
             frag: None,
         });
     }
+    let mut mode = Ingest {
+        url,
+        user_prefix: &o.user_prefix,
+        nonce: nanos ^ u64::from(std::process::id()),
+        start,
+        setup_deadline: start + o.handshake_timeout,
+        conns,
+        tally,
+        close_sent: 0,
+        scratch: Vec::with_capacity(256),
+    };
+    let t = driver.run(&mut mode)?;
+    let closed_cleanly = mode.conns.iter().filter(|c| c.track.close_acked).count();
+    let tally = mode.tally;
+    Ok(IngestReport {
+        opts: o.clone(),
+        run_tag,
+        opened: tally.welcomed,
+        acked_window: tally.acked_window,
+        latency: tally.latency,
+        records: tally.records,
+        sends: tally.sends,
+        resends: tally.resends,
+        acked_total: tally.acked_total,
+        failed: tally.failed,
+        unanswered_on_close: tally.unanswered_on_close,
+        codes: tally.codes,
+        errors: tally.errors,
+        run: Outcome {
+            setup_s: t.setup_s(),
+            window_s: t.window_s(),
+            warmup: o.warmup,
+            duration: o.duration,
+            server: t.server(),
+            client: t.client(),
+            failures: tally.failures,
+            first_failure: tally.first_failure,
+            first_problem: tally.first_problem,
+            close_sent: mode.close_sent,
+            closed_cleanly,
+            pings: tally.pings,
+        },
+    })
+}
 
-    let mut stage = Stage::Setup;
-    let mut setup_end = start;
-    let mut t_warm = start;
-    let mut t_end = start;
-    let mut deadline = start + o.handshake_timeout;
-    let mut server_a: Option<Sample> = None;
-    let mut server_b: Option<Sample> = None;
-    let mut client_a: Option<Sample> = None;
-    let mut client_b: Option<Sample> = None;
-    let mut window = (start, start);
-    let mut close_sent = 0usize;
-    let mut scratch = Vec::with_capacity(256);
-    loop {
-        let now = Instant::now();
-        if stage == Stage::Setup && (tally.pending_setup == 0 || now >= deadline) {
-            for c in conns.iter_mut().filter(|c| !c.track.settled) {
-                setup_failed(&mut c.track, &mut tally, Fail::Timeout.kind(), || {
-                    "no connected welcome in time".into()
-                });
-                c.link.shut(poll.registry());
-            }
-            setup_end = Instant::now();
-            t_warm = setup_end + o.warmup;
-            t_end = t_warm + o.duration;
-            deadline = t_warm;
-            stage = Stage::Warmup;
-            // Prime every welcomed connection.
-            let mut cx = Cx {
-                tally: &mut tally,
-                now_ns: start.elapsed().as_nanos() as u64,
-                wall_ms: wall_ms(),
-                sending: true,
-                measuring: false,
-                verifying: true,
-                scratch: std::mem::take(&mut scratch),
-            };
-            for c in conns.iter_mut().filter(|c| c.link.phase == Phase::Open) {
-                top_up(&mut c.track, &mut c.link.out, &mut cx);
-                if c.link.flush_if_ready().is_err() {
-                    gone(&mut c.track, cx.tally, Gone::Closed, "write", || {
-                        "write failed".into()
-                    });
-                    c.link.shut(poll.registry());
-                }
-            }
-            scratch = cx.scratch;
+/// The handlers' context for a turn; the scratch buffer is lent to it
+/// (give it back after).
+fn context<'a>(
+    tally: &'a mut Tally,
+    scratch: &mut Vec<u8>,
+    turn: &Turn<'_>,
+    now_ns: u64,
+) -> Cx<'a> {
+    Cx {
+        tally,
+        now_ns,
+        wall_ms: wall_ms(),
+        sending: turn.sending(),
+        measuring: turn.measuring(),
+        verifying: turn.verifying(),
+        scratch: std::mem::take(scratch),
+    }
+}
+
+impl Mode for Ingest<'_> {
+    fn setup(&mut self, now: Instant, registry: &Registry) -> Result<bool, String> {
+        if self.tally.pending_setup > 0 && now < self.setup_deadline {
+            return Ok(false);
         }
-        let live = conns
-            .iter()
-            .any(|c| c.link.phase == Phase::Open && c.track.welcomed);
-        if stage == Stage::Warmup && (now >= t_warm || !live) {
-            stage = Stage::Measure;
-            deadline = t_end;
-            server_a = sample(&pid_s)?;
-            client_a = procfs::sample("self").ok();
-            window.0 = Instant::now();
+        for c in self.conns.iter_mut().filter(|c| !c.track.settled) {
+            setup_failed(&mut c.track, &mut self.tally, Fail::Timeout.kind(), || {
+                "no connected welcome in time".into()
+            });
+            c.link.shut(registry);
         }
-        if stage == Stage::Measure && (now >= t_end || !live) {
-            server_b = sample(&pid_s)?;
-            client_b = procfs::sample("self").ok();
-            window.1 = Instant::now();
-            stage = Stage::Drain;
-            deadline = now + o.drain_timeout;
-        }
-        if stage == Stage::Drain
-            && (now >= deadline
-                || conns
-                    .iter()
-                    .all(|c| c.link.phase != Phase::Open || c.track.inflight.is_empty()))
-        {
-            // Verdicts are final.
-            for c in &mut conns {
-                let t = &mut c.track;
-                if t.dropped {
-                    tally.unanswered_on_close += t.inflight.len() as u64;
-                } else {
-                    for rec in t.inflight.values() {
-                        if rec.attempts > 0 {
-                            tally.errors.never_stored += 1;
-                        } else {
-                            tally.errors.unacked += 1;
-                        }
-                    }
-                    if !t.inflight.is_empty() {
-                        tally.problem(|| {
-                            format!(
-                                "{} records of {} still unanswered after the drain",
-                                t.inflight.len(),
-                                t.label
-                            )
-                        });
-                    }
-                }
-                t.inflight.clear();
-                t.retries.clear();
-            }
-            tally.retries_pending = 0;
-            for c in conns.iter_mut().filter(|c| c.link.phase == Phase::Open) {
-                wire::close_frame(&mut c.link.out, 1000);
-                c.link.phase = Phase::Closing;
-                close_sent += 1;
-                if c.link.flush_if_ready().is_err() {
-                    c.link.shut(poll.registry());
-                }
-            }
-            stage = Stage::Close;
-            deadline = now + CLOSE_TIMEOUT;
-        }
-        if stage == Stage::Close && (now >= deadline || conns.iter().all(|c| c.link.is_done())) {
-            break;
-        }
-        let mut wait = deadline
+        Ok(true)
+    }
+
+    fn setup_wait(&self, now: Instant) -> Duration {
+        self.setup_deadline
             .saturating_duration_since(now)
-            .min(Duration::from_millis(100));
-        if tally.retries_pending > 0 {
-            wait = wait.min(Duration::from_millis(1));
+            .min(Duration::from_millis(100))
+    }
+
+    /// Prime every welcomed connection.
+    fn begin(&mut self, _at: Instant, turn: &mut Turn<'_>) -> bool {
+        let Ingest {
+            conns,
+            tally,
+            scratch,
+            start,
+            ..
+        } = self;
+        let mut cx = context(tally, scratch, turn, start.elapsed().as_nanos() as u64);
+        for c in conns.iter_mut().filter(|c| c.link.phase == Phase::Open) {
+            top_up(&mut c.track, &mut c.link.out, &mut cx);
+            if c.link.flush_if_ready().is_err() {
+                gone(&mut c.track, cx.tally, Gone::Closed, "write", || {
+                    "write failed".into()
+                });
+                c.link.shut(turn.registry);
+            }
         }
-        match poll.poll(&mut events, Some(wait)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("poll: {e}")),
+        *scratch = cx.scratch;
+        true
+    }
+
+    fn live(&self) -> bool {
+        self.conns
+            .iter()
+            .any(|c| c.link.phase == Phase::Open && c.track.welcomed)
+    }
+
+    fn drained(&self) -> bool {
+        self.conns
+            .iter()
+            .all(|c| c.link.phase != Phase::Open || c.track.inflight.is_empty())
+    }
+
+    /// Verdicts are final.
+    fn finish(&mut self, registry: &Registry) {
+        let tally = &mut self.tally;
+        for c in &mut self.conns {
+            let t = &mut c.track;
+            if t.dropped {
+                tally.unanswered_on_close += t.inflight.len() as u64;
+            } else {
+                for rec in t.inflight.values() {
+                    if rec.attempts > 0 {
+                        tally.errors.never_stored += 1;
+                    } else {
+                        tally.errors.unacked += 1;
+                    }
+                }
+                if !t.inflight.is_empty() {
+                    tally.problem(|| {
+                        format!(
+                            "{} records of {} still unanswered after the drain",
+                            t.inflight.len(),
+                            t.label
+                        )
+                    });
+                }
+            }
+            t.inflight.clear();
+            t.retries.clear();
         }
-        let mut cx = Cx {
-            tally: &mut tally,
-            now_ns: 0,
-            wall_ms: wall_ms(),
-            sending: matches!(stage, Stage::Warmup | Stage::Measure),
-            measuring: stage == Stage::Measure,
-            verifying: stage <= Stage::Drain,
-            scratch: std::mem::take(&mut scratch),
-        };
+        tally.retries_pending = 0;
+        for c in &mut self.conns {
+            if c.link.begin_close(registry) {
+                self.close_sent += 1;
+            }
+        }
+    }
+
+    fn closed(&self) -> bool {
+        self.conns.iter().all(|c| c.link.is_done())
+    }
+
+    /// Refused records are due again within milliseconds.
+    fn wait_cap(&self) -> Option<Duration> {
+        (self.tally.retries_pending > 0).then_some(Duration::from_millis(1))
+    }
+
+    fn serve(&mut self, events: &Events, turn: &mut Turn<'_>) {
+        let Ingest {
+            url,
+            user_prefix: prefix,
+            nonce,
+            start,
+            conns,
+            tally,
+            scratch,
+            ..
+        } = self;
+        let (nonce, start) = (*nonce, *start);
+        let mut cx = context(tally, scratch, turn, 0);
+        let registry = turn.registry;
         for ev in events.iter() {
             let i = ev.token().0;
             let Some(c) = conns.get_mut(i) else { continue };
@@ -740,25 +770,25 @@ pub fn run(
                 Phase::Connecting | Phase::Upgrading => {
                     let key = wire::ws_key(nonce, i as u64);
                     let req = || {
-                        let path = with_user(&url.path, &format!("{}-{i}", o.user_prefix));
+                        let path = with_user(&url.path, &format!("{prefix}-{i}"));
                         wire::upgrade_request(&url.authority, &path, &key)
                     };
-                    match c.link.handshake(&mut rbuf, req, &key) {
+                    match c.link.handshake(turn.rbuf, req, &key) {
                         Progress::Waiting => {}
                         Progress::Opened => {
                             cx.now_ns = start.elapsed().as_nanos() as u64;
                             if !c.link.inbuf.is_empty() && !on_bytes(c, &[], &mut cx) {
-                                c.link.shut(poll.registry());
+                                c.link.shut(registry);
                             }
                         }
                         Progress::Failed(f) => {
                             setup_failed(&mut c.track, cx.tally, f.kind(), || f.to_string());
-                            c.link.shut(poll.registry());
+                            c.link.shut(registry);
                         }
                     }
                 }
                 Phase::Open | Phase::Closing => {
-                    serve(c, &mut rbuf, start, &mut cx, poll.registry());
+                    serve(c, turn.rbuf, start, &mut cx, registry);
                 }
                 Phase::Done => {}
             }
@@ -774,42 +804,12 @@ pub fn run(
                     gone(&mut c.track, cx.tally, Gone::Closed, "write", || {
                         "write failed".into()
                     });
-                    c.link.shut(poll.registry());
+                    c.link.shut(registry);
                 }
             }
         }
-        scratch = cx.scratch;
+        *scratch = cx.scratch;
     }
-    let closed_cleanly = conns.iter().filter(|c| c.track.close_acked).count();
-    for c in &mut conns {
-        c.link.shut(poll.registry());
-    }
-    let window_s = window.1.saturating_duration_since(window.0).as_secs_f64();
-    Ok(IngestReport {
-        opts: o.clone(),
-        run_tag,
-        opened: tally.welcomed,
-        setup_s: setup_end.saturating_duration_since(start).as_secs_f64(),
-        window_s,
-        acked_window: tally.acked_window,
-        latency: tally.latency,
-        records: tally.records,
-        sends: tally.sends,
-        resends: tally.resends,
-        acked_total: tally.acked_total,
-        failed: tally.failed,
-        unanswered_on_close: tally.unanswered_on_close,
-        codes: tally.codes,
-        errors: tally.errors,
-        failures: tally.failures,
-        first_failure: tally.first_failure,
-        first_problem: tally.first_problem,
-        close_sent,
-        closed_cleanly,
-        pings: tally.pings,
-        server: server_a.zip(server_b).map(|(a, b)| Delta::between(&a, &b)),
-        client: client_a.zip(client_b).map(|(a, b)| Delta::between(&a, &b)),
-    })
 }
 
 fn base36(mut v: u64) -> String {
@@ -913,148 +913,80 @@ fn on_bytes(c: &mut Conn, fresh: &[u8], cx: &mut Cx<'_>) -> bool {
 // ---------------------------------------------------------------------------
 // Report.
 
-pub fn print(r: &IngestReport, url: &str, pid: Option<u32>) {
-    let o = &r.opts;
-    println!("switchboard-load ingest  {url}");
-    println!(
-        "  connections   {} welcomed of {} (users {}-0..{}), {} records in flight each; run tag {}",
-        r.opened,
-        o.connections,
-        o.user_prefix,
-        o.connections.saturating_sub(1),
-        o.inflight,
-        r.run_tag
-    );
-    println!(
-        "  window        {:.2} s measured after {:.1} s warmup (setup {:.2} s)",
-        r.window_s,
-        o.warmup.as_secs_f64(),
-        r.setup_s
-    );
-    println!(
-        "  throughput    {:.0} durable records/s ({} acknowledged in the window)",
-        r.records_per_sec(),
-        r.acked_window
-    );
-    println!(
-        "  totals        {} records sent ({} sends, {} resent after overloaded), {} acknowledged, {} refused",
-        r.records, r.sends, r.resends, r.acked_total, r.failed
-    );
-    println!("  ack latency   {}", latency_line(&r.latency));
-    if !r.codes.is_empty() {
-        println!("  error replies {}", map_line(&r.codes));
-    }
-    let e = &r.errors;
-    if e.total() == 0 {
+impl Summary for IngestReport {
+    fn print(&self, url: &str, pid: Option<u32>) {
+        let (r, o) = (self, &self.opts);
+        println!("switchboard-load ingest  {url}");
         println!(
-            "  verification  ok: every record acknowledged once, own client id, distinct record ids; no errors"
-        );
-    } else {
-        let kinds: Vec<String> = e
-            .kinds()
-            .iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect();
-        println!("  verification  FAILED: {}", kinds.join(", "));
-    }
-    if r.unanswered_on_close > 0 {
-        println!(
-            "  note          {} records were in flight on connections the server ended",
-            r.unanswered_on_close
-        );
-    }
-    if !r.failures.is_empty() {
-        println!("  not opened    {}", map_line(&r.failures));
-    }
-    if let Some(f) = &r.first_failure {
-        println!("  first setup failure: {f}");
-    }
-    if let Some(p) = &r.first_problem {
-        println!("  first problem: {p}");
-    }
-    println!(
-        "  close         {} of {} answered our close frame; {} pings answered",
-        r.closed_cleanly, r.close_sent, r.pings
-    );
-    if let (Some(pid), Some(d)) = (pid, r.server.as_ref()) {
-        let per = r
-            .server_us_per_record()
-            .map_or("- µs/record".into(), |u| format!("{u:.2} µs/record"));
-        println!(
-            "  server {pid}  cpu {:.2} s in {:.2} s ({:.0}% of one core), {per}",
-            d.cpu_s,
-            d.wall_s,
-            d.cores() * 100.0
+            "  connections   {} welcomed of {} (users {}-0..{}), {} records in flight each; run tag {}",
+            r.opened,
+            o.connections,
+            o.user_prefix,
+            o.connections.saturating_sub(1),
+            o.inflight,
+            r.run_tag
         );
         println!(
-            "               user-space RSS {} -> {}",
-            human_bytes(d.rss_before as f64),
-            human_bytes(d.rss_after as f64)
+            "{} (setup {:.2} s)",
+            report::window_line(r.run.window_s, o.warmup),
+            r.run.setup_s
         );
-    }
-    if let Some(c) = &r.client {
         println!(
-            "  client        cpu {:.2} s ({:.0}% of one core)",
-            c.cpu_s,
-            c.cores() * 100.0
+            "  throughput    {:.0} durable records/s ({} acknowledged in the window)",
+            r.records_per_sec(),
+            r.acked_window
         );
+        println!(
+            "  totals        {} records sent ({} sends, {} resent after overloaded), {} acknowledged, {} refused",
+            r.records, r.sends, r.resends, r.acked_total, r.failed
+        );
+        println!("  ack latency   {}", latency_line(&r.latency));
+        if !r.codes.is_empty() {
+            println!("  error replies {}", map_line(&r.codes));
+        }
+        report::print_verification(
+            &r.errors.kinds(),
+            "every record acknowledged once, own client id, distinct record ids; no errors",
+        );
+        if r.unanswered_on_close > 0 {
+            println!(
+                "  note          {} records were in flight on connections the server ended",
+                r.unanswered_on_close
+            );
+        }
+        let per = |_: &Delta| {
+            r.server_us_per_record()
+                .map_or("- µs/record".into(), |u| format!("{u:.2} µs/record"))
+        };
+        r.run.print_tail(pid, "not opened    ", "", per, false);
     }
-}
 
-pub fn to_json(r: &IngestReport, url: &str, pid: Option<u32>) -> Value {
-    let o = &r.opts;
-    let e = &r.errors;
-    let mut server = server_json(pid, r.server.as_ref());
-    if let Some(obj) = server.as_object_mut() {
-        obj.insert(
-            "cpu_us_per_record".into(),
-            json!(
-                r.server_us_per_record()
-                    .map(|u| (u * 1000.0).round() / 1000.0)
-            ),
-        );
+    fn to_json(&self, url: &str, pid: Option<u32>) -> Value {
+        let (r, o) = (self, &self.opts);
+        let own = json!({
+            "connections": o.connections,
+            "opened": r.opened,
+            "inflight": o.inflight,
+            "run_tag": r.run_tag,
+            "acked_in_window": r.acked_window,
+            "records_per_sec": r.records_per_sec().round(),
+            "records": r.records,
+            "sends": r.sends,
+            "resends": r.resends,
+            "acked_total": r.acked_total,
+            "refused": r.failed,
+            "unanswered_on_close": r.unanswered_on_close,
+            "overloaded": r.overloaded(),
+            "error_codes": r.codes,
+            "ack_latency_us": latency_json(&r.latency),
+        });
+        let per = [("cpu_us_per_record", r.server_us_per_record())];
+        r.run.json("ingest", url, pid, &r.errors.kinds(), &per, own)
     }
-    let mut errors = serde_json::Map::new();
-    for (k, n) in e.kinds() {
-        errors.insert(k.into(), json!(n));
+
+    fn problems(&self) -> u64 {
+        self.errors.total()
     }
-    errors.insert("total".into(), json!(e.total()));
-    json!({
-        "mode": "ingest",
-        "url": url,
-        "connections": o.connections,
-        "opened": r.opened,
-        "inflight": o.inflight,
-        "run_tag": r.run_tag,
-        "setup_s": (r.setup_s * 1000.0).round() / 1000.0,
-        "warmup_s": o.warmup.as_secs_f64(),
-        "duration_s": o.duration.as_secs_f64(),
-        "window_s": (r.window_s * 1000.0).round() / 1000.0,
-        "acked_in_window": r.acked_window,
-        "records_per_sec": r.records_per_sec().round(),
-        "records": r.records,
-        "sends": r.sends,
-        "resends": r.resends,
-        "acked_total": r.acked_total,
-        "refused": r.failed,
-        "unanswered_on_close": r.unanswered_on_close,
-        "overloaded": r.overloaded(),
-        "error_codes": r.codes,
-        "ack_latency_us": latency_json(&r.latency),
-        "errors": errors,
-        "failures": r.failures,
-        "first_failure": r.first_failure,
-        "first_problem": r.first_problem,
-        "close_sent": r.close_sent,
-        "closed_cleanly": r.closed_cleanly,
-        "pings_answered": r.pings,
-        "server": server,
-        "client": r.client.as_ref().map(|c| json!({
-            "cpu_s": (c.cpu_s * 100.0).round() / 100.0,
-            "cpu_cores": (c.cores() * 1000.0).round() / 1000.0,
-        })),
-    })
 }
 
 #[cfg(test)]

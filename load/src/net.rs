@@ -4,7 +4,7 @@
 //! only a trailing partial frame out of the shared read buffer.
 
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
@@ -102,6 +102,29 @@ pub fn dial(src: Option<SocketAddr>, dst: SocketAddr) -> Result<TcpStream, Fail>
     Ok(stream)
 }
 
+/// Ports one source address is asked for at most (the ephemeral range is
+/// usually 28,232 wide).
+const PORTS_PER_SOURCE: usize = 25_000;
+
+/// 127.0.0.1..=127.0.0.N when the server is on IPv4 loopback, enough that
+/// none needs more than 25,000 ports for `k` connections (or `want`);
+/// none otherwise.
+pub fn source_addresses(dst: SocketAddr, k: usize, want: Option<u8>) -> Vec<IpAddr> {
+    let loopback_v4 = matches!(dst.ip(), IpAddr::V4(v4) if v4.is_loopback());
+    if !loopback_v4 {
+        if want.is_some() {
+            eprintln!(
+                "switchboard-load: warning: --sources needs an IPv4 loopback server; ignored"
+            );
+        }
+        return Vec::new();
+    }
+    let n = want.map_or_else(|| k.div_ceil(PORTS_PER_SOURCE).clamp(1, 254), usize::from);
+    (1..=n)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i as u8)))
+        .collect()
+}
+
 /// Source ports for connections bound to chosen source addresses.
 ///
 /// `bind(ip:0)` makes the kernel search for a free port, preferring half of
@@ -141,15 +164,12 @@ impl SourcePorts {
         SourcePorts { ips, lo, hi, next }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.ips.is_empty()
-    }
-
     pub fn len(&self) -> usize {
         self.ips.len()
     }
 
-    /// Dial `dst` from source address number `n % len`, on the next free port.
+    /// Dial `dst` from source address number `n % len`, on the next free
+    /// port (with no source addresses: from a kernel-chosen one).
     pub fn dial(&mut self, n: usize, dst: SocketAddr) -> Result<TcpStream, Fail> {
         let i = n % self.ips.len().max(1);
         let (Some(&ip), Some(cursor)) = (self.ips.get(i), self.next.get_mut(i)) else {
@@ -175,6 +195,20 @@ impl SourcePorts {
             last.unwrap_or_else(|| io::ErrorKind::AddrInUse.into()),
         ))
     }
+}
+
+/// A connection just dialed, registered as `token`; or why it failed.
+pub fn open(
+    dialed: Result<TcpStream, Fail>,
+    registry: &Registry,
+    token: Token,
+) -> Result<Link, Fail> {
+    let mut link = Link::new(dialed?);
+    if let Err(e) = link.register(registry, token) {
+        link.shut(registry);
+        return Err(Fail::Socket(e));
+    }
+    Ok(link)
 }
 
 /// Where a connection is.
@@ -303,6 +337,20 @@ impl Link {
             return Ok(());
         }
         self.flush()
+    }
+
+    /// Begin the closing handshake of an open connection: a close frame
+    /// (1000) is queued and written. False if the connection was not open.
+    pub fn begin_close(&mut self, registry: &Registry) -> bool {
+        if self.phase != Phase::Open {
+            return false;
+        }
+        wire::close_frame(&mut self.out, 1000);
+        self.phase = Phase::Closing;
+        if self.flush_if_ready().is_err() {
+            self.shut(registry);
+        }
+        true
     }
 
     /// Drop the socket (the kernel closes it).
@@ -562,6 +610,18 @@ fn decode(
 mod tests {
     use super::*;
     use switchboard::ws::frame::{OpCode, encode_frame};
+
+    #[test]
+    fn sources_cover_the_ports_needed() {
+        let lo: SocketAddr = "127.0.0.1:9001".parse().unwrap();
+        assert_eq!(source_addresses(lo, 19_000, None).len(), 1);
+        assert_eq!(source_addresses(lo, 25_001, None).len(), 2);
+        assert_eq!(source_addresses(lo, 100_000, None).len(), 4);
+        let three = source_addresses(lo, 10, Some(3));
+        assert_eq!(three.last(), Some(&IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3))));
+        let v6: SocketAddr = "[::1]:9001".parse().unwrap();
+        assert!(source_addresses(v6, 10, None).is_empty());
+    }
 
     #[test]
     fn feed_keeps_partial_frames_across_reads() {

@@ -30,13 +30,14 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll, Registry, Token};
-use serde_json::Value;
+use mio::{Events, Registry, Token};
+use serde_json::{Value, json};
 
-use crate::connect;
+use crate::driver::{self, Driver, Mode, Plan, Ramp, Turn};
 use crate::hist::Histogram;
 use crate::net::{self, Fail, Link, Phase, Progress, ReadOutcome};
-use crate::procfs::{self, Delta, Sample};
+use crate::procfs::Delta;
+use crate::report::{self, Outcome, Summary, latency_json, latency_line};
 use crate::url::WsUrl;
 use crate::wire::{self, Frame};
 
@@ -44,12 +45,8 @@ use crate::wire::{self, Frame};
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long to wait for the server's side of the closing handshakes.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often setup deadlines are checked.
-const TIMEOUT_SCAN: Duration = Duration::from_millis(100);
 /// One read lands here (shared by all connections).
 const READ_BUF: usize = 256 << 10;
-/// Subscribers dialed per loop turn at most.
-const DIAL_BATCH: usize = 64;
 /// Subscribers are tokens 0..N; the publisher has its own.
 const PUBLISHER: Token = Token(usize::MAX - 1);
 /// Sequence numbers a subscriber remembers as skipped (counted lost, but
@@ -107,7 +104,7 @@ pub struct FanoutErrors {
 
 impl FanoutErrors {
     pub fn total(&self) -> u64 {
-        self.kinds().iter().map(|(_, n)| n).sum()
+        report::total(&self.kinds())
     }
 
     /// Kinds and counts, in report order.
@@ -140,10 +137,8 @@ pub struct FanoutReport {
     pub subscribed: usize,
     /// Subscribers counted at the start of publishing.
     pub live_at_start: usize,
-    pub setup_s: f64,
     /// Dial to `subscribed`, per subscriber (ns).
     pub subscribe_time: Histogram,
-    pub window_s: f64,
     /// Publishes completed inside the measured window.
     pub publishes: u64,
     /// Messages received (intact) inside the measured window.
@@ -159,24 +154,14 @@ pub struct FanoutReport {
     /// Messages verified through serde_json instead of the fast path.
     pub slow_path: u64,
     pub errors: FanoutErrors,
-    /// Subscribers that never subscribed, by kind.
-    pub failures: BTreeMap<String, u64>,
-    pub first_failure: Option<String>,
-    pub first_problem: Option<String>,
-    pub close_sent: usize,
-    pub closed_cleanly: usize,
-    pub pings: u64,
-    pub server: Option<Delta>,
-    pub client: Option<Delta>,
+    /// The window, the samples, subscribers that never subscribed (by
+    /// kind), the close.
+    pub run: Outcome,
 }
 
 impl FanoutReport {
     pub fn publishes_per_sec(&self) -> f64 {
-        if self.window_s > 0.0 {
-            self.publishes as f64 / self.window_s
-        } else {
-            0.0
-        }
+        self.run.per_sec(self.publishes)
     }
 
     /// Completed publishes x subscribers, in the window.
@@ -190,8 +175,95 @@ impl FanoutReport {
 
     /// Server CPU microseconds per delivery in the window.
     pub fn server_us_per_delivery(&self) -> Option<f64> {
-        let d = self.server.as_ref()?;
-        (self.deliveries() > 0).then(|| d.cpu_s * 1e6 / self.deliveries() as f64)
+        self.run.server_us_per(self.deliveries())
+    }
+}
+
+impl Summary for FanoutReport {
+    fn print(&self, url: &str, pid: Option<u32>) {
+        let (r, o) = (self, &self.opts);
+        println!("switchboard-load fanout  {url}");
+        println!(
+            "  subscribers   {} subscribed of {} to {:?} from {} (open-file limit {}); publisher {:?}",
+            r.subscribed,
+            o.subscribers,
+            o.channel,
+            report::sources_text(r.sources),
+            r.fd_limit,
+            r.publisher
+        );
+        println!(
+            "  setup         {:.2} s at {:.0}/s; dial to subscribed {}",
+            r.run.setup_s,
+            o.ramp,
+            latency_line(&r.subscribe_time)
+        );
+        println!(
+            "  load          {} publishes in flight, ~{} B data each",
+            o.inflight, o.size
+        );
+        println!("{}", report::window_line(r.run.window_s, o.warmup));
+        println!(
+            "  throughput    {:.0} publishes/s, {:.0} deliveries/s ({} publishes x {} subscribers in the window)",
+            r.publishes_per_sec(),
+            r.deliveries_per_sec(),
+            r.publishes,
+            r.live_at_start
+        );
+        println!(
+            "  totals        {} published, {} completed, {} acknowledged; {} deliveries received",
+            r.sent_total, r.completed_total, r.acks, r.received_total
+        );
+        println!("  latency       {}", latency_line(&r.latency));
+        if r.slow_path > 0 {
+            println!(
+                "  note          {} message events did not match the expected envelope byte for byte and were parsed as JSON (slow path)",
+                r.slow_path
+            );
+        }
+        report::print_verification(
+            &r.errors.kinds(),
+            "every subscriber got every publish once, in order, intact; no errors",
+        );
+        let per = |_: &Delta| {
+            r.server_us_per_delivery()
+                .map_or("- µs/delivery".into(), |u| format!("{u:.3} µs/delivery"))
+        };
+        r.run.print_tail(pid, "not subscribed  ", "", per, true);
+    }
+
+    fn to_json(&self, url: &str, pid: Option<u32>) -> Value {
+        let (r, o) = (self, &self.opts);
+        let own = json!({
+            "subscribers": o.subscribers,
+            "subscribed": r.subscribed,
+            "live_at_start": r.live_at_start,
+            "channel": o.channel,
+            "publisher": r.publisher,
+            "inflight": o.inflight,
+            "size": o.size,
+            "ramp_per_s": o.ramp,
+            "sources": r.sources,
+            "fd_limit": r.fd_limit,
+            "publishes": r.publishes,
+            "publishes_per_sec": report::round(r.publishes_per_sec(), 10.0),
+            "deliveries": r.deliveries(),
+            "deliveries_per_sec": r.deliveries_per_sec().round(),
+            "received_in_window": r.received_window,
+            "sent_total": r.sent_total,
+            "completed_total": r.completed_total,
+            "received_total": r.received_total,
+            "published_acks": r.acks,
+            "slow_path_messages": r.slow_path,
+            "latency_us": latency_json(&r.latency),
+            "subscribe_us": latency_json(&r.subscribe_time),
+        });
+        let per = [("cpu_us_per_delivery", r.server_us_per_delivery())];
+        r.run.json("fanout", url, pid, &r.errors.kinds(), &per, own)
+    }
+
+    fn problems(&self) -> u64 {
+        self.errors.total()
     }
 }
 
@@ -674,19 +746,32 @@ struct Publisher {
     frag: Option<Vec<u8>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Stage {
-    Setup,
-    Warmup,
-    Measure,
-    Drain,
-    Close,
-}
-
 /// `path` with `userId=<user>` added to its query.
 pub(crate) fn with_user(path: &str, user: &str) -> String {
     let sep = if path.contains('?') { '&' } else { '?' };
     format!("{path}{sep}userId={user}")
+}
+
+/// The fan-out mode's part of the run loop.
+struct Fanout<'a> {
+    url: &'a WsUrl,
+    o: &'a FanoutOpts,
+    addr: SocketAddr,
+    nonce: u64,
+    tag: u32,
+    start: Instant,
+    sources: net::SourcePorts,
+    ramp: Ramp,
+    subscribe_msg: String,
+    pub_key: String,
+    pub_path: String,
+    publ: Publisher,
+    subs: Vec<Sub>,
+    table: Table,
+    tally: Tally,
+    expect: Option<Expect>,
+    live_at_start: usize,
+    close_sent: usize,
 }
 
 pub fn run(
@@ -699,41 +784,36 @@ pub fn run(
     if n == 0 || o.inflight == 0 {
         return Err("--subscribers and --inflight must be at least 1".into());
     }
-    let fd_limit = match switchboard::raise_fd_limit() {
-        Ok((_, now, _)) => now,
-        Err(e) => return Err(format!("cannot read the open-file limit: {e}")),
-    };
-    if (n as u64) + 17 > fd_limit {
-        eprintln!(
-            "switchboard-load: warning: the open-file limit is {fd_limit}; {n} subscribers will not all fit (expect fd_limit failures)"
-        );
-    }
-    let mut sources = net::SourcePorts::new(connect::source_addresses(addr, n + 1, o.sources));
-    let pid_s = pid.map(|p| p.to_string());
-    let sample = |what: &Option<String>| -> Result<Option<Sample>, String> {
-        what.as_deref().map(procfs::sample).transpose()
-    };
-
-    let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
-    let mut events = Events::with_capacity(4096);
-    let mut rbuf = vec![0u8; READ_BUF];
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-        ^ u64::from(std::process::id());
+    let fd_limit = driver::fd_limit(
+        n as u64 + 17,
+        &format!("{n} subscribers will not all fit (expect fd_limit failures)"),
+    )
+    .map_err(|e| format!("cannot read the open-file limit: {e}"))?;
+    let mut sources = net::SourcePorts::new(net::source_addresses(addr, n + 1, o.sources));
+    let driver = Driver::new(Plan {
+        pid,
+        warmup: o.warmup,
+        duration: o.duration,
+        drain_timeout: DRAIN_TIMEOUT,
+        close_timeout: CLOSE_TIMEOUT,
+        tick: Duration::from_millis(100),
+        events: 4096,
+        read_buf: READ_BUF,
+        baseline: false,
+        client: true,
+    })?;
+    let nonce = driver::run_nonce();
     let tag = std::process::id();
     let channel_json = json_str(&o.channel);
-    let subscribe_msg = format!("{{\"type\":\"subscribe\",\"channel\":{channel_json}}}");
-    let start = Instant::now();
+    let start = driver.start();
 
     // The publisher first: its welcome names the sender every message carries.
-    let pub_key = wire::ws_key(nonce, u64::MAX);
-    let pub_path = with_user(&url.path, &format!("load-pub-{tag}"));
+    let link = match sources.dial(n, addr).or_else(|_| net::dial(None, addr)) {
+        Ok(s) => Link::new(s),
+        Err(f) => return Err(format!("publisher: {f}")),
+    };
     let mut publ = Publisher {
-        link: match sources.dial(n, addr).or_else(|_| net::dial(None, addr)) {
-            Ok(s) => Link::new(s),
-            Err(f) => return Err(format!("publisher: {f}")),
-        },
+        link,
         started: start,
         user: None,
         acks: 0,
@@ -745,221 +825,241 @@ pub fn run(
         frag: None,
     };
     publ.link
-        .register(poll.registry(), PUBLISHER)
+        .register(driver.registry(), PUBLISHER)
         .map_err(|e| format!("publisher: register: {e}"))?;
+    let mut mode = Fanout {
+        url,
+        o,
+        addr,
+        nonce,
+        tag,
+        start,
+        sources,
+        ramp: Ramp::new(start, o.ramp, n),
+        subscribe_msg: format!("{{\"type\":\"subscribe\",\"channel\":{channel_json}}}"),
+        pub_key: wire::ws_key(nonce, u64::MAX),
+        pub_path: with_user(&url.path, &format!("load-pub-{tag}")),
+        publ,
+        subs: Vec::with_capacity(n),
+        table: Table::default(),
+        tally: Tally::default(),
+        expect: None,
+        live_at_start: 0,
+        close_sent: 0,
+    };
+    let t = driver.run(&mut mode)?;
+    let Fanout {
+        subs,
+        publ,
+        table,
+        tally,
+        sources,
+        live_at_start,
+        close_sent,
+        ..
+    } = mode;
+    let closed_cleanly =
+        subs.iter().filter(|s| s.track.close_acked).count() + usize::from(publ.close_acked);
+    Ok(FanoutReport {
+        opts: o.clone(),
+        sources: sources.len(),
+        fd_limit,
+        publisher: publ.user.unwrap_or_default(),
+        subscribed: tally.ready,
+        live_at_start,
+        subscribe_time: tally.subscribe_time,
+        publishes: table.completed_window,
+        received_window: tally.received_window,
+        latency: tally.latency,
+        sent_total: publ.sent,
+        completed_total: table.completed,
+        received_total: tally.received,
+        acks: publ.acks,
+        slow_path: tally.slow_path,
+        errors: tally.errors,
+        run: Outcome {
+            setup_s: t.setup_s(),
+            window_s: t.window_s(),
+            warmup: o.warmup,
+            duration: o.duration,
+            server: t.server(),
+            client: t.client(),
+            failures: tally.failures,
+            first_failure: tally.first_failure,
+            first_problem: tally.first_problem,
+            close_sent,
+            closed_cleanly,
+            pings: tally.pings,
+        },
+    })
+}
 
-    let mut subs: Vec<Sub> = Vec::with_capacity(n);
-    let mut table = Table::default();
-    let mut tally = Tally::default();
-    let mut expect: Option<Expect> = None;
-    let mut stage = Stage::Setup;
-    let mut setup_end = start;
-    let mut t_warm = start;
-    let mut t_end = start;
-    let mut deadline = start;
-    let mut next_scan = start + TIMEOUT_SCAN;
-    let mut scan_from = 0usize;
-    let mut live_at_start = 0usize;
-    let mut server_a: Option<Sample> = None;
-    let mut server_b: Option<Sample> = None;
-    let mut client_a: Option<Sample> = None;
-    let mut client_b: Option<Sample> = None;
-    let mut window = (start, start);
-    let mut close_sent = 0usize;
-    loop {
-        let now = Instant::now();
-        if stage == Stage::Setup {
-            let due = connect::due_now(start, now, o.ramp);
-            let batch_end = due.min(n).min(subs.len() + DIAL_BATCH);
-            while subs.len() < batch_end {
-                let i = subs.len();
-                let mut track = Track::new(Instant::now());
-                tally.pending_setup += 1;
-                let dialed = if sources.is_empty() {
-                    net::dial(None, addr)
-                } else {
-                    sources.dial(i, addr)
-                };
-                let mut link = match dialed {
-                    Ok(s) => Link::new(s),
-                    Err(f) => {
-                        setup_failed(&mut track, &mut tally, f.kind(), || f.to_string());
-                        Link::dead()
-                    }
-                };
-                if let Err(e) = link.register(poll.registry(), Token(i)) {
-                    let f = Fail::Socket(e);
-                    setup_failed(&mut track, &mut tally, f.kind(), || f.to_string());
-                    link.shut(poll.registry());
-                }
-                subs.push(Sub {
-                    link,
-                    track,
-                    frag: None,
+impl Mode for Fanout<'_> {
+    /// Subscribers dialed at the ramp rate; setup is over when every one
+    /// is subscribed or failed and the publisher is welcomed.
+    fn setup(&mut self, now: Instant, registry: &Registry) -> Result<bool, String> {
+        let o = self.o;
+        let batch_end = self.ramp.batch_end(now, self.subs.len());
+        while self.subs.len() < batch_end {
+            let i = self.subs.len();
+            let mut track = Track::new(Instant::now());
+            self.tally.pending_setup += 1;
+            let dialed = self.sources.dial(i, self.addr);
+            let link = net::open(dialed, registry, Token(i)).unwrap_or_else(|f| {
+                setup_failed(&mut track, &mut self.tally, f.kind(), || f.to_string());
+                Link::dead()
+            });
+            self.subs.push(Sub {
+                link,
+                track,
+                frag: None,
+            });
+        }
+        if self.ramp.scan_due(now) {
+            let tally = &mut self.tally;
+            self.ramp.expire(
+                &mut self.subs,
+                now,
+                o.handshake_timeout,
+                |s| (!s.track.settled).then_some(s.track.started),
+                |s| {
+                    setup_failed(&mut s.track, tally, Fail::Timeout.kind(), || {
+                        "no subscribed reply in time".to_owned()
+                    });
+                    s.link.shut(registry);
+                },
+            );
+            let publ = &mut self.publ;
+            if publ.user.is_none()
+                && publ.failure.is_none()
+                && now.saturating_duration_since(publ.started) >= o.handshake_timeout
+            {
+                publ.failure = Some("no connected welcome in time".into());
+            }
+        }
+        if let Some(f) = &self.publ.failure {
+            return Err(format!("the publisher could not connect: {f}"));
+        }
+        if self.subs.len() == o.subscribers
+            && self.tally.pending_setup == 0
+            && self.publ.user.is_some()
+        {
+            if self.publ.link.phase != Phase::Open {
+                return Err("the publisher's connection was lost during setup".into());
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn setup_wait(&self, now: Instant) -> Duration {
+        self.ramp.wait(now, self.subs.len())
+    }
+
+    /// The first publishes; with nobody to publish to, straight to the report.
+    fn begin(&mut self, _at: Instant, turn: &mut Turn<'_>) -> bool {
+        self.live_at_start = self.table.live;
+        if self.live_at_start == 0 {
+            return false;
+        }
+        self.table.credits = self.o.inflight;
+        let now_ns = self.start.elapsed().as_nanos() as u64;
+        if send_publishes(&mut self.publ, &mut self.table, self.o.size, now_ns).is_err() {
+            pub_gone(
+                &mut self.publ,
+                &mut self.tally,
+                "publisher write failed".into(),
+            );
+            self.publ.link.shut(turn.registry);
+        }
+        true
+    }
+
+    fn live(&self) -> bool {
+        self.publ.link.phase == Phase::Open && self.table.live > 0
+    }
+
+    /// Drained when every publish was delivered and acknowledged: the
+    /// server may send `published` after the deliveries (the channel's
+    /// home shard numbers it, then answers the publisher's shard).
+    fn drained(&self) -> bool {
+        let acked = self.publ.dropped || self.publ.acks >= self.publ.sent;
+        self.table.pending.is_empty() && acked
+    }
+
+    /// Verdicts are final: what a live subscriber still misses is lost. If
+    /// the publisher's connection was lost, only what the server
+    /// acknowledged (`published`, in order) had to arrive.
+    fn finish(&mut self, registry: &Registry) {
+        let (publ, table, tally) = (&mut self.publ, &mut self.table, &mut self.tally);
+        let due_end = if publ.dropped {
+            publ.acks.min(table.next_seq())
+        } else {
+            table.next_seq()
+        };
+        for s in self.subs.iter_mut().filter(|s| s.track.live) {
+            let missing = due_end.saturating_sub(s.track.next);
+            tally.errors.lost += missing;
+            if missing > 0 {
+                tally.problem(|| {
+                    format!("{missing} publishes still missing at a subscriber after the drain")
                 });
             }
-            if now >= next_scan {
-                next_scan = now + TIMEOUT_SCAN;
-                while let Some(s) = subs.get_mut(scan_from) {
-                    if !s.track.settled {
-                        if now.saturating_duration_since(s.track.started) < o.handshake_timeout {
-                            break;
-                        }
-                        let f = Fail::Timeout;
-                        setup_failed(&mut s.track, &mut tally, f.kind(), || {
-                            "no subscribed reply in time".to_owned()
-                        });
-                        s.link.shut(poll.registry());
-                    }
-                    scan_from += 1;
-                }
-                if publ.user.is_none()
-                    && publ.failure.is_none()
-                    && now.saturating_duration_since(publ.started) >= o.handshake_timeout
-                {
-                    publ.failure = Some("no connected welcome in time".into());
-                }
-            }
-            if let Some(f) = &publ.failure {
-                return Err(format!("the publisher could not connect: {f}"));
-            }
-            if subs.len() == n && tally.pending_setup == 0 && publ.user.is_some() {
-                if publ.link.phase != Phase::Open {
-                    return Err("the publisher's connection was lost during setup".into());
-                }
-                setup_end = Instant::now();
-                live_at_start = table.live;
-                t_warm = setup_end + o.warmup;
-                t_end = t_warm + o.duration;
-                deadline = t_warm;
-                stage = if live_at_start == 0 {
-                    // Nobody to publish to: straight to the report.
-                    Stage::Drain
-                } else {
-                    table.credits = o.inflight;
-                    let now_ns = start.elapsed().as_nanos() as u64;
-                    if send_publishes(&mut publ, &mut table, o.size, now_ns).is_err() {
-                        pub_gone(&mut publ, &mut tally, "publisher write failed".into());
-                        publ.link.shut(poll.registry());
-                    }
-                    Stage::Warmup
-                };
-                if stage == Stage::Drain {
-                    server_a = sample(&pid_s)?;
-                    server_b = server_a;
-                    window = (setup_end, setup_end);
-                }
-            }
+            retire(&mut s.track, table, false);
         }
-        let publishing = publ.link.phase == Phase::Open && table.live > 0;
-        if stage == Stage::Warmup && (now >= t_warm || !publishing) {
-            stage = Stage::Measure;
-            deadline = t_end;
-            server_a = sample(&pid_s)?;
-            client_a = procfs::sample("self").ok();
-            window.0 = Instant::now();
+        if !publ.dropped {
+            tally.errors.unacked += publ.sent.saturating_sub(publ.acks);
         }
-        if stage == Stage::Measure && (now >= t_end || !publishing) {
-            server_b = sample(&pid_s)?;
-            client_b = procfs::sample("self").ok();
-            window.1 = Instant::now();
-            stage = Stage::Drain;
-            deadline = now + DRAIN_TIMEOUT;
-        }
-        // Drained when every publish was delivered and acknowledged: the
-        // server may send `published` after the deliveries (the channel's
-        // home shard numbers it, then answers the publisher's shard).
-        let acked = publ.dropped || publ.acks >= publ.sent;
-        if stage == Stage::Drain && (now >= deadline || (table.pending.is_empty() && acked)) {
-            // Verdicts are final: what a live subscriber still misses is
-            // lost. If the publisher's connection was lost, only what the
-            // server acknowledged (`published`, in order) had to arrive.
-            let due_end = if publ.dropped {
-                publ.acks.min(table.next_seq())
-            } else {
-                table.next_seq()
-            };
-            for s in subs.iter_mut().filter(|s| s.track.live) {
-                let missing = due_end.saturating_sub(s.track.next);
-                tally.errors.lost += missing;
-                if missing > 0 {
-                    tally.problem(|| {
-                        format!("{missing} publishes still missing at a subscriber after the drain")
-                    });
-                }
-                retire(&mut s.track, &mut table, false);
-            }
-            if !publ.dropped {
-                tally.errors.unacked += publ.sent.saturating_sub(publ.acks);
-            }
-            for s in subs.iter_mut().filter(|s| s.link.phase == Phase::Open) {
-                wire::close_frame(&mut s.link.out, 1000);
-                s.link.phase = Phase::Closing;
-                close_sent += 1;
-                if s.link.flush_if_ready().is_err() {
-                    s.link.shut(poll.registry());
-                }
-            }
-            if publ.link.phase == Phase::Open {
-                wire::close_frame(&mut publ.link.out, 1000);
-                publ.link.phase = Phase::Closing;
-                close_sent += 1;
-                if publ.link.flush_if_ready().is_err() {
-                    publ.link.shut(poll.registry());
-                }
-            }
-            stage = Stage::Close;
-            deadline = now + CLOSE_TIMEOUT;
-        }
-        if stage == Stage::Close
-            && (now >= deadline || (publ.link.is_done() && subs.iter().all(|s| s.link.is_done())))
+        for link in self
+            .subs
+            .iter_mut()
+            .map(|s| &mut s.link)
+            .chain([&mut publ.link])
         {
-            break;
-        }
-        let wait = match stage {
-            Stage::Setup
-                if subs.len() < n && subs.len() >= connect::due_now(start, now, o.ramp) =>
-            {
-                let next = start + Duration::from_secs_f64(subs.len() as f64 / o.ramp);
-                next.saturating_duration_since(now)
-                    .min(Duration::from_millis(10))
+            if link.begin_close(registry) {
+                self.close_sent += 1;
             }
-            // Behind schedule: just collect what is ready.
-            Stage::Setup if subs.len() < n => Duration::ZERO,
-            Stage::Setup => TIMEOUT_SCAN,
-            _ => deadline
-                .saturating_duration_since(now)
-                .min(Duration::from_millis(100)),
-        };
-        match poll.poll(&mut events, Some(wait)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("poll: {e}")),
         }
-        let sending = matches!(stage, Stage::Warmup | Stage::Measure);
+    }
+
+    fn closed(&self) -> bool {
+        self.publ.link.is_done() && self.subs.iter().all(|s| s.link.is_done())
+    }
+
+    fn serve(&mut self, events: &Events, turn: &mut Turn<'_>) {
+        let Fanout {
+            url,
+            o,
+            nonce,
+            tag,
+            start,
+            subscribe_msg,
+            pub_key,
+            pub_path,
+            publ,
+            subs,
+            table,
+            tally,
+            expect,
+            ..
+        } = self;
+        let (url, o, start, registry) = (*url, *o, *start, turn.registry);
+        let sending = turn.sending();
         let mut cx = Cx {
-            table: &mut table,
-            tally: &mut tally,
+            table,
+            tally,
             expect: expect.as_ref(),
             channel: &o.channel,
             now_ns: 0,
-            measuring: stage == Stage::Measure,
-            verifying: stage <= Stage::Drain,
+            measuring: turn.measuring(),
+            verifying: turn.verifying(),
         };
         for ev in events.iter() {
             if ev.token() == PUBLISHER {
                 if ev.is_writable() {
                     publ.link.write_blocked = false;
                 }
-                serve_publisher(
-                    &mut publ,
-                    &mut rbuf,
-                    &pub_key,
-                    url,
-                    &pub_path,
-                    &mut cx,
-                    poll.registry(),
-                );
+                serve_publisher(publ, turn.rbuf, pub_key, url, pub_path, &mut cx, registry);
                 continue;
             }
             let i = ev.token().0;
@@ -969,52 +1069,45 @@ pub fn run(
             }
             match s.link.phase {
                 Phase::Connecting | Phase::Upgrading => {
-                    let key = wire::ws_key(nonce, i as u64);
+                    let key = wire::ws_key(*nonce, i as u64);
                     let req = || {
                         let path = with_user(&url.path, &format!("load-sub-{tag}-{i}"));
                         wire::upgrade_request(&url.authority, &path, &key)
                     };
-                    match s.link.handshake(&mut rbuf, req, &key) {
+                    match s.link.handshake(turn.rbuf, req, &key) {
                         Progress::Waiting => {}
                         Progress::Opened => {
                             // Subscribe right behind the upgrade.
                             wire::frame(&mut s.link.out, wire::OP_TEXT, subscribe_msg.as_bytes());
                             cx.now_ns = start.elapsed().as_nanos() as u64;
                             if !s.link.inbuf.is_empty() && !sub_bytes(s, &[], &mut cx) {
-                                s.link.shut(poll.registry());
+                                s.link.shut(registry);
                             } else if s.link.flush_if_ready().is_err() {
                                 sub_gone(&mut s.track, &mut cx, Gone::Closed, "write", || {
                                     "write failed after the upgrade".into()
                                 });
-                                s.link.shut(poll.registry());
+                                s.link.shut(registry);
                             }
                         }
                         Progress::Failed(f) => {
                             setup_failed(&mut s.track, cx.tally, f.kind(), || f.to_string());
-                            s.link.shut(poll.registry());
+                            s.link.shut(registry);
                         }
                     }
                 }
                 Phase::Open | Phase::Closing => {
-                    serve_sub(
-                        s,
-                        ev.is_read_closed(),
-                        &mut rbuf,
-                        start,
-                        &mut cx,
-                        poll.registry(),
-                    );
+                    serve_sub(s, ev.is_read_closed(), turn.rbuf, start, &mut cx, registry);
                 }
                 Phase::Done => {}
             }
             if s.track.abandon && !s.link.is_done() {
-                s.link.shut(poll.registry());
+                s.link.shut(registry);
             }
             if sending && cx.table.credits > 0 && publ.link.phase == Phase::Open {
                 let now_ns = start.elapsed().as_nanos() as u64;
-                if send_publishes(&mut publ, cx.table, o.size, now_ns).is_err() {
-                    pub_gone(&mut publ, cx.tally, "publisher write failed".into());
-                    publ.link.shut(poll.registry());
+                if send_publishes(publ, cx.table, o.size, now_ns).is_err() {
+                    pub_gone(publ, cx.tally, "publisher write failed".into());
+                    publ.link.shut(registry);
                 }
             }
         }
@@ -1026,44 +1119,9 @@ pub fn run(
         {
             // No subscriber can have a message yet: the first publish is
             // sent at the end of setup, at the top of a later turn.
-            expect = Some(Expect::new(&o.channel, u, o.size));
+            *expect = Some(Expect::new(&o.channel, u, o.size));
         }
     }
-    let closed_cleanly =
-        subs.iter().filter(|s| s.track.close_acked).count() + usize::from(publ.close_acked);
-    for s in &mut subs {
-        s.link.shut(poll.registry());
-    }
-    publ.link.shut(poll.registry());
-    let window_s = window.1.saturating_duration_since(window.0).as_secs_f64();
-    Ok(FanoutReport {
-        opts: o.clone(),
-        sources: sources.len(),
-        fd_limit,
-        publisher: publ.user.unwrap_or_default(),
-        subscribed: tally.ready,
-        live_at_start,
-        setup_s: setup_end.saturating_duration_since(start).as_secs_f64(),
-        subscribe_time: tally.subscribe_time,
-        window_s,
-        publishes: table.completed_window,
-        received_window: tally.received_window,
-        latency: tally.latency,
-        sent_total: publ.sent,
-        completed_total: table.completed,
-        received_total: tally.received,
-        acks: publ.acks,
-        slow_path: tally.slow_path,
-        errors: tally.errors,
-        failures: tally.failures,
-        first_failure: tally.first_failure,
-        first_problem: tally.first_problem,
-        close_sent,
-        closed_cleanly,
-        pings: tally.pings,
-        server: server_a.zip(server_b).map(|(a, b)| Delta::between(&a, &b)),
-        client: client_a.zip(client_b).map(|(a, b)| Delta::between(&a, &b)),
-    })
 }
 
 /// Send as many publishes as there are credits, stamped now; one write.

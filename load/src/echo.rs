@@ -9,11 +9,14 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll, Registry, Token};
+use mio::{Events, Registry, Token};
+use serde_json::{Value, json};
 
+use crate::driver::{self, Driver, Mode, Plan, Stage, Turn};
 use crate::hist::Histogram;
 use crate::net::{self, Link, Phase, Progress, ReadOutcome};
-use crate::procfs::{self, Delta, Sample};
+use crate::procfs::Delta;
+use crate::report::{self, Summary};
 use crate::url::WsUrl;
 use crate::verify::{Errors, Layout, Tracker};
 use crate::wire::{self, Frame};
@@ -62,11 +65,93 @@ pub struct EchoReport {
 
 impl EchoReport {
     pub fn msgs_per_sec(&self) -> f64 {
-        if self.window_s > 0.0 {
-            self.measured as f64 / self.window_s
-        } else {
-            0.0
+        report::per_sec(self.measured, self.window_s)
+    }
+
+    /// Server CPU microseconds per round trip in the window.
+    fn server_us_per_msg(&self) -> Option<f64> {
+        let d = self.server.as_ref()?;
+        (self.measured > 0).then(|| d.cpu_s * 1e6 / self.measured as f64)
+    }
+}
+
+impl Summary for EchoReport {
+    fn print(&self, url: &str, pid: Option<u32>) {
+        let (r, o) = (self, &self.opts);
+        println!("switchboard-load echo  {url}");
+        println!(
+            "  connections   {} opened of {}; {} B {} payloads, {} in flight each",
+            r.opened,
+            o.connections,
+            o.size,
+            if o.binary { "binary" } else { "text" },
+            o.depth
+        );
+        println!("{}", report::window_line(r.window_s, o.warmup));
+        println!(
+            "  throughput    {:.0} msg/s  ({} round trips in the window; {} sent, {} echoed in all)",
+            r.msgs_per_sec(),
+            r.measured,
+            r.sent_total,
+            r.completed_total
+        );
+        println!("  round trip    {}", report::latency_line(&r.latency));
+        report::print_verification(
+            &r.errors.kinds(),
+            "every echo in order and byte-identical; no errors",
+        );
+        if let Some(f) = &r.connect_failure {
+            println!("  first connect failure: {f}");
         }
+        if let Some(p) = &r.first_problem {
+            println!("  first problem: {p}");
+        }
+        println!(
+            "  close         {} of {} answered our close frame; {} pings answered",
+            r.closed_cleanly, r.opened, r.pings
+        );
+        let per = |_: &Delta| {
+            r.server_us_per_msg()
+                .map_or("- µs/msg".into(), |u| format!("{u:.2} µs/msg"))
+        };
+        report::print_server(pid, r.server.as_ref(), per, true);
+        report::print_client(r.client.as_ref());
+    }
+
+    fn to_json(&self, url: &str, pid: Option<u32>) -> Value {
+        let (r, o) = (self, &self.opts);
+        json!({
+            "mode": "echo",
+            "url": url,
+            "connections": o.connections,
+            "opened": r.opened,
+            "size": o.size,
+            "depth": o.depth,
+            "binary": o.binary,
+            "warmup_s": o.warmup.as_secs_f64(),
+            "duration_s": o.duration.as_secs_f64(),
+            "window_s": report::round(r.window_s, 1000.0),
+            "messages": r.measured,
+            "msgs_per_sec": r.msgs_per_sec().round(),
+            "sent_total": r.sent_total,
+            "echoed_total": r.completed_total,
+            "latency_us": report::latency_json(&r.latency),
+            "errors": report::errors_json(&r.errors.kinds()),
+            "connect_failure": r.connect_failure,
+            "first_problem": r.first_problem,
+            "closed_cleanly": r.closed_cleanly,
+            "pings_answered": r.pings,
+            "server": report::server_json_per(
+                pid,
+                r.server.as_ref(),
+                &[("cpu_us_per_msg", r.server_us_per_msg())],
+            ),
+            "client": report::client_json(r.client.as_ref()),
+        })
+    }
+
+    fn problems(&self) -> u64 {
+        self.errors.total()
     }
 }
 
@@ -85,14 +170,6 @@ struct Conn {
     dropped: bool,
     /// The server answered our close frame.
     close_acked: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Stage {
-    Warmup,
-    Measure,
-    Drain,
-    Close,
 }
 
 /// Counters every frame handler updates.
@@ -124,6 +201,25 @@ struct Cx<'a> {
     tally: &'a mut Tally,
 }
 
+/// The echo mode's part of the run loop.
+struct Echo<'a> {
+    url: &'a WsUrl,
+    layout: Layout,
+    opcode: u8,
+    nonce: u64,
+    conns: Vec<Conn>,
+    tally: Tally,
+    connect_failure: Option<String>,
+    /// Connections still connecting or upgrading.
+    waiting: usize,
+    hs_deadline: Instant,
+    opened: usize,
+    /// Connections open now.
+    open: usize,
+    /// The end of setup: timestamps count from here.
+    t0: Instant,
+}
+
 pub fn run(
     url: &WsUrl,
     addr: SocketAddr,
@@ -135,29 +231,34 @@ pub fn run(
         return Err("--connections and --depth must be at least 1".into());
     }
     // Each connection is a descriptor: take whatever the hard limit allows.
-    if let Ok((_, limit, _)) = switchboard::raise_fd_limit()
-        && (o.connections as u64) + 16 > limit
-    {
-        eprintln!(
-            "switchboard-load: warning: the open-file limit is {limit}; {} connections will not all fit",
-            o.connections
-        );
-    }
-    let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
-    let mut events = Events::with_capacity(1024);
-    let mut rbuf = vec![0u8; READ_BUF];
+    let _ = driver::fd_limit(
+        o.connections as u64 + 16,
+        &format!("{} connections will not all fit", o.connections),
+    );
+    let driver = Driver::new(Plan {
+        pid,
+        warmup: o.warmup,
+        duration: o.duration,
+        drain_timeout: DRAIN_TIMEOUT,
+        close_timeout: CLOSE_TIMEOUT,
+        tick: Duration::from_millis(100),
+        events: 1024,
+        read_buf: READ_BUF,
+        baseline: false,
+        client: true,
+    })?;
     let mut tally = Tally::default();
     let mut connect_failure: Option<String> = None;
-    let nonce = run_nonce();
+    let nonce = driver::run_nonce();
 
-    // Stage 0: connect and upgrade every connection.
+    // Setup: connect and upgrade every connection.
     let mut conns: Vec<Conn> = Vec::with_capacity(o.connections);
     let mut waiting = 0usize;
     for i in 0..o.connections {
         let link = match net::dial(None, addr) {
             Ok(s) => {
                 let mut l = Link::new(s);
-                match l.register(poll.registry(), Token(i)) {
+                match l.register(driver.registry(), Token(i)) {
                     Ok(()) => {
                         waiting += 1;
                         l
@@ -184,142 +285,169 @@ pub fn run(
             close_acked: false,
         });
     }
-    let hs_deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    while waiting > 0 {
-        let now = Instant::now();
-        if now >= hs_deadline {
-            break;
-        }
-        poll_once(&mut poll, &mut events, hs_deadline - now)?;
-        for ev in events.iter() {
-            let i = ev.token().0;
-            let Some(c) = conns.get_mut(i) else { continue };
-            if !matches!(c.link.phase, Phase::Connecting | Phase::Upgrading) {
-                continue;
-            }
-            let key = wire::ws_key(nonce, i as u64);
-            match c.link.handshake(
-                &mut rbuf,
-                || wire::upgrade_request(&url.authority, &url.path, &key),
-                &key,
-            ) {
-                Progress::Waiting => {}
-                Progress::Opened => waiting -= 1,
-                Progress::Failed(f) => {
-                    waiting -= 1;
-                    tally.errors.connect += 1;
-                    connect_failure.get_or_insert(f.to_string());
-                    c.link.shut(poll.registry());
-                }
-            }
-        }
-    }
-    for c in &mut conns {
-        if matches!(c.link.phase, Phase::Connecting | Phase::Upgrading) {
-            tally.errors.connect += 1;
-            connect_failure.get_or_insert(net::Fail::Timeout.to_string());
-            c.link.shut(poll.registry());
-        }
-    }
-    let opened = conns.iter().filter(|c| c.link.phase == Phase::Open).count();
-
-    // Prime every pipeline at t0; timestamps count from here.
-    let t0 = Instant::now();
-    let t_warm = t0 + o.warmup;
-    let t_end = t_warm + o.duration;
-    let opcode = if o.binary {
-        wire::OP_BINARY
-    } else {
-        wire::OP_TEXT
+    let mut echo = Echo {
+        url,
+        layout,
+        opcode: if o.binary {
+            wire::OP_BINARY
+        } else {
+            wire::OP_TEXT
+        },
+        nonce,
+        conns,
+        tally,
+        connect_failure,
+        waiting,
+        hs_deadline: Instant::now() + HANDSHAKE_TIMEOUT,
+        opened: 0,
+        open: 0,
+        t0: driver.start(),
     };
-    let mut open = opened;
-    {
-        let mut cx = Cx {
-            layout: &layout,
-            opcode,
+    let timing = driver.run(&mut echo)?;
+    let closed_cleanly = echo.conns.iter().filter(|c| c.close_acked).count();
+    let tally = echo.tally;
+    Ok(EchoReport {
+        opts: o.clone(),
+        opened: echo.opened,
+        measured: tally.measured,
+        window_s: timing.window_s(),
+        latency: tally.latency,
+        sent_total: tally.sent,
+        completed_total: tally.completed,
+        errors: tally.errors,
+        connect_failure: echo.connect_failure,
+        first_problem: tally.first_problem,
+        closed_cleanly,
+        pings: tally.pings,
+        server: timing.server(),
+        client: timing.client(),
+    })
+}
+
+impl Echo<'_> {
+    /// The frame handlers' context for a turn, beside the connections.
+    fn cx(&mut self, turn: &Turn<'_>) -> (Cx<'_>, &mut [Conn], &mut usize) {
+        let cx = Cx {
+            layout: &self.layout,
+            opcode: self.opcode,
             now_ns: 0,
-            sending: true,
-            measuring: false,
-            verifying: true,
-            tally: &mut tally,
+            sending: turn.sending(),
+            measuring: turn.measuring(),
+            verifying: turn.verifying(),
+            tally: &mut self.tally,
         };
+        (cx, &mut self.conns, &mut self.open)
+    }
+
+    /// A readiness event while connecting and upgrading.
+    fn handshake(&mut self, i: usize, turn: &mut Turn<'_>) {
+        let Some(c) = self.conns.get_mut(i) else {
+            return;
+        };
+        if !matches!(c.link.phase, Phase::Connecting | Phase::Upgrading) {
+            return;
+        }
+        let key = wire::ws_key(self.nonce, i as u64);
+        let url = self.url;
+        match c.link.handshake(
+            turn.rbuf,
+            || wire::upgrade_request(&url.authority, &url.path, &key),
+            &key,
+        ) {
+            Progress::Waiting => {}
+            Progress::Opened => self.waiting -= 1,
+            Progress::Failed(f) => {
+                self.waiting -= 1;
+                self.tally.errors.connect += 1;
+                self.connect_failure.get_or_insert(f.to_string());
+                c.link.shut(turn.registry);
+            }
+        }
+    }
+}
+
+impl Mode for Echo<'_> {
+    fn setup(&mut self, now: Instant, registry: &Registry) -> Result<bool, String> {
+        if self.waiting > 0 && now < self.hs_deadline {
+            return Ok(false);
+        }
+        for c in &mut self.conns {
+            if matches!(c.link.phase, Phase::Connecting | Phase::Upgrading) {
+                self.tally.errors.connect += 1;
+                self.connect_failure
+                    .get_or_insert(net::Fail::Timeout.to_string());
+                c.link.shut(registry);
+            }
+        }
+        self.opened = self
+            .conns
+            .iter()
+            .filter(|c| c.link.phase == Phase::Open)
+            .count();
+        Ok(true)
+    }
+
+    fn setup_wait(&self, now: Instant) -> Duration {
+        self.hs_deadline.saturating_duration_since(now)
+    }
+
+    /// Prime every pipeline at t0; timestamps count from here.
+    fn begin(&mut self, at: Instant, turn: &mut Turn<'_>) -> bool {
+        self.t0 = at;
+        self.open = self.opened;
+        let (mut cx, conns, open) = self.cx(turn);
         for c in conns.iter_mut().filter(|c| c.link.phase == Phase::Open) {
             top_up(c, &mut cx);
             // Whatever arrived while the others upgraded: frames right
             // behind the 101 are in `inbuf`, later ones (whose readiness
             // edge was passed over) in the socket. Then the first write.
             if !c.link.inbuf.is_empty() && !on_bytes(c, &[], &mut cx) {
-                c.link.shut(poll.registry());
+                c.link.shut(turn.registry);
             } else {
-                serve_io(c, false, &mut rbuf, t0, &mut cx, poll.registry());
+                serve_io(c, false, turn.rbuf, at, &mut cx, turn.registry);
             }
             if c.link.phase != Phase::Open {
-                open -= 1;
+                *open -= 1;
+            }
+        }
+        true
+    }
+
+    fn live(&self) -> bool {
+        self.open > 0
+    }
+
+    fn drained(&self) -> bool {
+        self.conns
+            .iter()
+            .all(|c| c.link.phase != Phase::Open || c.tracker.awaited() == 0)
+    }
+
+    /// Verdicts are final: what is still missing is lost.
+    fn finish(&mut self, registry: &Registry) {
+        for c in &mut self.conns {
+            c.tracker.finish(c.dropped, &mut self.tally.errors);
+        }
+        for c in &mut self.conns {
+            if c.link.begin_close(registry) {
+                self.open -= 1;
             }
         }
     }
 
-    let mut stage = Stage::Warmup;
-    let mut server_a: Option<Sample> = None;
-    let mut server_b: Option<Sample> = None;
-    let mut client_a: Option<Sample> = None;
-    let mut client_b: Option<Sample> = None;
-    let mut window = (t0, t0);
-    let mut deadline = t_warm;
-    let pid_s = pid.map(|p| p.to_string());
-    loop {
-        let now = Instant::now();
-        if stage == Stage::Warmup && (now >= t_warm || open == 0) {
-            stage = Stage::Measure;
-            deadline = t_end;
-            server_a = pid_s.as_deref().map(procfs::sample).transpose()?;
-            client_a = procfs::sample("self").ok();
-            window.0 = Instant::now();
-        }
-        if stage == Stage::Measure && (now >= t_end || open == 0) {
-            server_b = pid_s.as_deref().map(procfs::sample).transpose()?;
-            client_b = procfs::sample("self").ok();
-            window.1 = Instant::now();
-            stage = Stage::Drain;
-            deadline = now + DRAIN_TIMEOUT;
-        }
-        if stage == Stage::Drain
-            && (now >= deadline
-                || conns
-                    .iter()
-                    .all(|c| c.link.phase != Phase::Open || c.tracker.awaited() == 0))
-        {
-            // Verdicts are final: what is still missing is lost.
-            for c in &mut conns {
-                c.tracker.finish(c.dropped, &mut tally.errors);
+    fn closed(&self) -> bool {
+        self.conns.iter().all(|c| c.link.is_done())
+    }
+
+    fn serve(&mut self, events: &Events, turn: &mut Turn<'_>) {
+        if turn.stage == Stage::Setup {
+            for ev in events.iter() {
+                self.handshake(ev.token().0, turn);
             }
-            for c in conns.iter_mut().filter(|c| c.link.phase == Phase::Open) {
-                wire::close_frame(&mut c.link.out, 1000);
-                c.link.phase = Phase::Closing;
-                open -= 1;
-                if c.link.flush_if_ready().is_err() {
-                    c.link.shut(poll.registry());
-                }
-            }
-            stage = Stage::Close;
-            deadline = now + CLOSE_TIMEOUT;
+            return;
         }
-        if stage == Stage::Close && (now >= deadline || conns.iter().all(|c| c.link.is_done())) {
-            break;
-        }
-        let wait = deadline
-            .saturating_duration_since(now)
-            .min(Duration::from_millis(100));
-        poll_once(&mut poll, &mut events, wait)?;
-        let mut cx = Cx {
-            layout: &layout,
-            opcode,
-            now_ns: 0,
-            sending: stage <= Stage::Measure,
-            measuring: stage == Stage::Measure,
-            verifying: stage <= Stage::Drain,
-            tally: &mut tally,
-        };
+        let t0 = self.t0;
+        let (mut cx, conns, open) = self.cx(turn);
         for ev in events.iter() {
             let Some(c) = conns.get_mut(ev.token().0) else {
                 continue;
@@ -327,54 +455,14 @@ pub fn run(
             serve(
                 c,
                 ev.is_writable(),
-                &mut rbuf,
+                turn.rbuf,
                 t0,
                 &mut cx,
-                poll.registry(),
-                &mut open,
+                turn.registry,
+                open,
             );
         }
     }
-    let closed_cleanly = conns.iter().filter(|c| c.close_acked).count();
-    for c in &mut conns {
-        c.link.shut(poll.registry());
-    }
-    let window_s = window.1.saturating_duration_since(window.0).as_secs_f64();
-    Ok(EchoReport {
-        opts: o.clone(),
-        opened,
-        measured: tally.measured,
-        window_s,
-        latency: tally.latency,
-        sent_total: tally.sent,
-        completed_total: tally.completed,
-        errors: tally.errors,
-        connect_failure,
-        first_problem: tally.first_problem,
-        closed_cleanly,
-        pings: tally.pings,
-        server: server_a.zip(server_b).map(|(a, b)| Delta::between(&a, &b)),
-        client: client_a.zip(client_b).map(|(a, b)| Delta::between(&a, &b)),
-    })
-}
-
-fn poll_once(poll: &mut Poll, events: &mut Events, wait: Duration) -> Result<(), String> {
-    match poll.poll(events, Some(wait)) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-            events.clear();
-            Ok(())
-        }
-        Err(e) => Err(format!("poll: {e}")),
-    }
-}
-
-/// A per-run value that makes every run's WebSocket keys different.
-fn run_nonce() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-        ^ u64::from(std::process::id())
 }
 
 /// One readiness event: read until WouldBlock, verify and answer every

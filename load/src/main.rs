@@ -31,8 +31,11 @@
 //!
 //! One thread, no async runtime, no `unsafe`.
 
+#![forbid(unsafe_code)]
+
 mod api;
 mod connect;
+mod driver;
 mod echo;
 mod fanout;
 mod hist;
@@ -48,6 +51,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::report::Summary;
 
 #[derive(Parser)]
 #[command(
@@ -264,7 +269,8 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => return fail(&e),
     };
-    if let Some(pid) = cli.common.pid
+    let pid = cli.common.pid;
+    if let Some(pid) = pid
         && let Err(e) = procfs::sample(&pid.to_string())
     {
         return fail(&format!("--pid {pid}: {e}"));
@@ -282,16 +288,7 @@ fn main() -> ExitCode {
                 warmup: a.warmup,
                 binary: a.binary,
             };
-            match echo::run(&url, addr, cli.common.pid, &opts) {
-                Ok(r) => {
-                    report::print_echo(&r, &url_s, cli.common.pid);
-                    if cli.common.json {
-                        println!("{}", report::echo_json(&r, &url_s, cli.common.pid));
-                    }
-                    exit_for(r.errors.total())
-                }
-                Err(e) => fail(&e),
-            }
+            finish(echo::run(&url, addr, pid, &opts), &url_s, &cli.common)
         }
         Mode::Connect(a) => {
             if !(a.ramp > 0.0 && a.ramp.is_finite()) {
@@ -304,16 +301,7 @@ fn main() -> ExitCode {
                 sources: a.sources,
                 handshake_timeout: a.handshake_timeout,
             };
-            match connect::run(&url, addr, cli.common.pid, &opts) {
-                Ok(r) => {
-                    report::print_connect(&r, &url_s, cli.common.pid);
-                    if cli.common.json {
-                        println!("{}", report::connect_json(&r, &url_s, cli.common.pid));
-                    }
-                    exit_for(r.problems())
-                }
-                Err(e) => fail(&e),
-            }
+            finish(connect::run(&url, addr, pid, &opts), &url_s, &cli.common)
         }
         Mode::Fanout(a) => {
             if a.duration.is_zero() {
@@ -336,16 +324,7 @@ fn main() -> ExitCode {
                 channel: a.channel,
                 handshake_timeout: a.handshake_timeout,
             };
-            match fanout::run(&url, addr, cli.common.pid, &opts) {
-                Ok(r) => {
-                    report::print_fanout(&r, &url_s, cli.common.pid);
-                    if cli.common.json {
-                        println!("{}", report::fanout_json(&r, &url_s, cli.common.pid));
-                    }
-                    exit_for(r.errors.total())
-                }
-                Err(e) => fail(&e),
-            }
+            finish(fanout::run(&url, addr, pid, &opts), &url_s, &cli.common)
         }
         Mode::Ingest(a) => {
             if a.duration.is_zero() {
@@ -363,16 +342,7 @@ fn main() -> ExitCode {
                 handshake_timeout: a.handshake_timeout,
                 drain_timeout: a.drain_timeout,
             };
-            match ingest::run(&url, addr, cli.common.pid, &opts) {
-                Ok(r) => {
-                    ingest::print(&r, &url_s, cli.common.pid);
-                    if cli.common.json {
-                        println!("{}", ingest::to_json(&r, &url_s, cli.common.pid));
-                    }
-                    exit_for(r.errors.total())
-                }
-                Err(e) => fail(&e),
-            }
+            finish(ingest::run(&url, addr, pid, &opts), &url_s, &cli.common)
         }
         Mode::Api(a) => {
             if a.duration.is_zero() {
@@ -400,22 +370,23 @@ fn main() -> ExitCode {
                 api_path: a.api_path,
                 handshake_timeout: a.handshake_timeout,
             };
-            match api::run(&url, addr, cli.common.pid, &opts) {
-                Ok(r) => {
-                    api::print(&r, &url_s, cli.common.pid);
-                    if cli.common.json {
-                        println!("{}", api::to_json(&r, &url_s, cli.common.pid));
-                    }
-                    exit_for(r.errors.total())
-                }
-                Err(e) => fail(&e),
-            }
+            finish(api::run(&url, addr, pid, &opts), &url_s, &cli.common)
         }
     }
 }
 
-fn exit_for(errors: u64) -> ExitCode {
-    if errors == 0 {
+/// Print the report of a run (and its JSON line with `--json`); the exit
+/// status: 0 clean, 1 with errors, 2 when the run could not be set up.
+fn finish(run: Result<impl Summary, String>, url: &str, common: &Common) -> ExitCode {
+    let r = match run {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    r.print(url, common.pid);
+    if common.json {
+        println!("{}", r.to_json(url, common.pid));
+    }
+    if r.problems() == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -2,8 +2,6 @@
 //! answer, masked client frames encoded straight into an output buffer, and
 //! server frames decoded in place from the read buffer.
 
-use switchboard::ws::frame::apply_mask;
-
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_BINARY: u8 = 0x2;
@@ -37,6 +35,22 @@ pub fn begin_frame(out: &mut Vec<u8>, opcode: u8, len: usize) -> usize {
     }
     out.extend_from_slice(&MASK);
     out.len()
+}
+
+/// XOR `buf` with the 4-byte client mask, eight bytes at a time.
+pub fn apply_mask(buf: &mut [u8], mask: [u8; 4]) {
+    let m = [
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ];
+    let m64 = u64::from_ne_bytes(m);
+    let (words, tail) = buf.as_chunks_mut::<8>();
+    for w in words {
+        *w = (u64::from_ne_bytes(*w) ^ m64).to_ne_bytes();
+    }
+    // `words` covered a multiple of 8 bytes, so the tail starts at mask index 0.
+    for (b, k) in tail.iter_mut().zip(mask.iter().cycle()) {
+        *b ^= k;
+    }
 }
 
 /// Mask the payload written since [`begin_frame`] in place.
