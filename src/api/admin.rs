@@ -14,9 +14,9 @@ use crate::work::{ApiReply, HistoryQuery, ShardQuery, Work};
 use super::body::{
     MembershipBody, RevokeBody, TokenBody, body_json, channel_name, event_type, query_num, user_id,
 };
+use super::call::{Call, Handled, reply};
 use super::error::{ApiError, Caller, bad};
 use super::routes::Handler;
-use super::serve::{Call, Handled, reply};
 
 pub(super) fn users_connected(
     _req: &Request,

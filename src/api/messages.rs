@@ -14,8 +14,8 @@ use super::body::{
     BroadcastBody, NotificationBody, PublishBody, SendBody, SendManyBody, body_json, channel_name,
     event_type, user_id,
 };
+use super::call::{Call, Handled, reply};
 use super::error::{ApiError, Caller, bad};
-use super::serve::{Call, Handled, reply};
 
 pub(super) fn publish(
     _req: &Request,

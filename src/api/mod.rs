@@ -11,6 +11,7 @@
 //! | `routes.rs` | the route table and the path matcher |
 //! | `authorize.rs` | API keys and admin tokens |
 //! | `serve.rs` | one request: route, checks, handler |
+//! | `call.rs` | what a handler gets (`Call`) and returns (`Handled`) |
 //! | `messages.rs` | publish, send, notifications, broadcast |
 //! | `admin.rs` | users, clients, disconnect, membership, presence, history, revoke, tokens |
 //! | `ops.rs` | health, readiness, metrics, console, status |
@@ -21,6 +22,7 @@
 mod admin;
 mod authorize;
 mod body;
+mod call;
 mod error;
 mod messages;
 mod ops;
@@ -29,6 +31,7 @@ mod serve;
 
 pub mod render;
 
+pub use call::Handled;
 pub use error::{ApiError, Caller, Server};
 pub use routes::{Access, Handler, ROUTES, Route, find};
-pub use serve::{Handled, handle};
+pub use serve::handle;

@@ -6,8 +6,8 @@ use crate::http::{Request, Response};
 use crate::proto;
 use crate::stats::Counters;
 
+use super::call::{Call, Handled};
 use super::error::{ApiError, Caller, Server};
-use super::serve::{Call, Handled};
 
 pub(super) fn healthz(
     _req: &Request,

@@ -2,43 +2,14 @@
 //! and hand it to its handler, which answers now or leaves work for the
 //! shard whose gathered result becomes the answer ([`super::render`]).
 
-use crate::auth::Identity;
 use crate::env::Handling;
 use crate::http::{Request, Response};
-use crate::work::{ApiReply, Reply};
 
 use super::authorize::authorize;
+use super::call::{Call, Handled};
 use super::error::{ApiError, Caller};
 use super::routes::{Access, Handler, find};
 use super::{admin, messages, ops};
-
-/// The outcome of one request.
-pub enum Handled {
-    Now(Response),
-    /// The shard will answer (`later_response`) once its work completes.
-    Later,
-}
-
-/// What a handler knows of the call besides the request: its route, the
-/// caller's identity (for a token), the path parameters.
-pub(super) struct Call<'a> {
-    pub handler: Handler,
-    pub close: bool,
-    pub who: Option<Identity>,
-    pub params: &'a [String],
-}
-
-impl Call<'_> {
-    /// Path parameter `i` (decoded), or empty.
-    pub fn param(&self, i: usize) -> &str {
-        self.params.get(i).map(String::as_str).unwrap_or_default()
-    }
-
-    /// A 200 JSON answer now.
-    pub fn ok(&self, body: &[u8]) -> Result<Handled, ApiError> {
-        Ok(Handled::Now(Response::json(200, body, self.close)))
-    }
-}
 
 /// Serve one request with its body.
 pub fn handle(req: &Request, body: &[u8], ctx: &mut Handling<'_>) -> Handled {
@@ -108,9 +79,4 @@ fn serve(req: &Request, body: &[u8], ctx: &mut Handling<'_>) -> Result<Handled, 
         Handler::Token => admin::token,
     };
     h(req, body, ctx, &call)
-}
-
-/// Where the answer to this request goes once its work is done.
-pub(super) fn reply(ctx: &Handling<'_>, what: ApiReply, close: bool) -> Reply {
-    Reply::api(ctx.asker(), what, close, ctx.now)
 }
