@@ -107,11 +107,12 @@ impl Server {
             opened.iter().map(Opened::stats).collect();
         let writer = match backend {
             Some(b) => Some(
-                Writer::spawn(b, &cfg.storage, Arc::new(ShardNotify { inboxes }))
-                    .map_err(|err| StartError::Io {
+                Writer::spawn(b, &cfg.storage, Arc::new(ShardNotify { inboxes })).map_err(
+                    |err| StartError::Io {
                         what: "storage writer thread",
                         err,
-                    })?,
+                    },
+                )?,
             ),
             None => None,
         };

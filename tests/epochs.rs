@@ -83,7 +83,9 @@ impl Proc {
     }
 
     fn wait_log(&self, what: &str) {
-        wait_until(what, || self.log.lock().unwrap().iter().any(|l| l.contains(what)));
+        wait_until(what, || {
+            self.log.lock().unwrap().iter().any(|l| l.contains(what))
+        });
     }
 }
 
@@ -242,7 +244,10 @@ impl Observer {
                 .keys()
                 .filter(|(c, e, o)| c == channel && *e == epoch && *o > top)
                 .count();
-            assert_eq!(beyond, 0, "{channel}: acknowledged offsets above {top}: {s}");
+            assert_eq!(
+                beyond, 0,
+                "{channel}: acknowledged offsets above {top}: {s}"
+            );
         } else {
             assert!(pubs.is_empty(), "{s}");
         }
@@ -404,9 +409,7 @@ fn a_lost_history_write_renews_that_channels_epoch_even_after_a_clean_stop() {
     server.wait_log("storage write failed (nobody waits for it)");
     ledger.publish(&mut publisher, sound, json!({"n":3}));
     wait_until("the sound copy committed", || stored(&data, sound) == 3);
-    db(&data)
-        .execute_batch("DROP TRIGGER fail_poison")
-        .unwrap();
+    db(&data).execute_batch("DROP TRIGGER fail_poison").unwrap();
     obs.live(&ledger, lossy, 3);
     obs.live(&ledger, sound, 3);
     let sound_epoch = obs.at[sound].0.clone();
@@ -495,7 +498,10 @@ fn refusals_that_lose_nothing_cost_no_history() {
     let server = Proc::start(&config);
     obs.reconnect(server.addr);
     let (recovered, _) = obs.recover(&ledger, kept);
-    assert!(recovered, "refused acks, messages and records cost no history");
+    assert!(
+        recovered,
+        "refused acks, messages and records cost no history"
+    );
     let mut publisher = Client::connect(server.addr, "publisher");
     ledger.publish(&mut publisher, kept, json!({"n":4}));
     obs.live(&ledger, kept, 1);

@@ -162,20 +162,11 @@ impl SqliteBackend {
         })?;
         let path = cfg.data_dir.join(DB_FILE);
         check_not_emptied(&cfg.data_dir, &path)?;
-        let conn = Connection::open(&path).map_err(|err| StoreError::Open {
-            path: path.clone(),
-            err,
-        })?;
-        configure(&conn, cfg.synchronous).map_err(|err| StoreError::Open {
-            path: path.clone(),
-            err,
-        })?;
+        let conn = Connection::open(&path).map_err(|err| open_error(&path, err))?;
+        configure(&conn, cfg.synchronous).map_err(|err| open_error(&path, err))?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(|err| StoreError::Open {
-                path: path.clone(),
-                err,
-            })?;
+            .map_err(|err| open_error(&path, err))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::NotWal { path, mode });
         }
@@ -187,10 +178,7 @@ impl SqliteBackend {
                 [],
                 |r| r.get(0),
             )
-            .map_err(|err| StoreError::Open {
-                path: path.clone(),
-                err,
-            })?;
+            .map_err(|err| open_error(&path, err))?;
         let mut backend = SqliteBackend {
             conn,
             path,
@@ -280,9 +268,8 @@ impl SqliteBackend {
                 Err(Fail::Db(e)) => return Err((Some(i), e)), // tx rolls back on drop
             }
         }
-        let over = |delta: i64| {
-            self.history_bytes.saturating_add_signed(delta) > self.history_budget
-        };
+        let over =
+            |delta: i64| self.history_bytes.saturating_add_signed(delta) > self.history_budget;
         while over(delta) {
             // Oldest first: rowids ascend with insertion (a row replaced or
             // moved to a new epoch is a new row). A channel keeps its epoch
@@ -753,6 +740,22 @@ fn configure(conn: &Connection, sync: SyncMode) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// An error opening the file; SQLite's "malformed" means a damaged file,
+/// not a permission or a path to fix.
+fn open_error(path: &Path, err: rusqlite::Error) -> StoreError {
+    if err.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseCorrupt) {
+        return StoreError::Damaged {
+            path: path.to_owned(),
+            check: "opening it",
+            found: err.to_string(),
+        };
+    }
+    StoreError::Open {
+        path: path.to_owned(),
+        err,
+    }
+}
+
 /// A zero-length database file is what SQLite would happily open as a new,
 /// empty store. Where the data directory shows that a store existed (the
 /// clean-shutdown marker, or a write-ahead log with content), that is lost
@@ -823,10 +826,7 @@ fn check_integrity(conn: &Connection, path: &Path, mode: IntegrityCheck) -> Resu
 fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let found: u32 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(|err| StoreError::Open {
-            path: path.to_owned(),
-            err,
-        })?;
+        .map_err(|err| open_error(path, err))?;
     let supported = schema_version();
     if found > supported {
         return Err(StoreError::SchemaTooNew {
