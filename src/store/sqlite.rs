@@ -268,25 +268,12 @@ impl SqliteBackend {
                 Err(Fail::Db(e)) => return Err((Some(i), e)), // tx rolls back on drop
             }
         }
-        let over =
-            |delta: i64| self.history_bytes.saturating_add_signed(delta) > self.history_budget;
-        while over(delta) {
-            // Oldest first: rowids ascend with insertion (a row replaced or
-            // moved to a new epoch is a new row). A channel keeps its epoch
-            // and top offset; recovery from before its first kept row
-            // answers `recovered: false`, as after a trim.
-            let freed = tx
-                .prepare_cached(
-                    "DELETE FROM history WHERE rowid IN \
-                     (SELECT rowid FROM history ORDER BY rowid LIMIT 64) \
-                     RETURNING length(CAST(payload AS BLOB))",
-                )
-                .and_then(|mut st| sum_returned(&mut st, []))
-                .map_err(|e| (None, StoreError::Sql(e)))?;
-            if freed == 0 {
-                break; // nothing left to evict (the counter was behind)
-            }
-            delta -= freed;
+        let excess = self
+            .history_bytes
+            .saturating_add_signed(delta)
+            .saturating_sub(self.history_budget);
+        if excess > 0 {
+            delta -= evict_oldest(&tx, excess).map_err(|e| (None, StoreError::Sql(e)))?;
         }
         tx.commit().map_err(|e| (None, StoreError::Sql(e)))?;
         self.history_bytes = self.history_bytes.saturating_add_signed(delta);
@@ -858,6 +845,35 @@ fn utf8<'a>(bytes: &'a [u8], what: &'static str) -> Result<&'a str, Fail> {
     std::str::from_utf8(bytes).map_err(|err| Fail::Invalid(StoreError::NotUtf8 { what, err }))
 }
 
+/// Delete the oldest history rows, whatever their channel, until at least
+/// `excess` bytes are freed; returns the bytes freed. Rowids ascend with
+/// insertion (a row replaced or moved to a new epoch is a new row), so the
+/// oldest rows are a prefix of the table. A channel keeps its epoch and top
+/// offset: a recovery from before its first kept row answers
+/// `recovered: false`, as after a trim to `history.size`.
+fn evict_oldest(conn: &Connection, excess: u64) -> rusqlite::Result<i64> {
+    let mut last = None;
+    let mut freed = 0u64;
+    {
+        let mut st = conn.prepare_cached(
+            "SELECT rowid, length(CAST(payload AS BLOB)) FROM history ORDER BY rowid",
+        )?;
+        let mut rows = st.query([])?;
+        while freed < excess {
+            let Some(r) = rows.next()? else { break };
+            last = Some(r.get::<_, i64>(0)?);
+            freed += u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0);
+        }
+    }
+    let Some(last) = last else { return Ok(0) };
+    sum_returned(
+        &mut conn.prepare_cached(
+            "DELETE FROM history WHERE rowid <= ?1 RETURNING length(CAST(payload AS BLOB))",
+        )?,
+        [last],
+    )
+}
+
 /// The sum of the one integer column a `DELETE ... RETURNING` gives back.
 fn sum_returned(
     st: &mut rusqlite::CachedStatement<'_>,
@@ -1221,6 +1237,99 @@ mod tests {
         assert_eq!((ch.epoch.as_str(), ch.top_offset), ("new", 3));
         let offsets: Vec<u64> = ch.publications.iter().map(|p| p.offset).collect();
         assert_eq!(offsets, vec![1, 2, 3]);
+    }
+
+    /// What `history` holds in bytes, counted by SQLite.
+    fn stored_bytes(dir: &Path) -> u64 {
+        let conn = rusqlite::Connection::open(dir.join(DB_FILE)).unwrap();
+        conn.query_row(
+            "SELECT COALESCE(SUM(length(CAST(payload AS BLOB))), 0) FROM history",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n as u64)
+        .unwrap()
+    }
+
+    #[test]
+    fn mark_renews_epochs_and_records_the_clean_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path());
+        b.apply(
+            (1..=3)
+                .flat_map(|o| {
+                    [
+                        publication("a", "e1", o, FAR, 10),
+                        publication("b", "e1", o, FAR, 10),
+                    ]
+                })
+                .collect(),
+        );
+        assert_eq!(b.load(now_ms()).unwrap().clean_token, None);
+        let renew = [NewEpoch {
+            channel: "a".into(),
+            epoch: "e2".into(),
+        }];
+        b.mark(&renew, Some("tok")).unwrap();
+        assert_eq!(b.history_bytes(), stored_bytes(dir.path()));
+        drop(b);
+        let mut b = open(dir.path());
+        let loaded = b.load(now_ms()).unwrap();
+        assert_eq!(loaded.clean_token.as_deref(), Some("tok"));
+        let a = &loaded.channels[0];
+        assert_eq!((a.epoch.as_str(), a.top_offset), ("e2", 3), "top kept");
+        assert!(a.publications.is_empty(), "the old epoch's rows are gone");
+        let bch = &loaded.channels[1];
+        assert_eq!((bch.epoch.as_str(), bch.publications.len()), ("e1", 3));
+        // A new publication in the new epoch continues after the kept top.
+        one(&mut b, publication("a", "e2", 4, FAR, 10));
+        b.mark(&[], None).unwrap();
+        let loaded = b.load(now_ms()).unwrap();
+        assert_eq!(loaded.clean_token, None);
+        assert_eq!(loaded.channels[0].publications.len(), 1);
+    }
+
+    #[test]
+    fn the_history_byte_budget_evicts_the_oldest_rows_of_any_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path());
+        // Payloads `{"n":N}`: 7 bytes for N < 10.
+        b.set_history_budget(70);
+        for o in 1..=5 {
+            one(&mut b, publication("a", "e", o, FAR, 100));
+        }
+        for o in 1..=5 {
+            one(&mut b, publication("b", "e", o, FAR, 100));
+        }
+        assert_eq!((b.history_bytes(), stored_bytes(dir.path())), (70, 70));
+        // One more, in a batch with another: the two oldest rows (of `a`) go.
+        b.apply(vec![
+            publication("b", "e", 6, FAR, 100),
+            publication("c", "e", 1, FAR, 100),
+        ]);
+        assert_eq!((b.history_bytes(), stored_bytes(dir.path())), (70, 70));
+        let loaded = b.load(now_ms()).unwrap();
+        let offsets = |i: usize| -> Vec<u64> {
+            loaded.channels[i]
+                .publications
+                .iter()
+                .map(|p| p.offset)
+                .collect()
+        };
+        assert_eq!(offsets(0), vec![3, 4, 5]);
+        assert_eq!(loaded.channels[0].top_offset, 5, "the top stays");
+        assert_eq!(offsets(1), (1..=6).collect::<Vec<_>>());
+        assert_eq!(offsets(2), vec![1]);
+        // Trims, a new epoch and pruning keep the count exact.
+        one(&mut b, publication("b", "e", 7, FAR, 2));
+        one(&mut b, publication("a", "e2", 1, FAR, 100));
+        one(&mut b, publication("c", "e", 2, 0, 100));
+        assert_eq!(b.history_bytes(), stored_bytes(dir.path()));
+        b.prune(now_ms()).unwrap();
+        assert_eq!(b.history_bytes(), stored_bytes(dir.path()));
+        let before = b.history_bytes();
+        drop(b);
+        assert_eq!(open(dir.path()).history_bytes(), before, "counted at open");
     }
 
     #[test]
