@@ -512,9 +512,11 @@ fn history_has_a_total_byte_budget_in_memory_and_on_disk() {
         .unwrap();
     assert!(on_disk as usize <= BUDGET && on_disk > 0, "{on_disk}");
     let server = start(cfg);
+    // Two connections (round robin): both shards turn and publish gauges.
+    let mut c = Client::user(server.local_addr(), "reader");
+    let _other = Client::user(server.local_addr(), "other");
     wait_until("restored", || server.stats().history_bytes > 0);
     assert!(server.stats().history_bytes <= BUDGET as u64);
-    let mut c = Client::user(server.local_addr(), "reader");
     let s = recover(&mut c, 19, &epochs[19]);
     assert_eq!(s["recovered"], true, "{s}");
     assert_eq!(s["publications"].as_array().unwrap().len(), 2);
