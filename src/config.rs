@@ -162,6 +162,8 @@ impl TlsConfig {
 pub enum StorageBackend {
     /// Embedded SQLite in WAL mode under `storage.data_dir` (the default).
     Sqlite,
+    /// A PostgreSQL database (`[storage.postgres]`), which several nodes can share.
+    Postgres,
     /// Nothing durable: history lives in memory only, sensor ingestion and
     /// the offline inbox are refused, revocations last until restart.
     None,
@@ -204,6 +206,66 @@ pub struct StorageConfig {
     pub synchronous: SyncMode,
     /// Checked at start; a damaged file refuses the start (docs/STORAGE.md).
     pub integrity_check: IntegrityCheck,
+    /// The PostgreSQL backend (`backend = "postgres"`).
+    pub postgres: PostgresConfig,
+}
+
+/// How the connection to PostgreSQL is protected (`storage.postgres.tls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PgTls {
+    /// Plain TCP or a Unix socket (a database on the same host or a private network).
+    Disable,
+    /// TLS (rustls), the server's certificate verified against `ca_file` and
+    /// its host name: libpq's `sslmode=verify-full`. There is no weaker TLS
+    /// mode: encryption without verification does not stop an impostor.
+    VerifyFull,
+}
+
+/// `[storage.postgres]`: where the database is and how to talk to it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connection string, `postgres://user:pass@host:port/db` or
+    /// `host=... user=... dbname=...` (or env SWITCHBOARD_STORAGE_POSTGRES_URL).
+    /// Its own `sslmode` is ignored: `tls` decides.
+    pub url: String,
+    /// Schema holding every table (created if missing).
+    pub schema: String,
+    pub tls: PgTls,
+    /// PEM file of the certificate authorities trusted with `tls = "verify-full"`.
+    pub ca_file: Option<PathBuf>,
+    /// How long one connection attempt may take.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    /// At start, how long to keep retrying an unreachable database before
+    /// giving up (exit 2). 0: give up at the first failure.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub start_retry: Duration,
+    /// Longest wait between reconnection attempts after the connection was lost.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub reconnect_max: Duration,
+    /// The server cancels a statement running longer (PostgreSQL's
+    /// `statement_timeout`); its batch is answered `storage_error`. 0: no limit.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub statement_timeout: Duration,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: "postgres://switchboard@localhost/switchboard".into(),
+            schema: "switchboard".into(),
+            tls: PgTls::Disable,
+            ca_file: None,
+            connect_timeout: Duration::from_secs(5),
+            start_retry: Duration::ZERO,
+            reconnect_max: Duration::from_secs(5),
+            // Long enough for a batch of `max_batch` records on a busy
+            // server, short enough that a stuck database is noticed.
+            statement_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 impl Default for StorageConfig {
@@ -217,6 +279,7 @@ impl Default for StorageConfig {
             // Cheap (one read of the file) and catches what loses records;
             // `full` costs several times more on a large table.
             integrity_check: IntegrityCheck::Quick,
+            postgres: PostgresConfig::default(),
         }
     }
 }
@@ -659,6 +722,14 @@ const OPTIONS: &[&str] = &[
     "storage.max_batch",
     "storage.synchronous",
     "storage.integrity_check",
+    "storage.postgres.url",
+    "storage.postgres.schema",
+    "storage.postgres.tls",
+    "storage.postgres.ca_file",
+    "storage.postgres.connect_timeout",
+    "storage.postgres.start_retry",
+    "storage.postgres.reconnect_max",
+    "storage.postgres.statement_timeout",
     "ingest.table",
     "ingest.key",
     "ingest.key_id",
@@ -743,6 +814,9 @@ impl Config {
                     || *key == "log_level"
                     || *key == "auth.token"
                     || *key == "storage.data_dir"
+                    || *key == "storage.postgres.url"
+                    || *key == "storage.postgres.schema"
+                    || *key == "storage.postgres.ca_file"
                     || *key == "ingest.table"
                     || *key == "ingest.key"
                     || *key == "ingest.key_id"
@@ -889,6 +963,40 @@ impl Config {
                     .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         };
+        if self.storage.backend == StorageBackend::Postgres {
+            let pg = &self.storage.postgres;
+            if !ident(&pg.schema) {
+                return bad(
+                    "storage.postgres.schema",
+                    format!("{:?} must be a SQL identifier (letters, digits, _)", pg.schema),
+                );
+            }
+            if pg.url.trim().is_empty() {
+                return bad("storage.postgres.url", "must not be empty".into());
+            }
+            if pg.tls == PgTls::VerifyFull && pg.ca_file.is_none() {
+                return bad(
+                    "storage.postgres.ca_file",
+                    "tls = \"verify-full\" needs the certificate authorities to trust".into(),
+                );
+            }
+            for (name, d) in [
+                ("storage.postgres.connect_timeout", pg.connect_timeout),
+                ("storage.postgres.reconnect_max", pg.reconnect_max),
+            ] {
+                if d.is_zero() || d > DAY {
+                    return bad(name, format!("{d:?} is outside (0, 1 day]"));
+                }
+            }
+            for (name, d) in [
+                ("storage.postgres.start_retry", pg.start_retry),
+                ("storage.postgres.statement_timeout", pg.statement_timeout),
+            ] {
+                if d > DAY {
+                    return bad(name, format!("{d:?} is over 1 day"));
+                }
+            }
+        }
         if !ident(&self.ingest.table) {
             return bad(
                 "ingest.table",

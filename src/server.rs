@@ -348,12 +348,36 @@ fn bind_all(cfg: &Config) -> Result<Bound, StartError> {
 /// `recovered: false`, never a wrong `recovered: true`, and the new epochs
 /// hold across any later restart.
 fn open_storage(cfg: &Config) -> Result<(Option<Box<dyn Backend>>, store::Loaded), StartError> {
-    if cfg.storage.backend == crate::config::StorageBackend::None {
-        return Ok((None, store::Loaded::default()));
-    }
-    let mut b =
-        store::SqliteBackend::open(&cfg.storage, &cfg.ingest.table).map_err(StartError::Storage)?;
-    b.set_history_budget(u64::try_from(cfg.history.max_bytes).unwrap_or(u64::MAX));
+    let history_budget = u64::try_from(cfg.history.max_bytes).unwrap_or(u64::MAX);
+    let (mut b, describe): (Box<dyn Backend>, String) = match cfg.storage.backend {
+        crate::config::StorageBackend::None => return Ok((None, store::Loaded::default())),
+        crate::config::StorageBackend::Sqlite => {
+            let mut b = store::SqliteBackend::open(&cfg.storage, &cfg.ingest.table)
+                .map_err(StartError::Storage)?;
+            b.set_history_budget(history_budget);
+            let describe = b.path().display().to_string();
+            (Box::new(b), describe)
+        }
+        crate::config::StorageBackend::Postgres => {
+            // The clean-shutdown marker stays a local file: it vouches for
+            // this node's last run (see `seal`).
+            std::fs::create_dir_all(&cfg.storage.data_dir).map_err(|err| {
+                StartError::Storage(store::StoreError::Io {
+                    path: cfg.storage.data_dir.clone(),
+                    err,
+                })
+            })?;
+            let mut b = store::PostgresBackend::open(
+                &cfg.storage.postgres,
+                cfg.storage.synchronous,
+                &cfg.ingest.table,
+            )
+            .map_err(StartError::Storage)?;
+            b.set_history_budget(history_budget);
+            let describe = b.describe().to_owned();
+            (Box::new(b), describe)
+        }
+    };
     let mut loaded = b
         .load(crate::clock::now_ms())
         .map_err(StartError::Storage)?;
@@ -413,11 +437,11 @@ fn open_storage(cfg: &Config) -> Result<(Option<Box<dyn Backend>>, store::Loaded
     }
     log::info!(
         "storage: {} ({} channel histories, {} revocations restored)",
-        b.path().display(),
+        describe,
         loaded.channels.len(),
         loaded.revocations.len()
     );
-    Ok((Some(Box::new(b)), loaded))
+    Ok((Some(b), loaded))
 }
 
 /// After the last commit of a graceful shutdown: give a new epoch to every

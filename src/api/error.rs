@@ -44,6 +44,8 @@ pub enum Server {
     Overloaded,
     /// The store failed to commit; nothing was done (500 `storage_error`).
     StorageError,
+    /// The database is unreachable and being reconnected (503 `storage_unavailable`, `/readyz`).
+    StorageUnavailable,
 }
 
 /// A failed request: who is to blame, and a message for a person.
@@ -79,7 +81,7 @@ impl ApiError {
                 Caller::NotAvailable | Caller::StorageDisabled => 409,
             },
             ApiError::Server(s, _) => match s {
-                Server::ShuttingDown | Server::Overloaded => 503,
+                Server::ShuttingDown | Server::Overloaded | Server::StorageUnavailable => 503,
                 Server::StorageError => 500,
             },
         }
@@ -106,6 +108,7 @@ impl ApiError {
                 Server::ShuttingDown => "shutting_down",
                 Server::Overloaded => "overloaded",
                 Server::StorageError => "storage_error",
+                Server::StorageUnavailable => "storage_unavailable",
             },
         }
     }

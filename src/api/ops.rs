@@ -37,6 +37,14 @@ pub(super) fn readyz(
             "server shutting down",
         ));
     }
+    // A server that stores cannot keep its promises while its database is
+    // unreachable: a load balancer should send new clients elsewhere.
+    if ctx.env.writer.as_ref().is_some_and(|w| !w.available()) {
+        return Err(ApiError::server(
+            Server::StorageUnavailable,
+            "the database is unreachable (reconnecting)",
+        ));
+    }
     Ok(Handled::Now(Response::with_body(
         200,
         "OK",

@@ -144,7 +144,10 @@ impl Shard {
                     }
                 }
                 (wait, Err(e)) => {
-                    log::error!("storage request of conn={} failed: {e}", p.to.conn);
+                    // An outage is logged once by the writer, not per request.
+                    if !e.is_outage() {
+                        log::error!("storage request of conn={} failed: {e}", p.to.conn);
+                    }
                     self.store_failed(
                         Pending {
                             to: p.to,

@@ -9,12 +9,14 @@
 //! woken once per commit, not once per record.
 //!
 //! The [`Backend`] trait is the seam between the writer and the database:
-//! SQLite ([`SqliteBackend`]) now, another database later without touching
-//! the shards.
+//! SQLite ([`SqliteBackend`], the default) and PostgreSQL
+//! ([`PostgresBackend`]), with the same promises (docs/STORAGE.md).
 
+pub mod postgres;
 pub mod sqlite;
 mod writer;
 
+pub use postgres::PostgresBackend;
 pub use sqlite::SqliteBackend;
 pub use writer::{LostHistory, PRUNE_EVERY, SendError, Writer, WriterHandle, WriterStats};
 
@@ -71,6 +73,40 @@ pub enum StoreError {
     /// The database file is empty while the data directory shows that a store
     /// existed there (a clean-shutdown marker or a write-ahead log).
     Emptied { path: PathBuf, evidence: String },
+    /// `[storage.postgres]` cannot be used as written (the URL, the CA file).
+    PgConfig { message: String },
+    /// PostgreSQL could not be reached or refused the connection.
+    PgConnect {
+        target: String,
+        err: ::postgres::Error,
+    },
+    /// A PostgreSQL statement, transaction or commit failed (the connection lives on).
+    Pg(::postgres::Error),
+    /// Upgrading the PostgreSQL schema to `version` failed (rolled back).
+    PgMigration { version: i32, err: ::postgres::Error },
+    /// The PostgreSQL schema was written by a newer build.
+    PgSchemaTooNew {
+        target: String,
+        found: i32,
+        supported: i32,
+    },
+    /// The connection to the database was lost while this operation was in
+    /// flight: it may or may not have been committed (a retry of a record
+    /// with the same id is recognised as a duplicate).
+    Lost(::postgres::Error),
+    /// The connection to the database is down (being re-established):
+    /// nothing was tried.
+    Unavailable,
+    /// Text with a NUL character, which PostgreSQL's text type cannot hold.
+    Nul { what: &'static str },
+}
+
+impl StoreError {
+    /// Part of a storage outage that the backend logs once per episode:
+    /// callers should not log it again per request.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, StoreError::Lost(_) | StoreError::Unavailable)
+    }
 }
 
 impl fmt::Display for StoreError {
@@ -139,6 +175,46 @@ impl fmt::Display for StoreError {
                  changed: restore a backup, or remove the file to start with an empty store",
                 path.display()
             ),
+            StoreError::PgConfig { message } => f.write_str(message),
+            StoreError::PgConnect { target, err } => write!(
+                f,
+                "cannot connect to {target}: {} (check storage.postgres.url, that the server \
+                 runs and accepts this user; storage.postgres.start_retry waits for it)",
+                pg_text(err)
+            ),
+            StoreError::Pg(err) => write!(
+                f,
+                "database error: {} (a full disk or a statement timeout on the database \
+                 server are the usual causes)",
+                pg_text(err)
+            ),
+            StoreError::PgMigration { version, err } => write!(
+                f,
+                "cannot upgrade the database schema to version {version}: {} (nothing was \
+                 changed)",
+                pg_text(err)
+            ),
+            StoreError::PgSchemaTooNew {
+                target,
+                found,
+                supported,
+            } => write!(
+                f,
+                "{target} has schema version {found} but this build knows up to {supported}: \
+                 run a newer switchboard or use another storage.postgres.schema"
+            ),
+            StoreError::Lost(err) => write!(
+                f,
+                "the connection to the database was lost ({}); this operation may not have \
+                 been committed",
+                pg_text(err)
+            ),
+            StoreError::Unavailable => f.write_str(
+                "the database is unreachable (reconnecting); nothing was stored",
+            ),
+            StoreError::Nul { what } => {
+                write!(f, "{what} contains a NUL character, which the database cannot store")
+            }
         }
     }
 }
@@ -151,8 +227,24 @@ impl std::error::Error for StoreError {
             | StoreError::Migration { err, .. } => Some(err),
             StoreError::Io { err, .. } => Some(err),
             StoreError::NotUtf8 { err, .. } => Some(err),
+            StoreError::PgConnect { err, .. }
+            | StoreError::Pg(err)
+            | StoreError::PgMigration { err, .. }
+            | StoreError::Lost(err) => Some(err),
             _ => None,
         }
+    }
+}
+
+/// The server's message (and detail) when there is one: `postgres::Error`'s
+/// own Display says only "db error".
+fn pg_text(err: &::postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => match std::error::Error::source(err) {
+            Some(src) => format!("{err}: {src}"),
+            None => err.to_string(),
+        },
     }
 }
 
@@ -385,4 +477,19 @@ pub trait Backend: Send + 'static {
     /// at a graceful shutdown, after the last commit, with a fresh token
     /// that is also written to the marker file beside the database.
     fn mark(&mut self, epochs: &[NewEpoch], clean: Option<&str>) -> Result<(), StoreError>;
+    /// Whether the backend can take writes now (false while the connection
+    /// to a database server is down). An embedded file is always available.
+    fn available(&self) -> bool {
+        true
+    }
+    /// Called by the writer while not [`available`](Backend::available):
+    /// try to get the connection back if its backoff allows; returns
+    /// whether it is available now.
+    fn reconnect(&mut self) -> bool {
+        true
+    }
+    /// While unavailable: how long until the next reconnection attempt is due.
+    fn retry_in(&self) -> Option<std::time::Duration> {
+        None
+    }
 }

@@ -130,6 +130,9 @@ struct Shared {
     counters: Counters,
     /// Touched only when a history copy is lost (rare): a lock is fine.
     lost: Mutex<LostHistory>,
+    /// The backend can take writes (`/readyz`); false while a database
+    /// connection is down.
+    available: AtomicBool,
 }
 
 impl Shared {
@@ -182,6 +185,12 @@ impl WriterHandle {
     pub fn stats(&self) -> WriterStats {
         self.shared.counters.snapshot()
     }
+
+    /// Whether the backend can take writes now (false while the database
+    /// connection is down and being re-established).
+    pub fn available(&self) -> bool {
+        self.shared.available.load(Ordering::Relaxed)
+    }
 }
 
 /// The running writer thread (named "writer").
@@ -209,6 +218,7 @@ impl Writer {
             inflight: AtomicUsize::new(0),
             counters: Counters::default(),
             lost: Mutex::new(LostHistory::default()),
+            available: AtomicBool::new(backend.available()),
         });
         let mut run = Run {
             backend,
@@ -288,7 +298,13 @@ impl Run {
         let mut next_prune = Instant::now();
         let mut batch = Vec::with_capacity(self.max_batch.min(4096));
         loop {
-            let wait = next_prune.saturating_duration_since(Instant::now());
+            let mut wait = next_prune.saturating_duration_since(Instant::now());
+            if !self.backend.available() {
+                // Down: wake for the next reconnection attempt too.
+                if let Some(retry) = self.backend.retry_in() {
+                    wait = wait.min(retry);
+                }
+            }
             let stopping = select! {
                 recv(rx) -> req => match req {
                     Ok(req) => {
@@ -313,6 +329,14 @@ impl Run {
             }
             if stopping {
                 return;
+            }
+            if !self.backend.available() {
+                let up = catch_unwind(AssertUnwindSafe(|| self.backend.reconnect()))
+                    .unwrap_or(false);
+                self.shared.available.store(up, Ordering::Relaxed);
+                if !up {
+                    continue; // prune once it is back
+                }
             }
             if Instant::now() >= next_prune {
                 self.prune();
@@ -363,7 +387,7 @@ impl Run {
                 if let Some(channel) = &copy {
                     self.shared.lost_copy(channel);
                 }
-                if ticket.is_none() {
+                if ticket.is_none() && !e.is_outage() {
                     log::warn!("storage write failed (nobody waits for it): {e}");
                 }
             }
@@ -378,6 +402,9 @@ impl Run {
             }
         }
         c.errors.fetch_add(errors, Ordering::Relaxed);
+        self.shared
+            .available
+            .store(self.backend.available(), Ordering::Relaxed);
         for (shard, results) in per_shard {
             self.notify.done(shard, results);
         }

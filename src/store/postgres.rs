@@ -1,0 +1,1201 @@
+//! The PostgreSQL backend: every table in one schema (`storage.postgres.schema`)
+//! of a database that several Switchboard nodes can share, written by this
+//! node's writer thread over one connection.
+//!
+//! Why it looks like this:
+//! - One connection, not a pool: the writer applies one batch at a time in
+//!   one transaction (group commit) and answers in order, so a second
+//!   connection would only reorder commits. Reads of a batch run on the same
+//!   connection after its commit, so they see its writes.
+//! - The `postgres` crate runs its own small tokio runtime on this thread's
+//!   behalf; the shards never see it.
+//! - The semantics are SQLite's (`sqlite.rs`), op for op: one bad operation
+//!   fails alone (refused before any statement, or isolated and the batch
+//!   retried once without it), nothing is half applied, a write answered
+//!   `Ok` was committed. The differences are named where they are: text
+//!   cannot hold NUL, history rows are ordered by a `seq` column instead of
+//!   SQLite's rowid, and `storage.synchronous` maps to `synchronous_commit`.
+//! - A lost connection is an episode, not a flood: the batch in flight is
+//!   answered `storage_error` (its commit may or may not have happened; a
+//!   client retry with the same record id is then a duplicate, never a second
+//!   row), the error is logged once, later batches are refused at once
+//!   without touching the network, and the writer reconnects with a growing
+//!   backoff ([`Backend::reconnect`]). `/readyz` says not ready meanwhile.
+//! - The schema is versioned in `switchboard_schema` with an ordered list of
+//!   migrations, each applied in its own transaction under an advisory lock
+//!   (several nodes may start at once).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use postgres::types::ToSql;
+use postgres::{Client, Statement, Transaction};
+
+use super::{
+    Backend, InboxMsg, Loaded, LoadedChannel, NewEpoch, Op, Outcome, Record, Revocation,
+    RevocationKind, StoreError, StoredPublication,
+};
+use crate::clock::now_ms;
+use crate::config::{PgTls, PostgresConfig, SyncMode};
+
+/// Schema migrations, in order: entry `i` brings the schema to version `i + 1`.
+/// Never edit an entry once released; append a new one. Version 1 is the
+/// SQLite schema's version 2 (history, inbox, revocations, meta).
+pub const MIGRATIONS: &[&str] = &[
+    // 1: history, offline inbox, revocations, the clean-shutdown token. The
+    // ingest table is created separately: its name is configurable.
+    r#"
+    CREATE TABLE channels (
+        channel TEXT PRIMARY KEY,
+        epoch TEXT NOT NULL,
+        top_offset BIGINT NOT NULL
+    );
+    CREATE TABLE history (
+        seq BIGSERIAL NOT NULL,
+        channel TEXT NOT NULL,
+        "offset" BIGINT NOT NULL,
+        payload TEXT NOT NULL,
+        at_ms BIGINT NOT NULL,
+        expires_at_ms BIGINT NOT NULL,
+        PRIMARY KEY (channel, "offset")
+    );
+    CREATE INDEX history_expires ON history (expires_at_ms);
+    CREATE INDEX history_seq ON history (seq);
+    CREATE TABLE inbox (
+        id BIGSERIAL PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at_ms BIGINT NOT NULL,
+        expires_at_ms BIGINT NOT NULL
+    );
+    CREATE INDEX inbox_user ON inbox (user_id, id);
+    CREATE INDEX inbox_expires ON inbox (expires_at_ms);
+    CREATE TABLE revocations (
+        kind TEXT NOT NULL,
+        value TEXT NOT NULL,
+        revoked_at_ms BIGINT NOT NULL,
+        expires_at_ms BIGINT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (kind, value)
+    );
+    CREATE INDEX revocations_expires ON revocations (expires_at_ms);
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    "#,
+];
+
+/// The `meta` key of the clean-shutdown token (as in SQLite).
+const CLEAN_KEY: &str = "clean_shutdown";
+
+/// The advisory lock key migrations take (any constant; "sb" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7362_0001;
+
+/// First wait after a lost connection; it doubles up to `reconnect_max`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The schema version this build writes.
+pub fn schema_version() -> i32 {
+    i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX)
+}
+
+/// Statements of the fixed tables, prepared once per connection.
+struct Stmts {
+    channel_get: Statement,
+    channel_put: Statement,
+    history_del_channel: Statement,
+    history_del_one: Statement,
+    history_insert: Statement,
+    history_trim: Statement,
+    inbox_insert: Statement,
+    inbox_trim: Statement,
+    inbox_ack: Statement,
+    inbox_read: Statement,
+    revoke: Statement,
+}
+
+impl Stmts {
+    fn prepare(c: &mut Client) -> Result<Stmts, postgres::Error> {
+        Ok(Stmts {
+            channel_get: c.prepare(
+                "SELECT epoch = $2, top_offset FROM channels WHERE channel = $1 FOR UPDATE",
+            )?,
+            channel_put: c.prepare(
+                "INSERT INTO channels (channel, epoch, top_offset) VALUES ($1, $2, $3) \
+                 ON CONFLICT (channel) DO UPDATE SET epoch = excluded.epoch, \
+                 top_offset = excluded.top_offset",
+            )?,
+            history_del_channel: c.prepare(
+                "DELETE FROM history WHERE channel = $1 RETURNING octet_length(payload)::BIGINT",
+            )?,
+            history_del_one: c.prepare(
+                r#"DELETE FROM history WHERE channel = $1 AND "offset" = $2
+                   RETURNING octet_length(payload)::BIGINT"#,
+            )?,
+            history_insert: c.prepare(
+                r#"INSERT INTO history (channel, "offset", payload, at_ms, expires_at_ms)
+                   VALUES ($1, $2, $3, $4, $5)"#,
+            )?,
+            history_trim: c.prepare(
+                r#"DELETE FROM history WHERE channel = $1 AND "offset" <= $2
+                   RETURNING octet_length(payload)::BIGINT"#,
+            )?,
+            inbox_insert: c.prepare(
+                "INSERT INTO inbox (user_id, payload, created_at_ms, expires_at_ms) \
+                 VALUES ($1, $2, $3, $4) RETURNING id",
+            )?,
+            inbox_trim: c.prepare(
+                "DELETE FROM inbox WHERE user_id = $1 AND id <= (SELECT id FROM inbox \
+                 WHERE user_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
+            )?,
+            inbox_ack: c.prepare("DELETE FROM inbox WHERE id = $1 AND user_id = $2")?,
+            inbox_read: c.prepare(
+                "SELECT id, payload, created_at_ms, expires_at_ms FROM inbox \
+                 WHERE user_id = $1 AND expires_at_ms > $2 ORDER BY id LIMIT $3",
+            )?,
+            revoke: c.prepare(
+                "INSERT INTO revocations (kind, value, revoked_at_ms, expires_at_ms, reason) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (kind, value) DO UPDATE SET \
+                 reason = CASE WHEN excluded.revoked_at_ms >= revocations.revoked_at_ms \
+                 THEN excluded.reason ELSE revocations.reason END, \
+                 revoked_at_ms = GREATEST(revocations.revoked_at_ms, excluded.revoked_at_ms), \
+                 expires_at_ms = GREATEST(revocations.expires_at_ms, excluded.expires_at_ms)",
+            )?,
+        })
+    }
+}
+
+/// The statements of one ingest table (its name is not a parameter).
+struct IngestStmts {
+    find: Statement,
+    insert: Statement,
+    records: Statement,
+}
+
+/// Why one op failed inside a transaction.
+enum Fail {
+    /// Refused before any statement ran: the transaction goes on.
+    Invalid(StoreError),
+    /// A statement failed: the transaction must be rolled back.
+    Db(postgres::Error),
+}
+
+impl From<postgres::Error> for Fail {
+    fn from(e: postgres::Error) -> Self {
+        Fail::Db(e)
+    }
+}
+
+type OpResult = Result<Outcome, Arc<StoreError>>;
+
+/// A committed transaction's outcomes (op index, outcome), or the index of
+/// the op whose statement failed (`None`: BEGIN or COMMIT failed) and why.
+type Attempt = Result<Vec<(usize, Outcome)>, (Option<usize>, postgres::Error)>;
+
+/// A live connection and what was prepared on it.
+struct Live {
+    client: Client,
+    stmts: Stmts,
+    tables: HashMap<Arc<str>, IngestStmts>,
+}
+
+/// The connection is down: since when, and when to try again.
+struct Down {
+    since: Instant,
+    next_try: Instant,
+    backoff: Duration,
+    attempts: u32,
+}
+
+pub struct PostgresBackend {
+    cfg: PostgresConfig,
+    /// Parsed `url`, with the timeout applied.
+    pg: postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    live: Option<Live>,
+    down: Option<Down>,
+    /// Where we are connected, without a password (for logs).
+    describe: String,
+    /// Ingest tables created so far (created again after a reconnect, in
+    /// case the database was replaced).
+    ingest_tables: Vec<Arc<str>>,
+    sync: SyncMode,
+    history_bytes: u64,
+    history_budget: u64,
+}
+
+impl PostgresBackend {
+    /// Connect (retrying for `start_retry` if the database is unreachable),
+    /// create the schema if missing, bring it up to date and create `ingest_table`.
+    pub fn open(
+        cfg: &PostgresConfig,
+        sync: SyncMode,
+        ingest_table: &str,
+    ) -> Result<PostgresBackend, StoreError> {
+        let mut pg: postgres::Config = cfg.url.parse().map_err(|err| StoreError::PgConfig {
+            message: format!("storage.postgres.url: {err}"),
+        })?;
+        pg.connect_timeout(cfg.connect_timeout);
+        // A silent peer (a cable pulled, a host gone) is noticed in seconds, not hours.
+        pg.keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(3);
+        // `tls` decides, whatever the URL's `sslmode` says.
+        let tls = match cfg.tls {
+            PgTls::Disable => {
+                pg.ssl_mode(postgres::config::SslMode::Disable);
+                None
+            }
+            PgTls::VerifyFull => {
+                pg.ssl_mode(postgres::config::SslMode::Require);
+                Some(tls_connector(cfg)?)
+            }
+        };
+        let describe = describe(&pg, &cfg.schema);
+        let mut b = PostgresBackend {
+            cfg: cfg.clone(),
+            pg,
+            tls,
+            live: None,
+            down: None,
+            describe,
+            ingest_tables: vec![Arc::from(ingest_table)],
+            sync,
+            history_bytes: 0,
+            history_budget: u64::MAX,
+        };
+        let deadline = Instant::now() + cfg.start_retry;
+        let mut backoff = FIRST_BACKOFF;
+        let mut said = false;
+        loop {
+            match b.connect() {
+                Ok(live) => {
+                    b.live = Some(live);
+                    break;
+                }
+                // Only an unreachable server is worth waiting for; a wrong
+                // password or a schema too new will not fix itself.
+                Err(e) if is_unreachable(&e) && Instant::now() + backoff < deadline => {
+                    if !said {
+                        log::warn!(
+                            "storage: cannot reach PostgreSQL at {} ({e}); retrying for up to {:?}",
+                            b.describe,
+                            cfg.start_retry
+                        );
+                        said = true;
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(cfg.reconnect_max);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        b.history_bytes = b.count_history_bytes()?;
+        Ok(b)
+    }
+
+    /// `user@host:port/db, schema s` (never the password).
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    /// See `SqliteBackend::set_history_budget`.
+    pub fn set_history_budget(&mut self, bytes: u64) {
+        self.history_budget = bytes;
+    }
+
+    /// Bytes of publication text stored in `history`.
+    pub fn history_bytes(&self) -> u64 {
+        self.history_bytes
+    }
+
+    /// The schema version in the database.
+    pub fn version(&mut self) -> Result<i32, StoreError> {
+        let live = self.live_mut()?;
+        let row = live
+            .client
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM switchboard_schema",
+                &[],
+            )
+            .map_err(StoreError::Pg)?;
+        Ok(row.get(0))
+    }
+
+    fn live_mut(&mut self) -> Result<&mut Live, StoreError> {
+        self.live.as_mut().ok_or(StoreError::Unavailable)
+    }
+
+    /// Open a connection and make it ready: session settings, schema,
+    /// migrations, prepared statements, ingest tables.
+    fn connect(&self) -> Result<Live, StoreError> {
+        let connected = match &self.tls {
+            None => self.pg.connect(postgres::NoTls),
+            Some(tls) => self.pg.connect(tls.clone()),
+        };
+        let mut client = connected.map_err(|err| StoreError::PgConnect {
+            target: self.describe.clone(),
+            err,
+        })?;
+        let schema = quote_ident(&self.cfg.schema);
+        let timeout_ms = self.cfg.statement_timeout.as_millis();
+        let commit = match self.sync {
+            SyncMode::Full => "on",
+            SyncMode::Normal => "off",
+        };
+        let setup = format!(
+            "SET statement_timeout = {timeout_ms}; \
+             SET synchronous_commit = {commit}; \
+             SET client_min_messages = warning; \
+             CREATE SCHEMA IF NOT EXISTS {schema}; \
+             SET search_path TO {schema};"
+        );
+        // Two nodes starting at once may both try CREATE SCHEMA; the loser
+        // sees a unique violation: it exists now, go on.
+        if let Err(e) = client.batch_execute(&setup) {
+            if e.code() != Some(&postgres::error::SqlState::UNIQUE_VIOLATION) {
+                return Err(StoreError::Pg(e));
+            }
+            client
+                .batch_execute(&format!(
+                    "SET statement_timeout = {timeout_ms}; SET synchronous_commit = {commit}; \
+                     SET search_path TO {schema};"
+                ))
+                .map_err(StoreError::Pg)?;
+        }
+        migrate(&mut client, &self.describe)?;
+        let stmts = Stmts::prepare(&mut client).map_err(StoreError::Pg)?;
+        let mut live = Live {
+            client,
+            stmts,
+            tables: HashMap::new(),
+        };
+        for t in &self.ingest_tables {
+            ensure_table(&mut live, t).map_err(StoreError::Pg)?;
+        }
+        Ok(live)
+    }
+
+    fn count_history_bytes(&mut self) -> Result<u64, StoreError> {
+        let live = self.live_mut()?;
+        let row = live
+            .client
+            .query_one(
+                "SELECT COALESCE(SUM(octet_length(payload)), 0)::BIGINT FROM history",
+                &[],
+            )
+            .map_err(StoreError::Pg)?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+
+    /// After `err`: if the connection is gone, start an episode (logged
+    /// once) and return the error the batch is answered with.
+    fn note_failure(&mut self, err: postgres::Error) -> StoreError {
+        let lost = err.is_closed()
+            || self.live.as_ref().is_none_or(|l| l.client.is_closed())
+            || is_connection_code(&err);
+        if !lost {
+            return StoreError::Pg(err);
+        }
+        self.live = None;
+        if self.down.is_none() {
+            log::error!(
+                "storage: lost the connection to PostgreSQL at {} ({err}); requests are \
+                 answered storage_error until it is back, reconnecting",
+                self.describe
+            );
+            let now = Instant::now();
+            self.down = Some(Down {
+                since: now,
+                next_try: now,
+                backoff: FIRST_BACKOFF,
+                attempts: 0,
+            });
+        }
+        StoreError::Lost(err)
+    }
+
+    /// One write transaction over `ops[i]` for `i` in `todo`.
+    fn transaction(
+        &mut self,
+        ops: &[Op],
+        todo: &[usize],
+        results: &mut [Option<OpResult>],
+        relaxed: bool,
+    ) -> Attempt {
+        let budget = self.history_budget;
+        let bytes = self.history_bytes;
+        let Some(live) = self.live.as_mut() else {
+            return Ok(Vec::new()); // the caller checked
+        };
+        let Live {
+            client,
+            stmts,
+            tables,
+        } = live;
+        let mut tx = client.transaction().map_err(|e| (None, e))?;
+        if relaxed {
+            // History copies and inbox acks alone: see `apply`.
+            tx.batch_execute("SET LOCAL synchronous_commit = off")
+                .map_err(|e| (None, e))?;
+        }
+        let mut done = Vec::with_capacity(todo.len());
+        let mut delta: i64 = 0;
+        for &i in todo {
+            let Some(op) = ops.get(i) else { continue };
+            match write(&mut tx, stmts, tables, op, &mut delta) {
+                Ok(outcome) => done.push((i, outcome)),
+                Err(Fail::Invalid(e)) => {
+                    if let Some(r) = results.get_mut(i) {
+                        *r = Some(Err(Arc::new(e)));
+                    }
+                }
+                Err(Fail::Db(e)) => return Err((Some(i), e)), // rolls back on drop
+            }
+        }
+        let excess = bytes.saturating_add_signed(delta).saturating_sub(budget);
+        if excess > 0 {
+            delta -= evict_oldest(&mut tx, excess).map_err(|e| (None, e))?;
+        }
+        tx.commit().map_err(|e| (None, e))?;
+        self.history_bytes = self.history_bytes.saturating_add_signed(delta);
+        Ok(done)
+    }
+
+    fn read(&mut self, op: &Op) -> Result<Outcome, StoreError> {
+        let live = self.live_mut()?;
+        match op {
+            Op::Inbox { user, limit } => {
+                let rows = live
+                    .client
+                    .query(
+                        &live.stmts.inbox_read,
+                        &[&&**user, &now_ms(), &sat(*limit)],
+                    )
+                    .map_err(StoreError::Pg)?;
+                let mut out = Vec::with_capacity(rows.len());
+                for r in rows {
+                    out.push(InboxMsg {
+                        id: r.try_get(0).map_err(StoreError::Pg)?,
+                        user: user.to_string(),
+                        payload: r.try_get::<_, String>(1).map_err(StoreError::Pg)?.into_bytes(),
+                        created_at_ms: r.try_get(2).map_err(StoreError::Pg)?,
+                        expires_at_ms: r.try_get(3).map_err(StoreError::Pg)?,
+                    });
+                }
+                Ok(Outcome::Inbox(out))
+            }
+            Op::Records {
+                table,
+                after_id,
+                limit,
+            } => {
+                if !live.tables.contains_key(table) {
+                    ensure_table(live, table).map_err(StoreError::Pg)?;
+                }
+                let Some(st) = live.tables.get(table) else {
+                    return Err(StoreError::NoResult);
+                };
+                let rows = live
+                    .client
+                    .query(&st.records, &[after_id, &sat(*limit)])
+                    .map_err(StoreError::Pg)?;
+                let mut out = Vec::with_capacity(rows.len());
+                for r in rows {
+                    out.push(Record {
+                        id: r.try_get(0).map_err(StoreError::Pg)?,
+                        kind: r.try_get(1).map_err(StoreError::Pg)?,
+                        user: r.try_get(2).map_err(StoreError::Pg)?,
+                        connection: r.try_get(3).map_err(StoreError::Pg)?,
+                        client_id: r.try_get(4).map_err(StoreError::Pg)?,
+                        received_at_ms: r.try_get(5).map_err(StoreError::Pg)?,
+                        data: r.try_get(6).map_err(StoreError::Pg)?,
+                    });
+                }
+                Ok(Outcome::Records(out))
+            }
+            _ => Err(StoreError::NoResult),
+        }
+    }
+
+    /// A transaction for `load`, `prune` and `mark`, with the episode
+    /// bookkeeping of a lost connection.
+    fn with_tx<T>(
+        &mut self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, postgres::Error>,
+    ) -> Result<T, StoreError> {
+        let live = self.live_mut()?;
+        let run = (|| {
+            let mut tx = live.client.transaction()?;
+            let v = f(&mut tx)?;
+            tx.commit()?;
+            Ok(v)
+        })();
+        run.map_err(|e| self.note_failure(e))
+    }
+}
+
+impl Backend for PostgresBackend {
+    fn apply(&mut self, ops: Vec<Op>) -> Vec<OpResult> {
+        let mut results: Vec<Option<OpResult>> = ops.iter().map(|_| None).collect();
+        if self.live.is_none() {
+            // Down: answer at once, without a network round trip (the
+            // writer calls `reconnect` between batches).
+            let e = Arc::new(StoreError::Unavailable);
+            return ops.iter().map(|_| Err(e.clone())).collect();
+        }
+        // Ingest tables first, each in its own autocommit statement.
+        for (i, op) in ops.iter().enumerate() {
+            if let Op::Ingest { table, .. } = op
+                && let Some(live) = self.live.as_mut()
+                && !live.tables.contains_key(table)
+            {
+                match ensure_table(live, table) {
+                    Ok(()) => self.ingest_tables.push(table.clone()),
+                    Err(e) => {
+                        let e = self.note_failure(e);
+                        results[i] = Some(Err(Arc::new(e)));
+                    }
+                }
+            }
+        }
+        let mut todo: Vec<usize> = (0..ops.len())
+            .filter(|&i| results[i].is_none() && !ops[i].is_read())
+            .collect();
+        // As in SQLite: only batches whose commit someone is told about
+        // wait for the WAL flush (`synchronous_commit = on`).
+        let relaxed = self.sync == SyncMode::Full
+            && !todo.iter().any(|&i| {
+                matches!(
+                    ops[i],
+                    Op::Ingest { .. } | Op::InboxPut { .. } | Op::Revoke(_)
+                )
+            });
+        if !todo.is_empty() && self.live.is_some() {
+            let mut attempt = self.transaction(&ops, &todo, &mut results, relaxed);
+            if let Err((Some(bad), e)) = attempt {
+                let e = self.note_failure(e);
+                let lost = matches!(e, StoreError::Lost(_));
+                results[bad] = Some(Err(Arc::new(e)));
+                todo.retain(|&i| i != bad && results[i].is_none());
+                if lost {
+                    // Not the op's fault: the others get "unavailable".
+                    let e = Arc::new(StoreError::Unavailable);
+                    for &i in &todo {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                    todo.clear();
+                }
+                attempt = if todo.is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    self.transaction(&ops, &todo, &mut results, relaxed)
+                };
+            }
+            match attempt {
+                Ok(done) => {
+                    for (i, outcome) in done {
+                        results[i] = Some(Ok(outcome));
+                    }
+                }
+                Err((_, e)) => {
+                    let e = Arc::new(self.note_failure(e));
+                    for &i in &todo {
+                        results[i].get_or_insert_with(|| Err(e.clone()));
+                    }
+                }
+            }
+        }
+        for (i, op) in ops.iter().enumerate() {
+            if op.is_read() {
+                results[i] = Some(match self.read(op) {
+                    Ok(o) => Ok(o),
+                    Err(StoreError::Pg(e)) => Err(Arc::new(self.note_failure(e))),
+                    Err(e) => Err(Arc::new(e)),
+                });
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Arc::new(StoreError::NoResult))))
+            .collect()
+    }
+
+    fn load(&mut self, now_ms: i64) -> Result<Loaded, StoreError> {
+        self.with_tx(|tx| {
+            // One consistent snapshot of every table.
+            tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")?;
+            let mut channels: Vec<LoadedChannel> = Vec::new();
+            for r in tx.query(
+                "SELECT channel, epoch, top_offset FROM channels ORDER BY channel COLLATE \"C\"",
+                &[],
+            )? {
+                let top: i64 = r.try_get(2)?;
+                let Ok(top_offset) = u64::try_from(top) else {
+                    continue; // not written by Switchboard
+                };
+                channels.push(LoadedChannel {
+                    channel: r.try_get(0)?,
+                    epoch: r.try_get(1)?,
+                    top_offset,
+                    publications: Vec::new(),
+                });
+            }
+            let rows = tx.query(
+                r#"SELECT channel, "offset", payload, at_ms, expires_at_ms FROM history
+                   WHERE expires_at_ms > $1 ORDER BY channel COLLATE "C", "offset""#,
+                &[&now_ms],
+            )?;
+            let mut at = 0; // both lists ascend by channel (byte order): merge
+            for r in rows {
+                let channel: &str = r.try_get(0)?;
+                while at < channels.len() && channels[at].channel.as_str() < channel {
+                    at += 1;
+                }
+                let Some(ch) = channels.get_mut(at).filter(|c| c.channel == channel) else {
+                    continue; // history without channel meta: unusable
+                };
+                let Ok(offset) = u64::try_from(r.try_get::<_, i64>(1)?) else {
+                    continue;
+                };
+                ch.publications.push(StoredPublication {
+                    offset,
+                    payload: Arc::from(r.try_get::<_, &str>(2)?.as_bytes()),
+                    at_ms: r.try_get(3)?,
+                    expires_at_ms: r.try_get(4)?,
+                });
+            }
+            let mut revocations = Vec::new();
+            for r in tx.query(
+                "SELECT kind, value, revoked_at_ms, expires_at_ms, reason FROM revocations \
+                 WHERE expires_at_ms > $1 ORDER BY kind COLLATE \"C\", value COLLATE \"C\"",
+                &[&now_ms],
+            )? {
+                let Some(kind) = RevocationKind::parse(r.try_get(0)?) else {
+                    continue; // written by a newer build
+                };
+                revocations.push(Revocation {
+                    kind,
+                    value: r.try_get(1)?,
+                    revoked_at_ms: r.try_get(2)?,
+                    expires_at_ms: r.try_get(3)?,
+                    reason: r.try_get(4)?,
+                });
+            }
+            let clean_token = tx
+                .query_opt("SELECT value FROM meta WHERE key = $1", &[&CLEAN_KEY])?
+                .map(|r| r.try_get(0))
+                .transpose()?;
+            Ok(Loaded {
+                channels,
+                revocations,
+                clean_token,
+            })
+        })
+    }
+
+    fn prune(&mut self, now_ms: i64) -> Result<usize, StoreError> {
+        let (n, freed) = self.with_tx(|tx| {
+            let mut n = 0usize;
+            let mut freed = 0i64;
+            for r in tx.query(
+                "DELETE FROM history WHERE expires_at_ms <= $1 \
+                 RETURNING octet_length(payload)::BIGINT",
+                &[&now_ms],
+            )? {
+                freed = freed.saturating_add(r.try_get::<_, i64>(0)?);
+                n += 1;
+            }
+            for sql in [
+                "DELETE FROM inbox WHERE expires_at_ms <= $1",
+                "DELETE FROM revocations WHERE expires_at_ms <= $1",
+            ] {
+                n += usize::try_from(tx.execute(sql, &[&now_ms])?).unwrap_or(usize::MAX);
+            }
+            Ok((n, freed))
+        })?;
+        self.history_bytes = self.history_bytes.saturating_add_signed(-freed);
+        Ok(n)
+    }
+
+    fn mark(&mut self, epochs: &[NewEpoch], clean: Option<&str>) -> Result<(), StoreError> {
+        let freed = self.with_tx(|tx| {
+            // Durable whatever `storage.synchronous` says (see the trait).
+            tx.batch_execute("SET LOCAL synchronous_commit = on")?;
+            let mut freed = 0i64;
+            for e in epochs {
+                tx.execute(
+                    "UPDATE channels SET epoch = $2 WHERE channel = $1",
+                    &[&&*e.channel, &&*e.epoch],
+                )?;
+                for r in tx.query(
+                    "DELETE FROM history WHERE channel = $1 RETURNING octet_length(payload)::BIGINT",
+                    &[&&*e.channel],
+                )? {
+                    freed = freed.saturating_add(r.try_get::<_, i64>(0)?);
+                }
+            }
+            match clean {
+                Some(token) => tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ($1, $2) \
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    &[&CLEAN_KEY, &token],
+                )?,
+                None => tx.execute("DELETE FROM meta WHERE key = $1", &[&CLEAN_KEY])?,
+            };
+            Ok(freed)
+        })?;
+        self.history_bytes = self.history_bytes.saturating_add_signed(-freed);
+        Ok(())
+    }
+
+    fn available(&self) -> bool {
+        self.live.is_some()
+    }
+
+    fn reconnect(&mut self) -> bool {
+        if self.live.is_some() {
+            return true;
+        }
+        let now = Instant::now();
+        let Some(down) = self.down.as_mut() else {
+            // Gone without an episode (cannot happen): start one.
+            self.down = Some(Down {
+                since: now,
+                next_try: now,
+                backoff: FIRST_BACKOFF,
+                attempts: 0,
+            });
+            return false;
+        };
+        if now < down.next_try {
+            return false;
+        }
+        down.attempts += 1;
+        match self.connect() {
+            Ok(live) => {
+                self.live = Some(live);
+                if let Some(d) = self.down.take() {
+                    log::warn!(
+                        "storage: reconnected to PostgreSQL at {} after {:.1} s ({} attempts)",
+                        self.describe,
+                        d.since.elapsed().as_secs_f64(),
+                        d.attempts
+                    );
+                }
+                // Another node may have changed history meanwhile.
+                if let Ok(bytes) = self.count_history_bytes() {
+                    self.history_bytes = bytes;
+                }
+                true
+            }
+            Err(e) => {
+                log::debug!("storage: reconnecting to PostgreSQL: {e}");
+                if let Some(d) = self.down.as_mut() {
+                    d.next_try = Instant::now() + d.backoff;
+                    d.backoff = (d.backoff * 2).min(self.cfg.reconnect_max);
+                }
+                false
+            }
+        }
+    }
+
+    fn retry_in(&self) -> Option<Duration> {
+        self.down
+            .as_ref()
+            .map(|d| d.next_try.saturating_duration_since(Instant::now()))
+    }
+}
+
+/// Apply one write op inside the open transaction.
+fn write(
+    tx: &mut Transaction<'_>,
+    st: &Stmts,
+    tables: &HashMap<Arc<str>, IngestStmts>,
+    op: &Op,
+    history_delta: &mut i64,
+) -> Result<Outcome, Fail> {
+    match op {
+        Op::Ingest {
+            table,
+            kind,
+            user,
+            connection,
+            client_id,
+            received_at_ms,
+            data,
+        } => {
+            let data = text(data, "the record's data")?;
+            for (s, what) in [
+                (kind.as_str(), "the record's type"),
+                (&**user, "the user id"),
+                (connection.as_str(), "the connection id"),
+                (client_id.as_deref().unwrap_or(""), "the record id"),
+            ] {
+                no_nul(s, what)?;
+            }
+            let Some(sql) = tables.get(table) else {
+                return Err(Fail::Invalid(StoreError::NoResult)); // ensure_table failed
+            };
+            if let Some(client_id) = client_id {
+                // Looked up first: a conflicting INSERT would still use up an id.
+                if let Some(r) = tx.query_opt(&sql.find, &[&&**user, client_id])? {
+                    return Ok(Outcome::Ingested {
+                        id: r.try_get(0)?,
+                        duplicate: true,
+                    });
+                }
+            }
+            let params: [&(dyn ToSql + Sync); 6] =
+                [kind, &&**user, connection, client_id, received_at_ms, &data];
+            match tx.query_opt(&sql.insert, &params)? {
+                Some(r) => Ok(Outcome::Ingested {
+                    id: r.try_get(0)?,
+                    duplicate: false,
+                }),
+                None => {
+                    // Another node (or connection) committed the same
+                    // (user, record id) after our look-up: it is a duplicate.
+                    let r = tx.query_one(&sql.find, &[&&**user, client_id])?;
+                    Ok(Outcome::Ingested {
+                        id: r.try_get(0)?,
+                        duplicate: true,
+                    })
+                }
+            }
+        }
+        Op::Publication {
+            channel,
+            epoch,
+            offset,
+            payload,
+            at_ms,
+            expires_at_ms,
+            keep,
+        } => {
+            let offset = i64::try_from(*offset).map_err(|_| {
+                Fail::Invalid(StoreError::OutOfRange {
+                    what: "publication offset",
+                    value: *offset,
+                })
+            })?;
+            let payload = text(payload, "the publication")?;
+            no_nul(channel, "the channel name")?;
+            no_nul(epoch, "the epoch")?;
+            let (channel, epoch) = (&**channel, &**epoch);
+            let known: Option<(bool, i64)> = match tx.query_opt(&st.channel_get, &[&channel, &epoch])?
+            {
+                Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
+                None => None,
+            };
+            let top = match known {
+                Some((true, top)) => top.max(offset), // a late one keeps the top
+                Some((false, _)) => {
+                    // A new epoch starts the offsets over: the old epoch's rows go.
+                    *history_delta -= sum_returned(tx, &st.history_del_channel, &[&channel])?;
+                    offset
+                }
+                None => offset,
+            };
+            if known != Some((true, top)) {
+                tx.execute(&st.channel_put, &[&channel, &epoch, &top])?;
+            }
+            *history_delta -= sum_returned(tx, &st.history_del_one, &[&channel, &offset])?;
+            tx.execute(
+                &st.history_insert,
+                &[&channel, &offset, &payload, at_ms, expires_at_ms],
+            )?;
+            *history_delta += sat(payload.len());
+            let floor = offset.saturating_sub(sat(*keep));
+            *history_delta -= sum_returned(tx, &st.history_trim, &[&channel, &floor])?;
+            Ok(Outcome::Done)
+        }
+        Op::InboxPut {
+            user,
+            payload,
+            created_at_ms,
+            expires_at_ms,
+            max_per_user,
+        } => {
+            let payload = text(payload, "the inbox message")?;
+            no_nul(user, "the user id")?;
+            let r = tx.query_one(
+                &st.inbox_insert,
+                &[&&**user, &payload, created_at_ms, expires_at_ms],
+            )?;
+            let id: i64 = r.try_get(0)?;
+            // Everything from the (max_per_user + 1)-th newest down goes.
+            tx.execute(&st.inbox_trim, &[&&**user, &sat(*max_per_user)])?;
+            Ok(Outcome::Stored { id })
+        }
+        Op::InboxAck { user, id } => {
+            let n = tx.execute(&st.inbox_ack, &[id, &&**user])?;
+            Ok(Outcome::Acked { found: n > 0 })
+        }
+        Op::Revoke(r) => {
+            no_nul(&r.value, "the revoked value")?;
+            no_nul(&r.reason, "the reason")?;
+            tx.execute(
+                &st.revoke,
+                &[
+                    &r.kind.as_str(),
+                    &r.value,
+                    &r.revoked_at_ms,
+                    &r.expires_at_ms,
+                    &r.reason,
+                ],
+            )?;
+            Ok(Outcome::Done)
+        }
+        Op::Inbox { .. } | Op::Records { .. } => Err(Fail::Invalid(StoreError::NoResult)),
+    }
+}
+
+/// Create an ingest table, its dedup index and its statements if missing
+/// (outside any transaction, as in SQLite).
+fn ensure_table(live: &mut Live, table: &Arc<str>) -> Result<(), postgres::Error> {
+    if live.tables.contains_key(table) {
+        return Ok(());
+    }
+    let t = quote_ident(table);
+    let index = quote_ident(&format!("{table}_user_client"));
+    let created = live.client.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {t} (
+            id BIGSERIAL PRIMARY KEY,
+            type TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            connection_id TEXT NOT NULL,
+            client_id TEXT,
+            received_at BIGINT NOT NULL, -- ms since the Unix epoch
+            data TEXT NOT NULL           -- JSON
+        );
+        CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {t} (user_id, client_id)
+            WHERE client_id IS NOT NULL;"
+    ));
+    // Two nodes creating it at once: the loser's catalog insert conflicts;
+    // the table is there now.
+    if let Err(e) = created
+        && e.code() != Some(&postgres::error::SqlState::UNIQUE_VIOLATION)
+    {
+        return Err(e);
+    }
+    let stmts = IngestStmts {
+        find: live
+            .client
+            .prepare(&format!("SELECT id FROM {t} WHERE user_id = $1 AND client_id = $2"))?,
+        insert: live.client.prepare(&format!(
+            "INSERT INTO {t} (type, user_id, connection_id, client_id, received_at, data) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (user_id, client_id) WHERE client_id IS NOT NULL DO NOTHING \
+             RETURNING id"
+        ))?,
+        records: live.client.prepare(&format!(
+            "SELECT id, type, user_id, connection_id, client_id, received_at, data FROM {t} \
+             WHERE id > $1 ORDER BY id LIMIT $2"
+        ))?,
+    };
+    live.tables.insert(table.clone(), stmts);
+    Ok(())
+}
+
+/// Apply the migrations the database does not have yet, each in its own
+/// transaction, under an advisory lock so that nodes starting together
+/// apply each one once.
+fn migrate(client: &mut Client, target: &str) -> Result<(), StoreError> {
+    let create = client.batch_execute(
+        "CREATE TABLE IF NOT EXISTS switchboard_schema (
+            version INTEGER PRIMARY KEY,
+            applied_at_ms BIGINT NOT NULL
+        )",
+    );
+    if let Err(e) = create
+        && e.code() != Some(&postgres::error::SqlState::UNIQUE_VIOLATION)
+    {
+        return Err(StoreError::Pg(e));
+    }
+    let supported = schema_version();
+    loop {
+        let mut tx = client.transaction().map_err(StoreError::Pg)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .map_err(StoreError::Pg)?;
+        let found: i32 = tx
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM switchboard_schema",
+                &[],
+            )
+            .map_err(StoreError::Pg)?
+            .get(0);
+        if found > supported {
+            return Err(StoreError::PgSchemaTooNew {
+                target: target.to_owned(),
+                found,
+                supported,
+            });
+        }
+        if found == supported {
+            return tx.commit().map_err(StoreError::Pg);
+        }
+        let version = found + 1;
+        let Some(sql) = usize::try_from(found).ok().and_then(|i| MIGRATIONS.get(i)) else {
+            return Err(StoreError::NoResult);
+        };
+        let step = tx.batch_execute(sql).and_then(|()| {
+            tx.execute(
+                "INSERT INTO switchboard_schema (version, applied_at_ms) VALUES ($1, $2)",
+                &[&version, &now_ms()],
+            )
+        });
+        if let Err(err) = step.and_then(|_| tx.commit()) {
+            return Err(StoreError::PgMigration { version, err });
+        }
+        log::info!("database {target}: schema version {version}");
+    }
+}
+
+/// Delete the oldest history rows (by `seq`, the insertion order) until at
+/// least `excess` bytes are freed; returns the bytes freed. As in SQLite.
+fn evict_oldest(tx: &mut Transaction<'_>, excess: u64) -> Result<i64, postgres::Error> {
+    let mut last = None;
+    let mut freed = 0u64;
+    // Walk in pages: the table may be large and only a prefix is wanted.
+    let mut after = i64::MIN;
+    'walk: loop {
+        let rows = tx.query(
+            "SELECT seq, octet_length(payload)::BIGINT FROM history WHERE seq > $1 \
+             ORDER BY seq LIMIT 256",
+            &[&after],
+        )?;
+        if rows.is_empty() {
+            break;
+        }
+        for r in rows {
+            let seq: i64 = r.try_get(0)?;
+            after = seq;
+            last = Some(seq);
+            freed += u64::try_from(r.try_get::<_, i64>(1)?).unwrap_or(0);
+            if freed >= excess {
+                break 'walk;
+            }
+        }
+    }
+    let Some(last) = last else { return Ok(0) };
+    let mut sum = 0i64;
+    for r in tx.query(
+        "DELETE FROM history WHERE seq <= $1 RETURNING octet_length(payload)::BIGINT",
+        &[&last],
+    )? {
+        sum = sum.saturating_add(r.try_get::<_, i64>(0)?);
+    }
+    Ok(sum)
+}
+
+/// The sum of the one integer column a `DELETE ... RETURNING` gives back.
+fn sum_returned(
+    tx: &mut Transaction<'_>,
+    st: &Statement,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<i64, postgres::Error> {
+    let mut sum = 0i64;
+    for r in tx.query(st, params)? {
+        sum = sum.saturating_add(r.try_get::<_, i64>(0)?);
+    }
+    Ok(sum)
+}
+
+/// Text columns take UTF-8 only; PostgreSQL's text cannot hold NUL at all
+/// (SQLite's can): refused before any statement, the batch goes on.
+fn text<'a>(bytes: &'a [u8], what: &'static str) -> Result<&'a str, Fail> {
+    let s = std::str::from_utf8(bytes)
+        .map_err(|err| Fail::Invalid(StoreError::NotUtf8 { what, err }))?;
+    no_nul(s, what)?;
+    Ok(s)
+}
+
+fn no_nul(s: &str, what: &'static str) -> Result<(), Fail> {
+    if s.contains('\0') {
+        return Err(Fail::Invalid(StoreError::Nul { what }));
+    }
+    Ok(())
+}
+
+/// `"name"` with inner quotes doubled: safe for any name.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A count as an SQL integer (saturating: limits past i64::MAX mean "all").
+fn sat(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Codes that mean the server ended the session (a shutdown, a crash, a
+/// lost link): the connection will not serve again.
+fn is_connection_code(e: &postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        let code = c.code();
+        code.starts_with("08") || code.starts_with("57P")
+    })
+}
+
+/// A connection attempt that failed because nothing answered (worth
+/// waiting for at start), not because the server refused us.
+fn is_unreachable(e: &StoreError) -> bool {
+    match e {
+        StoreError::PgConnect { err, .. } => {
+            err.as_db_error().is_none() || is_connection_code(err)
+        }
+        _ => false,
+    }
+}
+
+/// `user@host:port/db, schema s` without the password.
+fn describe(pg: &postgres::Config, schema: &str) -> String {
+    let host = pg
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            postgres::config::Host::Tcp(s) => s.clone(),
+            postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let user = pg.get_user().unwrap_or("?");
+    let db = pg.get_dbname().unwrap_or(user);
+    format!("postgres://{user}@{host}:{port}/{db} (schema {schema})")
+}
+
+/// rustls with the certificate authorities of `ca_file`; host names are verified.
+fn tls_connector(
+    cfg: &PostgresConfig,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let Some(path) = &cfg.ca_file else {
+        return Err(StoreError::PgConfig {
+            message: "storage.postgres.tls = \"verify-full\" needs storage.postgres.ca_file".into(),
+        });
+    };
+    let bad = |message: String| StoreError::PgConfig {
+        message: format!("storage.postgres.ca_file {}: {message}", path.display()),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| bad(e.to_string()))?;
+        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate in it".into()));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(
+        rustls::crypto::ring::default_provider().into(),
+    )
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
