@@ -968,7 +968,10 @@ impl Config {
             if !ident(&pg.schema) {
                 return bad(
                     "storage.postgres.schema",
-                    format!("{:?} must be a SQL identifier (letters, digits, _)", pg.schema),
+                    format!(
+                        "{:?} must be a SQL identifier (letters, digits, _)",
+                        pg.schema
+                    ),
                 );
             }
             if pg.url.trim().is_empty() {

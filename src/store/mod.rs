@@ -12,8 +12,12 @@
 //! SQLite ([`SqliteBackend`], the default) and PostgreSQL
 //! ([`PostgresBackend`]), with the same promises (docs/STORAGE.md).
 
+#[cfg(test)]
+mod conformance;
 pub mod postgres;
 pub mod sqlite;
+#[doc(hidden)]
+pub mod testpg;
 mod writer;
 
 pub use postgres::PostgresBackend;
@@ -83,7 +87,10 @@ pub enum StoreError {
     /// A PostgreSQL statement, transaction or commit failed (the connection lives on).
     Pg(::postgres::Error),
     /// Upgrading the PostgreSQL schema to `version` failed (rolled back).
-    PgMigration { version: i32, err: ::postgres::Error },
+    PgMigration {
+        version: i32,
+        err: ::postgres::Error,
+    },
     /// The PostgreSQL schema was written by a newer build.
     PgSchemaTooNew {
         target: String,
@@ -209,11 +216,14 @@ impl fmt::Display for StoreError {
                  been committed",
                 pg_text(err)
             ),
-            StoreError::Unavailable => f.write_str(
-                "the database is unreachable (reconnecting); nothing was stored",
-            ),
+            StoreError::Unavailable => {
+                f.write_str("the database is unreachable (reconnecting); nothing was stored")
+            }
             StoreError::Nul { what } => {
-                write!(f, "{what} contains a NUL character, which the database cannot store")
+                write!(
+                    f,
+                    "{what} contains a NUL character, which the database cannot store"
+                )
             }
         }
     }
@@ -477,6 +487,12 @@ pub trait Backend: Send + 'static {
     /// at a graceful shutdown, after the last commit, with a fresh token
     /// that is also written to the marker file beside the database.
     fn mark(&mut self, epochs: &[NewEpoch], clean: Option<&str>) -> Result<(), StoreError>;
+    /// Keep at most `bytes` of publication text in `history` (all channels
+    /// together): past it each batch deletes the oldest rows, whatever their
+    /// channel, in the same transaction. Applied from the next write on.
+    fn set_history_budget(&mut self, bytes: u64);
+    /// Bytes of publication text stored in `history` (committed).
+    fn history_bytes(&self) -> u64;
     /// Whether the backend can take writes now (false while the connection
     /// to a database server is down). An embedded file is always available.
     fn available(&self) -> bool {

@@ -471,17 +471,17 @@ impl PostgresBackend {
             Op::Inbox { user, limit } => {
                 let rows = live
                     .client
-                    .query(
-                        &live.stmts.inbox_read,
-                        &[&&**user, &now_ms(), &sat(*limit)],
-                    )
+                    .query(&live.stmts.inbox_read, &[&&**user, &now_ms(), &sat(*limit)])
                     .map_err(StoreError::Pg)?;
                 let mut out = Vec::with_capacity(rows.len());
                 for r in rows {
                     out.push(InboxMsg {
                         id: r.try_get(0).map_err(StoreError::Pg)?,
                         user: user.to_string(),
-                        payload: r.try_get::<_, String>(1).map_err(StoreError::Pg)?.into_bytes(),
+                        payload: r
+                            .try_get::<_, String>(1)
+                            .map_err(StoreError::Pg)?
+                            .into_bytes(),
                         created_at_ms: r.try_get(2).map_err(StoreError::Pg)?,
                         expires_at_ms: r.try_get(3).map_err(StoreError::Pg)?,
                     });
@@ -493,15 +493,21 @@ impl PostgresBackend {
                 after_id,
                 limit,
             } => {
-                if !live.tables.contains_key(table) {
-                    ensure_table(live, table).map_err(StoreError::Pg)?;
-                }
-                let Some(st) = live.tables.get(table) else {
-                    return Err(StoreError::NoResult);
+                // A table nobody wrote to is not created by reading it.
+                let st = match live.tables.get(table) {
+                    Some(st) => st.records.clone(),
+                    None => live
+                        .client
+                        .prepare(&format!(
+                            "SELECT id, type, user_id, connection_id, client_id, received_at, \
+                             data FROM {} WHERE id > $1 ORDER BY id LIMIT $2",
+                            quote_ident(table)
+                        ))
+                        .map_err(StoreError::Pg)?,
                 };
                 let rows = live
                     .client
-                    .query(&st.records, &[after_id, &sat(*limit)])
+                    .query(&st, &[after_id, &sat(*limit)])
                     .map_err(StoreError::Pg)?;
                 let mut out = Vec::with_capacity(rows.len());
                 for r in rows {
@@ -756,6 +762,14 @@ impl Backend for PostgresBackend {
         self.live.is_some()
     }
 
+    fn set_history_budget(&mut self, bytes: u64) {
+        PostgresBackend::set_history_budget(self, bytes);
+    }
+
+    fn history_bytes(&self) -> u64 {
+        PostgresBackend::history_bytes(self)
+    }
+
     fn reconnect(&mut self) -> bool {
         if self.live.is_some() {
             return true;
@@ -886,11 +900,11 @@ fn write(
             no_nul(channel, "the channel name")?;
             no_nul(epoch, "the epoch")?;
             let (channel, epoch) = (&**channel, &**epoch);
-            let known: Option<(bool, i64)> = match tx.query_opt(&st.channel_get, &[&channel, &epoch])?
-            {
-                Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
-                None => None,
-            };
+            let known: Option<(bool, i64)> =
+                match tx.query_opt(&st.channel_get, &[&channel, &epoch])? {
+                    Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
+                    None => None,
+                };
             let top = match known {
                 Some((true, top)) => top.max(offset), // a late one keeps the top
                 Some((false, _)) => {
@@ -983,9 +997,9 @@ fn ensure_table(live: &mut Live, table: &Arc<str>) -> Result<(), postgres::Error
         return Err(e);
     }
     let stmts = IngestStmts {
-        find: live
-            .client
-            .prepare(&format!("SELECT id FROM {t} WHERE user_id = $1 AND client_id = $2"))?,
+        find: live.client.prepare(&format!(
+            "SELECT id FROM {t} WHERE user_id = $1 AND client_id = $2"
+        ))?,
         insert: live.client.prepare(&format!(
             "INSERT INTO {t} (type, user_id, connection_id, client_id, received_at, data) \
              VALUES ($1, $2, $3, $4, $5, $6) \
@@ -1144,9 +1158,7 @@ fn is_connection_code(e: &postgres::Error) -> bool {
 /// waiting for at start), not because the server refused us.
 fn is_unreachable(e: &StoreError) -> bool {
     match e {
-        StoreError::PgConnect { err, .. } => {
-            err.as_db_error().is_none() || is_connection_code(err)
-        }
+        StoreError::PgConnect { err, .. } => err.as_db_error().is_none() || is_connection_code(err),
         _ => false,
     }
 }

@@ -331,8 +331,8 @@ impl Run {
                 return;
             }
             if !self.backend.available() {
-                let up = catch_unwind(AssertUnwindSafe(|| self.backend.reconnect()))
-                    .unwrap_or(false);
+                let up =
+                    catch_unwind(AssertUnwindSafe(|| self.backend.reconnect())).unwrap_or(false);
                 self.shared.available.store(up, Ordering::Relaxed);
                 if !up {
                     continue; // prune once it is back
@@ -455,6 +455,10 @@ mod tests {
     }
 
     impl Backend for Gated {
+        fn set_history_budget(&mut self, _: u64) {}
+        fn history_bytes(&self) -> u64 {
+            0
+        }
         fn apply(&mut self, ops: Vec<Op>) -> Vec<Result<Outcome, Arc<StoreError>>> {
             let _ = self.entered.send(ops.len());
             let _ = self.gate.recv();
