@@ -1,15 +1,18 @@
-//! What Switchboard keeps, through real clients and a real SQLite file:
+//! What Switchboard keeps, through real clients and a real store (each test
+//! runs twice: on a SQLite file and on a PostgreSQL schema, see
+//! common/store.rs):
 //! sensor records (validated, encrypted, acknowledged after the commit, read
 //! back and decrypted), channel history and recovery (after a reconnect, after
 //! a restart, and honestly impossible after expiry), the offline inbox with
 //! acknowledged, retried delivery, and revocations that survive a restart.
 
+#[macro_use]
 mod common;
 
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::store::{Kind, TestStore};
 use common::*;
 use serde_json::{Value, json};
 use switchboard::auth::{Claims, SigningKeySource, SigningSettings, mint};
@@ -71,14 +74,9 @@ fn open_channels(mut cfg: Config) -> Config {
     cfg
 }
 
-fn db(dir: &Path) -> rusqlite::Connection {
-    rusqlite::Connection::open(dir.join("switchboard.db")).expect("the database file exists")
-}
-
-#[test]
-fn ingested_records_are_acked_after_commit_and_decrypt_with_the_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = stored_config(2, dir.path());
+fn ingested_records_are_acked_after_commit_and_decrypt_with_the_key(kind: Kind) {
+    let st = TestStore::new(kind);
+    let mut cfg = st.config(2);
     cfg.ingest.required_fields = vec!["timestamp".into(), "sensorId".into(), "value".into()];
     cfg.ingest.fields_to_encrypt = vec!["value".into()];
     cfg.ingest.key = Some(KEY.into());
@@ -107,20 +105,19 @@ fn ingested_records_are_acked_after_commit_and_decrypt_with_the_key() {
     assert_eq!(again["duplicate"], true);
 
     // Read it back from the file: the encrypted field is not in clear text.
-    let conn = db(dir.path());
-    let (user, stored): (String, String) = conn
-        .query_row(
-            "SELECT user_id, data FROM sensors_data WHERE id = ?1",
-            [id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+    let (user, stored) = st
+        .texts(&format!(
+            "SELECT user_id, data FROM sensors_data WHERE id = {id}"
+        ))
+        .pop()
+        .expect("the record is stored");
     assert_eq!(user, "sensor-7");
     assert!(!stored.contains("25.5"), "value stored in clear: {stored}");
-    let rows: i64 = conn
-        .query_row("SELECT COUNT(*) FROM sensors_data", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(rows, 1, "the retry was not stored twice");
+    assert_eq!(
+        st.count("sensors_data"),
+        1,
+        "the retry was not stored twice"
+    );
     let sealer = switchboard::ingest::Sealer::from_config(&cfg.ingest)
         .unwrap()
         .unwrap();
@@ -161,10 +158,9 @@ fn messages(c: &mut Client, n: usize) -> Vec<Value> {
     (0..n).map(|_| c.next_of("message")).collect()
 }
 
-#[test]
-fn recovery_after_a_reconnect_returns_exactly_the_gap() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(open_channels(stored_config(3, dir.path())));
+fn recovery_after_a_reconnect_returns_exactly_the_gap(kind: Kind) {
+    let st = TestStore::new(kind);
+    let server = start(open_channels(st.config(3)));
     let addr = server.local_addr();
     let mut publisher = Client::user(addr, "pub");
     let mut reader = Client::user(addr, "reader");
@@ -228,10 +224,9 @@ fn recovery_after_a_reconnect_returns_exactly_the_gap() {
     server.shutdown();
 }
 
-#[test]
-fn history_survives_a_restart_and_expires_honestly() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = open_channels(stored_config(2, dir.path()));
+fn history_survives_a_restart_and_expires_honestly(kind: Kind) {
+    let st = TestStore::new(kind);
+    let mut cfg = open_channels(st.config(2));
     cfg.history.namespaces.insert(
         "brief".into(),
         HistoryRule {
@@ -280,10 +275,9 @@ fn history_survives_a_restart_and_expires_honestly() {
     server.shutdown();
 }
 
-#[test]
-fn offline_messages_arrive_in_order_and_are_kept_until_acked() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = stored_config(3, dir.path());
+fn offline_messages_arrive_in_order_and_are_kept_until_acked(kind: Kind) {
+    let st = TestStore::new(kind);
+    let mut cfg = st.config(3);
     cfg.inbox.retry_initial = Duration::from_millis(200);
     cfg.inbox.retry_max = Duration::from_millis(400);
     let server = start(cfg);
@@ -309,12 +303,7 @@ fn offline_messages_arrive_in_order_and_are_kept_until_acked() {
     for m in &got {
         bob.send(json!({"type":"ack","id":m["id"]}));
     }
-    wait_until("acks committed", || {
-        db(dir.path())
-            .query_row("SELECT COUNT(*) FROM inbox", [], |r| r.get::<_, i64>(0))
-            .unwrap()
-            == 0
-    });
+    wait_until("acks committed", || st.count("inbox") == 0);
     let before = server.stats().redeliveries;
     std::thread::sleep(Duration::from_millis(900));
     assert_eq!(
@@ -397,10 +386,9 @@ fn close_code(ws: &mut WebSocket<TcpStream>, seen: &mut Vec<Value>) -> u16 {
     }
 }
 
-#[test]
-fn revocations_close_sockets_refuse_tokens_and_survive_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = stored_config(2, dir.path());
+fn revocations_close_sockets_refuse_tokens_and_survive_a_restart(kind: Kind) {
+    let st = TestStore::new(kind);
+    let mut cfg = st.config(2);
     cfg.auth.mode = AuthMode::Jwt;
     cfg.auth.jwt.secret = Some(SECRET.into());
     let server = start(cfg.clone());
@@ -456,11 +444,10 @@ fn revocations_close_sockets_refuse_tokens_and_survive_a_restart() {
     server.shutdown();
 }
 
-#[test]
-fn history_has_a_total_byte_budget_in_memory_and_on_disk() {
+fn history_has_a_total_byte_budget_in_memory_and_on_disk(kind: Kind) {
     const BUDGET: usize = 64 << 10;
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = open_channels(stored_config(2, dir.path()));
+    let store = TestStore::new(kind);
+    let mut cfg = open_channels(store.config(2));
     cfg.history.max_bytes = BUDGET;
     let server = start(cfg.clone());
     let mut p = Client::user(server.local_addr(), "pub");
@@ -503,13 +490,7 @@ fn history_has_a_total_byte_budget_in_memory_and_on_disk() {
     server.shutdown();
 
     // On disk: at most the budget, the newest kept.
-    let on_disk: i64 = db(dir.path())
-        .query_row(
-            "SELECT SUM(length(CAST(payload AS BLOB))) FROM history",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let on_disk = store.history_bytes();
     assert!(on_disk as usize <= BUDGET && on_disk > 0, "{on_disk}");
     let server = start(cfg);
     // Two connections (round robin): both shards turn and publish gauges.
@@ -524,3 +505,12 @@ fn history_has_a_total_byte_budget_in_memory_and_on_disk() {
     assert_eq!(s["recovered"], false, "{s}");
     server.shutdown();
 }
+
+on_both_backends!(
+    ingested_records_are_acked_after_commit_and_decrypt_with_the_key,
+    recovery_after_a_reconnect_returns_exactly_the_gap,
+    history_survives_a_restart_and_expires_honestly,
+    offline_messages_arrive_in_order_and_are_kept_until_acked,
+    revocations_close_sockets_refuse_tokens_and_survive_a_restart,
+    history_has_a_total_byte_budget_in_memory_and_on_disk,
+);

@@ -2,6 +2,8 @@
 //! port, connect real clients (tungstenite over TCP), and speak raw frames.
 #![allow(dead_code)]
 
+pub mod store;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
