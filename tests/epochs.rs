@@ -6,13 +6,18 @@
 //! publications after that position, and no (channel, epoch, offset) may
 //! ever be acknowledged twice with different data.
 //!
+//! Each test runs on SQLite and on PostgreSQL (common/store.rs).
+//!
 //! What stands in for the faults, deterministically:
-//! - "numbered but not committed at the crash": the test holds SQLite's
-//!   write lock from its own connection, so the writer waits while
+//! - "numbered but not committed at the crash": the test holds the
+//!   database's write lock from its own connection, so the writer waits while
 //!   publications are acknowledged, and the process is killed meanwhile;
 //! - "a history write failed" (a full disk): a trigger makes the insert of
 //!   one publication's row fail, as a full disk fails a statement;
 //! - "the writer's queue was full": a queue of 4 behind that same lock.
+
+#[macro_use]
+mod common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -22,6 +27,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::store::{Kind, TestStore};
 use serde_json::{Value, json};
 use tungstenite::{Message, WebSocket};
 
@@ -269,41 +275,22 @@ impl Observer {
     }
 }
 
-fn setup(extra: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let config = dir.path().join("switchboard.toml");
+fn setup(kind: Kind, extra: &str) -> (TestStore, PathBuf) {
+    let st = TestStore::new(kind);
+    let config = st.dir.path().join("switchboard.toml");
     std::fs::write(
         &config,
         format!(
-            "port = 0\nshards = 2\nlog_level = \"info\"\n[rate_limit]\nburst = 100000\n\
-             [storage]\ndata_dir = {data:?}\n{extra}"
+            "port = 0\nshards = 2\nlog_level = \"info\"\n[rate_limit]\nburst = 100000\n{}",
+            st.toml(extra)
         ),
     )
     .unwrap();
-    (dir, config, data)
+    (st, config)
 }
 
-fn db(data: &Path) -> rusqlite::Connection {
-    let c = rusqlite::Connection::open(data.join("switchboard.db")).unwrap();
-    c.busy_timeout(Duration::from_secs(10)).unwrap();
-    c
-}
-
-/// Rows of `channel` in the stored history.
-fn stored(data: &Path, channel: &str) -> i64 {
-    db(data)
-        .query_row(
-            "SELECT count(*) FROM history WHERE channel = ?1",
-            [channel],
-            |r| r.get(0),
-        )
-        .unwrap()
-}
-
-#[test]
-fn a_crash_then_a_clean_restart_keeps_the_new_epochs_and_never_recovers_wrongly() {
-    let (_dir, config, data) = setup("");
+fn a_crash_then_a_clean_restart_keeps_the_new_epochs_and_never_recovers_wrongly(kind: Kind) {
+    let (st, config) = setup(kind, "");
     let (quiet, busy) = ("public:quiet", "public:busy");
     let mut ledger = Ledger::default();
     let server = Proc::start(&config);
@@ -319,7 +306,7 @@ fn a_crash_then_a_clean_restart_keeps_the_new_epochs_and_never_recovers_wrongly(
     obs.live(&ledger, quiet, 3);
     obs.live(&ledger, busy, 3);
     wait_until("three copies per channel committed", || {
-        stored(&data, quiet) == 3 && stored(&data, busy) == 3
+        st.stored(quiet) == 3 && st.stored(busy) == 3
     });
     // A late reader that saw offsets 1..3 only.
     let mut late = Observer::connect(server.addr);
@@ -327,8 +314,7 @@ fn a_crash_then_a_clean_restart_keeps_the_new_epochs_and_never_recovers_wrongly(
 
     // Numbered, acknowledged and delivered, not committed: the writer waits
     // for the lock this test holds, and the process dies meanwhile.
-    let lock = db(&data);
-    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let lock = st.hold_write_lock();
     for n in 4..=6 {
         for ch in [quiet, busy] {
             ledger.publish(&mut publisher, ch, json!({"run":1,"n":n}));
@@ -337,8 +323,7 @@ fn a_crash_then_a_clean_restart_keeps_the_new_epochs_and_never_recovers_wrongly(
     obs.live(&ledger, quiet, 3);
     obs.live(&ledger, busy, 3);
     server.kill9();
-    lock.execute_batch("ROLLBACK").unwrap();
-    drop(lock);
+    lock.release();
 
     // After the crash: new epochs, and recovering from 6 is refused.
     let server = Proc::start(&config);
@@ -379,9 +364,8 @@ fn a_crash_then_a_clean_restart_keeps_the_new_epochs_and_never_recovers_wrongly(
     server.stop();
 }
 
-#[test]
-fn a_lost_history_write_renews_that_channels_epoch_even_after_a_clean_stop() {
-    let (_dir, config, data) = setup("");
+fn a_lost_history_write_renews_that_channels_epoch_even_after_a_clean_stop(kind: Kind) {
+    let (st, config) = setup(kind, "");
     let (lossy, sound) = ("public:lossy", "public:sound");
     let mut ledger = Ledger::default();
     let server = Proc::start(&config);
@@ -395,21 +379,15 @@ fn a_lost_history_write_renews_that_channels_epoch_even_after_a_clean_stop() {
         }
     }
     wait_until("copies committed", || {
-        stored(&data, lossy) == 2 && stored(&data, sound) == 2
+        st.stored(lossy) == 2 && st.stored(sound) == 2
     });
     // The store fails this one write, as a full disk would.
-    db(&data)
-        .execute_batch(
-            "CREATE TRIGGER fail_poison BEFORE INSERT ON history \
-             WHEN NEW.payload LIKE '%poison%' \
-             BEGIN SELECT RAISE(ABORT, 'simulated full disk'); END;",
-        )
-        .unwrap();
+    st.fail_history_inserts("poison", "simulated full disk");
     ledger.publish(&mut publisher, lossy, json!("poison"));
     server.wait_log("storage write failed (nobody waits for it)");
     ledger.publish(&mut publisher, sound, json!({"n":3}));
-    wait_until("the sound copy committed", || stored(&data, sound) == 3);
-    db(&data).execute_batch("DROP TRIGGER fail_poison").unwrap();
+    wait_until("the sound copy committed", || st.stored(sound) == 3);
+    st.allow_history();
     obs.live(&ledger, lossy, 3);
     obs.live(&ledger, sound, 3);
     let sound_epoch = obs.at[sound].0.clone();
@@ -437,11 +415,10 @@ fn a_lost_history_write_renews_that_channels_epoch_even_after_a_clean_stop() {
     server.stop();
 }
 
-#[test]
-fn refusals_that_lose_nothing_cost_no_history() {
+fn refusals_that_lose_nothing_cost_no_history(kind: Kind) {
     // A queue of 4 and batches of 1: behind the test's lock, the writer
     // holds one request and the queue fills with four more.
-    let (_dir, config, data) = setup("queue_capacity = 4\nmax_batch = 1\n");
+    let (st, config) = setup(kind, "queue_capacity = 4\nmax_batch = 1\n");
     let kept = "public:kept";
     let mut ledger = Ledger::default();
     let server = Proc::start(&config);
@@ -452,10 +429,9 @@ fn refusals_that_lose_nothing_cost_no_history() {
         ledger.publish(&mut publisher, kept, json!({"n":n}));
     }
     obs.live(&ledger, kept, 3);
-    wait_until("copies committed", || stored(&data, kept) == 3);
+    wait_until("copies committed", || st.stored(kept) == 3);
 
-    let lock = db(&data);
-    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let lock = st.hold_write_lock();
     // A flood of acks fills the queue; another user's offline message and
     // a record are refused: nothing of them was acknowledged, so nothing
     // is lost.
@@ -489,8 +465,7 @@ fn refusals_that_lose_nothing_cost_no_history() {
         }
     };
     assert_eq!(m["code"], "overloaded", "{m}");
-    lock.execute_batch("ROLLBACK").unwrap();
-    drop(lock);
+    lock.release();
     drop(flooder);
     drop(publisher);
     server.stop();
@@ -508,3 +483,9 @@ fn refusals_that_lose_nothing_cost_no_history() {
     drop(publisher);
     server.stop();
 }
+
+on_both_backends!(
+    a_crash_then_a_clean_restart_keeps_the_new_epochs_and_never_recovers_wrongly,
+    a_lost_history_write_renews_that_channels_epoch_even_after_a_clean_stop,
+    refusals_that_lose_nothing_cost_no_history,
+);
