@@ -1,8 +1,12 @@
-//! D3: no acknowledged record is lost by kill -9. A client ingests
+//! D3: no acknowledged record is lost by kill -9 (on SQLite and on
+//! PostgreSQL: the Switchboard process is killed, not the database). A client ingests
 //! continuously with several records in flight; the server process is killed
 //! with SIGKILL mid-stream and restarted on the same data directory; every
 //! record the client saw acknowledged is in the database exactly once, and a
 //! retry of an acknowledged record is recognised as a duplicate.
+
+#[macro_use]
+mod common;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
@@ -12,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::store::{Kind, TestStore};
 use serde_json::{Value, json};
 use tungstenite::{Message, WebSocket};
 
@@ -69,15 +74,14 @@ fn record(seq: u64) -> String {
         .to_string()
 }
 
-#[test]
-fn kill_9_mid_stream_loses_no_acknowledged_record() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("switchboard.toml");
+fn kill_9_mid_stream_loses_no_acknowledged_record(kind: Kind) {
+    let st = TestStore::new(kind);
+    let config = st.dir.path().join("switchboard.toml");
     std::fs::write(
         &config,
         format!(
-            "port = 0\nshards = 2\nlog_level = \"info\"\n[storage]\ndata_dir = {:?}\n",
-            dir.path().join("data")
+            "port = 0\nshards = 2\nlog_level = \"info\"\n{}",
+            st.toml("")
         ),
     )
     .unwrap();
@@ -171,15 +175,7 @@ fn kill_9_mid_stream_loses_no_acknowledged_record() {
     let status = child.wait().unwrap();
     assert!(status.success(), "graceful exit after SIGTERM: {status}");
 
-    let db = rusqlite::Connection::open(dir.path().join("data/switchboard.db")).unwrap();
-    let mut stmt = db
-        .prepare("SELECT id, client_id FROM sensors_data")
-        .unwrap();
-    let rows: Vec<(i64, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let rows = st.pairs("SELECT id, client_id FROM sensors_data");
     let stored: HashSet<(String, i64)> = rows.iter().map(|(i, c)| (c.clone(), *i)).collect();
     let distinct: HashSet<&String> = rows.iter().map(|(_, c)| c).collect();
     assert_eq!(distinct.len(), rows.len(), "a record stored twice");
@@ -204,3 +200,5 @@ fn sigterm(pid: i32) -> i32 {
         .map(|s| s.code().unwrap_or(-1))
         .unwrap_or(-1)
 }
+
+on_both_backends!(kill_9_mid_stream_loses_no_acknowledged_record);
