@@ -1,0 +1,341 @@
+//! Failures of the PostgreSQL server itself (issue 14): the database killed
+//! with SIGKILL mid-ingestion and restarted, while the Switchboard binary
+//! keeps running; a database unreachable at start (exit 2 with one line, or
+//! a wait when `start_retry` allows it). Each test runs a cluster of its own
+//! (`switchboard::store::testpg`), so killing it touches no other test.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use switchboard::store::testpg::Cluster;
+use tungstenite::{Message, WebSocket};
+
+/// The binary on a config file; every stderr line kept.
+struct Proc {
+    child: Child,
+    addr: Option<SocketAddr>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn spawn(config: &Path) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn switchboard");
+        let stderr = child.stderr.take().expect("stderr");
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        Proc {
+            child,
+            addr: None,
+            log,
+        }
+    }
+
+    /// Wait for "listening on ws://ADDR".
+    fn listening(&mut self, within: Duration) -> SocketAddr {
+        let deadline = Instant::now() + within;
+        loop {
+            let found = self.log.lock().unwrap().iter().find_map(|l| {
+                let rest = l.split("listening on ws://").nth(1)?;
+                rest.split_whitespace().next()?.parse().ok()
+            });
+            if let Some(addr) = found {
+                self.addr = Some(addr);
+                return addr;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("switchboard exited ({status}): {:?}", self.lines());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not listening: {:?}",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn count(&self, what: &str) -> usize {
+        self.lines().iter().filter(|l| l.contains(what)).count()
+    }
+
+    fn stop(mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        let exit = self.child.wait().unwrap();
+        assert!(exit.success(), "graceful exit after SIGTERM: {exit}");
+    }
+}
+
+fn write_config(dir: &Path, cluster_url: &str, extra_pg: &str) -> std::path::PathBuf {
+    let config = dir.join("switchboard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "port = 0\nshards = 2\nlog_level = \"info\"\n[storage]\nbackend = \"postgres\"\n\
+             data_dir = {:?}\n[storage.postgres]\nurl = {cluster_url:?}\nschema = \"sb\"\n\
+             reconnect_max = \"300ms\"\n{extra_pg}",
+            dir.join("data")
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn connect(addr: SocketAddr) -> WebSocket<TcpStream> {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let (mut ws, _) =
+        tungstenite::client::client(format!("ws://{addr}/ws?userId=pgcrash"), stream).unwrap();
+    let welcome = read(&mut ws).expect("welcome");
+    assert_eq!(welcome["type"], "connected");
+    ws
+}
+
+fn read(ws: &mut WebSocket<TcpStream>) -> Option<Value> {
+    loop {
+        match ws.read() {
+            Ok(Message::Text(t)) => return serde_json::from_str(t.as_str()).ok(),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn record(seq: u64) -> String {
+    json!({"type":"sensor_data","id":format!("r-{seq}"),"requestId":seq,
+           "data":{"sensorId":"s","value":seq}})
+    .to_string()
+}
+
+/// The status line of GET /readyz.
+fn readyz(addr: SocketAddr) -> String {
+    let r = common::http(addr, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
+    r.lines().next().unwrap_or("").to_owned()
+}
+
+#[derive(Default)]
+struct Outcomes {
+    /// record id (`r-N`) -> row id, for every `ack`.
+    acked: Vec<(String, i64)>,
+    /// error code -> how many.
+    errors: HashMap<String, usize>,
+    /// Sequence numbers answered (ack or error).
+    answered: HashSet<u64>,
+    sent: u64,
+}
+
+#[test]
+fn a_kill_9_of_postgres_mid_ingestion_loses_no_acknowledged_record() {
+    let cluster = Cluster::start().expect("a test cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &cluster.url(), "");
+    let mut server = Proc::spawn(&config);
+    let addr = server.listening(Duration::from_secs(30));
+    assert!(readyz(addr).contains("200"), "{}", readyz(addr));
+
+    // The client: 16 records in flight; every answer noted, the next sent.
+    let out: Arc<Mutex<Outcomes>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let out = out.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut ws = connect(addr);
+            let mut seq = 0u64;
+            for _ in 0..16 {
+                ws.send(Message::text(record(seq))).unwrap();
+                seq += 1;
+            }
+            out.lock().unwrap().sent = seq;
+            while !stop.load(Ordering::Relaxed) {
+                let m = read(&mut ws).expect("the server answers every record");
+                let Some(rid) = m["requestId"].as_u64() else {
+                    continue;
+                };
+                {
+                    let mut o = out.lock().unwrap();
+                    o.answered.insert(rid);
+                    match m["type"].as_str() {
+                        Some("ack") => {
+                            let cid = m["clientId"].as_str().expect("client id").to_owned();
+                            o.acked.push((cid, m["id"].as_i64().expect("row id")));
+                        }
+                        Some("error") => {
+                            let code = m["code"].as_str().unwrap_or("?").to_owned();
+                            *o.errors.entry(code).or_default() += 1;
+                        }
+                        _ => panic!("unexpected answer {m}"),
+                    }
+                }
+                ws.send(Message::text(record(seq))).unwrap();
+                seq += 1;
+                out.lock().unwrap().sent = seq;
+                // While the database is down every answer is an error at
+                // once: do not spin.
+                if m["type"] == "error" {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        })
+    };
+    let acks = |out: &Arc<Mutex<Outcomes>>| out.lock().unwrap().acked.len();
+    let errors = |out: &Arc<Mutex<Outcomes>>| out.lock().unwrap().errors.values().sum::<usize>();
+    common::wait_until("300 acks", || acks(&out) >= 300);
+
+    cluster.kill9(); // the database server, not Switchboard
+    common::wait_until("errors answered during the outage", || errors(&out) > 50);
+    common::wait_until("/readyz says not ready", || readyz(addr).contains("503"));
+    let r = common::http(addr, "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(r.contains("storage_unavailable"), "{r}");
+    let acks_down = acks(&out);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        acks(&out),
+        acks_down,
+        "nothing acknowledged while the database is down"
+    );
+
+    cluster.restart().expect("the database restarts");
+    common::wait_until("ready again", || readyz(addr).contains("200"));
+    common::wait_until("acks again, without a restart of Switchboard", || {
+        acks(&out) >= acks_down + 300
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = client.join();
+
+    // Every acknowledged record is in the table exactly once.
+    let mut db = cluster.client("sb").unwrap();
+    let rows: Vec<(i64, String)> = db
+        .query("SELECT id, client_id FROM sensors_data", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let distinct: HashSet<&String> = rows.iter().map(|(_, c)| c).collect();
+    assert_eq!(distinct.len(), rows.len(), "a record stored twice");
+    let stored: HashSet<(String, i64)> = rows.iter().map(|(i, c)| (c.clone(), *i)).collect();
+    let out = out.lock().unwrap();
+    for (cid, id) in &out.acked {
+        assert!(
+            stored.contains(&(cid.clone(), *id)),
+            "acknowledged record {cid} (id {id}) is missing after the database's kill -9"
+        );
+    }
+    // The rest were told: storage_error (or overloaded), nothing else.
+    for code in out.errors.keys() {
+        assert!(
+            code == "storage_error" || code == "overloaded",
+            "unexpected error code {code}: {:?}",
+            out.errors
+        );
+    }
+    assert!(out.errors.get("storage_error").copied().unwrap_or(0) > 0);
+    // Every record but the last 16 (in flight when the client stopped) was answered.
+    for seq in 0..out.sent.saturating_sub(16) {
+        assert!(out.answered.contains(&seq), "record {seq} never answered");
+    }
+    // One outage, logged once (not once per refused record).
+    assert_eq!(
+        server.count("lost the connection to PostgreSQL"),
+        1,
+        "{:?}",
+        server.lines()
+    );
+    assert_eq!(server.count("reconnected to PostgreSQL"), 1);
+    assert_eq!(server.count("storage request of conn="), 0);
+    eprintln!(
+        "{} acknowledged, errors {:?}, {} rows",
+        out.acked.len(),
+        out.errors,
+        rows.len()
+    );
+    server.addr = None;
+    server.stop();
+}
+
+#[test]
+fn an_unreachable_database_at_start_is_one_line_and_exit_2() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let config = write_config(dir.path(), &url, "");
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("cannot connect"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains(&format!("postgres://postgres@127.0.0.1:{port}/postgres")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("listening on"), "{stderr}");
+}
+
+#[test]
+fn with_start_retry_the_server_waits_for_the_database() {
+    let cluster = Cluster::start().expect("a test cluster");
+    cluster.kill9();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &cluster.url(), "start_retry = \"60s\"\n");
+    let mut server = Proc::spawn(&config);
+    common::wait_until("the wait is announced", || {
+        server.count("retrying for up to") == 1
+    });
+    assert_eq!(server.count("listening on"), 0, "{:?}", server.lines());
+    cluster.restart().unwrap();
+    let addr = server.listening(Duration::from_secs(60));
+    let mut ws = connect(addr);
+    ws.send(Message::text(record(1))).unwrap();
+    let m = read(&mut ws).unwrap();
+    assert_eq!(m["type"], "ack", "{m}");
+    assert_eq!(
+        server.count("retrying for up to"),
+        1,
+        "one line for the wait"
+    );
+    drop(ws);
+    server.stop();
+}
