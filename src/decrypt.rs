@@ -3,7 +3,9 @@
 //! encryption").
 //!
 //! The database is opened read-only, so this is safe beside a running
-//! server: it reads committed records and never takes a write lock.
+//! server: it reads committed records and never takes a write lock. With
+//! `storage.backend = "postgres"` the records come from `[storage.postgres]`
+//! (a read-only session, in pages of 1,000), otherwise from the SQLite file.
 
 use std::fmt;
 use std::io::Write;
@@ -14,7 +16,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::clock::rfc3339_ms;
-use crate::config::{Config, ConfigError, Overrides};
+use crate::config::{Config, ConfigError, Overrides, StorageBackend};
 use crate::ingest::{IngestSetupError, OpenError, Sealer, reveal_with};
 
 /// The database file under `storage.data_dir`.
@@ -68,6 +70,18 @@ pub enum DecryptError {
         source: OpenError,
     },
     Write(std::io::Error),
+    /// The PostgreSQL database could not be reached or used.
+    Pg(crate::store::StoreError),
+    /// No such table in the PostgreSQL schema.
+    NoPgTable {
+        table: String,
+        target: String,
+    },
+    /// A PostgreSQL query or row failed.
+    PgQuery {
+        table: String,
+        source: postgres::Error,
+    },
 }
 
 impl fmt::Display for DecryptError {
@@ -104,6 +118,17 @@ impl fmt::Display for DecryptError {
             DecryptError::Row { id: None, source } => write!(f, "unreadable row: {source}"),
             DecryptError::Record { id, source } => write!(f, "record {id}: {source}"),
             DecryptError::Write(e) => write!(f, "cannot write output: {e}"),
+            DecryptError::Pg(e) => e.fmt(f),
+            DecryptError::NoPgTable { table, target } => write!(
+                f,
+                "no table {table:?} in {target} (check ingest.table or --table)"
+            ),
+            DecryptError::PgQuery { table, source } => {
+                let detail = source
+                    .as_db_error()
+                    .map_or_else(|| source.to_string(), |d| d.message().to_owned());
+                write!(f, "cannot read table {table:?}: {detail}")
+            }
         }
     }
 }
@@ -118,9 +143,12 @@ impl std::error::Error for DecryptError {
             | DecryptError::Row { source, .. } => Some(source),
             DecryptError::Record { source, .. } => Some(source),
             DecryptError::Write(e) => Some(e),
+            DecryptError::Pg(e) => Some(e),
+            DecryptError::PgQuery { source, .. } => Some(source),
             DecryptError::BadTable { .. }
             | DecryptError::NoDatabase { .. }
-            | DecryptError::NoTable { .. } => None,
+            | DecryptError::NoTable { .. }
+            | DecryptError::NoPgTable { .. } => None,
         }
     }
 }
@@ -148,6 +176,55 @@ struct Line<'a> {
     data: &'a RawValue,
 }
 
+/// Writes records as JSON lines, their encrypted fields opened.
+struct Emitter<'a> {
+    sealer: Option<Sealer>,
+    out: &'a mut dyn Write,
+    buf: Vec<u8>,
+    n: usize,
+}
+
+/// One stored record, as read from either database.
+struct Row {
+    id: i64,
+    kind: String,
+    user_id: String,
+    connection_id: String,
+    client_id: Option<String>,
+    received_at: i64,
+    data: String,
+}
+
+impl Emitter<'_> {
+    fn emit(&mut self, r: &Row) -> Result<(), DecryptError> {
+        let id = r.id;
+        let plain = reveal_with(self.sealer.as_ref(), &r.data)
+            .map_err(|source| DecryptError::Record { id, source })?;
+        let data = RawValue::from_string(plain).map_err(|e| DecryptError::Record {
+            id,
+            source: OpenError::StoredNotJson {
+                reason: e.to_string(),
+            },
+        })?;
+        let line = Line {
+            id,
+            kind: &r.kind,
+            user_id: &r.user_id,
+            connection_id: &r.connection_id,
+            client_id: r.client_id.as_deref(),
+            received_at: rfc3339_ms(r.received_at),
+            data: &data,
+        };
+        self.buf.clear();
+        serde_json::to_writer(&mut self.buf, &line)
+            .map_err(|e| DecryptError::Write(std::io::Error::other(e)))?;
+        self.buf.push(b'\n');
+        self.out.write_all(&self.buf).map_err(DecryptError::Write)?;
+        self.n += 1;
+        Ok(())
+    }
+}
+
 /// Print the records of `opts` as JSON lines to `out`, encrypted fields
 /// opened with the configured keys. Returns the number of records printed.
 /// Stops at the first record that cannot be read or decrypted (the lines
@@ -164,6 +241,100 @@ pub fn export(
         });
     }
     let sealer = Sealer::from_config(&cfg.ingest).map_err(DecryptError::Key)?;
+    let mut em = Emitter {
+        sealer,
+        out,
+        buf: Vec::with_capacity(4096),
+        n: 0,
+    };
+    if cfg.storage.backend == StorageBackend::Postgres {
+        export_postgres(cfg, table, opts, &mut em)?;
+    } else {
+        export_sqlite(cfg, table, opts, &mut em)?;
+    }
+    em.out.flush().map_err(DecryptError::Write)?;
+    Ok(em.n)
+}
+
+/// Records from PostgreSQL, in pages (a read-only session).
+fn export_postgres(
+    cfg: &Config,
+    table: &str,
+    opts: &ExportOptions,
+    em: &mut Emitter<'_>,
+) -> Result<(), DecryptError> {
+    const PAGE: i64 = 1000;
+    let pg = &cfg.storage.postgres;
+    let (mut db, target) =
+        crate::store::postgres::connect_tool(pg, true).map_err(DecryptError::Pg)?;
+    let query_err = |source| DecryptError::PgQuery {
+        table: table.to_owned(),
+        source,
+    };
+    let exists = db
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = $2)",
+            &[&pg.schema, &table],
+        )
+        .and_then(|r| r.try_get::<_, bool>(0))
+        .map_err(query_err)?;
+    if !exists {
+        return Err(DecryptError::NoPgTable {
+            table: table.to_owned(),
+            target,
+        });
+    }
+    let user_clause = if opts.user.is_some() {
+        " AND user_id = $3"
+    } else {
+        ""
+    };
+    let stmt = db
+        .prepare(&format!(
+            "SELECT id, type, user_id, connection_id, client_id, received_at, data \
+             FROM \"{table}\" WHERE id > $1{user_clause} ORDER BY id LIMIT $2"
+        ))
+        .map_err(query_err)?;
+    let mut after = opts.after_id;
+    let mut left = opts.limit.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+    loop {
+        let page = left.map_or(PAGE, |l| l.min(PAGE));
+        if page <= 0 {
+            return Ok(());
+        }
+        let rows = match &opts.user {
+            Some(u) => db.query(&stmt, &[&after, &page, u]),
+            None => db.query(&stmt, &[&after, &page]),
+        }
+        .map_err(query_err)?;
+        let got = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+        for r in rows {
+            let row = Row {
+                id: r.try_get(0).map_err(query_err)?,
+                kind: r.try_get(1).map_err(query_err)?,
+                user_id: r.try_get(2).map_err(query_err)?,
+                connection_id: r.try_get(3).map_err(query_err)?,
+                client_id: r.try_get(4).map_err(query_err)?,
+                received_at: r.try_get(5).map_err(query_err)?,
+                data: r.try_get(6).map_err(query_err)?,
+            };
+            after = row.id;
+            em.emit(&row)?;
+        }
+        left = left.map(|l| l - got);
+        if got < page {
+            return Ok(());
+        }
+    }
+}
+
+/// Records from the SQLite file, opened read-only.
+fn export_sqlite(
+    cfg: &Config,
+    table: &str,
+    opts: &ExportOptions,
+    em: &mut Emitter<'_>,
+) -> Result<(), DecryptError> {
     let path = cfg.storage.data_dir.join(DB_FILE);
     if !path.is_file() {
         return Err(DecryptError::NoDatabase { path });
@@ -215,13 +386,10 @@ pub fn export(
         None => stmt.query(params![opts.after_id, limit]),
     }
     .map_err(query_err)?;
-
-    let mut n = 0;
-    let mut buf = Vec::with_capacity(4096);
     loop {
         let row = match rows.next() {
             Ok(Some(r)) => r,
-            Ok(None) => break,
+            Ok(None) => return Ok(()),
             Err(source) => return Err(DecryptError::Row { id: None, source }),
         };
         let id: i64 = row
@@ -231,38 +399,17 @@ pub fn export(
             id: Some(id),
             source,
         };
-        let kind: String = row.get(1).map_err(row_err)?;
-        let user_id: String = row.get(2).map_err(row_err)?;
-        let connection_id: String = row.get(3).map_err(row_err)?;
-        let client_id: Option<String> = row.get(4).map_err(row_err)?;
-        let received_at: i64 = row.get(5).map_err(row_err)?;
-        let data: String = row.get(6).map_err(row_err)?;
-        let plain = reveal_with(sealer.as_ref(), &data)
-            .map_err(|source| DecryptError::Record { id, source })?;
-        let data = RawValue::from_string(plain).map_err(|e| DecryptError::Record {
+        let row = Row {
             id,
-            source: OpenError::StoredNotJson {
-                reason: e.to_string(),
-            },
-        })?;
-        let line = Line {
-            id,
-            kind: &kind,
-            user_id: &user_id,
-            connection_id: &connection_id,
-            client_id: client_id.as_deref(),
-            received_at: rfc3339_ms(received_at),
-            data: &data,
+            kind: row.get(1).map_err(row_err)?,
+            user_id: row.get(2).map_err(row_err)?,
+            connection_id: row.get(3).map_err(row_err)?,
+            client_id: row.get(4).map_err(row_err)?,
+            received_at: row.get(5).map_err(row_err)?,
+            data: row.get(6).map_err(row_err)?,
         };
-        buf.clear();
-        serde_json::to_writer(&mut buf, &line)
-            .map_err(|e| DecryptError::Write(std::io::Error::other(e)))?;
-        buf.push(b'\n');
-        out.write_all(&buf).map_err(DecryptError::Write)?;
-        n += 1;
+        em.emit(&row)?;
     }
-    out.flush().map_err(DecryptError::Write)?;
-    Ok(n)
 }
 
 /// The CLI: load the configuration as `serve` does (file, environment,

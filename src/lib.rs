@@ -21,6 +21,7 @@ pub mod http;
 pub mod id;
 pub mod ingest;
 pub mod logging;
+pub mod migrate;
 pub mod policy;
 pub mod proto;
 pub mod revoke;

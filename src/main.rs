@@ -84,6 +84,12 @@ enum Command {
         #[arg(long, value_name = "ID")]
         user: Option<String>,
     },
+    /// Copy the SQLite store of storage.data_dir into the empty PostgreSQL
+    /// schema of [storage.postgres] (stop the server first; docs/STORAGE.md).
+    MigrateStore {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -159,6 +165,29 @@ fn main() -> ExitCode {
             };
             match switchboard::decrypt::run(config.as_deref(), &opts) {
                 Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::MigrateStore { config } => {
+            let cfg = match Config::load(config.as_deref(), &Overrides::default()) {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            match switchboard::migrate::migrate(&cfg) {
+                Ok(report) => {
+                    for (table, n) in &report.tables {
+                        println!("{table}: {n} rows");
+                    }
+                    println!(
+                        "copied {} into {}",
+                        cfg.storage
+                            .data_dir
+                            .join(switchboard::store::sqlite::DB_FILE)
+                            .display(),
+                        report.target
+                    );
+                    ExitCode::SUCCESS
+                }
                 Err(e) => fail(e),
             }
         }

@@ -13,7 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &["deadline", "admission", "config"],
     &["logging", "ingest", "store"],
     &["history", "error"],
-    &["tls", "auth", "decrypt"],
+    &["tls", "auth", "decrypt", "migrate"],
     &["revoke", "proto"],
     &["policy", "work", "route"],
     &["env"],

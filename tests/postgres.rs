@@ -339,3 +339,167 @@ fn with_start_retry_the_server_waits_for_the_database() {
     drop(ws);
     server.stop();
 }
+
+const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="; // 32 bytes
+
+fn run(args: &[&str], config: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
+fn load(config: &Path) -> switchboard::config::Config {
+    let mut cfg = switchboard::config::Config::load_from(
+        Some(config),
+        &[],
+        &switchboard::config::Overrides::default(),
+    )
+    .unwrap();
+    cfg.port = 0;
+    cfg
+}
+
+fn user(addr: SocketAddr, name: &str) -> WebSocket<TcpStream> {
+    let mut ws = common::ws(addr, &format!("/ws?userId={name}"));
+    assert_eq!(read(&mut ws).unwrap()["type"], "connected");
+    ws
+}
+
+fn ask(ws: &mut WebSocket<TcpStream>, v: Value, kind: &str) -> Value {
+    ws.send(Message::text(v.to_string())).unwrap();
+    loop {
+        let m = read(ws).expect("an answer");
+        if m["type"] == kind {
+            return m;
+        }
+    }
+}
+
+#[test]
+fn migrate_store_copies_sqlite_into_postgres_and_decrypt_reads_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let common_toml = format!(
+        "shards = 2\nlog_level = \"warn\"\n[channels]\nsubscribe = \"any\"\npublish = \"any\"\n\
+         [ingest]\nkey = {KEY:?}\nfields_to_encrypt = [\"value\"]\n"
+    );
+    let sqlite_cfg = dir.path().join("sqlite.toml");
+    std::fs::write(
+        &sqlite_cfg,
+        format!("{common_toml}[storage]\ndata_dir = {data:?}\n"),
+    )
+    .unwrap();
+    let pg = Cluster::shared();
+    let schema = pg.fresh_schema();
+    let pg_cfg = dir.path().join("pg.toml");
+    std::fs::write(
+        &pg_cfg,
+        format!(
+            "{common_toml}[storage]\nbackend = \"postgres\"\ndata_dir = {data:?}\n\
+             [storage.postgres]\nurl = {:?}\nschema = {schema:?}\n",
+            pg.url()
+        ),
+    )
+    .unwrap();
+
+    // A SQLite store with records, an offline message, history and a clean stop.
+    let server = common::start(load(&sqlite_cfg));
+    let addr = server.local_addr();
+    let mut c = user(addr, "sensor");
+    let mut ids = Vec::new();
+    for n in 1..=3 {
+        let a = ask(
+            &mut c,
+            json!({"type":"sensor_data","id":format!("m-{n}"),"data":{"value":n * 10}}),
+            "ack",
+        );
+        ids.push(a["id"].as_i64().unwrap());
+    }
+    let sent = ask(
+        &mut c,
+        json!({"type":"send","to":"bob","data":"while you were away"}),
+        "sent",
+    );
+    assert_eq!(sent["stored"], true, "{sent}");
+    let published = ask(
+        &mut c,
+        json!({"type":"publish","channel":"news","data":{"n":1}}),
+        "published",
+    );
+    let epoch = published["epoch"].as_str().unwrap().to_owned();
+    drop(c);
+    server.shutdown();
+
+    let from_sqlite = run(&["decrypt"], &sqlite_cfg);
+    assert!(from_sqlite.status.success(), "{from_sqlite:?}");
+    let text = String::from_utf8(from_sqlite.stdout.clone()).unwrap();
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(text.contains(r#""value":20"#), "decrypted: {text}");
+
+    let copied = run(&["migrate-store"], &pg_cfg);
+    assert!(copied.status.success(), "{copied:?}");
+    let report = String::from_utf8_lossy(&copied.stdout);
+    assert!(report.contains("sensors_data: 3 rows"), "{report}");
+    assert!(report.contains("inbox: 1 rows"), "{report}");
+    assert!(report.contains("history: 1 rows"), "{report}");
+
+    // decrypt reads PostgreSQL now, and prints the same lines.
+    let from_pg = run(&["decrypt"], &pg_cfg);
+    assert!(from_pg.status.success(), "{from_pg:?}");
+    assert_eq!(from_pg.stdout, from_sqlite.stdout);
+    let paged = run(
+        &["decrypt", "--after-id", &ids[0].to_string(), "--limit", "1"],
+        &pg_cfg,
+    );
+    assert_eq!(String::from_utf8_lossy(&paged.stdout).lines().count(), 1);
+
+    // A second copy is refused: the target is not empty.
+    let again = run(&["migrate-store"], &pg_cfg);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("not empty"),
+        "{again:?}"
+    );
+
+    // The server on PostgreSQL carries on where SQLite stopped.
+    let server = common::start(load(&pg_cfg));
+    let addr = server.local_addr();
+    let mut c = user(addr, "sensor");
+    let dup = ask(
+        &mut c,
+        json!({"type":"sensor_data","id":"m-2","data":{"value":20}}),
+        "ack",
+    );
+    assert_eq!(
+        (dup["id"].as_i64(), dup["duplicate"].clone()),
+        (Some(ids[1]), json!(true))
+    );
+    let fresh = ask(
+        &mut c,
+        json!({"type":"sensor_data","id":"m-4","data":{"value":40}}),
+        "ack",
+    );
+    assert!(
+        fresh["id"].as_i64().unwrap() > ids[2],
+        "ids continue: {fresh}"
+    );
+    let s = ask(
+        &mut c,
+        json!({"type":"subscribe","channel":"news","since":{"offset":0,"epoch":epoch}}),
+        "subscribed",
+    );
+    assert_eq!(s["recovered"], true, "the clean stop's epochs hold: {s}");
+    let mut bob = user(addr, "bob");
+    let m = loop {
+        let m = read(&mut bob).unwrap();
+        if m["type"] == "direct" {
+            break m;
+        }
+    };
+    assert_eq!(m["data"], "while you were away");
+    drop((c, bob));
+    server.shutdown();
+}

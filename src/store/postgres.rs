@@ -234,26 +234,7 @@ impl PostgresBackend {
         sync: SyncMode,
         ingest_table: &str,
     ) -> Result<PostgresBackend, StoreError> {
-        let mut pg: postgres::Config = cfg.url.parse().map_err(|err| StoreError::PgConfig {
-            message: format!("storage.postgres.url: {err}"),
-        })?;
-        pg.connect_timeout(cfg.connect_timeout);
-        // A silent peer (a cable pulled, a host gone) is noticed in seconds, not hours.
-        pg.keepalives(true)
-            .keepalives_idle(Duration::from_secs(10))
-            .keepalives_interval(Duration::from_secs(2))
-            .keepalives_retries(3);
-        // `tls` decides, whatever the URL's `sslmode` says.
-        let tls = match cfg.tls {
-            PgTls::Disable => {
-                pg.ssl_mode(postgres::config::SslMode::Disable);
-                None
-            }
-            PgTls::VerifyFull => {
-                pg.ssl_mode(postgres::config::SslMode::Require);
-                Some(tls_connector(cfg)?)
-            }
-        };
+        let (pg, tls) = client_config(cfg)?;
         let describe = describe(&pg, &cfg.schema);
         let mut b = PostgresBackend {
             cfg: cfg.clone(),
@@ -824,6 +805,102 @@ impl Backend for PostgresBackend {
     }
 }
 
+/// The driver's configuration from `[storage.postgres]`, and the TLS
+/// connector when `tls` asks for one.
+fn client_config(
+    cfg: &PostgresConfig,
+) -> Result<
+    (
+        postgres::Config,
+        Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    ),
+    StoreError,
+> {
+    let mut pg: postgres::Config = cfg.url.parse().map_err(|err| StoreError::PgConfig {
+        message: format!("storage.postgres.url: {err}"),
+    })?;
+    pg.connect_timeout(cfg.connect_timeout);
+    // A silent peer (a cable pulled, a host gone) is noticed in seconds, not hours.
+    pg.keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(2))
+        .keepalives_retries(3);
+    // `tls` decides, whatever the URL's `sslmode` says.
+    let tls = match cfg.tls {
+        PgTls::Disable => {
+            pg.ssl_mode(postgres::config::SslMode::Disable);
+            None
+        }
+        PgTls::VerifyFull => {
+            pg.ssl_mode(postgres::config::SslMode::Require);
+            Some(tls_connector(cfg)?)
+        }
+    };
+    Ok((pg, tls))
+}
+
+/// A plain connection for the command-line tools (`decrypt`,
+/// `migrate-store`): the same URL, TLS and timeouts as the server, the
+/// search path set to `schema`, nothing created. `read_only`: every
+/// transaction is read-only (safe beside a running server).
+pub fn connect_tool(cfg: &PostgresConfig, read_only: bool) -> Result<(Client, String), StoreError> {
+    let (pg, tls) = client_config(cfg)?;
+    let target = describe(&pg, &cfg.schema);
+    let connected = match tls {
+        None => pg.connect(postgres::NoTls),
+        Some(tls) => pg.connect(tls),
+    };
+    let mut client = connected.map_err(|err| StoreError::PgConnect {
+        target: target.clone(),
+        err,
+    })?;
+    let mut setup = format!(
+        "SET search_path TO {}; SET statement_timeout = {};",
+        quote_ident(&cfg.schema),
+        cfg.statement_timeout.as_millis()
+    );
+    if read_only {
+        setup.push_str(" SET default_transaction_read_only = on;");
+    }
+    client.batch_execute(&setup).map_err(StoreError::Pg)?;
+    Ok((client, target))
+}
+
+/// Bring a schema up to date on a connection from [`connect_tool`]
+/// (creating the schema if missing), as the server does at start.
+pub fn prepare_schema(
+    client: &mut Client,
+    cfg: &PostgresConfig,
+    target: &str,
+) -> Result<(), StoreError> {
+    let schema = quote_ident(&cfg.schema);
+    if let Err(e) = client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+        && e.code() != Some(&postgres::error::SqlState::UNIQUE_VIOLATION)
+    {
+        return Err(StoreError::Pg(e));
+    }
+    migrate(client, target)
+}
+
+/// The DDL of an ingest table (and its dedup index) in the current schema.
+pub fn ingest_table_ddl(table: &str) -> String {
+    let t = quote_ident(table);
+    let index = quote_ident(&format!("{table}_user_client"));
+    format!(
+        "CREATE TABLE IF NOT EXISTS {t} (
+            id BIGSERIAL PRIMARY KEY,
+            type TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            connection_id TEXT NOT NULL,
+            client_id TEXT,
+            received_at BIGINT NOT NULL, -- ms since the Unix epoch
+            data TEXT NOT NULL           -- JSON
+        );
+        CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {t} (user_id, client_id)
+            WHERE client_id IS NOT NULL;"
+    )
+}
+
 /// Apply one write op inside the open transaction.
 fn write(
     tx: &mut Transaction<'_>,
@@ -975,20 +1052,7 @@ fn ensure_table(live: &mut Live, table: &Arc<str>) -> Result<(), postgres::Error
         return Ok(());
     }
     let t = quote_ident(table);
-    let index = quote_ident(&format!("{table}_user_client"));
-    let created = live.client.batch_execute(&format!(
-        "CREATE TABLE IF NOT EXISTS {t} (
-            id BIGSERIAL PRIMARY KEY,
-            type TEXT NOT NULL,
-            user_id TEXT NOT NULL,
-            connection_id TEXT NOT NULL,
-            client_id TEXT,
-            received_at BIGINT NOT NULL, -- ms since the Unix epoch
-            data TEXT NOT NULL           -- JSON
-        );
-        CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {t} (user_id, client_id)
-            WHERE client_id IS NOT NULL;"
-    ));
+    let created = live.client.batch_execute(&ingest_table_ddl(table));
     // Two nodes creating it at once: the loser's catalog insert conflicts;
     // the table is there now.
     if let Err(e) = created
