@@ -825,6 +825,9 @@ fn client_config(
         .keepalives_idle(Duration::from_secs(10))
         .keepalives_interval(Duration::from_secs(2))
         .keepalives_retries(3);
+    // And data sent but never acknowledged by the peer (a cut while a
+    // batch is in flight): give up after 20 s instead of TCP's ~15 min.
+    pg.tcp_user_timeout(Duration::from_secs(20));
     // `tls` decides, whatever the URL's `sslmode` says.
     let tls = match cfg.tls {
         PgTls::Disable => {
