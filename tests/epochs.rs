@@ -508,3 +508,97 @@ fn refusals_that_lose_nothing_cost_no_history() {
     drop(publisher);
     server.stop();
 }
+
+#[test]
+fn rounds_of_crashes_lost_writes_and_clean_restarts_never_recover_wrongly() {
+    let (_dir, config, data) = setup("");
+    let channels = ["public:r0", "public:r1", "public:r2"];
+    let mut ledger = Ledger::default();
+    let mut obs: Option<Observer> = None;
+    // Positions seen in the first round, tried again at every restart.
+    let mut first_seen: Option<HashMap<String, (String, u64)>> = None;
+    for round in 0..8u64 {
+        let server = Proc::start(&config);
+        let o = obs.get_or_insert_with(|| Observer::connect(server.addr));
+        o.reconnect(server.addr);
+        for ch in channels {
+            o.recover(&ledger, ch);
+        }
+        if let Some(seen) = &first_seen {
+            let mut stale = Observer::connect(server.addr);
+            for ch in channels {
+                stale.at = seen.clone();
+                stale.recover(&ledger, ch); // checked if `recovered: true`
+            }
+        }
+        let mut publisher = Client::connect(server.addr, "publisher");
+        // Each round some channels stay quiet.
+        let active: Vec<&str> = channels
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| (round + *i as u64) % 3 != 0)
+            .map(|(_, c)| *c)
+            .collect();
+        for n in 0..3 {
+            for ch in &active {
+                ledger.publish(&mut publisher, ch, json!({"round":round,"n":n}));
+            }
+        }
+        for ch in &active {
+            o.live(&ledger, ch, 3);
+        }
+        match round % 4 {
+            // Acknowledged, not committed, then kill -9.
+            1 => {
+                let lock = db(&data);
+                lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+                for ch in &active {
+                    ledger.publish(&mut publisher, ch, json!({"round":round,"late":true}));
+                    o.live(&ledger, ch, 1);
+                }
+                server.kill9();
+                lock.execute_batch("ROLLBACK").unwrap();
+            }
+            // One channel's last copy fails in the store, then a clean stop.
+            3 => {
+                db(&data)
+                    .execute_batch(
+                        "CREATE TRIGGER fail_poison BEFORE INSERT ON history \
+                         WHEN NEW.payload LIKE '%poison%' \
+                         BEGIN SELECT RAISE(ABORT, 'simulated full disk'); END;",
+                    )
+                    .unwrap();
+                let ch = active[0];
+                ledger.publish(&mut publisher, ch, json!(format!("poison {round}")));
+                o.live(&ledger, ch, 1);
+                server.wait_log("storage write failed (nobody waits for it)");
+                db(&data).execute_batch("DROP TRIGGER fail_poison").unwrap();
+                drop(publisher);
+                server.stop();
+            }
+            // A crash with everything committed, or a clean stop.
+            2 => {
+                wait_until("committed", || {
+                    active.iter().all(|ch| {
+                        let seen = o.at[*ch].1;
+                        db(&data)
+                            .query_row(
+                                "SELECT top_offset FROM channels WHERE channel = ?1",
+                                [ch],
+                                |r| r.get::<_, i64>(0),
+                            )
+                            .is_ok_and(|top| top as u64 == seen)
+                    })
+                });
+                server.kill9();
+            }
+            _ => {
+                drop(publisher);
+                server.stop();
+            }
+        }
+        if first_seen.is_none() {
+            first_seen = Some(o.at.clone());
+        }
+    }
+}
