@@ -536,7 +536,7 @@ fn rounds_of_crashes_lost_writes_and_clean_restarts_never_recover_wrongly() {
         let active: Vec<&str> = channels
             .iter()
             .enumerate()
-            .filter(|(i, _)| (round + *i as u64) % 3 != 0)
+            .filter(|(i, _)| !(round + *i as u64).is_multiple_of(3))
             .map(|(_, c)| *c)
             .collect();
         for n in 0..3 {
