@@ -163,9 +163,27 @@ impl History {
                 },
             );
         }
-        // Stable: a channel's own publications stay in offset order.
+        // Oldest first by publication time. A channel loses publications
+        // from its front only, so its own records must stay in offset order
+        // even if the wall clock went back: the k-th record of a channel
+        // names its k-th offset.
         order.sort_by_key(|(at, _)| *at);
-        self.order.extend(order.into_iter().map(|(_, k)| k));
+        let mut offsets: HashMap<Arc<str>, VecDeque<u64>> = HashMap::new();
+        for (_, k) in &order {
+            offsets
+                .entry(k.channel.clone())
+                .or_default()
+                .push_back(k.offset);
+        }
+        for v in offsets.values_mut() {
+            v.make_contiguous().sort_unstable();
+        }
+        for (_, mut k) in order {
+            if let Some(o) = offsets.get_mut(&k.channel).and_then(VecDeque::pop_front) {
+                k.offset = o;
+            }
+            self.order.push_back(k);
+        }
         self.enforce_budget();
     }
 
@@ -562,6 +580,20 @@ mod tests {
         assert!(!h.recover("a", 0, "e", 100, usize::MAX, 1).complete);
         assert!(h.recover("a", 2, "e", 100, usize::MAX, 1).complete);
         assert!(h.recover("b", 0, "e", 100, usize::MAX, 1).complete);
+        // Stored times that go back (the wall clock did): a channel still
+        // loses its oldest offset first, and every publication stays
+        // evictable.
+        let mut h = History::new(20);
+        h.restore(vec![ch("c", &[9, 8, 7])], 0);
+        assert_eq!((h.bytes(), h.evicted()), (20, 1));
+        assert!(h.recover("c", 1, "e", 100, usize::MAX, 1).complete);
+        publish(&mut h, "c", 10, 100); // c@4, 7 bytes: c@2 goes
+        assert_eq!((h.bytes(), h.evicted()), (17, 2));
+        assert!(h.recover("c", 2, "e", 100, usize::MAX, 11).complete);
+        for _ in 0..3 {
+            publish(&mut h, "c", 10, 100);
+        }
+        assert!(h.bytes() <= 20 && h.kept == 2, "{} {}", h.bytes(), h.kept);
     }
 
     #[test]

@@ -400,11 +400,6 @@ fn open_storage(cfg: &Config) -> Result<(Option<Box<dyn Backend>>, store::Loaded
             marker_path.display()
         );
     }
-    // A channel whose rule keeps nothing now is not written while it is
-    // used: restoring its stored epoch would let its offsets be reused.
-    loaded
-        .channels
-        .retain(|ch| cfg.history.rule(&ch.channel).size > 0);
     let mut renew = Vec::new();
     if !clean {
         if !loaded.channels.is_empty() {
@@ -423,6 +418,13 @@ fn open_storage(cfg: &Config) -> Result<(Option<Box<dyn Backend>>, store::Loaded
             });
         }
     }
+    // A channel whose rule keeps nothing now is not written while it is
+    // used: restoring its stored epoch would let its offsets be reused.
+    // (Renewed above all the same: a later run that keeps its history again
+    // must not trust a position from before a crash.)
+    loaded
+        .channels
+        .retain(|ch| cfg.history.rule(&ch.channel).size > 0);
     // Durable before anything is served: the new epochs, and no clean
     // token (this run has not ended cleanly yet, whatever happens to the
     // marker file).

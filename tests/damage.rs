@@ -221,3 +221,57 @@ fn storage_is_opened_before_the_server_listens() {
     assert_eq!(s["epoch"], published["epoch"]);
     server.shutdown();
 }
+
+/// Publish on `channel` and return (epoch, offset) from `published`.
+fn publish(addr: std::net::SocketAddr, channel: &str, data: i64) -> (String, u64) {
+    let mut c = ws(addr, "/ws?userId=p");
+    let _welcome = c.read().unwrap();
+    c.send(Message::text(
+        json!({"type":"publish","channel":channel,"data":data}).to_string(),
+    ))
+    .unwrap();
+    loop {
+        let m: serde_json::Value =
+            serde_json::from_str(c.read().unwrap().to_text().unwrap()).unwrap();
+        if m["type"] == "published" {
+            return (
+                m["epoch"].as_str().unwrap().to_owned(),
+                m["offset"].as_u64().unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn a_database_restored_from_a_backup_is_not_trusted_with_the_newer_marker() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = stored_config(1, dir.path());
+    cfg.channels.publish = switchboard::config::Rule::Any;
+    let db = dir.path().join("switchboard.db");
+    let backup = dir.path().join("backup.db");
+    // Run 1: offsets 1..3, then a backup of the cleanly closed file.
+    let server = start(cfg.clone());
+    for n in 1..=3 {
+        publish(server.local_addr(), "kept", n);
+    }
+    server.shutdown();
+    std::fs::copy(&db, &backup).unwrap();
+    // Run 2: the same epoch goes on to 5 (clients see 4 and 5).
+    let server = start(cfg.clone());
+    let (epoch, offset) = publish(server.local_addr(), "kept", 4);
+    assert_eq!(offset, 4, "a clean restart continues the epoch");
+    publish(server.local_addr(), "kept", 5);
+    server.shutdown();
+    // The backup comes back under run 2's marker: its top offset (3) is
+    // behind what clients saw, so its epoch must not go on.
+    std::fs::copy(&backup, &db).unwrap();
+    let server = start(cfg);
+    let (after, offset) = publish(server.local_addr(), "kept", 6);
+    assert_ne!(
+        (after.as_str(), offset),
+        (epoch.as_str(), 4),
+        "offset 4 of that epoch was already given to another publication"
+    );
+    assert_ne!(after, epoch, "a restored database starts new epochs");
+    server.shutdown();
+}

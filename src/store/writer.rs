@@ -592,6 +592,60 @@ mod tests {
         assert!(matches!(h.try_send(req(0, 10)), Err(SendError::Closed(_))));
     }
 
+    fn copy(channel: &str, offset: u64) -> Request {
+        Request {
+            op: Op::Publication {
+                channel: channel.into(),
+                epoch: "e".into(),
+                offset,
+                payload: Arc::from(&b"{}"[..]),
+                at_ms: 1,
+                expires_at_ms: i64::MAX,
+                keep: 10,
+            },
+            ticket: None,
+        }
+    }
+
+    #[test]
+    fn only_lost_history_copies_are_remembered() {
+        let mut s = gated(1, 1, false);
+        let h = s.writer.handle();
+        h.try_send(req(0, 0)).unwrap();
+        s.entered.recv().unwrap(); // the writer is inside apply
+        h.try_send(req(0, 1)).unwrap(); // the queue is full now
+        assert!(matches!(h.try_send(req(0, 2)), Err(SendError::Full(_))));
+        assert!(
+            s.writer.lost_history().is_empty(),
+            "a refused ack costs no history"
+        );
+        assert!(matches!(h.try_send(copy("a", 1)), Err(SendError::Full(_))));
+        assert!(matches!(h.try_send(copy("a", 2)), Err(SendError::Full(_))));
+        s.gate = None;
+        collect(&s.results, 2);
+        let lost = s.writer.lost_history();
+        assert!(!lost.all);
+        assert_eq!(lost.channels.len(), 1);
+        assert!(lost.channels.contains("a"));
+
+        // A copy the backend fails (here: an offset SQLite cannot store).
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageConfig {
+            data_dir: dir.path().to_owned(),
+            ..StorageConfig::default()
+        };
+        let backend = SqliteBackend::open(&cfg, "records").unwrap();
+        let (tx, _results) = crossbeam_channel::unbounded();
+        let mut writer = Writer::spawn(Box::new(backend), &cfg, Arc::new(ChanNotify(tx))).unwrap();
+        let h = writer.handle();
+        h.try_send(copy("ok", 1)).unwrap();
+        h.try_send(copy("bad", u64::MAX)).unwrap();
+        assert!(writer.shutdown().is_some(), "the backend comes back");
+        let lost = writer.lost_history();
+        assert_eq!(lost.channels.len(), 1);
+        assert!(lost.channels.contains("bad"));
+    }
+
     #[test]
     fn a_panicking_backend_answers_errors_and_the_writer_goes_on() {
         let mut s = gated(16, 16, true);

@@ -123,6 +123,28 @@ impl TestStore {
         ))
     }
 
+    /// A channel's stored top offset, if it has a row.
+    pub fn top_offset(&self, channel: &str) -> Option<i64> {
+        match self.kind {
+            Kind::Sqlite => self
+                .sqlite()
+                .query_row(
+                    "SELECT top_offset FROM channels WHERE channel = ?1",
+                    [channel],
+                    |r| r.get(0),
+                )
+                .ok(),
+            Kind::Postgres => self
+                .pg()
+                .query_opt(
+                    "SELECT top_offset FROM channels WHERE channel = $1",
+                    &[&channel],
+                )
+                .unwrap()
+                .map(|r| r.get(0)),
+        }
+    }
+
     /// Bytes of publication text in `history`.
     pub fn history_bytes(&self) -> i64 {
         match self.kind {
@@ -212,7 +234,7 @@ impl TestStore {
             Kind::Postgres => self
                 .pg()
                 .batch_execute(&format!(
-                    "CREATE FUNCTION fail_poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                    "CREATE OR REPLACE FUNCTION fail_poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
                      BEGIN IF NEW.payload LIKE '%{needle}%' THEN RAISE EXCEPTION '{message}'; \
                      END IF; RETURN NEW; END $$; \
                      CREATE TRIGGER fail_poison BEFORE INSERT ON history FOR EACH ROW \
