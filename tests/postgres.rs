@@ -503,3 +503,111 @@ fn migrate_store_copies_sqlite_into_postgres_and_decrypt_reads_both() {
     drop((c, bob));
     server.shutdown();
 }
+
+#[test]
+fn a_statement_past_the_timeout_is_a_storage_error_and_the_connection_serves_on() {
+    let st = common::store::TestStore::new(common::store::Kind::Postgres);
+    let mut cfg = st.config(1);
+    cfg.storage.postgres.statement_timeout = Duration::from_millis(300);
+    let server = common::start(cfg);
+    let addr = server.local_addr();
+    let mut alice = user(addr, "alice");
+    let sent = ask(
+        &mut alice,
+        json!({"type":"send","to":"bob","data":1}),
+        "sent",
+    );
+    assert_eq!(sent["stored"], true, "{sent}");
+    // The test holds the inbox's lock: the writer's insert waits, and the
+    // database cancels it at the timeout (without one it would wait for
+    // the lock, and this answer would not come while the lock is held).
+    let lock = st.hold_write_lock();
+    let e = ask(
+        &mut alice,
+        json!({"type":"send","to":"bob","data":2,"requestId":"r2"}),
+        "error",
+    );
+    assert_eq!(e["code"], "storage_error", "{e}");
+    // A timeout is not an outage: the connection stays, /readyz stays 200.
+    assert!(readyz(addr).contains("200"), "{}", readyz(addr));
+    lock.release();
+    let sent = ask(
+        &mut alice,
+        json!({"type":"send","to":"bob","data":3}),
+        "sent",
+    );
+    assert_eq!(sent["stored"], true, "{sent}");
+    assert_eq!(st.count("inbox"), 2, "the timed-out message was not stored");
+    drop(alice);
+    server.shutdown();
+}
+
+#[test]
+fn tls_verify_full_connects_and_refuses_an_unknown_authority() {
+    use switchboard::config::{PgTls, PostgresConfig, SyncMode};
+    use switchboard::store::{Backend, Op, Outcome, PostgresBackend, StoreError};
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cluster = Cluster::start_tls(&ck.cert.pem(), &ck.signing_key.serialize_pem()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ck.cert.pem()).unwrap();
+    let cfg = PostgresConfig {
+        url: format!(
+            "host=localhost port={} user=postgres dbname=postgres",
+            cluster.port()
+        ),
+        schema: "tls".into(),
+        tls: PgTls::VerifyFull,
+        ca_file: Some(ca),
+        ..PostgresConfig::default()
+    };
+    let mut b = PostgresBackend::open(&cfg, SyncMode::Full, "sensors_data").unwrap();
+    let r = b.apply(vec![Op::Ingest {
+        table: "sensors_data".into(),
+        kind: "sensor_data".into(),
+        user: "u".into(),
+        connection: "0.1".into(),
+        client_id: Some("c".into()),
+        received_at_ms: 1,
+        data: b"{}".to_vec(),
+    }]);
+    assert!(matches!(r[0], Ok(Outcome::Ingested { .. })), "{r:?}");
+    // The session is encrypted.
+    let (mut c, _) = switchboard::store::postgres::connect_tool(&cfg, true).unwrap();
+    let ssl: bool = c
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(ssl);
+
+    // A certificate from another authority: refused.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let other_ca = dir.path().join("other.pem");
+    std::fs::write(&other_ca, other.cert.pem()).unwrap();
+    let wrong = PostgresConfig {
+        ca_file: Some(other_ca),
+        ..cfg.clone()
+    };
+    match PostgresBackend::open(&wrong, SyncMode::Full, "sensors_data") {
+        Err(e @ StoreError::PgConnect { .. }) => {
+            assert!(e.to_string().contains("cannot connect"), "{e}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("connected to a server the CA did not certify"),
+    }
+    // A server without TLS: refused too (no silent fallback to plain text).
+    let plain = PostgresConfig {
+        url: format!(
+            "host=localhost port={} user=postgres dbname=postgres",
+            Cluster::shared().port()
+        ),
+        ..cfg
+    };
+    assert!(matches!(
+        PostgresBackend::open(&plain, SyncMode::Full, "sensors_data"),
+        Err(StoreError::PgConnect { .. })
+    ));
+}

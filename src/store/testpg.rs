@@ -35,6 +35,8 @@ pub struct Cluster {
     run_as: Option<(u32, u32)>,
     bin: PathBuf,
     child: Mutex<Option<Child>>,
+    /// More `-c name=value` settings for the server.
+    settings: Vec<String>,
 }
 
 static SCHEMAS: AtomicU32 = AtomicU32::new(0);
@@ -88,6 +90,16 @@ impl Cluster {
 
     /// A new cluster of its own (for tests that crash or stop it).
     pub fn start() -> io::Result<Cluster> {
+        Cluster::start_with(None)
+    }
+
+    /// A new cluster that accepts TLS (`ssl = on`) with this certificate
+    /// chain and key (PEM); plain connections are still accepted.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> io::Result<Cluster> {
+        Cluster::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> io::Result<Cluster> {
         let bin = find_bin()?;
         remove_stale();
         let n = SCHEMAS.fetch_add(1, Ordering::Relaxed);
@@ -127,6 +139,22 @@ impl Cluster {
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
+        let mut settings = Vec::new();
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            let (cert_path, key_path) = (dir.join("server.crt"), dir.join("server.key"));
+            std::fs::write(&cert_path, cert)?;
+            std::fs::write(&key_path, key)?;
+            // PostgreSQL refuses a key others can read.
+            std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
+            if let Some((uid, gid)) = run_as {
+                chown(&cert_path, uid, gid)?;
+                chown(&key_path, uid, gid)?;
+            }
+            settings.push("ssl=on".to_owned());
+            settings.push(format!("ssl_cert_file={}", cert_path.display()));
+            settings.push(format!("ssl_key_file={}", key_path.display()));
+        }
         let port = free_port()?;
         let c = Cluster {
             dir,
@@ -134,6 +162,7 @@ impl Cluster {
             run_as,
             bin,
             child: Mutex::new(None),
+            settings,
         };
         c.launch()?;
         Ok(c)
@@ -220,6 +249,9 @@ impl Cluster {
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        for setting in &self.settings {
+            cmd.arg("-c").arg(setting);
+        }
         let mut child = spawn(cmd)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
