@@ -207,6 +207,9 @@ struct Down {
     next_try: Instant,
     backoff: Duration,
     attempts: u32,
+    /// The last reconnection failure logged: a new kind of failure (the
+    /// server answers again but refuses us) is logged once, a repeat is not.
+    said: Option<String>,
 }
 
 pub struct PostgresBackend {
@@ -394,6 +397,7 @@ impl PostgresBackend {
                 next_try: now,
                 backoff: FIRST_BACKOFF,
                 attempts: 0,
+                said: None,
             });
         }
         StoreError::Lost(err)
@@ -763,6 +767,7 @@ impl Backend for PostgresBackend {
                 next_try: now,
                 backoff: FIRST_BACKOFF,
                 attempts: 0,
+                said: None,
             });
             return false;
         };
@@ -788,8 +793,23 @@ impl Backend for PostgresBackend {
                 true
             }
             Err(e) => {
-                log::debug!("storage: reconnecting to PostgreSQL: {e}");
                 if let Some(d) = self.down.as_mut() {
+                    // Unreachable is what the episode's first line said;
+                    // anything else (a refused login, a schema too new)
+                    // would otherwise stay invisible.
+                    let kind = if is_unreachable(&e) {
+                        "unreachable".to_owned()
+                    } else {
+                        e.to_string()
+                    };
+                    if d.said.as_deref() != Some(kind.as_str()) {
+                        if kind == "unreachable" {
+                            log::debug!("storage: reconnecting to PostgreSQL: {e}");
+                        } else {
+                            log::error!("storage: reconnecting to PostgreSQL: {e}");
+                        }
+                        d.said = Some(kind);
+                    }
                     d.next_try = Instant::now() + d.backoff;
                     d.backoff = (d.backoff * 2).min(self.cfg.reconnect_max);
                 }
