@@ -611,3 +611,51 @@ fn tls_verify_full_connects_and_refuses_an_unknown_authority() {
         Err(StoreError::PgConnect { .. })
     ));
 }
+
+#[test]
+fn metrics_show_the_writer_and_whether_its_database_is_reachable() {
+    let cluster = Cluster::start().expect("a test cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::test_config(1);
+    cfg.storage.data_dir = dir.path().to_owned();
+    cfg.storage.backend = switchboard::config::StorageBackend::Postgres;
+    cfg.storage.postgres.url = cluster.url();
+    cfg.storage.postgres.reconnect_max = Duration::from_millis(200);
+    let server = common::start(cfg);
+    let addr = server.local_addr();
+    let metric = |name: &str| -> Option<f64> {
+        let text = common::http(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+    };
+    let mut c = user(addr, "m");
+    for n in 0..5 {
+        ask(
+            &mut c,
+            json!({"type":"sensor_data","id":format!("x{n}"),"data":{"v":n}}),
+            "ack",
+        );
+    }
+    assert_eq!(metric("switchboard_store_available"), Some(1.0));
+    let ops = metric("switchboard_store_ops_total").unwrap();
+    let batches = metric("switchboard_store_batches_total").unwrap();
+    assert!(
+        ops >= 5.0 && batches >= 1.0 && batches <= ops,
+        "{ops} {batches}"
+    );
+    cluster.kill9();
+    // The next write finds the connection gone.
+    let e = ask(
+        &mut c,
+        json!({"type":"sensor_data","id":"x9","data":{"v":9}}),
+        "error",
+    );
+    assert_eq!(e["code"], "storage_error");
+    assert_eq!(metric("switchboard_store_available"), Some(0.0));
+    cluster.restart().unwrap();
+    common::wait_until("available again", || {
+        metric("switchboard_store_available") == Some(1.0)
+    });
+    drop(c);
+    server.shutdown();
+}

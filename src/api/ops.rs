@@ -64,6 +64,9 @@ pub(super) fn metrics(
     let shards: Vec<Counters> = ctx.env.all_stats.iter().map(|s| s.snapshot()).collect();
     let mut text = crate::stats::prometheus(&shards);
     crate::stats::prometheus_histograms(&ctx.env.all_stats, &mut text);
+    if let Some(w) = &ctx.env.writer {
+        writer_metrics(w, &mut text);
+    }
     Ok(Handled::Now(Response::with_body(
         200,
         "OK",
@@ -72,6 +75,61 @@ pub(super) fn metrics(
         &[],
         call.close,
     )))
+}
+
+/// The storage writer's own counters (one writer per server, so no
+/// `shard` label): commits and records per commit (`ops / batches`),
+/// errors, and whether its database is reachable.
+fn writer_metrics(w: &crate::store::WriterHandle, out: &mut String) {
+    use std::fmt::Write;
+    let st = w.stats();
+    let lines: [(&str, &str, &str, u64); 6] = [
+        (
+            "switchboard_store_batches_total",
+            "counter",
+            "Backend calls of the writer (one transaction each, unless a statement had to be isolated).",
+            st.batches,
+        ),
+        (
+            "switchboard_store_ops_total",
+            "counter",
+            "Requests applied by the writer (ops / batches = requests per commit).",
+            st.ops,
+        ),
+        (
+            "switchboard_store_errors_total",
+            "counter",
+            "Requests answered with an error by the writer, plus failed prunes.",
+            st.errors,
+        ),
+        (
+            "switchboard_store_commit_seconds_total",
+            "counter",
+            "Time the writer spent in the backend applying batches.",
+            st.commit_us,
+        ),
+        (
+            "switchboard_store_queue_depth",
+            "gauge",
+            "Requests waiting for the writer.",
+            u64::try_from(w.depth()).unwrap_or(u64::MAX),
+        ),
+        (
+            "switchboard_store_available",
+            "gauge",
+            "1 while the database can take writes, 0 while a database connection is down.",
+            u64::from(w.available()),
+        ),
+    ];
+    for (name, kind, help, v) in lines {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        if name == "switchboard_store_commit_seconds_total" {
+            let _ = writeln!(out, "{name} {}", v as f64 / 1e6);
+        } else {
+            let _ = writeln!(out, "{name} {v}");
+        }
+    }
 }
 
 pub(super) fn console(
