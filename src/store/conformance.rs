@@ -31,6 +31,9 @@ pub trait Fixture {
     fn drop_table(&self, table: &str);
     /// Whether text columns take NUL (SQLite yes, PostgreSQL no).
     fn text_holds_nul(&self) -> bool;
+    /// Whether ids come without gaps (SQLite yes; PostgreSQL's sequences
+    /// skip numbers used by rolled-back or conflicting inserts).
+    fn dense_ids(&self) -> bool;
     /// Whether `e` is a failed statement (not a refusal before one ran).
     fn is_statement_error(&self, e: &StoreError) -> bool;
 }
@@ -100,6 +103,9 @@ impl Fixture for Sqlite {
     fn text_holds_nul(&self) -> bool {
         true
     }
+    fn dense_ids(&self) -> bool {
+        true
+    }
     fn is_statement_error(&self, e: &StoreError) -> bool {
         matches!(e, StoreError::Sql(_))
     }
@@ -167,6 +173,9 @@ impl Fixture for Postgres {
             .unwrap();
     }
     fn text_holds_nul(&self) -> bool {
+        false
+    }
+    fn dense_ids(&self) -> bool {
         false
     }
     fn is_statement_error(&self, e: &StoreError) -> bool {
@@ -266,37 +275,31 @@ pub fn ingest_inserts_and_deduplicates_by_user_and_client_id(f: &dyn Fixture) {
         ingest("u1", None, r#"{"t":4}"#),
         ingest("u1", None, r#"{"t":4}"#), // no client id: never a duplicate
     ]);
-    let r: Vec<Outcome> = r.into_iter().map(Result::unwrap).collect();
-    assert_eq!(
-        r,
-        vec![
-            Outcome::Ingested {
-                id: 1,
-                duplicate: false
-            },
-            Outcome::Ingested {
-                id: 1,
-                duplicate: true
-            },
-            Outcome::Ingested {
-                id: 2,
-                duplicate: false
-            },
-            Outcome::Ingested {
-                id: 3,
-                duplicate: false
-            },
-            Outcome::Ingested {
-                id: 4,
-                duplicate: false
-            },
-        ]
+    let r: Vec<(i64, bool)> = r
+        .into_iter()
+        .map(|r| match r.unwrap() {
+            Outcome::Ingested { id, duplicate } => (id, duplicate),
+            o => panic!("{o:?}"),
+        })
+        .collect();
+    // Ids ascend and are never reused; SQLite's are dense, PostgreSQL's may
+    // skip the number a duplicate's insert attempt used up.
+    let first = r[0].0;
+    assert_eq!(r[0], (first, false));
+    assert_eq!(r[1], (first, true), "the same batch");
+    assert!(!r[2].1 && !r[3].1 && !r[4].1, "{r:?}");
+    assert!(
+        first < r[2].0 && r[2].0 < r[3].0 && r[3].0 < r[4].0,
+        "{r:?}"
     );
+    if f.dense_ids() {
+        assert_eq!([first, r[2].0, r[3].0, r[4].0], [1, 2, 3, 4]);
+    }
     // A later batch too.
     assert_eq!(
         one(&mut b, ingest("u1", Some("c1"), "{}")),
         Outcome::Ingested {
-            id: 1,
+            id: first,
             duplicate: true
         }
     );
@@ -305,7 +308,7 @@ pub fn ingest_inserts_and_deduplicates_by_user_and_client_id(f: &dyn Fixture) {
     assert_eq!(
         all[0],
         Record {
-            id: 1,
+            id: first,
             kind: "sensor_data".into(),
             user: "u1".into(),
             connection: "0.1".into(),
@@ -315,8 +318,11 @@ pub fn ingest_inserts_and_deduplicates_by_user_and_client_id(f: &dyn Fixture) {
         }
     );
     assert_eq!(all[3].client_id, None);
-    let page: Vec<i64> = records(&mut b, TABLE, 1, 2).iter().map(|r| r.id).collect();
-    assert_eq!(page, vec![2, 3]);
+    let page: Vec<i64> = records(&mut b, TABLE, first, 2)
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(page, vec![r[2].0, r[3].0]);
 }
 
 pub fn ingest_creates_another_table_on_first_use(f: &dyn Fixture) {

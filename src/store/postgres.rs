@@ -954,15 +954,9 @@ fn write(
             let Some(sql) = tables.get(table) else {
                 return Err(Fail::Invalid(StoreError::NoResult)); // ensure_table failed
             };
-            if let Some(client_id) = client_id {
-                // Looked up first: a conflicting INSERT would still use up an id.
-                if let Some(r) = tx.query_opt(&sql.find, &[&&**user, client_id])? {
-                    return Ok(Outcome::Ingested {
-                        id: r.try_get(0)?,
-                        duplicate: true,
-                    });
-                }
-            }
+            // Inserted first, looked up only on a conflict: one round trip
+            // per new record (the common case) instead of two. A duplicate
+            // uses up a sequence number (ids may skip; docs/STORAGE.md).
             let params: [&(dyn ToSql + Sync); 6] =
                 [kind, &&**user, connection, client_id, received_at_ms, &data];
             match tx.query_opt(&sql.insert, &params)? {
@@ -971,8 +965,9 @@ fn write(
                     duplicate: false,
                 }),
                 None => {
-                    // Another node (or connection) committed the same
-                    // (user, record id) after our look-up: it is a duplicate.
+                    // The same (user, record id) is there, committed by this
+                    // batch, an earlier one, or another node (the insert
+                    // waited for that commit): a duplicate.
                     let r = tx.query_one(&sql.find, &[&&**user, client_id])?;
                     Ok(Outcome::Ingested {
                         id: r.try_get(0)?,
