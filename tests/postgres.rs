@@ -659,3 +659,59 @@ fn metrics_show_the_writer_and_whether_its_database_is_reachable() {
     drop(c);
     server.shutdown();
 }
+
+#[test]
+fn two_nodes_on_one_schema_share_records_inbox_and_revocations() {
+    // Two servers (nodes) on one PostgreSQL schema, each with its own
+    // writer and connection.
+    let st = common::store::TestStore::new(common::store::Kind::Postgres);
+    let node = |dir: &Path| {
+        let mut cfg = st.config(1);
+        // Each node its own data directory (its clean-shutdown marker), one schema.
+        cfg.storage.data_dir = dir.to_owned();
+        common::start(cfg)
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = node(da.path());
+    let b = node(db.path());
+    // A record stored through node A, retried through node B: the same record.
+    let mut on_a = user(a.local_addr(), "sensor");
+    let first = ask(
+        &mut on_a,
+        json!({"type":"sensor_data","id":"r-1","data":{"v":1}}),
+        "ack",
+    );
+    let mut on_b = user(b.local_addr(), "sensor");
+    let retry = ask(
+        &mut on_b,
+        json!({"type":"sensor_data","id":"r-1","data":{"v":1}}),
+        "ack",
+    );
+    assert_eq!(retry["id"], first["id"]);
+    assert_eq!(retry["duplicate"], true, "{retry}");
+    assert_eq!(st.count("sensors_data"), 1);
+    // A message stored for an offline user through A reaches them on B.
+    let sent = ask(
+        &mut on_a,
+        json!({"type":"send","to":"carol","data":"from node A"}),
+        "sent",
+    );
+    assert_eq!(sent["stored"], true, "{sent}");
+    let mut carol = user(b.local_addr(), "carol");
+    let m = loop {
+        let m = read(&mut carol).unwrap();
+        if m["type"] == "direct" {
+            break m;
+        }
+    };
+    assert_eq!(m["data"], "from node A");
+    drop((on_a, on_b, carol));
+    a.revoke(switchboard::store::RevocationKind::User, "mallory", "lost")
+        .unwrap();
+    // A revocation made through A is in the shared schema, where every
+    // node reads it at its next start (tests/storage.rs checks that a
+    // restarted node enforces a stored revocation).
+    assert_eq!(st.count("revocations"), 1);
+    a.shutdown();
+    b.shutdown();
+}
