@@ -169,7 +169,8 @@ pub enum StorageBackend {
     None,
 }
 
-/// When SQLite makes a commit durable.
+/// When a commit is durable. SQLite: fsync per commit or not. PostgreSQL:
+/// `synchronous_commit` `on` or `off` (docs/STORAGE.md, "Where the backends differ").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SyncMode {
