@@ -172,6 +172,12 @@ struct IngestStmts {
     find: Statement,
     insert: Statement,
     records: Statement,
+    /// `n` ids from the table's sequence, ascending.
+    ids: Statement,
+    /// The table's id sequence, for `ids`.
+    seq: String,
+    /// Many rows in one statement (arrays through `unnest`), with their ids.
+    insert_many: Statement,
 }
 
 /// Why one op failed inside a transaction.
@@ -429,7 +435,29 @@ impl PostgresBackend {
         }
         let mut done = Vec::with_capacity(todo.len());
         let mut delta: i64 = 0;
+        // Records first, a few statements per table instead of one round
+        // trip each (they touch no table the other ops touch).
+        let mut grouped = std::collections::HashSet::new();
+        for (table, members) in ingest_groups(ops, todo, tables, results) {
+            let Some(sql) = tables.get(&table) else {
+                continue;
+            };
+            match insert_records(&mut tx, sql, ops, &members) {
+                Ok(outcomes) => {
+                    for (i, outcome) in outcomes {
+                        grouped.insert(i);
+                        done.push((i, outcome));
+                    }
+                }
+                // Blame the group's first record, as a statement of its own
+                // would have been: the caller retries the rest without it.
+                Err(e) => return Err((members.first().copied(), e)),
+            }
+        }
         for &i in todo {
+            if grouped.contains(&i) {
+                continue;
+            }
             let Some(op) = ops.get(i) else { continue };
             match write(&mut tx, stmts, tables, op, &mut delta) {
                 Ok(outcome) => done.push((i, outcome)),
@@ -924,6 +952,148 @@ pub fn ingest_table_ddl(table: &str) -> String {
     )
 }
 
+/// The records of `todo` that can go into one statement per table: their
+/// text checked here (a refused one gets its error in `results` and is left
+/// out), their table's statements ready. In `todo` order.
+fn ingest_groups(
+    ops: &[Op],
+    todo: &[usize],
+    tables: &HashMap<Arc<str>, IngestStmts>,
+    results: &mut [Option<OpResult>],
+) -> Vec<(Arc<str>, Vec<usize>)> {
+    let mut groups: Vec<(Arc<str>, Vec<usize>)> = Vec::new();
+    for &i in todo {
+        let Some(op @ Op::Ingest { table, .. }) = ops.get(i) else {
+            continue;
+        };
+        if !tables.contains_key(table) {
+            continue; // answered by `write` (ensure_table failed)
+        }
+        if let Err(Fail::Invalid(e)) = check_ingest(op) {
+            if let Some(r) = results.get_mut(i) {
+                *r = Some(Err(Arc::new(e)));
+            }
+            continue;
+        }
+        match groups.iter_mut().find(|(t, _)| t == table) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((table.clone(), vec![i])),
+        }
+    }
+    groups
+}
+
+/// The text of a record, checked (UTF-8, no NUL).
+fn check_ingest(op: &Op) -> Result<&str, Fail> {
+    let Op::Ingest {
+        kind,
+        user,
+        connection,
+        client_id,
+        data,
+        ..
+    } = op
+    else {
+        return Err(Fail::Invalid(StoreError::NoResult));
+    };
+    let data = text(data, "the record's data")?;
+    for (s, what) in [
+        (kind.as_str(), "the record's type"),
+        (&**user, "the user id"),
+        (connection.as_str(), "the connection id"),
+        (client_id.as_deref().unwrap_or(""), "the record id"),
+    ] {
+        no_nul(s, what)?;
+    }
+    Ok(data)
+}
+
+/// Insert the records `members` (checked, one table) in one statement:
+/// ids taken from the sequence first (ascending, in request order), then
+/// every row through `unnest` with `ON CONFLICT DO NOTHING`. A row that
+/// was not inserted is a duplicate (of an earlier record, of one before it
+/// in this batch, or of one another node committed): its id is looked up.
+/// Three round trips for a batch, plus one per duplicate.
+fn insert_records(
+    tx: &mut Transaction<'_>,
+    sql: &IngestStmts,
+    ops: &[Op],
+    members: &[usize],
+) -> Result<Vec<(usize, Outcome)>, postgres::Error> {
+    let n = i32::try_from(members.len()).unwrap_or(i32::MAX);
+    let ids: Vec<i64> = tx
+        .query(&sql.ids, &[&sql.seq, &n])?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    let mut cols = (
+        Vec::with_capacity(members.len()),
+        Vec::with_capacity(members.len()),
+        Vec::with_capacity(members.len()),
+        Vec::with_capacity(members.len()),
+        Vec::with_capacity(members.len()),
+        Vec::with_capacity(members.len()),
+        Vec::with_capacity(members.len()),
+    );
+    let mut rows = Vec::with_capacity(members.len());
+    for (&i, &id) in members.iter().zip(&ids) {
+        let Some(
+            op @ Op::Ingest {
+                kind,
+                user,
+                connection,
+                client_id,
+                received_at_ms,
+                ..
+            },
+        ) = ops.get(i)
+        else {
+            continue;
+        };
+        let Ok(data) = check_ingest(op) else { continue };
+        cols.0.push(id);
+        cols.1.push(kind.as_str());
+        cols.2.push(&**user);
+        cols.3.push(connection.as_str());
+        cols.4.push(client_id.as_deref());
+        cols.5.push(*received_at_ms);
+        cols.6.push(data);
+        rows.push((i, id, user, client_id));
+    }
+    let inserted: std::collections::HashSet<i64> = tx
+        .query(
+            &sql.insert_many,
+            &[
+                &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6,
+            ],
+        )?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, id, user, client_id) in rows {
+        if inserted.contains(&id) {
+            out.push((
+                i,
+                Outcome::Ingested {
+                    id,
+                    duplicate: false,
+                },
+            ));
+        } else {
+            let r = tx.query_one(&sql.find, &[&&**user, client_id])?;
+            out.push((
+                i,
+                Outcome::Ingested {
+                    id: r.try_get(0)?,
+                    duplicate: true,
+                },
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// Apply one write op inside the open transaction.
 fn write(
     tx: &mut Transaction<'_>,
@@ -1091,6 +1261,21 @@ fn ensure_table(live: &mut Live, table: &Arc<str>) -> Result<(), postgres::Error
         records: live.client.prepare(&format!(
             "SELECT id, type, user_id, connection_id, client_id, received_at, data FROM {t} \
              WHERE id > $1 ORDER BY id LIMIT $2"
+        ))?,
+        ids: live.client.prepare(
+            "SELECT nextval($1::text::regclass) AS id FROM generate_series(1, $2::int) ORDER BY 1",
+        )?,
+        seq: live
+            .client
+            .query_one("SELECT pg_get_serial_sequence($1, 'id')", &[&t])?
+            .try_get::<_, Option<String>>(0)?
+            .unwrap_or_default(),
+        insert_many: live.client.prepare(&format!(
+            "INSERT INTO {t} (id, type, user_id, connection_id, client_id, received_at, data) \
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], \
+             $5::text[], $6::bigint[], $7::text[]) \
+             ON CONFLICT (user_id, client_id) WHERE client_id IS NOT NULL DO NOTHING \
+             RETURNING id"
         ))?,
     };
     live.tables.insert(table.clone(), stmts);
