@@ -28,6 +28,8 @@ pub trait Fixture {
     fn tables_named(&self, name: &str) -> i64;
     /// Make every insert into `inbox` for `user` fail with `message`.
     fn refuse_inbox_user(&self, user: &str, message: &str);
+    /// Make every insert into the ingest table for `user` fail with `message`.
+    fn refuse_records_of(&self, user: &str, message: &str);
     fn drop_table(&self, table: &str);
     /// Whether text columns take NUL (SQLite yes, PostgreSQL no).
     fn text_holds_nul(&self) -> bool;
@@ -92,6 +94,14 @@ impl Fixture for Sqlite {
             .execute_batch(&format!(
                 "CREATE TRIGGER refuse BEFORE INSERT ON inbox WHEN NEW.user_id = '{user}' \
                  BEGIN SELECT RAISE(ABORT, '{message}'); END;"
+            ))
+            .unwrap();
+    }
+    fn refuse_records_of(&self, user: &str, message: &str) {
+        self.conn()
+            .execute_batch(&format!(
+                "CREATE TRIGGER refuse_records BEFORE INSERT ON {TABLE} \
+                 WHEN NEW.user_id = '{user}' BEGIN SELECT RAISE(ABORT, '{message}'); END;"
             ))
             .unwrap();
     }
@@ -164,6 +174,17 @@ impl Fixture for Postgres {
                  IF NEW.user_id = '{user}' THEN RAISE EXCEPTION '{message}'; END IF; \
                  RETURN NEW; END $$; \
                  CREATE TRIGGER refuse BEFORE INSERT ON inbox FOR EACH ROW EXECUTE FUNCTION refuse();"
+            ))
+            .unwrap();
+    }
+    fn refuse_records_of(&self, user: &str, message: &str) {
+        self.client()
+            .batch_execute(&format!(
+                "CREATE FUNCTION refuse_records() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 IF NEW.user_id = '{user}' THEN RAISE EXCEPTION '{message}'; END IF; \
+                 RETURN NEW; END $$; \
+                 CREATE TRIGGER refuse_records BEFORE INSERT ON {TABLE} FOR EACH ROW \
+                 EXECUTE FUNCTION refuse_records();"
             ))
             .unwrap();
     }
@@ -741,6 +762,32 @@ pub fn a_failed_transaction_fails_every_write_and_applies_nothing(f: &dyn Fixtur
     assert_eq!(f.count("inbox"), 1);
 }
 
+pub fn a_failing_record_fails_alone_among_records(f: &dyn Fixture) {
+    let mut b = f.open();
+    f.refuse_records_of("bad", "refused by test");
+    let r = b.apply(vec![
+        ingest("u", Some("a"), "{}"),
+        put("u", "m", FAR, 10),
+        ingest("bad", Some("b"), "{}"),
+        ingest("u", Some("c"), "{}"),
+        ingest("u", Some("a"), "{}"), // a duplicate of the first, same batch
+    ]);
+    let id = |r: &OpResult| match r {
+        Ok(Outcome::Ingested { id, duplicate }) => (*id, *duplicate),
+        o => panic!("{o:?}"),
+    };
+    let (a, dup_a) = id(&r[0]);
+    assert!(!dup_a);
+    assert!(r[1].is_ok(), "{:?}", r[1]);
+    let e = r[2].as_ref().unwrap_err();
+    assert!(e.to_string().contains("refused by test"), "{e}");
+    let (c, _) = id(&r[3]);
+    assert!(c > a);
+    assert_eq!(id(&r[4]), (a, true));
+    assert_eq!(f.count(TABLE), 2);
+    assert_eq!(f.count("inbox"), 1);
+}
+
 /// Every test above, once per backend.
 macro_rules! for_each_backend {
     ($($name:ident),* $(,)?) => {
@@ -773,4 +820,5 @@ for_each_backend!(
     a_bad_op_fails_alone,
     a_failing_statement_is_isolated_and_the_rest_retried,
     a_failed_transaction_fails_every_write_and_applies_nothing,
+    a_failing_record_fails_alone_among_records,
 );

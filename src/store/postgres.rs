@@ -442,6 +442,11 @@ impl PostgresBackend {
             let Some(sql) = tables.get(&table) else {
                 continue;
             };
+            // A failing group must not fail its good records: back to the
+            // savepoint, and the loop below writes them one by one, which
+            // isolates the one that fails.
+            tx.batch_execute("SAVEPOINT records")
+                .map_err(|e| (None, e))?;
             match insert_records(&mut tx, sql, ops, &members) {
                 Ok(outcomes) => {
                     for (i, outcome) in outcomes {
@@ -449,9 +454,11 @@ impl PostgresBackend {
                         done.push((i, outcome));
                     }
                 }
-                // Blame the group's first record, as a statement of its own
-                // would have been: the caller retries the rest without it.
-                Err(e) => return Err((members.first().copied(), e)),
+                Err(e) => {
+                    log::debug!("storage: records of {table} one by one after: {e}");
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT records")
+                        .map_err(|e| (None, e))?;
+                }
             }
         }
         for &i in todo {
