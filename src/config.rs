@@ -475,6 +475,13 @@ pub struct Config {
     pub per_ip_connections_per_minute: u32,
     /// Bytes read from one connection per wake-up before others get their turn.
     pub read_budget: usize,
+    /// Bytes of publications and messages queued for one shard by the others
+    /// before new client publications or messages that need it are refused
+    /// (`overloaded`): the queue between shards cannot grow without end.
+    pub shard_queue_bytes: usize,
+    /// Bytes of messages from other shards a shard handles per loop turn
+    /// before it serves its own connections again (the rest waits a turn).
+    pub shard_turn_bytes: usize,
     /// debug, info, warn, error (seed logLevel).
     pub log_level: String,
     /// text or json lines.
@@ -518,6 +525,8 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             per_ip_connections_per_minute: 0,
             read_budget: 256 << 10,
+            shard_queue_bytes: 8 << 20,
+            shard_turn_bytes: 256 << 10,
             log_level: "info".into(),
             log_format: LogFormat::Text,
             allow_unauthenticated_public: false,
@@ -607,6 +616,8 @@ const OPTIONS: &[&str] = &[
     "shutdown_timeout",
     "per_ip_connections_per_minute",
     "read_budget",
+    "shard_queue_bytes",
+    "shard_turn_bytes",
     "log_level",
     "log_format",
     "allow_unauthenticated_public",
@@ -792,6 +803,8 @@ impl Config {
             ("max_message_size", self.max_message_size),
             ("max_outbound_bytes", self.max_outbound_bytes),
             ("read_budget", self.read_budget),
+            ("shard_queue_bytes", self.shard_queue_bytes),
+            ("shard_turn_bytes", self.shard_turn_bytes),
         ] {
             if v == 0 {
                 return bad(name, "must be greater than 0".into());

@@ -165,6 +165,8 @@ const GAUGES: &[&str] = &[
     "local_users",
     "local_channels",
     "history_channels",
+    "shard_queue_bytes",
+    "shard_queue_peak_bytes",
 ];
 
 /// The Prometheus text exposition (format 0.0.4) of every shard's counters,
@@ -250,6 +252,14 @@ counters! {
     revoked_closes,
     /// HTTP requests served (API, health, metrics, console).
     api_requests,
+    /// Bytes other shards queued for this one and it has not handled yet (gauge).
+    shard_queue_bytes,
+    /// The most bytes ever seen queued for this shard at the start of a turn (gauge).
+    shard_queue_peak_bytes,
+    /// Client publications and messages refused (`overloaded`) because a target shard had shard_queue_bytes queued.
+    shard_queue_refused,
+    /// Loop turns whose inbox handling stopped at shard_turn_bytes (the rest waited one turn).
+    inbox_turns_cut,
 }
 
 impl Counters {

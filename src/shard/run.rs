@@ -15,7 +15,7 @@ use crate::deadline::TimerKind;
 use crate::id::ConnId;
 use crate::work::ShardQuery;
 
-use super::inbox::ShardMsg;
+use super::inbox::{ShardMsg, weight};
 use super::state::{ACCEPT_RETRY, LISTENER, SWEEP_EVERY, Shard, WAKER};
 
 impl Shard {
@@ -56,8 +56,9 @@ impl Shard {
                     }
                 }
             }
-            if inbox {
-                self.drain_inbox(now);
+            if inbox || self.inbox_more {
+                let budget = self.env.cfg.shard_turn_bytes;
+                self.drain_inbox(now, budget);
             }
             if accept || self.accept_retry.is_some_and(|t| now >= t) {
                 self.accept(now);
@@ -74,6 +75,7 @@ impl Shard {
                 self.desk.revoked.sweep(now_ms);
                 self.io.c.history_channels = self.history.channel_count() as u64;
             }
+            self.io.c.shard_queue_bytes = self.queued.load(Ordering::Acquire) as u64;
             self.io.c.local_users = self.desk.local.user_count() as u64;
             self.io.c.local_channels = self.desk.local.channel_count() as u64;
             self.stats.publish(&self.io.c);
@@ -86,7 +88,7 @@ impl Shard {
         }
         // Answer what other shards already asked (delivery counts, presence),
         // so their gathers complete even though this shard is leaving.
-        self.drain_inbox(Instant::now());
+        self.drain_inbox(Instant::now(), usize::MAX);
         let left = self.conns.len();
         if left > 0 {
             log::warn!(
@@ -100,7 +102,7 @@ impl Shard {
     }
 
     pub(super) fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if !self.again.is_empty() || !self.run.is_empty() {
+        if !self.again.is_empty() || !self.run.is_empty() || self.inbox_more {
             return Some(Duration::ZERO);
         }
         let mut t = self.io.wheel.poll_timeout(now);
@@ -111,12 +113,32 @@ impl Shard {
         t
     }
 
-    pub(super) fn drain_inbox(&mut self, now: Instant) {
+    /// Handle inbox messages until the queue is empty or `budget` bytes
+    /// (by [`weight`]) were handled this turn. The rest waits for the next
+    /// turn: between the two, this shard's own connections are served, its
+    /// timers fire and its flush applies the slow-consumer limit, so a flood
+    /// from other shards delays them by one budget, not by the whole queue.
+    pub(super) fn drain_inbox(&mut self, now: Instant, budget: usize) {
         // Clear the flag before draining: a message sent after the last
         // try_recv sees `false` and wakes us again.
         self.notified.store(false, Ordering::Release);
+        self.inbox_more = false;
+        let queued = self.queued.load(Ordering::Acquire) as u64;
+        self.io.c.shard_queue_peak_bytes = self.io.c.shard_queue_peak_bytes.max(queued);
+        let mut handled = 0usize;
         loop {
-            match self.rx.try_recv() {
+            if handled >= budget {
+                self.inbox_more = true;
+                self.io.c.inbox_turns_cut += 1;
+                break;
+            }
+            let msg = self.rx.try_recv();
+            if let Ok(m) = &msg {
+                let w = weight(m);
+                handled = handled.saturating_add(w);
+                self.queued.fetch_sub(w, Ordering::AcqRel);
+            }
+            match msg {
                 Ok(ShardMsg::Adopt {
                     stream,
                     peer,

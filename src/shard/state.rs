@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -122,6 +122,11 @@ pub struct Shard {
     pub(super) conns: Slab<Conn>,
     pub(super) rx: Receiver<ShardMsg>,
     pub(super) notified: Arc<AtomicBool>,
+    /// Bytes queued in this shard's inbox by others (see [`Inbox`]).
+    pub(super) queued: Arc<AtomicUsize>,
+    /// The last drain stopped at its budget: drain again next turn (no
+    /// wake-up announces messages that are already queued).
+    pub(super) inbox_more: bool,
     pub(super) scratch: Box<[u8]>,
     pub(super) listener: Option<TcpListener>,
     pub(super) limiter: Arc<IpLimiter>,
@@ -187,6 +192,7 @@ impl Opened {
             tx,
             waker,
             notified: Arc::new(AtomicBool::new(false)),
+            queued: Arc::new(AtomicUsize::new(0)),
         };
         Ok(Opened {
             poll,
@@ -270,6 +276,8 @@ impl Opened {
             conns: Slab::new(),
             rx,
             notified: inbox.notified.clone(),
+            queued: inbox.queued.clone(),
+            inbox_more: false,
             scratch: vec![0u8; SCRATCH].into_boxed_slice(),
             listener,
             limiter: setup.limiter,
