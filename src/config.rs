@@ -130,6 +130,9 @@ pub struct RateLimitConfig {
     pub messages_per_second: u32,
     /// Messages a connection may send in a burst above the rate.
     pub burst: u32,
+    /// Tokens a `history` or `presence` request takes from the bucket: they
+    /// make other shards work and may answer with megabytes.
+    pub request_cost: u32,
 }
 
 impl Default for RateLimitConfig {
@@ -137,6 +140,7 @@ impl Default for RateLimitConfig {
         RateLimitConfig {
             messages_per_second: 0,
             burst: 50,
+            request_cost: 10,
         }
     }
 }
@@ -636,6 +640,7 @@ const OPTIONS: &[&str] = &[
     "auth.jwt.require_exp",
     "rate_limit.messages_per_second",
     "rate_limit.burst",
+    "rate_limit.request_cost",
     "channels.max_subscriptions",
     "storage.backend",
     "storage.data_dir",

@@ -94,6 +94,18 @@ pub struct Desk {
     pub revoked: Revocations,
     /// Graceful shutdown has begun.
     pub shutting_down: bool,
+    /// What handlers refused for a budget (published with the counters).
+    pub refused: Refused,
+}
+
+/// Requests handlers refused because a budget was spent, counted where the
+/// shard's counters cannot be reached (published each turn by the shard).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Refused {
+    /// `history` requests past the connection's pending pages or queued bytes.
+    pub history: u64,
+    /// Direct messages past `inbox.stored_per_second` of their sender.
+    pub inbox_rate: u64,
 }
 
 /// One handler call on one connection.

@@ -258,6 +258,14 @@ counters! {
     shard_queue_peak_bytes,
     /// Client publications and messages refused (`overloaded`) because a target shard had shard_queue_bytes queued.
     shard_queue_refused,
+    /// History pages built (for a `history` request, a recovery or the API).
+    history_pages,
+    /// `history` requests refused (`overloaded`) because the connection had MAX_PENDING_HISTORY pages on their way or half its max_outbound_bytes queued.
+    history_refused,
+    /// Direct messages refused (`rate_limited`) past the sender's inbox.stored_per_second.
+    inbox_rate_refused,
+    /// Replies not built because their connection had more than max_outbound_bytes queued.
+    replies_skipped,
     /// Loop turns whose inbox handling stopped at shard_turn_bytes (the rest waited one turn).
     inbox_turns_cut,
 }

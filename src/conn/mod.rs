@@ -164,6 +164,10 @@ impl Replies for Sink<'_> {
     fn text(&mut self, json: &[u8]) {
         self.frame(OpCode::Text, json);
     }
+    fn queued(&self) -> usize {
+        // The cork holds only this connection's replies during its turn.
+        self.cork.len() + self.out.bytes()
+    }
 }
 
 impl Conn {
@@ -500,6 +504,11 @@ impl Conn {
         if self.is_open() && self.out.bytes() <= limit {
             self.out.push_frame(OpCode::Text, json);
         }
+    }
+
+    /// Bytes queued for this connection and not yet taken by the socket.
+    pub fn queued_bytes(&self) -> usize {
+        self.out.bytes()
     }
 
     /// Put the connection on the shard's flush list (once per turn).

@@ -50,7 +50,22 @@ impl Session {
         let rid = msg.request_id.as_deref();
         let kind = msg.kind();
         let name = msg.type_name();
-        if self.rate_limited(&ctx.env.cfg, ctx.now) {
+        // `history` and `presence` make other shards work and may answer
+        // with megabytes: they cost more of the bucket than a message.
+        let costly = match kind {
+            Kind::Request => true,
+            Kind::Other(k) => k.eq_ignore_ascii_case("request"),
+            _ => false,
+        } && matches!(
+            field_str(&msg.value, "action"),
+            Some("history" | "presence")
+        );
+        let cost = if costly {
+            ctx.env.cfg.rate_limit.request_cost
+        } else {
+            1
+        };
+        if self.rate_limited(&ctx.env.cfg, ctx.now, cost) {
             reply_error(
                 out,
                 ErrorCode::RateLimited,

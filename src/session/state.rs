@@ -74,7 +74,16 @@ pub struct Session {
     pub(super) recovering: Vec<Arc<str>>,
     /// When the upgrade completed (ms since the epoch).
     pub(super) connected_at_ms: i64,
+    /// `history` requests whose page is on its way (at most
+    /// [`MAX_PENDING_HISTORY`]).
+    pub(super) pending_history: u8,
 }
+
+/// `history` requests one connection may have on their way at once: each
+/// page may be up to half of `max_outbound_bytes`, and one that cannot be
+/// queued is built for nothing. A client that waits for its answers never
+/// meets the limit; one that pipelines thousands gets `overloaded`.
+pub const MAX_PENDING_HISTORY: u8 = 4;
 
 /// What the connection should do after a handler ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +107,7 @@ impl Session {
             data_received: 0,
             recovering: Vec::new(),
             connected_at_ms: crate::clock::now_ms(),
+            pending_history: 0,
         }
     }
 
@@ -165,6 +175,11 @@ impl Session {
         local.recovery_ended(channel, (before - self.recovering.len()) as u32);
     }
 
+    /// A `history` page arrived (or its request ended without one).
+    pub fn history_done(&mut self) {
+        self.pending_history = self.pending_history.saturating_sub(1);
+    }
+
     pub fn user(&self) -> Option<&Arc<str>> {
         self.user.as_ref()
     }
@@ -190,7 +205,9 @@ impl Session {
         }
     }
 
-    pub(super) fn rate_limited(&mut self, cfg: &Config, now: Instant) -> bool {
+    /// Take `cost` tokens from the bucket (a costly request takes more than
+    /// one: `rate_limit.request_cost`); true if there are not enough.
+    pub(super) fn rate_limited(&mut self, cfg: &Config, now: Instant, cost: u32) -> bool {
         let rate = cfg.rate_limit.messages_per_second;
         if rate == 0 {
             return false;
@@ -203,8 +220,10 @@ impl Session {
         let gained = now.saturating_duration_since(last).as_secs_f32() * rate as f32;
         self.tokens = (self.tokens + gained).min(burst);
         self.refilled = Some(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        // A cost above the burst could never be paid: it takes the whole burst.
+        let cost = (cost.max(1) as f32).min(burst);
+        if self.tokens >= cost {
+            self.tokens -= cost;
             false
         } else {
             true

@@ -66,11 +66,10 @@ impl Shard {
         }
     }
 
-    /// Whether every other shard of `mask` has room in its queue
+    /// Whether every shard of `mask` has room in its queue
     /// (`shard_queue_bytes`).
     fn room_in(&self, mask: u64) -> bool {
-        self.peers
-            .has_room(mask, self.env.shard, self.env.cfg.shard_queue_bytes)
+        self.peers.has_room(mask, self.env.cfg.shard_queue_bytes)
     }
 
     /// Where a cross-shard answer for gather `g` goes: here.
@@ -101,7 +100,7 @@ impl Shard {
         let me = 1u64 << self.env.shard;
         if let Some(r) = &reply
             && ack.is_none()
-            && !self.room_in(mask)
+            && !self.room_in(mask & !me)
         {
             // A client's (or the API's) message: refused before any copy of
             // it is queued, so a flood cannot grow another shard's queue.
@@ -171,9 +170,16 @@ impl Shard {
         // The home shard, and every shard it will fan the publication out
         // to, must have room: the publisher is told `overloaded` (and may
         // retry) rather than the queues between shards growing.
+        // The home shard delivers to its own subscribers directly and sends
+        // one message to each other shard with subscribers (this one too).
         let home = self.env.router.home(&channel);
-        let mask = self.env.router.channel_shards(&channel) | (1u64 << home);
-        if !self.room_in(mask) {
+        let hop = if home == self.env.shard {
+            0
+        } else {
+            1u64 << home
+        };
+        let targets = (self.env.router.channel_shards(&channel) & !(1u64 << home)) | hop;
+        if !self.room_in(targets) {
             match &reply {
                 Some(r) => self.refuse(r, QUEUE_FULL),
                 None => self.io.c.shard_queue_refused += 1,

@@ -78,6 +78,22 @@ impl Shard {
         if conn.id() != to.conn {
             return; // the asker is gone and its slot reused
         }
+        if let WsReply::History { .. } = what
+            && let Some(session) = conn.session_mut()
+        {
+            session.history_done();
+        }
+        if conn.queued_bytes() > self.env.cfg.max_outbound_bytes {
+            // Past the slow-consumer limit the reply would be dropped
+            // (`push_text`): do not build it.
+            if let WsReply::Subscribed { channel } = what
+                && let Some(session) = conn.session_mut()
+            {
+                session.recovered(channel, &mut self.desk.local);
+            }
+            self.io.c.replies_skipped += 1;
+            return;
+        }
         if let WsReply::Subscribed { channel } = what
             && let Some(session) = conn.session_mut()
         {

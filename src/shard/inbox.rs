@@ -186,10 +186,10 @@ impl Peers {
             .map_or(0, |i| i.queued.load(Ordering::Acquire))
     }
 
-    /// Whether every shard of `mask` but `me` has less than `budget` bytes
-    /// queued (a new publication or message for them may be taken).
-    pub fn has_room(&self, mask: u64, me: usize, budget: usize) -> bool {
-        shards_in(mask).all(|s| s == me || self.queued(s) < budget)
+    /// Whether every shard of `mask` has less than `budget` bytes queued (a
+    /// new publication or message for them may be taken).
+    pub fn has_room(&self, mask: u64, budget: usize) -> bool {
+        shards_in(mask).all(|s| self.queued(s) < budget)
     }
 
     /// Send to one shard's inbox (wakes it if needed). False if it is gone.
