@@ -479,6 +479,11 @@ pub struct Config {
     pub per_ip_connections_per_minute: u32,
     /// Bytes read from one connection per wake-up before others get their turn.
     pub read_budget: usize,
+    /// Largest unfinished message an unauthenticated WebSocket connection may
+    /// hold, and largest HTTP body read before the caller's API key or token
+    /// is checked. An `authenticate` message is tiny; the full limits
+    /// (`max_message_size`, `api.max_body_bytes`) apply once authenticated.
+    pub pre_auth_max_bytes: usize,
     /// Bytes of publications and messages queued for one shard by the others
     /// before new client publications or messages that need it are refused
     /// (`overloaded`): the queue between shards cannot grow without end.
@@ -529,6 +534,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             per_ip_connections_per_minute: 0,
             read_budget: 256 << 10,
+            pre_auth_max_bytes: 16 << 10,
             shard_queue_bytes: 8 << 20,
             shard_turn_bytes: 256 << 10,
             log_level: "info".into(),
@@ -620,6 +626,7 @@ const OPTIONS: &[&str] = &[
     "shutdown_timeout",
     "per_ip_connections_per_minute",
     "read_budget",
+    "pre_auth_max_bytes",
     "shard_queue_bytes",
     "shard_turn_bytes",
     "log_level",
@@ -808,6 +815,7 @@ impl Config {
             ("max_message_size", self.max_message_size),
             ("max_outbound_bytes", self.max_outbound_bytes),
             ("read_budget", self.read_budget),
+            ("pre_auth_max_bytes", self.pre_auth_max_bytes),
             ("shard_queue_bytes", self.shard_queue_bytes),
             ("shard_turn_bytes", self.shard_turn_bytes),
         ] {

@@ -264,6 +264,10 @@ counters! {
     history_refused,
     /// Direct messages refused (`rate_limited`) past the sender's inbox.stored_per_second.
     inbox_rate_refused,
+    /// Unauthenticated connections closed (1009) or HTTP requests refused before their body for exceeding pre_auth_max_bytes.
+    pre_auth_refused,
+    /// HTTP requests answered 408 because their body did not arrive within handshake_timeout.
+    body_timeouts,
     /// Replies not built because their connection had more than max_outbound_bytes queued.
     replies_skipped,
     /// Loop turns whose inbox handling stopped at shard_turn_bytes (the rest waited one turn).

@@ -263,3 +263,107 @@ fn a_publication_flood_across_shards_stays_within_the_queue_budget() {
         let _ = t.join();
     }
 }
+
+fn token_config() -> switchboard::Config {
+    let mut cfg = open_config(1);
+    cfg.auth.mode = switchboard::config::AuthMode::Token;
+    cfg.auth.token = Some("tok".into());
+    cfg.auth.timeout = Duration::from_secs(2);
+    cfg.api.keys = vec!["k3y".into()];
+    cfg
+}
+
+/// The head of a masked client text frame declaring `len` payload bytes.
+fn text_head(len: u64) -> Vec<u8> {
+    let mut h = vec![0x81, 0x80 | 127];
+    h.extend_from_slice(&len.to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0, 0]); // mask of zeros: payload as is
+    h
+}
+
+/// Issue 12.9: before `authenticate`, a connection may hold at most
+/// `pre_auth_max_bytes` (16 KiB) of an unfinished message: past it, close
+/// 1009. Before, it could hold `max_message_size` (1 MiB) until the auth
+/// timeout (and got 4008 then, not 1009). Once authenticated the full
+/// limits apply.
+#[test]
+fn an_unauthenticated_connection_holds_only_a_small_message() {
+    let server = start(token_config());
+    let addr = server.local_addr();
+    let mut raw = Raw::connect(addr, "/ws");
+    raw.send_bytes(&text_head(500_000));
+    raw.send_bytes(&vec![b' '; 40_000]);
+    let reason = raw.expect_close(1009);
+    assert!(reason.contains("authentication"), "{reason}");
+    wait_until("counted", || server.stats().pre_auth_refused == 1);
+
+    // Authenticated: a 100 KB message is taken.
+    let mut c = Client {
+        ws: ws(addr, "/ws?token=tok&userId=big"),
+        welcome: Value::Null,
+    };
+    c.welcome = c.recv();
+    assert_eq!(c.welcome["type"], "connected", "{}", c.welcome);
+    let data = "z".repeat(100_000);
+    c.ask(
+        json!({"type":"publish","channel":"room:big","data":data}),
+        "published",
+    );
+}
+
+/// Issue 12.9: an HTTP request that announces a body over
+/// `pre_auth_max_bytes` without valid credentials is refused (401) as soon
+/// as its head arrives, before any of the body is read. Before, the server
+/// buffered up to `api.max_body_bytes` (1 MiB) first. With the API key the
+/// same body is read and served.
+#[test]
+fn a_large_body_without_credentials_is_refused_before_it_is_read() {
+    let server = start(token_config());
+    let addr = server.local_addr();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(
+        b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500000\r\n\r\n",
+    )
+    .unwrap();
+    let mut buf = [0u8; 512];
+    use std::io::Read;
+    let n = s.read(&mut buf).unwrap_or(0);
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 401"), "{head:?}");
+    wait_until("counted", || server.stats().pre_auth_refused == 1);
+
+    let data = "w".repeat(40_000);
+    let body = json!({"channel":"room:b","data":data}).to_string();
+    let resp = http(
+        addr,
+        &format!(
+            "POST /api/publish HTTP/1.1\r\nHost: x\r\nX-API-Key: k3y\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
+/// Issue 12.10: a body that does not arrive within `handshake_timeout` is
+/// answered 408 `body_timeout`. Before, the connection was dropped without
+/// an answer. A head that never finished still gets nothing.
+#[test]
+fn a_slow_body_gets_408() {
+    let mut cfg = token_config();
+    cfg.handshake_timeout = Duration::from_millis(300);
+    let server = start(cfg);
+    let mut s = TcpStream::connect(server.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(
+        b"POST /api/publish HTTP/1.1\r\nHost: x\r\nX-API-Key: k3y\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"chan",
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    use std::io::Read;
+    let _ = s.read_to_end(&mut out);
+    let resp = String::from_utf8_lossy(&out);
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp:?}");
+    assert!(resp.contains("body_timeout"), "{resp}");
+    wait_until("counted", || server.stats().body_timeouts == 1);
+}

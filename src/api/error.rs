@@ -29,6 +29,10 @@ pub enum Caller {
     Forbidden,
     /// No such route or file (404 `not_found`).
     NotFound,
+    /// The body did not arrive within `handshake_timeout` (408 `body_timeout`).
+    BodyTimeout,
+    /// The body is larger than the route or the caller may send (413 `too_large`).
+    TooLarge,
     /// Not possible with this server's configuration (409 `not_available`).
     NotAvailable,
     /// Needs storage, and this server stores nothing (409 `storage_disabled`).
@@ -76,6 +80,8 @@ impl ApiError {
                 Caller::Unauthorized => 401,
                 Caller::Forbidden => 403,
                 Caller::NotFound => 404,
+                Caller::BodyTimeout => 408,
+                Caller::TooLarge => 413,
                 Caller::NotAvailable | Caller::StorageDisabled => 409,
             },
             ApiError::Server(s, _) => match s {
@@ -99,6 +105,8 @@ impl ApiError {
                 Caller::Unauthorized => "unauthorized",
                 Caller::Forbidden => "forbidden",
                 Caller::NotFound => "not_found",
+                Caller::BodyTimeout => "body_timeout",
+                Caller::TooLarge => "too_large",
                 Caller::NotAvailable => "not_available",
                 Caller::StorageDisabled => "storage_disabled",
             },

@@ -109,6 +109,25 @@ impl Conn {
                 );
                 return buf.len();
             }
+            if req.content_length > ctx.env.cfg.pre_auth_max_bytes {
+                let refused = if self.is_ws_path(&req, ctx) {
+                    Some(api::too_large(ctx.env.cfg.pre_auth_max_bytes, true))
+                } else {
+                    let actx = Handling {
+                        env: ctx.env,
+                        desk: &mut *ctx.desk,
+                        key: ctx.key,
+                        conn: self.id,
+                        now: ctx.now,
+                    };
+                    api::refuse_body(&req, &actx)
+                };
+                if let Some(resp) = refused {
+                    ctx.io.c.pre_auth_refused += 1;
+                    self.reject(resp, ctx);
+                    return buf.len();
+                }
+            }
             let total = head + req.content_length;
             if rest.len() < total {
                 break; // the body is still coming
@@ -252,6 +271,33 @@ impl Conn {
         } else {
             self.set_timer(ctx, ctx.env.cfg.heartbeat_interval, TimerKind::Ping);
         }
+    }
+
+    /// Is a request with a complete head still waiting for its body?
+    pub(super) fn body_incomplete(&mut self, ctx: &Ctx<'_>) -> bool {
+        let mut hs = std::mem::take(&mut self.hs);
+        let waiting = matches!(
+            parse_request(&mut hs, ctx.env.cfg.max_header_bytes),
+            Ok(Some((req, head))) if hs.len() < head.saturating_add(req.content_length)
+        );
+        self.hs = hs;
+        waiting
+    }
+
+    /// 408: the body did not arrive by the deadline (`handshake_timeout`
+    /// after the connection was accepted or the previous answer was sent).
+    pub(super) fn body_timeout(&self, ctx: &Ctx<'_>) -> Response {
+        let message = format!(
+            "the request body did not arrive within {:?} (handshake_timeout)",
+            ctx.env.cfg.handshake_timeout
+        );
+        api::ApiError::caller(api::Caller::BodyTimeout, message).response(true)
+    }
+
+    /// A WebSocket endpoint (whose upgrade request has no use for a body).
+    fn is_ws_path(&self, req: &Request, ctx: &Ctx<'_>) -> bool {
+        let cfg = &ctx.env.cfg;
+        req.path == cfg.ws_path || (cfg.echo_enabled && req.path == cfg.echo_path)
     }
 
     pub(super) fn route(&mut self, req: &Request, ctx: &mut Ctx<'_>) -> Route {

@@ -447,7 +447,26 @@ impl Conn {
                 self.leave_open(ctx);
                 self.set_timer(ctx, ctx.env.cfg.close_timeout, TimerKind::Linger);
             }
-            Ok(_) => self.apply(verdict, ctx),
+            Ok(_) => {
+                self.apply(verdict, ctx);
+                // Before `authenticate` only a small message is expected:
+                // an unauthenticated connection may not hold more than
+                // `pre_auth_max_bytes` of an unfinished one (the full
+                // limits would let each hold a megabyte).
+                if ep == Endpoint::App
+                    && self.is_open()
+                    && self.session.as_ref().is_some_and(|s| !s.is_authenticated())
+                    && self.inbound.buffered() > ctx.env.cfg.pre_auth_max_bytes
+                {
+                    ctx.io.c.pre_auth_refused += 1;
+                    self.inbound = Inbound::new();
+                    self.close(
+                        CloseCode::TooBig,
+                        "message too big before authentication",
+                        ctx,
+                    );
+                }
+            }
             Err(e) => {
                 ctx.io.c.protocol_errors += 1;
                 log::debug!("conn={} protocol error: {}", self.id, e.reason());
@@ -651,6 +670,14 @@ impl Conn {
             (TimerKind::Handshake, State::Handshake) => {
                 ctx.io.c.handshake_timeouts += 1;
                 log::debug!("conn={} handshake timeout", self.id);
+                if !self.awaiting && self.body_incomplete(ctx) {
+                    // A whole head and part of its body: the caller is told
+                    // why (408) instead of seeing the connection vanish. A
+                    // head that never finished gets nothing (slowloris).
+                    ctx.io.c.body_timeouts += 1;
+                    self.respond(self.body_timeout(ctx), ctx);
+                    return self.after_io(ctx);
+                }
                 Next::Drop
             }
             (TimerKind::Ping, State::Open(_)) => {
