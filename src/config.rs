@@ -189,6 +189,10 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
     /// Requests queued for the writer thread; past it clients get `overloaded`.
     pub queue_capacity: usize,
+    /// Bytes of requests queued for the writer (records, publications,
+    /// inbox messages); past it clients get `overloaded` too, so a flood of
+    /// large requests holds at most this much.
+    pub queue_bytes: usize,
     /// Most requests written in one transaction (group commit).
     pub max_batch: usize,
     pub synchronous: SyncMode,
@@ -200,6 +204,7 @@ impl Default for StorageConfig {
             backend: StorageBackend::Sqlite,
             data_dir: PathBuf::from("./data"),
             queue_capacity: 65_536,
+            queue_bytes: 64 << 20,
             max_batch: 4096,
             synchronous: SyncMode::Full,
         }
@@ -652,6 +657,7 @@ const OPTIONS: &[&str] = &[
     "storage.backend",
     "storage.data_dir",
     "storage.queue_capacity",
+    "storage.queue_bytes",
     "storage.max_batch",
     "storage.synchronous",
     "ingest.table",
@@ -869,6 +875,7 @@ impl Config {
         }
         for (name, v) in [
             ("storage.queue_capacity", self.storage.queue_capacity),
+            ("storage.queue_bytes", self.storage.queue_bytes),
             ("storage.max_batch", self.storage.max_batch),
             ("history.max_page", self.history.max_page),
             ("inbox.max_per_user", self.inbox.max_per_user),

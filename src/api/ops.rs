@@ -56,6 +56,20 @@ pub(super) fn metrics(
     let shards: Vec<Counters> = ctx.env.all_stats.iter().map(|s| s.snapshot()).collect();
     let mut text = crate::stats::prometheus(&shards);
     crate::stats::prometheus_histograms(&ctx.env.all_stats, &mut text);
+    if let Some(w) = &ctx.env.writer {
+        use std::fmt::Write;
+        let st = w.stats();
+        let _ = write!(
+            text,
+            "# HELP switchboard_writer_queue_bytes Bytes of requests queued for the storage writer or being applied (budget storage.queue_bytes).\n\
+             # TYPE switchboard_writer_queue_bytes gauge\n\
+             switchboard_writer_queue_bytes {}\n\
+             # HELP switchboard_writer_refused_bytes_total Storage requests refused because storage.queue_bytes were queued.\n\
+             # TYPE switchboard_writer_refused_bytes_total counter\n\
+             switchboard_writer_refused_bytes_total {}\n",
+            st.queued_bytes, st.refused_bytes
+        );
+    }
     Ok(Handled::Now(Response::with_body(
         200,
         "OK",

@@ -284,6 +284,19 @@ pub enum Op {
 }
 
 impl Op {
+    /// What the op counts against the writer's byte budget
+    /// (`storage.queue_bytes`): the bytes it carries, plus a fixed cost.
+    pub fn weight(&self) -> usize {
+        const OP: usize = 128;
+        OP + match self {
+            Op::Ingest { data, .. } => data.len(),
+            Op::Publication { payload, .. } => payload.len(),
+            Op::InboxPut { payload, .. } => payload.len(),
+            Op::Revoke(r) => r.value.len() + r.reason.len(),
+            Op::InboxAck { .. } | Op::Inbox { .. } | Op::Records { .. } => 0,
+        }
+    }
+
     /// Whether the op only reads (answered after the batch's commit).
     pub fn is_read(&self) -> bool {
         matches!(self, Op::Inbox { .. } | Op::Records { .. })
