@@ -322,8 +322,20 @@ pub struct InboxConfig {
     /// Longest wait between redeliveries.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub retry_max: Duration,
-    /// Messages kept per user; the oldest go first past it.
+    /// Messages kept per user; past it (or `max_bytes_per_user`) the oldest
+    /// go first, but a user's message never pushes out one the backend sent.
     pub max_per_user: usize,
+    /// Bytes kept per user (with `max_per_user`).
+    pub max_bytes_per_user: usize,
+    /// Bytes of undelivered messages one user may have stored, to all
+    /// recipients together; past it that user's messages are refused
+    /// (`inbox_full`). The backend (HTTP API) has no such quota.
+    pub max_bytes_per_sender: usize,
+    /// Messages a connection may store per second (direct messages to
+    /// offline users or with `ack`); 0 = unlimited. Past it: `rate_limited`.
+    pub stored_per_second: u32,
+    /// Stored messages a connection may send in a burst above the rate.
+    pub stored_burst: u32,
 }
 
 impl Default for InboxConfig {
@@ -333,6 +345,10 @@ impl Default for InboxConfig {
             retry_initial: Duration::from_secs(2),
             retry_max: Duration::from_secs(60),
             max_per_user: 1000,
+            max_bytes_per_user: 1 << 20,
+            max_bytes_per_sender: 1 << 20,
+            stored_per_second: 10,
+            stored_burst: 50,
         }
     }
 }
@@ -666,6 +682,11 @@ const OPTIONS: &[&str] = &[
     "history.size",
     "history.ttl",
     "inbox.ttl",
+    "inbox.max_per_user",
+    "inbox.max_bytes_per_user",
+    "inbox.max_bytes_per_sender",
+    "inbox.stored_per_second",
+    "inbox.stored_burst",
     "api.enabled",
     "api.allow_anonymous",
     "api.max_body_bytes",
@@ -879,6 +900,11 @@ impl Config {
             ("storage.max_batch", self.storage.max_batch),
             ("history.max_page", self.history.max_page),
             ("inbox.max_per_user", self.inbox.max_per_user),
+            ("inbox.max_bytes_per_user", self.inbox.max_bytes_per_user),
+            (
+                "inbox.max_bytes_per_sender",
+                self.inbox.max_bytes_per_sender,
+            ),
             ("api.max_body_bytes", self.api.max_body_bytes),
         ] {
             if v == 0 {

@@ -268,6 +268,8 @@ counters! {
     pre_auth_refused,
     /// HTTP requests answered 408 because their body did not arrive within handshake_timeout.
     body_timeouts,
+    /// Direct messages not stored: the recipient's inbox or the sender's quota was full (inbox.*).
+    inbox_refused,
     /// Replies not built because their connection had more than max_outbound_bytes queued.
     replies_skipped,
     /// Loop turns whose inbox handling stopped at shard_turn_bytes (the rest waited one turn).

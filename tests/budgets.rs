@@ -46,6 +46,11 @@ impl Client {
     fn recv(&mut self) -> Value {
         read_json(&mut self.ws)
     }
+    /// Send and return the next reply, whatever its type.
+    fn recv_after(&mut self, v: Value) -> Value {
+        self.send(v);
+        self.recv()
+    }
     fn ask(&mut self, v: Value, kind: &str) -> Value {
         self.send(v);
         let r = self.recv();
@@ -366,4 +371,136 @@ fn a_slow_body_gets_408() {
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp:?}");
     assert!(resp.contains("body_timeout"), "{resp}");
     wait_until("counted", || server.stats().body_timeouts == 1);
+}
+
+fn inbox_config(dir: &std::path::Path) -> switchboard::Config {
+    let mut cfg = stored_config(2, dir);
+    cfg.storage.synchronous = switchboard::config::SyncMode::Normal;
+    cfg.api.keys = vec!["k3y".into()];
+    cfg
+}
+
+/// POST /api/send with the API key: (status, body).
+fn api_send(addr: SocketAddr, body: &Value) -> (u16, String) {
+    let body = body.to_string();
+    let resp = http(
+        addr,
+        &format!(
+            "POST /api/send HTTP/1.1\r\nHost: x\r\nX-API-Key: k3y\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    let status = resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, resp)
+}
+
+/// Issue 12.7: a stranger cannot push a user's backend-sent messages out
+/// of the inbox. The backend fills `inbox.max_per_user` (5); a client's
+/// messages to that user are refused `inbox_full`, and the user finds the
+/// backend's five. Before, each of the stranger's messages evicted the
+/// oldest one, whoever sent it: the user found only the stranger's.
+#[test]
+fn a_stranger_cannot_push_out_backend_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = inbox_config(dir.path());
+    cfg.inbox.max_per_user = 5;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    for n in 0..5 {
+        let (status, resp) = api_send(
+            addr,
+            &json!({"userId":"victim","type":"notice","data":{"n":n}}),
+        );
+        assert_eq!(status, 200, "{resp}");
+    }
+    let mut stranger = Client::user(addr, "stranger");
+    for _ in 0..5 {
+        let e = stranger.ask(json!({"type":"send","to":"victim","data":"spam"}), "error");
+        assert_eq!(e["code"], "inbox_full", "{e}");
+    }
+    let mut victim = Client::user(addr, "victim");
+    for n in 0..5 {
+        let m = victim.recv();
+        assert_eq!(m["type"], "notice", "{m}");
+        assert_eq!(m["data"]["n"], n, "{m}");
+    }
+    wait_until("counted", || server.stats().inbox_refused == 5);
+
+    // Among clients' messages the oldest still go first.
+    for n in 0..7 {
+        stranger.ask(json!({"type":"send","to":"friend","data":{"n":n}}), "sent");
+    }
+    let mut friend = Client::user(addr, "friend");
+    let ns: Vec<u64> = (0..5)
+        .map(|_| friend.recv()["data"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns, vec![2, 3, 4, 5, 6]);
+}
+
+/// Issue 12.7: one sender's stored messages, to all recipients together,
+/// are bounded by `inbox.max_bytes_per_sender`; a user's inbox by
+/// `inbox.max_bytes_per_user`. Before, a client stored whatever it sent
+/// to made-up offline users (218 MiB in 6 s), kept for 7 days.
+#[test]
+fn stored_bytes_are_bounded_per_sender_and_per_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = inbox_config(dir.path());
+    cfg.inbox.max_bytes_per_sender = 64 << 10;
+    cfg.inbox.max_bytes_per_user = 16 << 10;
+    cfg.inbox.stored_per_second = 0;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let mut flooder = Client::user(addr, "flooder");
+    let data = "f".repeat(4000);
+    let mut stored = 0;
+    let mut full = 0;
+    for i in 0..100 {
+        let r = flooder.recv_after(json!({"type":"send","to":format!("ghost{i}"),"data":data}));
+        match r["type"].as_str() {
+            Some("sent") => stored += 1,
+            Some("error") if r["code"] == "inbox_full" => full += 1,
+            _ => panic!("{r}"),
+        }
+    }
+    assert!(
+        (15..=16).contains(&stored),
+        "{stored} stored of 4 KB under 64 KiB"
+    );
+    assert_eq!(stored + full, 100);
+    let bytes: i64 = rusqlite::Connection::open(dir.path().join("switchboard.db"))
+        .unwrap()
+        .query_row(
+            "SELECT COALESCE(SUM(length(payload)), 0) FROM inbox",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(bytes <= 64 << 10, "{bytes} bytes stored");
+
+    // One user's inbox: 16 KiB; a backend message larger than that is 413.
+    let (status, resp) = api_send(
+        addr,
+        &json!({"userId":"small","type":"x","data":"b".repeat(20_000)}),
+    );
+    assert_eq!(status, 413, "{resp}");
+    assert!(resp.contains("too_large"), "{resp}");
+}
+
+/// Issue 12.7: a connection stores at most `inbox.stored_per_second`
+/// messages a second after a burst of `inbox.stored_burst`; the rest are
+/// `rate_limited` (not stored). Before, every one was stored.
+#[test]
+fn stored_messages_have_a_rate_per_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = inbox_config(dir.path());
+    cfg.inbox.stored_per_second = 1;
+    cfg.inbox.stored_burst = 3;
+    let server = start(cfg);
+    let mut c = Client::user(server.local_addr(), "chatty");
+    for _ in 0..3 {
+        c.ask(json!({"type":"send","to":"away","data":"hi"}), "sent");
+    }
+    let e = c.ask(json!({"type":"send","to":"away","data":"hi"}), "error");
+    assert_eq!(e["code"], "rate_limited", "{e}");
+    wait_until("counted", || server.stats().inbox_rate_refused == 1);
 }

@@ -35,6 +35,8 @@ pub enum Caller {
     TooLarge,
     /// Not possible with this server's configuration (409 `not_available`).
     NotAvailable,
+    /// The user's inbox has no room the message may take (409 `inbox_full`).
+    InboxFull,
     /// Needs storage, and this server stores nothing (409 `storage_disabled`).
     StorageDisabled,
 }
@@ -82,7 +84,7 @@ impl ApiError {
                 Caller::NotFound => 404,
                 Caller::BodyTimeout => 408,
                 Caller::TooLarge => 413,
-                Caller::NotAvailable | Caller::StorageDisabled => 409,
+                Caller::NotAvailable | Caller::StorageDisabled | Caller::InboxFull => 409,
             },
             ApiError::Server(s, _) => match s {
                 Server::ShuttingDown | Server::Overloaded => 503,
@@ -108,6 +110,7 @@ impl ApiError {
                 Caller::BodyTimeout => "body_timeout",
                 Caller::TooLarge => "too_large",
                 Caller::NotAvailable => "not_available",
+                Caller::InboxFull => "inbox_full",
                 Caller::StorageDisabled => "storage_disabled",
             },
             ApiError::Server(s, _) => match s {

@@ -58,6 +58,9 @@ pub enum ErrorCode {
     TokenRevoked,
     /// The server is shutting down and could not do it.
     Unavailable,
+    /// The message was not stored: the recipient's inbox or the sender's
+    /// quota is full (`inbox.*`); the message says which.
+    InboxFull,
 }
 
 impl ErrorCode {
@@ -82,6 +85,7 @@ impl ErrorCode {
             ErrorCode::StorageError => "storage_error",
             ErrorCode::TokenRevoked => "token_revoked",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::InboxFull => "inbox_full",
         }
     }
 }

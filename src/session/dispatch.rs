@@ -129,7 +129,10 @@ impl Session {
             Kind::Subscribe => self.subscribe(v, rid, &identity, ctx, out),
             Kind::Unsubscribe => self.unsubscribe(v, rid, ctx, out),
             Kind::Publish => channels::publish(v, raw, rid, &user, &identity, ctx, out),
-            Kind::Direct { chat } => direct::direct(chat, v, raw, rid, &user, &identity, ctx, out),
+            Kind::Direct { chat } => {
+                let stored = &mut self.stored;
+                direct::direct(chat, v, raw, rid, &user, &identity, stored, ctx, out)
+            }
             Kind::Broadcast => direct::broadcast(v, raw, rid, &user, &identity, ctx, out),
             Kind::Ack => direct::ack(v, rid, &user, ctx, out),
             Kind::Request | Kind::Other(_) if ingestible(name) => {

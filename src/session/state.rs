@@ -65,8 +65,9 @@ pub struct Session {
     pub(super) subs: Vec<Arc<str>>,
     pub(super) params: Option<Box<ConnectParams>>,
     /// Token bucket for the per-connection message rate limit.
-    pub(super) tokens: f32,
-    pub(super) refilled: Option<Instant>,
+    pub(super) rate: Bucket,
+    /// Token bucket for messages stored in offline inboxes.
+    pub(super) stored: Bucket,
     /// Ingestible messages received (seed 000 `dataReceived`).
     pub(super) data_received: u32,
     /// Channels subscribed with `since` whose recovery is still on its way:
@@ -102,8 +103,8 @@ impl Session {
             identity: None,
             subs: Vec::new(),
             params: Some(Box::new(params)),
-            tokens: 0.0,
-            refilled: None,
+            rate: Bucket::default(),
+            stored: Bucket::default(),
             data_received: 0,
             recovering: Vec::new(),
             connected_at_ms: crate::clock::now_ms(),
@@ -212,7 +213,22 @@ impl Session {
         if rate == 0 {
             return false;
         }
-        let burst = cfg.rate_limit.burst.max(1) as f32;
+        !self.rate.take(rate, cfg.rate_limit.burst, cost, now)
+    }
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` kept (full at
+/// first use).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Bucket {
+    tokens: f32,
+    refilled: Option<Instant>,
+}
+
+impl Bucket {
+    /// Take `cost` tokens if there are that many; false (nothing taken) if not.
+    pub fn take(&mut self, rate: u32, burst: u32, cost: u32, now: Instant) -> bool {
+        let burst = burst.max(1) as f32;
         let last = self.refilled.unwrap_or(now);
         if self.refilled.is_none() {
             self.tokens = burst;
@@ -224,9 +240,9 @@ impl Session {
         let cost = (cost.max(1) as f32).min(burst);
         if self.tokens >= cost {
             self.tokens -= cost;
-            false
-        } else {
             true
+        } else {
+            false
         }
     }
 }
