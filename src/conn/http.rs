@@ -274,14 +274,11 @@ impl Conn {
     }
 
     /// Is a request with a complete head still waiting for its body?
-    pub(super) fn body_incomplete(&mut self, ctx: &Ctx<'_>) -> bool {
-        let mut hs = std::mem::take(&mut self.hs);
-        let waiting = matches!(
-            parse_request(&mut hs, ctx.env.cfg.max_header_bytes),
-            Ok(Some((req, head))) if hs.len() < head.saturating_add(req.content_length)
-        );
-        self.hs = hs;
-        waiting
+    pub(super) fn body_incomplete(&self, ctx: &Ctx<'_>) -> bool {
+        matches!(
+            parse_request(&self.hs, ctx.env.cfg.max_header_bytes),
+            Ok(Some((req, head))) if self.hs.len() < head.saturating_add(req.content_length)
+        )
     }
 
     /// 408: the body did not arrive by the deadline (`handshake_timeout`
