@@ -582,4 +582,22 @@ mod tests {
         assert_eq!(turns, 7, "100 KiB in 16 KiB turns");
         assert_eq!(shard.peers.queued(0), 0);
     }
+
+    /// Issue 12.13: buffers a burst grew (the cork, the parse copy) are
+    /// given back at the once-a-second sweep; before they kept the peak.
+    #[test]
+    fn the_sweep_gives_back_buffers_a_burst_grew() {
+        let (mut shard, _router, _others, _) = shard0_with(1, |_| {});
+        shard.io.cork.reserve(4 << 20);
+        shard.desk.raw.reserve(1 << 20);
+        assert!(shard.io.cork.capacity() >= 4 << 20);
+        shard.trim_buffers();
+        assert!(
+            shard.io.cork.capacity() <= 128 << 10,
+            "{}",
+            shard.io.cork.capacity()
+        );
+        assert_eq!(shard.desk.raw.capacity(), 0);
+        assert_eq!(shard.io.pool.held(), 0);
+    }
 }

@@ -16,7 +16,7 @@ use crate::id::ConnId;
 use crate::work::ShardQuery;
 
 use super::inbox::{ShardMsg, weight};
-use super::state::{ACCEPT_RETRY, LISTENER, SWEEP_EVERY, Shard, WAKER};
+use super::state::{ACCEPT_RETRY, LISTENER, SCRATCH, SWEEP_EVERY, Shard, WAKER};
 
 impl Shard {
     pub(super) fn run(mut self: Box<Self>) {
@@ -74,6 +74,7 @@ impl Shard {
                 self.history.sweep(now_ms, idle);
                 self.desk.revoked.sweep(now_ms);
                 self.io.c.history_channels = self.history.channel_count() as u64;
+                self.trim_buffers();
             }
             self.io.c.shard_queue_bytes = self.queued.load(Ordering::Acquire) as u64;
             self.io.c.history_refused = self.desk.refused.history;
@@ -101,6 +102,24 @@ impl Shard {
         // `sockets` stays as it was: the server reads it to report a timeout.
         self.stats.publish(&self.io.c);
         log::debug!("shard {} stopped", self.env.shard);
+    }
+
+    /// Give back the shard's reusable buffers once a burst has grown them
+    /// (the cork after a large reply, the parse buffers after a large
+    /// message, spare partial-frame buffers): after a flood the shard keeps
+    /// its usual working set, not the flood's. Whether the allocator returns
+    /// the memory to the OS is its own business (docs/BENCHMARKS.md, memory
+    /// after a flood).
+    pub(super) fn trim_buffers(&mut self) {
+        const KEEP_PARSE: usize = 64 << 10;
+        if self.io.cork.is_empty() && self.io.cork.capacity() > 2 * SCRATCH {
+            self.io.cork = Vec::with_capacity(SCRATCH);
+        }
+        if self.desk.raw.capacity() > KEEP_PARSE {
+            self.desk.raw = Vec::new();
+            self.desk.json = simd_json::Buffers::default();
+        }
+        self.io.pool.clear();
     }
 
     pub(super) fn poll_timeout(&self, now: Instant) -> Option<Duration> {

@@ -42,7 +42,7 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// 512 slots x 100 ms = 51 s, one lap for the default 30 s heartbeat.
 const WHEEL_SLOTS: usize = 512;
 /// One read lands here; a multiple of the socket buffer's usual burst.
-const SCRATCH: usize = 64 << 10;
+pub(super) const SCRATCH: usize = 64 << 10;
 /// Retry after the process ran out of file descriptors.
 pub(super) const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// How often expired history and revocations are dropped.
