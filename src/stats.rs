@@ -167,6 +167,7 @@ const GAUGES: &[&str] = &[
     "history_channels",
     "shard_queue_bytes",
     "shard_queue_peak_bytes",
+    "inbox_turn_peak_bytes",
 ];
 
 /// The Prometheus text exposition (format 0.0.4) of every shard's counters,
@@ -274,6 +275,8 @@ counters! {
     replies_skipped,
     /// Loop turns whose inbox handling stopped at shard_turn_bytes (the rest waited one turn).
     inbox_turns_cut,
+    /// The most bytes of inbox messages handled in one loop turn (gauge).
+    inbox_turn_peak_bytes,
 }
 
 impl Counters {

@@ -244,9 +244,22 @@ fn a_publication_flood_across_shards_stays_within_the_queue_budget() {
         .map(|c| c.shard_queue_peak_bytes)
         .max()
         .unwrap_or(0);
+    let turn = server
+        .shard_stats()
+        .iter()
+        .map(|c| c.inbox_turn_peak_bytes)
+        .max()
+        .unwrap_or(0);
     eprintln!(
-        "peak queue {peak} bytes, RSS grown {grown} bytes, refused {}, turns cut {}",
+        "peak queue {peak} bytes, peak turn {turn} bytes, RSS grown {grown} bytes, refused {}, turns cut {}",
         s.shard_queue_refused, s.inbox_turns_cut
+    );
+    // One turn of a shard handles at most shard_turn_bytes of its inbox (and
+    // the message that crosses it), whatever the others queued: its own
+    // clients (pings, reads, timers) wait one budget, not the whole flood.
+    assert!(
+        turn <= (256 << 10) + 2048,
+        "{turn} bytes of inbox handled in one turn"
     );
     // Admitted while there was room, publications still queued at the home
     // shard fan out after the check: at most one more budget's worth.

@@ -253,6 +253,8 @@ impl Shard {
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
         }
+        let handled = handled as u64;
+        self.io.c.inbox_turn_peak_bytes = self.io.c.inbox_turn_peak_bytes.max(handled);
     }
 
     pub(super) fn accept(&mut self, now: Instant) {
