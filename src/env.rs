@@ -106,6 +106,8 @@ pub struct Refused {
     pub history: u64,
     /// Direct messages past `inbox.stored_per_second` of their sender.
     pub inbox_rate: u64,
+    /// Messages past `rate_limit.messages_per_second` of their connection.
+    pub rate: u64,
 }
 
 /// One handler call on one connection.

@@ -263,6 +263,8 @@ counters! {
     history_pages,
     /// `history` requests refused (`overloaded`) because the connection had MAX_PENDING_HISTORY pages on their way or half its max_outbound_bytes queued.
     history_refused,
+    /// Client messages refused (`rate_limited`) past rate_limit.messages_per_second (history and presence cost rate_limit.request_cost).
+    rate_limited,
     /// Direct messages refused (`rate_limited`) past the sender's inbox.stored_per_second.
     inbox_rate_refused,
     /// Unauthenticated connections closed (1009) or HTTP requests refused before their body for exceeding pre_auth_max_bytes.

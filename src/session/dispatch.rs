@@ -66,6 +66,7 @@ impl Session {
             1
         };
         if self.rate_limited(&ctx.env.cfg, ctx.now, cost) {
+            ctx.desk.refused.rate += 1;
             reply_error(
                 out,
                 ErrorCode::RateLimited,

@@ -79,6 +79,7 @@ impl Shard {
             self.io.c.shard_queue_bytes = self.queued.load(Ordering::Acquire) as u64;
             self.io.c.history_refused = self.desk.refused.history;
             self.io.c.inbox_rate_refused = self.desk.refused.inbox_rate;
+            self.io.c.rate_limited = self.desk.refused.rate;
             self.io.c.local_users = self.desk.local.user_count() as u64;
             self.io.c.local_channels = self.desk.local.channel_count() as u64;
             self.stats.publish(&self.io.c);
