@@ -853,6 +853,10 @@ impl Config {
         if self.max_header_bytes < 256 {
             return bad("max_header_bytes", "must be at least 256".into());
         }
+        if self.pre_auth_max_bytes < 1024 {
+            // An `authenticate` message carries a token: leave it room.
+            return bad("pre_auth_max_bytes", "must be at least 1024".into());
+        }
         const DAY: Duration = Duration::from_secs(86_400);
         for (name, d) in [
             ("handshake_timeout", self.handshake_timeout),
@@ -1115,6 +1119,22 @@ mod tests {
             (
                 env(&[("SWITCHBOARD_MAX_FRAME_SIZE", "0")]),
                 "max_frame_size",
+            ),
+            (
+                env(&[("SWITCHBOARD_PRE_AUTH_MAX_BYTES", "100")]),
+                "pre_auth_max_bytes",
+            ),
+            (
+                env(&[("SWITCHBOARD_SHARD_QUEUE_BYTES", "0")]),
+                "shard_queue_bytes",
+            ),
+            (
+                env(&[("SWITCHBOARD_STORAGE_QUEUE_BYTES", "0")]),
+                "storage.queue_bytes",
+            ),
+            (
+                env(&[("SWITCHBOARD_INBOX_MAX_BYTES_PER_SENDER", "0")]),
+                "inbox.max_bytes_per_sender",
             ),
         ];
         for (e, word) in cases {
