@@ -410,6 +410,12 @@ pub struct AuthConfig {
     /// Match your longest token lifetime.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub revocation_ttl: Duration,
+    /// How long before an open connection's token expires it gets a
+    /// `token_expiring` event (time to send `refresh` with a new token);
+    /// 0 = no warning. The connection is closed (4004) when the token would
+    /// no longer be accepted at login: `exp` plus `jwt.leeway`.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub expiry_warning: Duration,
     pub jwt: JwtConfig,
 }
 
@@ -420,6 +426,7 @@ impl Default for AuthConfig {
             token: None,
             timeout: Duration::from_secs(10),
             revocation_ttl: Duration::from_secs(86_400),
+            expiry_warning: Duration::from_secs(60),
             jwt: JwtConfig::default(),
         }
     }
@@ -615,6 +622,7 @@ const OPTIONS: &[&str] = &[
     "auth.mode",
     "auth.token",
     "auth.timeout",
+    "auth.expiry_warning",
     "auth.jwt.secret",
     "auth.jwt.secret_base64",
     "auth.jwt.public_key_file",
@@ -816,6 +824,7 @@ impl Config {
             ("idle_timeout", self.idle_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
             ("auth.jwt.leeway", self.auth.jwt.leeway),
+            ("auth.expiry_warning", self.auth.expiry_warning),
         ] {
             if d > DAY {
                 return bad(name, format!("{d:?} is over 1 day"));

@@ -248,6 +248,8 @@ counters! {
     store_rejected,
     /// Connections closed because their token was revoked (4001).
     revoked_closes,
+    /// Connections closed because their token expired unrefreshed (4004).
+    token_expired_closes,
     /// HTTP requests served (API, health, metrics, console).
     api_requests,
 }

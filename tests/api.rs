@@ -332,7 +332,7 @@ fn auth_failures_and_bad_requests_get_clear_errors() {
 
     let raw = |req: &str| http(addr, req);
     let r = raw(&format!(
-        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 9\r\n\r\n{{\"chan\":1"
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: 9\r\n\r\n{{\"chan\":1"
     ));
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     assert!(r.contains("\"bad_json\""), "{r}");
@@ -633,7 +633,7 @@ fn half_close_after_a_request_still_gets_its_answer() {
     let body = r#"{"userId":"away","data":{"n":1},"ack":true}"#;
     write!(
         s,
-        "POST /api/send HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /api/send HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();

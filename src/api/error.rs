@@ -29,6 +29,9 @@ pub enum Caller {
     Forbidden,
     /// No such route or file (404 `not_found`).
     NotFound,
+    /// A POST whose body is not declared `application/json`: what a web
+    /// page can send cross-site without asking (415 `unsupported_media_type`).
+    UnsupportedMediaType,
     /// Not possible with this server's configuration (409 `not_available`).
     NotAvailable,
     /// Needs storage, and this server stores nothing (409 `storage_disabled`).
@@ -76,6 +79,7 @@ impl ApiError {
                 Caller::Unauthorized => 401,
                 Caller::Forbidden => 403,
                 Caller::NotFound => 404,
+                Caller::UnsupportedMediaType => 415,
                 Caller::NotAvailable | Caller::StorageDisabled => 409,
             },
             ApiError::Server(s, _) => match s {
@@ -99,6 +103,7 @@ impl ApiError {
                 Caller::Unauthorized => "unauthorized",
                 Caller::Forbidden => "forbidden",
                 Caller::NotFound => "not_found",
+                Caller::UnsupportedMediaType => "unsupported_media_type",
                 Caller::NotAvailable => "not_available",
                 Caller::StorageDisabled => "storage_disabled",
             },

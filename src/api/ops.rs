@@ -66,6 +66,22 @@ pub(super) fn metrics(
     )))
 }
 
+/// Headers of the console's files. The page holds an API key and a token
+/// while in use: it may run only its own script and style (no inline code,
+/// nothing from elsewhere), may not be framed (clickjacking), and its files
+/// are never sniffed as another type. It talks to the server named in its
+/// URL field, so `connect-src` allows any WebSocket or HTTP(S) endpoint.
+pub(super) const CONSOLE_HEADERS: &[(&str, &str)] = &[
+    ("Cache-Control", "no-cache"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self' ws: wss: http: https:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    ("X-Frame-Options", "DENY"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+];
+
 pub(super) fn console(
     req: &Request,
     _body: &[u8],
@@ -78,7 +94,7 @@ pub(super) fn console(
             "OK",
             ctype,
             bytes,
-            &[("Cache-Control", "no-cache")],
+            CONSOLE_HEADERS,
             call.close,
         ))),
         None => Err(ApiError::caller(Caller::NotFound, "no such file")),

@@ -23,7 +23,7 @@ use crate::deadline::{TimerKind, TimerRef};
 use crate::env::{Desk, Env, Handling};
 use crate::id::ConnId;
 use crate::proto::{self, ErrorCode};
-use crate::session::{Replies, Session, Verdict, close};
+use crate::session::{Replies, Session, TokenStep, Verdict, close};
 use crate::stats::{Counters, LocalHistos};
 use crate::timer::{TimerKey, TimerWheel};
 use crate::ws::frame::{self, CloseCode, OpCode};
@@ -234,6 +234,10 @@ impl Conn {
     fn leave_open(&mut self, ctx: &mut Ctx<'_>) {
         if let Some(session) = self.session.as_mut() {
             session.on_close(&mut ctx.desk.local, &ctx.env.router, ctx.env.shard, ctx.key);
+            // A token may live for days: its entry must not outlive us.
+            if let Some(k) = session.take_token_timer() {
+                ctx.io.wheel.cancel(k);
+            }
         }
         if self.counted {
             self.counted = false;
@@ -377,7 +381,7 @@ impl Conn {
                     match (ep, session.as_deref_mut()) {
                         (Endpoint::App, Some(s)) => {
                             // Keep the strongest verdict of the read (Close >
-                            // Authenticated > Continue): an `authenticate`
+                            // Authenticated > Refreshed > Continue): an `authenticate`
                             // followed by another message in the same read
                             // must still start the heartbeat.
                             match s.on_text(bytes, &mut actx, &mut sink) {
@@ -386,6 +390,11 @@ impl Conn {
                                     return Flow::Stop;
                                 }
                                 Verdict::Authenticated => verdict = Verdict::Authenticated,
+                                Verdict::Refreshed => {
+                                    if verdict == Verdict::Continue {
+                                        verdict = Verdict::Refreshed;
+                                    }
+                                }
                                 Verdict::Continue => {}
                             }
                         }
@@ -486,9 +495,57 @@ impl Conn {
             }
             Verdict::Authenticated => {
                 self.set_timer(ctx, ctx.env.cfg.heartbeat_interval, TimerKind::Ping);
+                self.schedule_token(ctx);
             }
+            Verdict::Refreshed => self.schedule_token(ctx),
             Verdict::Close(code, reason) => self.close_code(code, reason, ctx),
         }
+    }
+
+    /// (Re)arm the token's expiry timer from the session's current token:
+    /// one wheel entry per connection whose token expires, replaced on
+    /// refresh, cancelled when the connection stops being open.
+    fn schedule_token(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(session) = self.session.as_deref_mut() else {
+            return;
+        };
+        if let Some(k) = session.take_token_timer() {
+            ctx.io.wheel.cancel(k);
+        }
+        if let Some(wait) = session.token_wait(&ctx.env.cfg, crate::clock::now_ms()) {
+            let r = TimerRef {
+                key: ctx.key,
+                id: self.id,
+                kind: TimerKind::TokenExpiry,
+            };
+            session.set_token_timer(ctx.io.wheel.insert(ctx.now, wait, r));
+        }
+    }
+
+    /// The token timer fired: warn, wait again, or close 4004.
+    fn on_token_timer(&mut self, ctx: &mut Ctx<'_>) -> Next {
+        if !self.is_open() {
+            return Next::Keep;
+        }
+        let Some(mut session) = self.session.take() else {
+            return Next::Keep;
+        };
+        let _fired = session.take_token_timer(); // the wheel already removed it
+        let step = self.with_app(
+            ctx,
+            |s, actx, sink| s.on_token_timer(&actx.env.cfg, crate::clock::now_ms(), sink),
+            &mut session,
+        );
+        self.session = Some(session);
+        match step {
+            TokenStep::Close(code, reason) => {
+                ctx.io.c.token_expired_closes += 1;
+                log::info!("conn={} token expired, closing {code}", self.id);
+                self.close_code(code, reason, ctx);
+            }
+            TokenStep::Wait => self.schedule_token(ctx),
+        }
+        self.after_io(ctx)
     }
 
     /// Queue a text frame for this connection (a reply produced outside its
@@ -637,6 +694,10 @@ impl Conn {
 
     /// A timer of this connection fired.
     pub fn on_timer(&mut self, kind: TimerKind, ctx: &mut Ctx<'_>) -> Next {
+        if kind == TimerKind::TokenExpiry {
+            // The session's own wheel entry, not the connection's slot.
+            return self.on_token_timer(ctx);
+        }
         self.timer = None;
         match (kind, self.state) {
             (TimerKind::Handshake, State::Handshake) => {

@@ -201,7 +201,8 @@
   // One HTTP API call. body: JSON text or undefined. Errors carry the server's message.
   async function api(method, path, body) {
     const headers = { Accept: 'application/json' };
-    if (body !== undefined) headers['Content-Type'] = 'application/json';
+    // Every POST says JSON: the API refuses other POSTs (they could come cross-site).
+    if (body !== undefined || method === 'POST') headers['Content-Type'] = 'application/json';
     const key = $('apiKey').value.trim();
     if (key) headers.Authorization = 'Bearer ' + key;
     const ctl = new AbortController();

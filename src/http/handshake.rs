@@ -54,6 +54,8 @@ pub struct Request {
     pub host: Option<String>,
     /// `X-API-Key`.
     pub api_key: Option<String>,
+    /// `Content-Type`, as sent.
+    pub content_type: Option<String>,
     /// `Content-Length` (0 when absent).
     pub content_length: usize,
     /// A `Transfer-Encoding` was given (we take only Content-Length bodies).
@@ -66,6 +68,17 @@ impl Request {
     /// Is this request asking for a WebSocket upgrade at all?
     pub fn wants_upgrade(&self) -> bool {
         self.upgrade_websocket && self.connection_upgrade
+    }
+
+    /// Is the body declared as JSON (`Content-Type: application/json`, with
+    /// any parameters)? A browser sends that type cross-site only after a
+    /// CORS preflight, which this server never grants.
+    pub fn json_body(&self) -> bool {
+        self.content_type.as_deref().is_some_and(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+        })
     }
 
     /// A query parameter, percent-decoded.
@@ -198,6 +211,8 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Request, usi
             out.host = text(h.value);
         } else if name.eq_ignore_ascii_case("x-api-key") {
             out.api_key = text(h.value);
+        } else if name.eq_ignore_ascii_case("content-type") {
+            out.content_type = text(h.value);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             out.transfer_encoding = true;
         } else if name.eq_ignore_ascii_case("content-length") {

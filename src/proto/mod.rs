@@ -56,6 +56,8 @@ pub enum ErrorCode {
     StorageError,
     /// The token (or every token of the user) was revoked.
     TokenRevoked,
+    /// A `refresh` token names another user or tenant than the connection's.
+    TokenMismatch,
     /// The server is shutting down and could not do it.
     Unavailable,
 }
@@ -81,6 +83,7 @@ impl ErrorCode {
             ErrorCode::StorageDisabled => "storage_disabled",
             ErrorCode::StorageError => "storage_error",
             ErrorCode::TokenRevoked => "token_revoked",
+            ErrorCode::TokenMismatch => "token_mismatch",
             ErrorCode::Unavailable => "unavailable",
         }
     }

@@ -7,6 +7,7 @@ use std::time::Instant;
 use crate::auth::Identity;
 use crate::config::Config;
 use crate::route::{LocalIndex, Router};
+use crate::timer::TimerKey;
 
 /// Close codes of the application protocol (4000-4999 are ours).
 pub mod close {
@@ -14,6 +15,8 @@ pub mod close {
     pub const TOKEN_REVOKED: u16 = 4001;
     /// Authentication failed; the preceding error message says why.
     pub const AUTH_FAILED: u16 = 4003;
+    /// The token expired on the open connection (no `refresh` in time).
+    pub const TOKEN_EXPIRED: u16 = 4004;
     /// No `authenticate` message within `auth.timeout`.
     pub const AUTH_TIMEOUT: u16 = 4008;
 }
@@ -74,14 +77,30 @@ pub struct Session {
     pub(super) recovering: Vec<Arc<str>>,
     /// When the upgrade completed (ms since the epoch).
     pub(super) connected_at_ms: i64,
+    /// The wheel entry of the token's expiry (the connection sets and
+    /// cancels it: only it holds the wheel).
+    token_timer: Option<TimerKey>,
+    /// `token_expiring` was sent for the current token.
+    pub(super) expiry_warned: bool,
+}
+
+/// What the token timer decided ([`Session::on_token_timer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenStep {
+    /// Nothing more to do until [`Session::token_wait`].
+    Wait,
+    /// The token expired: close with this code and reason.
+    Close(u16, &'static str),
 }
 
 /// What the connection should do after a handler ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Continue,
-    /// Just authenticated: start heartbeats.
+    /// Just authenticated: start heartbeats (and the token's expiry timer).
     Authenticated,
+    /// The token was replaced (`refresh`): restart its expiry timer.
+    Refreshed,
     /// Close with this code and reason (after the queued replies).
     Close(u16, &'static str),
 }
@@ -98,7 +117,97 @@ impl Session {
             data_received: 0,
             recovering: Vec::new(),
             connected_at_ms: crate::clock::now_ms(),
+            token_timer: None,
+            expiry_warned: false,
         }
+    }
+
+    /// When the connection's token stops being accepted (ms since the
+    /// epoch): `exp` plus the leeway a login gets, so an open connection
+    /// lasts exactly as long as a new login with the same token would work.
+    /// `None`: the token never expires (no `exp`, modes `none` and `token`).
+    pub fn token_deadline_ms(&self, cfg: &Config) -> Option<i64> {
+        let exp = self.identity.as_ref()?.expires_at?;
+        let leeway = i64::try_from(cfg.auth.jwt.leeway.as_millis()).unwrap_or(i64::MAX);
+        Some(
+            i64::try_from(exp)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1000)
+                .saturating_add(leeway),
+        )
+    }
+
+    /// How long until the token timer should fire: at the warning
+    /// (`auth.expiry_warning` before the deadline) if not sent yet, else at
+    /// the deadline. `None`: no expiry.
+    pub fn token_wait(&self, cfg: &Config, now_ms: i64) -> Option<std::time::Duration> {
+        let deadline = self.token_deadline_ms(cfg)?;
+        let warning = i64::try_from(cfg.auth.expiry_warning.as_millis()).unwrap_or(i64::MAX);
+        let at = if warning > 0 && !self.expiry_warned {
+            deadline.saturating_sub(warning)
+        } else {
+            deadline
+        };
+        let ms = u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0);
+        Some(std::time::Duration::from_millis(ms))
+    }
+
+    /// The token timer fired (wall clock `now_ms`): past the deadline,
+    /// `token_expired` and a close; within the warning, `token_expiring`
+    /// once. A wheel that fired early (the wall clock is what counts) just
+    /// waits again.
+    pub fn on_token_timer(
+        &mut self,
+        cfg: &Config,
+        now_ms: i64,
+        out: &mut dyn super::Replies,
+    ) -> TokenStep {
+        let Some(deadline) = self.token_deadline_ms(cfg) else {
+            return TokenStep::Wait;
+        };
+        if now_ms >= deadline {
+            let mut b = Vec::new();
+            crate::proto::Out::new(&mut b, "token_expired")
+                .str(
+                    "message",
+                    "the token expired: reconnect with a new token (send refresh before expiry to stay connected)",
+                )
+                .finish();
+            out.text(&b);
+            return TokenStep::Close(close::TOKEN_EXPIRED, "token expired");
+        }
+        let warning = i64::try_from(cfg.auth.expiry_warning.as_millis()).unwrap_or(i64::MAX);
+        if warning > 0 && !self.expiry_warned && now_ms >= deadline.saturating_sub(warning) {
+            self.expiry_warned = true;
+            let exp = self
+                .identity
+                .as_ref()
+                .and_then(|i| i.expires_at)
+                .and_then(|e| i64::try_from(e).ok())
+                .unwrap_or(i64::MAX / 1000);
+            let mut b = Vec::new();
+            crate::proto::Out::new(&mut b, "token_expiring")
+                .str(
+                    "expiresAt",
+                    &crate::clock::rfc3339_ms(exp.saturating_mul(1000)),
+                )
+                .num(
+                    "closesIn",
+                    u64::try_from((deadline - now_ms) / 1000).unwrap_or(0),
+                )
+                .finish();
+            out.text(&b);
+        }
+        TokenStep::Wait
+    }
+
+    /// The wheel entry of the token timer, taken (to cancel or replace it).
+    pub fn take_token_timer(&mut self) -> Option<TimerKey> {
+        self.token_timer.take()
+    }
+
+    pub fn set_token_timer(&mut self, key: TimerKey) {
+        self.token_timer = Some(key);
     }
 
     pub fn connected_at_ms(&self) -> i64 {
