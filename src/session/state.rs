@@ -320,3 +320,78 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    struct Texts(Vec<serde_json::Value>);
+    impl super::super::Replies for Texts {
+        fn text(&mut self, json: &[u8]) {
+            self.0
+                .push(serde_json::from_slice(json).unwrap_or_default());
+        }
+    }
+
+    fn with_exp(exp: Option<u64>) -> Session {
+        let mut s = Session::new(ConnectParams::default());
+        s.identity = Some(Box::new(Identity {
+            expires_at: exp,
+            ..Identity::user("alice")
+        }));
+        s
+    }
+
+    /// The deadline is `exp` plus the login leeway; the warning comes
+    /// `auth.expiry_warning` before it, once; the close at the deadline.
+    #[test]
+    fn token_timer_warns_once_then_closes_at_exp_plus_leeway() {
+        let mut cfg = Config::default();
+        cfg.auth.jwt.leeway = Duration::from_secs(30);
+        cfg.auth.expiry_warning = Duration::from_secs(60);
+        let exp = 1_000_000u64;
+        let deadline = 1_000_030_000i64;
+        let mut s = with_exp(Some(exp));
+        assert_eq!(s.token_deadline_ms(&cfg), Some(deadline));
+        let early = deadline - 100_000;
+        assert_eq!(s.token_wait(&cfg, early), Some(Duration::from_secs(40)));
+        let mut out = Texts(Vec::new());
+        // A wheel that fires early (by the wall clock) changes nothing.
+        assert_eq!(s.on_token_timer(&cfg, early, &mut out), TokenStep::Wait);
+        assert!(out.0.is_empty());
+        let warn_at = deadline - 60_000;
+        assert_eq!(s.on_token_timer(&cfg, warn_at, &mut out), TokenStep::Wait);
+        assert_eq!(out.0.len(), 1);
+        assert_eq!(out.0[0]["type"], "token_expiring");
+        assert_eq!(out.0[0]["closesIn"], 60);
+        assert_eq!(
+            s.token_wait(&cfg, warn_at),
+            Some(Duration::from_secs(60)),
+            "after the warning, the deadline"
+        );
+        assert_eq!(
+            s.on_token_timer(&cfg, warn_at + 1, &mut out),
+            TokenStep::Wait
+        );
+        assert_eq!(out.0.len(), 1, "one warning");
+        assert_eq!(
+            s.on_token_timer(&cfg, deadline, &mut out),
+            TokenStep::Close(close::TOKEN_EXPIRED, "token expired")
+        );
+        assert_eq!(out.0[1]["type"], "token_expired");
+        // Past the deadline already (e.g. a refresh to an almost expired
+        // token): due at once.
+        assert_eq!(s.token_wait(&cfg, deadline + 5), Some(Duration::ZERO));
+        // No warning configured: straight to the deadline.
+        cfg.auth.expiry_warning = Duration::ZERO;
+        let s = with_exp(Some(exp));
+        assert_eq!(s.token_wait(&cfg, early), Some(Duration::from_secs(100)));
+        // No `exp`, or no identity: no timer.
+        assert_eq!(with_exp(None).token_wait(&cfg, early), None);
+        assert_eq!(
+            Session::new(ConnectParams::default()).token_wait(&cfg, early),
+            None
+        );
+    }
+}
