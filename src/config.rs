@@ -24,6 +24,79 @@ pub enum AcceptMode {
     Reuseport,
 }
 
+/// A block of addresses: `10.0.0.0/8`, `2001:db8::/32`, or one address
+/// (`192.0.2.7`, a /32 or /128). Written and printed as text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Is `ip` inside the block? IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`,
+    /// what a dual-stack listener reports) count as their IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or address/prefix"))?;
+        let addr = addr.to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0..={max}"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -68,8 +141,81 @@ pub struct NamespaceRules {
     pub publish: Rule,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+/// One `[channels.namespaces.<ns>]` table as written: a field left out
+/// falls back (see [`ChannelsFile`]).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamespaceRulesFile {
+    subscribe: Option<Rule>,
+    publish: Option<Rule>,
+}
+
+/// `[channels]` as written. Read through this so that a namespace table
+/// adds to the built-in rules of `public`, `user` and `tenant` instead of
+/// replacing all of them (serde's `default` would take the whole map from
+/// the file): a user who copies the README's `[channels.namespaces.room]`
+/// must not silently make `public:*` claims-only.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+struct ChannelsFile {
+    max_subscriptions: usize,
+    max_channel_length: usize,
+    subscribe: Rule,
+    publish: Rule,
+    broadcast: Rule,
+    direct: Rule,
+    namespaces: std::collections::BTreeMap<String, NamespaceRulesFile>,
+}
+
+impl Default for ChannelsFile {
+    fn default() -> Self {
+        let d = ChannelsConfig::default();
+        ChannelsFile {
+            max_subscriptions: d.max_subscriptions,
+            max_channel_length: d.max_channel_length,
+            subscribe: d.subscribe,
+            publish: d.publish,
+            broadcast: d.broadcast,
+            direct: d.direct,
+            namespaces: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl From<ChannelsFile> for ChannelsConfig {
+    /// Merge per namespace: the built-in namespaces stay unless the file
+    /// names them; a field the file leaves out keeps the built-in rule of
+    /// that namespace, or for a namespace without one the `[channels]`
+    /// default (`subscribe`/`publish`).
+    fn from(f: ChannelsFile) -> Self {
+        let mut namespaces = ChannelsConfig::default().namespaces;
+        for (ns, rules) in f.namespaces {
+            let base = namespaces.get(&ns).copied().unwrap_or(NamespaceRules {
+                subscribe: f.subscribe,
+                publish: f.publish,
+            });
+            namespaces.insert(
+                ns,
+                NamespaceRules {
+                    subscribe: rules.subscribe.unwrap_or(base.subscribe),
+                    publish: rules.publish.unwrap_or(base.publish),
+                },
+            );
+        }
+        ChannelsConfig {
+            max_subscriptions: f.max_subscriptions,
+            max_channel_length: f.max_channel_length,
+            subscribe: f.subscribe,
+            publish: f.publish,
+            broadcast: f.broadcast,
+            direct: f.direct,
+            namespaces,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(from = "ChannelsFile")]
 pub struct ChannelsConfig {
     /// Subscriptions one connection may hold.
     pub max_subscriptions: usize,
@@ -83,7 +229,9 @@ pub struct ChannelsConfig {
     pub broadcast: Rule,
     /// Who may send direct messages to a user.
     pub direct: Rule,
-    /// Rules per namespace (the part of a channel name before the first `:`).
+    /// Rules per namespace (the part of a channel name before the first `:`):
+    /// the built-in `public`, `user` and `tenant` plus what the file adds
+    /// or overrides (merged per namespace and per field).
     pub namespaces: std::collections::BTreeMap<String, NamespaceRules>,
 }
 
@@ -263,16 +411,72 @@ pub struct HistoryRule {
     pub ttl: Duration,
 }
 
+/// One `[history.namespaces.<ns>]` table as written: a field left out takes
+/// the global `history.size` / `history.ttl`.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryRuleFile {
+    size: Option<usize>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    ttl: Option<Duration>,
+}
+
+/// `[history]` as written; see [`HistoryRuleFile`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct HistoryFile {
+    size: usize,
+    #[serde(deserialize_with = "de_duration")]
+    ttl: Duration,
+    namespaces: std::collections::BTreeMap<String, HistoryRuleFile>,
+    max_page: usize,
+}
+
+impl Default for HistoryFile {
+    fn default() -> Self {
+        let d = HistoryConfig::default();
+        HistoryFile {
+            size: d.size,
+            ttl: d.ttl,
+            namespaces: std::collections::BTreeMap::new(),
+            max_page: d.max_page,
+        }
+    }
+}
+
+impl From<HistoryFile> for HistoryConfig {
+    fn from(f: HistoryFile) -> Self {
+        let namespaces = f
+            .namespaces
+            .into_iter()
+            .map(|(ns, r)| {
+                let rule = HistoryRule {
+                    size: r.size.unwrap_or(f.size),
+                    ttl: r.ttl.unwrap_or(f.ttl),
+                };
+                (ns, rule)
+            })
+            .collect();
+        HistoryConfig {
+            size: f.size,
+            ttl: f.ttl,
+            namespaces,
+            max_page: f.max_page,
+        }
+    }
+}
+
 /// Channel history and recovery (seed 001 "event history").
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(from = "HistoryFile")]
 pub struct HistoryConfig {
     /// Publications kept per channel (seed 001: the last 100); 0 = none.
     pub size: usize,
     /// How long a publication stays recoverable.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub ttl: Duration,
-    /// Overrides per namespace.
+    /// Overrides per namespace; a field a namespace table leaves out takes
+    /// the global value above when the file is read.
     pub namespaces: std::collections::BTreeMap<String, HistoryRule>,
     /// Most publications one `history` request or recovery returns.
     pub max_page: usize,
@@ -471,8 +675,14 @@ pub struct Config {
     /// Graceful shutdown deadline (seed WS_SHUTDOWN_TIMEOUT).
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub shutdown_timeout: Duration,
-    /// New connections per client IP per minute; 0 = unlimited (seed 001 uses 10).
+    /// WebSocket upgrade requests per client IP per minute; 0 = unlimited
+    /// (seed 001 uses 10). Plain HTTP requests (API, health checks, the
+    /// console) do not count.
     pub per_ip_connections_per_minute: u32,
+    /// Proxies (addresses or blocks) whose `Forwarded` / `X-Forwarded-For`
+    /// header names the client. Empty by default: those headers are trusted
+    /// from nobody, since any client can send them.
+    pub trusted_proxies: Vec<Cidr>,
     /// Bytes read from one connection per wake-up before others get their turn.
     pub read_budget: usize,
     /// debug, info, warn, error (seed logLevel).
@@ -517,6 +727,7 @@ impl Default for Config {
             close_timeout: Duration::from_secs(3),
             shutdown_timeout: Duration::from_secs(10),
             per_ip_connections_per_minute: 0,
+            trusted_proxies: Vec::new(),
             read_budget: 256 << 10,
             log_level: "info".into(),
             log_format: LogFormat::Text,
@@ -694,7 +905,7 @@ impl Config {
                 text.parse::<toml::Table>()
                     .map_err(|e| ConfigError::Parse {
                         source: path.display().to_string(),
-                        message: e.to_string(),
+                        message: toml_message(&text, &e),
                     })?
             }
             None => toml::Table::new(),
@@ -736,9 +947,11 @@ impl Config {
         let mut cfg: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let path = e.path().to_string();
+                // The bare message: toml's Display adds "in `<key>`" on a
+                // second line, and the path already names the key.
                 ConfigError::Parse {
                     source: source.into(),
-                    message: format!("{path}: {}", e.inner()),
+                    message: format!("{path}: {}", one_line(e.inner().message())),
                 }
             })?;
         if let Some(k) = lookup("SWITCHBOARD_API_KEY").filter(|k| !k.is_empty()) {
@@ -938,6 +1151,26 @@ impl Config {
     }
 }
 
+/// A TOML syntax error on one line: where, then what (toml's own Display
+/// draws the offending line with a caret over several lines).
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    let what = one_line(e.message());
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {what}")
+        }
+        None => what,
+    }
+}
+
+/// Messages from serde and toml may span lines; a start error is one line.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// Parse `"30s"`, `"250ms"`, `"2m"`, or a bare number of milliseconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -958,6 +1191,10 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Raw::Ms(ms) => Ok(Duration::from_millis(ms)),
         Raw::Text(s) => parse_duration(&s).map_err(serde::de::Error::custom),
     }
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -1067,6 +1304,119 @@ mod tests {
             ("SWITCHBOARD_ALLOW_UNAUTHENTICATED_PUBLIC", "true"),
         ]);
         assert!(Config::load_from(None, &ok, &Overrides::default()).is_ok());
+    }
+
+    fn load_toml(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load_from(Some(&path), &[], &Overrides::default())
+    }
+
+    #[test]
+    fn namespace_tables_add_to_the_built_in_rules() {
+        // The README's example: one namespace table must leave public, user
+        // and tenant as they were.
+        let c =
+            load_toml("[channels.namespaces.room]\nsubscribe = \"claims\"\npublish = \"claims\"\n")
+                .unwrap();
+        let ns = &c.channels.namespaces;
+        let defaults = ChannelsConfig::default().namespaces;
+        for name in ["public", "user", "tenant"] {
+            assert_eq!(ns.get(name), defaults.get(name), "{name} kept");
+        }
+        assert_eq!(
+            ns.get("room"),
+            Some(&NamespaceRules {
+                subscribe: Rule::Claims,
+                publish: Rule::Claims
+            })
+        );
+        // Per field: overriding one rule of a built-in namespace keeps the
+        // other; a new namespace's missing field is the [channels] default.
+        let c = load_toml(
+            "[channels]\npublish = \"admin\"\n[channels.namespaces.public]\nsubscribe = \"claims\"\n[channels.namespaces.chat]\nsubscribe = \"any\"\n",
+        )
+        .unwrap();
+        let ns = &c.channels.namespaces;
+        assert_eq!(
+            ns.get("public"),
+            Some(&NamespaceRules {
+                subscribe: Rule::Claims,
+                publish: Rule::Any
+            })
+        );
+        assert_eq!(
+            ns.get("chat"),
+            Some(&NamespaceRules {
+                subscribe: Rule::Any,
+                publish: Rule::Admin
+            })
+        );
+        // `switchboard config` prints the merged result, and it reads back the same.
+        let printed = toml::to_string_pretty(&c).unwrap();
+        assert!(printed.contains("[channels.namespaces.user]"), "{printed}");
+        assert_eq!(load_toml(&printed).unwrap(), c);
+    }
+
+    #[test]
+    fn history_namespace_fields_fall_back_to_the_global_values() {
+        let c = load_toml(
+            "[history]\nsize = 7\nttl = \"2h\"\n[history.namespaces.chat]\nsize = 5\n[history.namespaces.log]\nttl = \"10m\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.history.rule("chat:1"),
+            HistoryRule {
+                size: 5,
+                ttl: Duration::from_secs(7200)
+            }
+        );
+        assert_eq!(
+            c.history.rule("log:1"),
+            HistoryRule {
+                size: 7,
+                ttl: Duration::from_secs(600)
+            }
+        );
+        assert_eq!(c.history.rule("other:1").size, 7);
+        let printed = toml::to_string_pretty(&c).unwrap();
+        assert_eq!(load_toml(&printed).unwrap(), c);
+        // A bad field is still named.
+        let err = load_toml("[history.namespaces.chat]\nttl = \"soon\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("history.namespaces.chat.ttl"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_are_address_blocks() {
+        let c = load_toml("trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n")
+            .unwrap();
+        let [net, one, v6] = c.trusted_proxies.as_slice() else {
+            panic!("{:?}", c.trusted_proxies)
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(net.contains(ip("10.200.0.1")));
+        assert!(
+            net.contains(ip("::ffff:10.1.2.3")),
+            "IPv4-mapped counts as IPv4"
+        );
+        assert!(!net.contains(ip("11.0.0.1")));
+        assert!(one.contains(ip("192.0.2.7")) && !one.contains(ip("192.0.2.8")));
+        assert!(v6.contains(ip("2001:db8:1::5")) && !v6.contains(ip("2001:db9::1")));
+        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains(ip("8.8.8.8")));
+        assert!(toml::to_string(&c).unwrap().contains("\"10.0.0.0/8\""));
+        assert_eq!(load_toml(&toml::to_string(&c).unwrap()).unwrap(), c);
+        assert!(
+            Config::default().trusted_proxies.is_empty(),
+            "trusted by nobody by default"
+        );
+        for bad in ["10.0.0.0/33", "proxy.local", "10.0.0.1/x"] {
+            let err = load_toml(&format!("trusted_proxies = [\"{bad}\"]\n")).unwrap_err();
+            assert!(err.to_string().contains("trusted_proxies"), "{err}");
+        }
     }
 
     #[test]

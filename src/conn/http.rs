@@ -3,9 +3,11 @@
 //! API, keep-alive and pipelined requests answered in order, back-pressure
 //! while an answer is awaited or unread.
 
+use std::net::IpAddr;
 use std::time::Instant;
 
 use crate::api;
+use crate::config::Cidr;
 use crate::env::Handling;
 use crate::http::{Request, Response, parse_request};
 use crate::session::{ConnectParams, Session};
@@ -281,7 +283,11 @@ impl Conn {
         if ctx.desk.shutting_down {
             return Route::Reject(Response::shutting_down());
         }
-        if self.rate_limited {
+        // The per-IP limit counts WebSocket upgrades only (not API calls,
+        // health checks or the console on the same port), by the client's
+        // address: behind a trusted proxy, the one it names.
+        self.client = client_ip(self.peer.ip(), req, &cfg.trusted_proxies);
+        if ctx.env.limiter.is_limited(self.client, ctx.now) {
             ctx.io.c.rejected_rate += 1;
             return Route::Reject(Response::rate_limited());
         }
@@ -305,4 +311,30 @@ impl Conn {
         self.state = State::Rejecting { write_shut: false };
         self.set_timer(ctx, ctx.env.cfg.close_timeout, TimerKind::Linger);
     }
+}
+
+/// The client's address for a request that came from `peer`: `peer` itself
+/// unless it is a trusted proxy; then the proxies' chain of `for` addresses
+/// (`Forwarded`, else `X-Forwarded-For`) is read from the right, skipping
+/// trusted proxies, and the first address that is not one is the client
+/// (entries to its left were written by that client and are not believed).
+/// A hop that is not an address stops the walk at the last trusted hop.
+pub(super) fn client_ip(peer: IpAddr, req: &Request, trusted: &[Cidr]) -> IpAddr {
+    let peer = peer.to_canonical();
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let Some(chain) = req.forwarded_for() else {
+        return peer;
+    };
+    let mut client = peer;
+    for hop in chain.iter().rev() {
+        let Some(ip) = hop else { break };
+        client = ip.to_canonical();
+        if !is_trusted(client) {
+            break;
+        }
+    }
+    client
 }

@@ -158,6 +158,7 @@ impl Writer {
             notify,
             shared: shared.clone(),
             max_batch: cfg.max_batch.max(1),
+            episode: crate::stats::Episode::new("storage writes", log::Level::Error),
         };
         let thread = std::thread::Builder::new()
             .name("writer".into())
@@ -207,6 +208,8 @@ struct Run {
     notify: Arc<dyn Notify>,
     shared: Arc<Shared>,
     max_batch: usize,
+    /// Failed writes, logged once per episode.
+    episode: crate::stats::Episode,
 }
 
 impl Run {
@@ -278,9 +281,15 @@ impl Run {
                 .unwrap_or_else(|| Err(Arc::new(StoreError::NoResult)));
             if let Err(e) = &result {
                 errors += 1;
-                if ticket.is_none() {
-                    log::warn!("storage write failed (nobody waits for it): {e}");
-                }
+                // One line per episode (a full disk fails every request
+                // until space returns), not one per request; the count is
+                // in `switchboard_store_errors_total`.
+                let waits = if ticket.is_some() {
+                    "the client got storage_error"
+                } else {
+                    "nobody waits for it"
+                };
+                self.episode.failed(started, &format_args!("{e} ({waits})"));
             }
             let Some(ticket) = ticket else { continue };
             let done = Done {
@@ -293,6 +302,9 @@ impl Run {
             }
         }
         c.errors.fetch_add(errors, Ordering::Relaxed);
+        if errors == 0 {
+            self.episode.succeeded(Instant::now());
+        }
         for (shard, results) in per_shard {
             self.notify.done(shard, results);
         }
