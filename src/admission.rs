@@ -121,11 +121,16 @@ impl AcceptBackoff {
         self.pause = (self.pause * 2).min(ACCEPT_PAUSE_MAX);
     }
 
-    /// `accept` worked (or found nothing waiting): descriptors are there again.
+    /// `accept` worked (or found nothing waiting): accepting goes on, and
+    /// the next pause starts short again, so a backlog drains as fast as
+    /// descriptors are freed (at most one failed accept per 10 ms). The
+    /// episode, though, ends only after a quiet while (see `Episode`): at
+    /// the limit each freed descriptor is taken and the next accept fails
+    /// again, and that is one episode in the log.
     pub fn recovered(&mut self, now: Instant) {
         self.until = None;
         self.pause = ACCEPT_PAUSE_MIN;
-        self.episode.succeeded(now);
+        let _ended = self.episode.succeeded(now);
     }
 }
 
@@ -270,7 +275,18 @@ mod tests {
         assert_eq!(pauses[9], ACCEPT_PAUSE_MAX);
         assert_eq!(admission.accept_failures(), 10);
         assert_eq!(b.episode.failures(), 10);
+        // One accept works at the limit: the pause starts short again, but
+        // the episode goes on (one log line for the whole flapping run).
         b.recovered(t);
+        assert_eq!(
+            (b.until(), b.pause, b.episode.failures()),
+            (None, ACCEPT_PAUSE_MIN, 10)
+        );
+        b.exhausted(t, &emfile, &admission);
+        assert_eq!(b.until(), Some(t + ACCEPT_PAUSE_MIN));
+        // Quiet for a while: the episode ends.
+        let later = t + crate::stats::Episode::QUIET;
+        b.recovered(later);
         assert_eq!(
             (b.until(), b.pause, b.episode.failures()),
             (None, ACCEPT_PAUSE_MIN, 0)

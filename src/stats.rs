@@ -44,7 +44,11 @@ macro_rules! counters {
 /// A run of the same failure (accept out of descriptors, a full disk),
 /// logged as one episode instead of one line per failure: a line when it
 /// begins, a line a minute with the count while it lasts, a line with the
-/// count when it ends. The caller counts every failure in a metric too.
+/// count when it ends. It ends at the first success [`Episode::QUIET`] or
+/// more after its last failure: at a limit, successes and failures
+/// alternate (a freed descriptor is taken, the next accept fails), and
+/// that is one episode, not one per flip. The caller counts every failure
+/// in a metric too.
 #[derive(Debug)]
 pub struct Episode {
     what: &'static str,
@@ -52,11 +56,16 @@ pub struct Episode {
     failures: u64,
     began: Option<std::time::Instant>,
     reported: Option<std::time::Instant>,
+    last_failure: Option<std::time::Instant>,
 }
 
 impl Episode {
     /// How often a lasting episode says it is still going.
     pub const REPEAT: std::time::Duration = std::time::Duration::from_secs(60);
+    /// How long without a failure before a success ends the episode; longer
+    /// than the longest accept pause (1 s), so an accept that works once
+    /// after a pause does not end an episode that is still going.
+    pub const QUIET: std::time::Duration = std::time::Duration::from_secs(5);
 
     /// `what` names the failure in the log lines (`"accept"`).
     pub const fn new(what: &'static str, level: log::Level) -> Episode {
@@ -66,12 +75,14 @@ impl Episode {
             failures: 0,
             began: None,
             reported: None,
+            last_failure: None,
         }
     }
 
     /// One more failure; logs only at the start and once per [`Self::REPEAT`].
     pub fn failed(&mut self, now: std::time::Instant, err: &dyn std::fmt::Display) {
         self.failures += 1;
+        self.last_failure = Some(now);
         match (self.began, self.reported) {
             (None, _) => {
                 self.began = Some(now);
@@ -96,18 +107,28 @@ impl Episode {
         }
     }
 
-    /// A success: if an episode was running it ends, with one line.
-    pub fn succeeded(&mut self, now: std::time::Instant) {
-        if let Some(began) = self.began.take() {
-            log::warn!(
-                "{} recovered after {} failures in {:.1?}",
-                self.what,
-                self.failures,
-                now.saturating_duration_since(began)
-            );
-            self.failures = 0;
-            self.reported = None;
+    /// A success: an episode whose last failure is [`Self::QUIET`] old
+    /// ends, with one line. True if it ended (or none was running).
+    pub fn succeeded(&mut self, now: std::time::Instant) -> bool {
+        let Some(began) = self.began else {
+            return true;
+        };
+        if self
+            .last_failure
+            .is_some_and(|t| now.saturating_duration_since(t) < Self::QUIET)
+        {
+            return false;
         }
+        log::warn!(
+            "{} recovered after {} failures in {:.1?}",
+            self.what,
+            self.failures,
+            now.saturating_duration_since(began)
+        );
+        self.began = None;
+        self.failures = 0;
+        self.reported = None;
+        true
     }
 
     /// Failures in the running episode (0 when none runs).
@@ -356,6 +377,21 @@ impl Counters {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn an_episode_ends_only_after_a_quiet_success() {
+        let mut e = Episode::new("test", log::Level::Error);
+        let t0 = std::time::Instant::now();
+        assert!(e.succeeded(t0), "nothing running");
+        e.failed(t0, &"boom");
+        // Flapping at a limit: a success right after a failure continues it.
+        assert!(!e.succeeded(t0 + Duration::from_millis(10)));
+        e.failed(t0 + Duration::from_millis(20), &"boom");
+        assert_eq!(e.failures(), 2);
+        assert!(!e.succeeded(t0 + Duration::from_millis(500)));
+        assert!(e.succeeded(t0 + Duration::from_millis(20) + Episode::QUIET));
+        assert_eq!(e.failures(), 0);
+    }
 
     /// Issue 11 point 14: `# HELP` lines were empty for bytes in/out.
     #[test]

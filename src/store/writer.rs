@@ -303,7 +303,8 @@ impl Run {
         }
         c.errors.fetch_add(errors, Ordering::Relaxed);
         if errors == 0 {
-            self.episode.succeeded(Instant::now());
+            // Ends the failure episode if the last failure is a while ago.
+            let _ended = self.episode.succeeded(Instant::now());
         }
         for (shard, results) in per_shard {
             self.notify.done(shard, results);
