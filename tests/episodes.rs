@@ -104,6 +104,16 @@ impl Drop for Proc {
 /// its end; `switchboard_accept_failures_total` counts every failure.
 #[test]
 fn accept_at_the_descriptor_limit_is_one_episode_with_back_off() {
+    descriptor_limit_episode("acceptor");
+}
+
+/// The same in accept mode `reuseport`, where the shard accepts itself.
+#[test]
+fn reuseport_accept_at_the_descriptor_limit_is_one_episode_with_back_off() {
+    descriptor_limit_episode("reuseport");
+}
+
+fn descriptor_limit_episode(mode: &str) {
     if Command::new("prlimit").arg("--version").output().is_err() {
         eprintln!("skipped: prlimit (util-linux) is not installed");
         return;
@@ -113,6 +123,7 @@ fn accept_at_the_descriptor_limit_is_one_episode_with_back_off() {
         &[
             ("SWITCHBOARD_STORAGE_BACKEND", "none"),
             ("SWITCHBOARD_HANDSHAKE_TIMEOUT", "60s"),
+            ("SWITCHBOARD_ACCEPT", mode),
         ],
     );
     // Idle TCP connections hold the server's descriptors (handshakes wait
