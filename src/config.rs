@@ -939,6 +939,16 @@ impl Config {
                 set_dotted(&mut table, key, value);
             }
         }
+        // A list from one variable: comma-separated blocks.
+        if let Some(v) = lookup("SWITCHBOARD_TRUSTED_PROXIES") {
+            let list = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect();
+            table.insert("trusted_proxies".into(), toml::Value::Array(list));
+        }
         let source = if file.is_some() {
             "config file or environment"
         } else {
@@ -1413,6 +1423,10 @@ mod tests {
             Config::default().trusted_proxies.is_empty(),
             "trusted by nobody by default"
         );
+        let e = env(&[("SWITCHBOARD_TRUSTED_PROXIES", "10.0.0.0/8, 192.0.2.7")]);
+        let c = Config::load_from(None, &e, &Overrides::default()).unwrap();
+        assert_eq!(c.trusted_proxies.len(), 2);
+        assert!(c.trusted_proxies[1].contains(ip("192.0.2.7")));
         for bad in ["10.0.0.0/33", "proxy.local", "10.0.0.1/x"] {
             let err = load_toml(&format!("trusted_proxies = [\"{bad}\"]\n")).unwrap_err();
             assert!(err.to_string().contains("trusted_proxies"), "{err}");
