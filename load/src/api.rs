@@ -45,7 +45,7 @@ use serde_json::{Value, json};
 use crate::driver::{self, Driver, Mode, Plan, Ramp, Turn};
 use crate::fanout::{json_str, with_user};
 use crate::hist::Histogram;
-use crate::net::{self, Fail, FeedEnd, Link, Phase, Progress, ReadOutcome};
+use crate::net::{self, Fail, Link, Loss, Peer, Phase, Progress, ReadOutcome};
 use crate::procfs::Delta;
 use crate::report::{self, Outcome, Summary, latency_json, latency_line, map_line};
 use crate::url::WsUrl;
@@ -1423,16 +1423,15 @@ impl Mode for Api<'_> {
                     match s.link.handshake(turn.rbuf, req, &key) {
                         Progress::Waiting => {}
                         Progress::Opened => {
-                            wire::frame(&mut s.link.out, wire::OP_TEXT, subscribe_msg.as_bytes());
-                            cx.now_ns = start.elapsed().as_nanos() as u64;
-                            if !s.link.inbuf.is_empty() && !sub_bytes(s, tok, &[], &mut cx) {
-                                s.link.shut(registry);
-                            } else if s.link.flush_if_ready().is_err() {
-                                sub_gone(&mut s.track, tok, &mut cx, Gone::Closed, "write", || {
-                                    "write failed after the upgrade".into()
-                                });
-                                s.link.shut(registry);
-                            }
+                            let Sub { link, track, frag } = s;
+                            let mut peer = SubPeer {
+                                track,
+                                sub: tok,
+                                cx: &mut cx,
+                                start,
+                            };
+                            let first = Some(subscribe_msg.as_bytes());
+                            net::ws_opened(link, frag, first, registry, &mut peer);
                         }
                         Progress::Failed(f) => {
                             setup_failed(&mut s.track, cx.tally, f.kind(), || f.to_string());
@@ -1441,7 +1440,16 @@ impl Mode for Api<'_> {
                     }
                 }
                 Phase::Open | Phase::Closing => {
-                    serve_sub(s, tok, turn.rbuf, start, &mut cx, registry);
+                    let Sub { link, track, frag } = s;
+                    let mut peer = SubPeer {
+                        track,
+                        sub: tok,
+                        cx: &mut cx,
+                        start,
+                    };
+                    // Hang-ups are not looked at here (as before the
+                    // subscriber plumbing was shared with fanout).
+                    net::ws_serve(link, frag, turn.rbuf, registry, false, &mut peer);
                 }
                 Phase::Done => {}
             }
@@ -1488,94 +1496,45 @@ impl Mode for Api<'_> {
     }
 }
 
-/// A readiness event on an open (or closing) subscriber (see fanout's
-/// `serve_sub` for why a short read ends the loop).
-fn serve_sub(
-    s: &mut Sub,
+/// One subscriber's traffic as `net` hands it over.
+struct SubPeer<'t, 'c, 'a> {
+    track: &'t mut Track,
+    /// The subscriber's number.
     sub: usize,
-    rbuf: &mut [u8],
+    cx: &'c mut Cx<'a>,
     start: Instant,
-    cx: &mut Cx<'_>,
-    registry: &Registry,
-) {
-    loop {
-        match s.link.read(rbuf) {
-            ReadOutcome::Data(n) => {
-                cx.now_ns = start.elapsed().as_nanos() as u64;
-                if !sub_bytes(s, sub, rbuf.get(..n).unwrap_or_default(), cx) {
-                    s.link.shut(registry);
-                    return;
-                }
-                if n < rbuf.len() && s.link.phase == Phase::Open {
-                    break;
-                }
-            }
-            ReadOutcome::WouldBlock => break,
-            ReadOutcome::Eof => {
-                if s.link.phase == Phase::Open {
-                    sub_gone(&mut s.track, sub, cx, Gone::Closed, "eof", || {
-                        "the server closed a subscriber's connection (EOF)".into()
-                    });
-                }
-                s.link.shut(registry);
-                return;
-            }
-            ReadOutcome::Error(e) => {
-                if s.link.phase == Phase::Open {
-                    let f = Fail::Io(e);
-                    sub_gone(&mut s.track, sub, cx, Gone::Closed, &f.kind(), || {
-                        format!("subscriber read: {f}")
-                    });
-                }
-                s.link.shut(registry);
-                return;
-            }
-        }
-    }
-    if s.link.flush_if_ready().is_err() {
-        if s.link.phase == Phase::Open {
-            sub_gone(&mut s.track, sub, cx, Gone::Closed, "write", || {
-                "subscriber write failed".into()
-            });
-        }
-        s.link.shut(registry);
-    }
 }
 
-/// Decode and handle fresh bytes of a subscriber; false when it must go.
-fn sub_bytes(s: &mut Sub, sub: usize, fresh: &[u8], cx: &mut Cx<'_>) -> bool {
-    let Sub { link, track, frag } = s;
-    let mut pings = 0;
-    let end = net::ws_feed(link, frag, fresh, &mut pings, &mut |text, p| {
-        if text {
-            on_sub_text(track, sub, p, cx);
+impl Peer for SubPeer<'_, '_, '_> {
+    fn arrived(&mut self) {
+        self.cx.now_ns = self.start.elapsed().as_nanos() as u64;
+    }
+
+    fn text(&mut self, p: &[u8]) {
+        on_sub_text(self.track, self.sub, p, self.cx);
+    }
+
+    fn binary(&mut self) {
+        unexpected(self.cx.tally, b"(a binary message)");
+    }
+
+    fn pinged(&mut self, n: u64) {
+        self.cx.tally.pings += n;
+    }
+
+    fn lost(&mut self, loss: Loss) {
+        let how = if loss.is_protocol() {
+            Gone::Protocol
         } else {
-            unexpected(cx.tally, b"(a binary message)");
-        }
-    });
-    cx.tally.pings += pings;
-    match end {
-        FeedEnd::More => true,
-        FeedEnd::CloseAcked => {
-            track.close_acked = true;
-            false
-        }
-        FeedEnd::ServerClose(code, reason) => {
-            sub_gone(
-                track,
-                sub,
-                cx,
-                Gone::Closed,
-                &format!("close_{code}"),
-                || format!("the server closed a subscriber with {code} {reason:?}"),
-            );
-            let _ = link.flush_if_ready();
-            true
-        }
-        FeedEnd::Protocol(what) => {
-            sub_gone(track, sub, cx, Gone::Protocol, "protocol", || what);
-            false
-        }
+            Gone::Closed
+        };
+        sub_gone(self.track, self.sub, self.cx, how, &loss.kind(), || {
+            loss.describe(true)
+        });
+    }
+
+    fn close_acked(&mut self) {
+        self.track.close_acked = true;
     }
 }
 

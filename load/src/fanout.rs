@@ -35,7 +35,7 @@ use serde_json::{Value, json};
 
 use crate::driver::{self, Driver, Mode, Plan, Ramp, Turn};
 use crate::hist::Histogram;
-use crate::net::{self, Fail, Link, Phase, Progress, ReadOutcome};
+use crate::net::{self, Fail, Link, Loss, Peer, Phase, Progress, ReadOutcome};
 use crate::procfs::Delta;
 use crate::report::{self, Outcome, Summary, latency_json, latency_line};
 use crate::url::WsUrl;
@@ -1077,17 +1077,14 @@ impl Mode for Fanout<'_> {
                     match s.link.handshake(turn.rbuf, req, &key) {
                         Progress::Waiting => {}
                         Progress::Opened => {
-                            // Subscribe right behind the upgrade.
-                            wire::frame(&mut s.link.out, wire::OP_TEXT, subscribe_msg.as_bytes());
-                            cx.now_ns = start.elapsed().as_nanos() as u64;
-                            if !s.link.inbuf.is_empty() && !sub_bytes(s, &[], &mut cx) {
-                                s.link.shut(registry);
-                            } else if s.link.flush_if_ready().is_err() {
-                                sub_gone(&mut s.track, &mut cx, Gone::Closed, "write", || {
-                                    "write failed after the upgrade".into()
-                                });
-                                s.link.shut(registry);
-                            }
+                            let Sub { link, track, frag } = s;
+                            let mut peer = SubPeer {
+                                track,
+                                cx: &mut cx,
+                                start,
+                            };
+                            let first = Some(subscribe_msg.as_bytes());
+                            net::ws_opened(link, frag, first, registry, &mut peer);
                         }
                         Progress::Failed(f) => {
                             setup_failed(&mut s.track, cx.tally, f.kind(), || f.to_string());
@@ -1096,7 +1093,14 @@ impl Mode for Fanout<'_> {
                     }
                 }
                 Phase::Open | Phase::Closing => {
-                    serve_sub(s, ev.is_read_closed(), turn.rbuf, start, &mut cx, registry);
+                    let Sub { link, track, frag } = s;
+                    let mut peer = SubPeer {
+                        track,
+                        cx: &mut cx,
+                        start,
+                    };
+                    let hangup = ev.is_read_closed();
+                    net::ws_serve(link, frag, turn.rbuf, registry, hangup, &mut peer);
                 }
                 Phase::Done => {}
             }
@@ -1147,137 +1151,45 @@ fn send_publishes(
     if any { p.link.flush_if_ready() } else { Ok(()) }
 }
 
-/// A readiness event on an open (or closing) subscriber: read, verify, answer.
-///
-/// Edge-triggered readiness is re-armed by every arrival, so a read that
-/// did not fill the buffer has taken everything there was: the extra read
-/// that would only return WouldBlock is skipped (a syscall per wake-up, a
-/// large share of the client's cost at 10,000 subscribers). A hang-up is
-/// not re-announced, so with one pending (or while closing) reads go on to
-/// WouldBlock or EOF.
-fn serve_sub(
-    s: &mut Sub,
-    read_closed: bool,
-    rbuf: &mut [u8],
+/// One subscriber's traffic as `net` hands it over.
+struct SubPeer<'t, 'c, 'a> {
+    track: &'t mut Track,
+    cx: &'c mut Cx<'a>,
     start: Instant,
-    cx: &mut Cx<'_>,
-    registry: &Registry,
-) {
-    loop {
-        match s.link.read(rbuf) {
-            ReadOutcome::Data(n) => {
-                cx.now_ns = start.elapsed().as_nanos() as u64;
-                let fresh = rbuf.get(..n).unwrap_or_default();
-                if !sub_bytes(s, fresh, cx) {
-                    s.link.shut(registry);
-                    return;
-                }
-                if n < rbuf.len() && !read_closed && s.link.phase == Phase::Open {
-                    break;
-                }
-            }
-            ReadOutcome::WouldBlock => break,
-            ReadOutcome::Eof => {
-                if s.link.phase == Phase::Open {
-                    sub_gone(&mut s.track, cx, Gone::Closed, "eof", || {
-                        "the server closed a subscriber's connection (EOF)".into()
-                    });
-                }
-                s.link.shut(registry);
-                return;
-            }
-            ReadOutcome::Error(e) => {
-                if s.link.phase == Phase::Open {
-                    let f = Fail::Io(e);
-                    sub_gone(&mut s.track, cx, Gone::Closed, &f.kind(), || {
-                        format!("subscriber read: {f}")
-                    });
-                }
-                s.link.shut(registry);
-                return;
-            }
-        }
-    }
-    if s.link.flush_if_ready().is_err() {
-        if s.link.phase == Phase::Open {
-            sub_gone(&mut s.track, cx, Gone::Closed, "write", || {
-                "subscriber write failed".into()
-            });
-        }
-        s.link.shut(registry);
-    }
 }
 
-/// Decode and handle fresh bytes of a subscriber; false when it must go.
-fn sub_bytes(s: &mut Sub, fresh: &[u8], cx: &mut Cx<'_>) -> bool {
-    let Sub { link, track, frag } = s;
-    let Link {
-        inbuf, out, phase, ..
-    } = link;
-    let mut keep = true;
-    let r = net::feed(inbuf, fresh, &mut |f: Frame<'_>| {
-        match (f.opcode, frag.is_some()) {
-            (wire::OP_TEXT, false) if f.fin => on_sub_text(track, f.payload, cx),
-            (wire::OP_BINARY, false) if f.fin => unexpected(cx, b"(a binary message)"),
-            (wire::OP_TEXT | wire::OP_BINARY, false) => {
-                *frag = Some((f.opcode, f.payload.to_vec()));
-            }
-            (wire::OP_CONTINUATION, true) => {
-                if let Some((_, buf)) = frag.as_mut() {
-                    buf.extend_from_slice(f.payload);
-                }
-                if f.fin
-                    && let Some((op, buf)) = frag.take()
-                {
-                    if op == wire::OP_TEXT {
-                        on_sub_text(track, &buf, cx);
-                    } else {
-                        unexpected(cx, b"(a binary message)");
-                    }
-                }
-            }
-            (wire::OP_TEXT | wire::OP_BINARY | wire::OP_CONTINUATION, _) => {
-                sub_gone(track, cx, Gone::Protocol, "protocol", || {
-                    "bad fragmentation in a server message".into()
-                });
-                keep = false;
-                return false;
-            }
-            (wire::OP_PING, _) => {
-                cx.tally.pings += 1;
-                wire::frame(out, wire::OP_PONG, f.payload);
-            }
-            (wire::OP_PONG, _) => {}
-            _ => {
-                // Close.
-                if *phase == Phase::Open {
-                    let code = f
-                        .payload
-                        .get(..2)
-                        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
-                    sub_gone(track, cx, Gone::Closed, &format!("close_{code}"), || {
-                        format!(
-                            "the server closed a subscriber with {code} {:?}",
-                            String::from_utf8_lossy(f.payload.get(2..).unwrap_or_default())
-                        )
-                    });
-                    wire::frame(out, wire::OP_CLOSE, f.payload.get(..2).unwrap_or_default());
-                    *phase = Phase::Closing;
-                } else {
-                    track.close_acked = true;
-                }
-                return false;
-            }
-        }
-        true
-    });
-    if let Err(e) = r {
-        sub_gone(track, cx, Gone::Protocol, "protocol", || {
-            format!("bad server frame: {e:?}")
-        });
-        return false;
+impl Peer for SubPeer<'_, '_, '_> {
+    /// A closing subscriber is left to the server's EOF.
+    const READ_TO_EOF: bool = true;
+
+    fn arrived(&mut self) {
+        self.cx.now_ns = self.start.elapsed().as_nanos() as u64;
     }
-    keep
+
+    fn text(&mut self, p: &[u8]) {
+        on_sub_text(self.track, p, self.cx);
+    }
+
+    fn binary(&mut self) {
+        unexpected(self.cx, b"(a binary message)");
+    }
+
+    fn pinged(&mut self, n: u64) {
+        self.cx.tally.pings += n;
+    }
+
+    fn lost(&mut self, loss: Loss) {
+        let how = if loss.is_protocol() {
+            Gone::Protocol
+        } else {
+            Gone::Closed
+        };
+        sub_gone(self.track, self.cx, how, &loss.kind(), || loss.describe(true));
+    }
+
+    fn close_acked(&mut self) {
+        self.track.close_acked = true;
+    }
 }
 
 /// A readiness event on the publisher.

@@ -42,7 +42,7 @@ use serde_json::{Value, json};
 use crate::driver::{self, Driver, Mode, Plan, Turn};
 use crate::fanout::with_user;
 use crate::hist::Histogram;
-use crate::net::{self, Fail, FeedEnd, Link, Phase, Progress, ReadOutcome};
+use crate::net::{self, Fail, Link, Loss, Peer, Phase, Progress};
 use crate::procfs::Delta;
 use crate::report::{self, Outcome, Summary, latency_json, latency_line, map_line};
 use crate::url::WsUrl;
@@ -776,10 +776,13 @@ impl Mode for Ingest<'_> {
                     match c.link.handshake(turn.rbuf, req, &key) {
                         Progress::Waiting => {}
                         Progress::Opened => {
-                            cx.now_ns = start.elapsed().as_nanos() as u64;
-                            if !c.link.inbuf.is_empty() && !on_bytes(c, &[], &mut cx) {
-                                c.link.shut(registry);
-                            }
+                            let Conn { link, track, frag } = c;
+                            let mut peer = ConnPeer {
+                                track,
+                                cx: &mut cx,
+                                start,
+                            };
+                            net::ws_opened(link, frag, None, registry, &mut peer);
                         }
                         Progress::Failed(f) => {
                             setup_failed(&mut c.track, cx.tally, f.kind(), || f.to_string());
@@ -788,7 +791,13 @@ impl Mode for Ingest<'_> {
                     }
                 }
                 Phase::Open | Phase::Closing => {
-                    serve(c, turn.rbuf, start, &mut cx, registry);
+                    let Conn { link, track, frag } = c;
+                    let mut peer = ConnPeer {
+                        track,
+                        cx: &mut cx,
+                        start,
+                    };
+                    net::ws_serve(link, frag, turn.rbuf, registry, false, &mut peer);
                 }
                 Phase::Done => {}
             }
@@ -826,87 +835,51 @@ fn base36(mut v: u64) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// A readiness event on an open (or closing) connection: read, verify,
-/// send the next records, write once.
-fn serve(c: &mut Conn, rbuf: &mut [u8], start: Instant, cx: &mut Cx<'_>, registry: &Registry) {
-    loop {
-        match c.link.read(rbuf) {
-            ReadOutcome::Data(n) => {
-                cx.now_ns = start.elapsed().as_nanos() as u64;
-                if !on_bytes(c, rbuf.get(..n).unwrap_or_default(), cx) {
-                    c.link.shut(registry);
-                    return;
-                }
-            }
-            ReadOutcome::WouldBlock => break,
-            ReadOutcome::Eof => {
-                if c.link.phase == Phase::Open {
-                    gone(&mut c.track, cx.tally, Gone::Closed, "eof", || {
-                        "the server closed a connection (EOF)".into()
-                    });
-                }
-                c.link.shut(registry);
-                return;
-            }
-            ReadOutcome::Error(e) => {
-                if c.link.phase == Phase::Open {
-                    let f = Fail::Io(e);
-                    gone(&mut c.track, cx.tally, Gone::Closed, &f.kind(), || {
-                        format!("read: {f}")
-                    });
-                }
-                c.link.shut(registry);
-                return;
-            }
-        }
-    }
-    if c.link.phase == Phase::Open {
-        top_up(&mut c.track, &mut c.link.out, cx);
-    }
-    if c.link.flush_if_ready().is_err() {
-        if c.link.phase == Phase::Open {
-            gone(&mut c.track, cx.tally, Gone::Closed, "write", || {
-                "write failed".into()
-            });
-        }
-        c.link.shut(registry);
-    }
+/// One connection's traffic as `net` hands it over.
+struct ConnPeer<'t, 'c, 'a> {
+    track: &'t mut Track,
+    cx: &'c mut Cx<'a>,
+    start: Instant,
 }
 
-/// Decode and handle fresh bytes; false when the connection must go.
-fn on_bytes(c: &mut Conn, fresh: &[u8], cx: &mut Cx<'_>) -> bool {
-    let Conn { link, track, frag } = c;
-    let mut pings = 0;
-    let end = net::ws_feed(link, frag, fresh, &mut pings, &mut |text, p| {
-        if text {
-            on_text(track, p, cx);
+impl Peer for ConnPeer<'_, '_, '_> {
+    /// Every read goes on to WouldBlock.
+    const SHORT_READS: bool = false;
+
+    fn arrived(&mut self) {
+        self.cx.now_ns = self.start.elapsed().as_nanos() as u64;
+    }
+
+    fn text(&mut self, p: &[u8]) {
+        on_text(self.track, p, self.cx);
+    }
+
+    fn binary(&mut self) {
+        unexpected(self.cx.tally, b"(a binary message)");
+    }
+
+    fn pinged(&mut self, n: u64) {
+        self.cx.tally.pings += n;
+    }
+
+    fn lost(&mut self, loss: Loss) {
+        let how = if loss.is_protocol() {
+            Gone::Protocol
         } else {
-            unexpected(cx.tally, b"(a binary message)");
-        }
-    });
-    cx.tally.pings += pings;
-    match end {
-        FeedEnd::More => true,
-        FeedEnd::CloseAcked => {
-            track.close_acked = true;
-            false
-        }
-        FeedEnd::ServerClose(code, reason) => {
-            gone(
-                track,
-                cx.tally,
-                Gone::Closed,
-                &format!("close_{code}"),
-                || format!("the server closed a connection with {code} {reason:?}"),
-            );
-            // Our answer is queued; wait for the server's EOF.
-            let _ = link.flush_if_ready();
-            true
-        }
-        FeedEnd::Protocol(what) => {
-            gone(track, cx.tally, Gone::Protocol, "protocol", || what);
-            false
-        }
+            Gone::Closed
+        };
+        gone(self.track, self.cx.tally, how, &loss.kind(), || {
+            loss.describe(false)
+        });
+    }
+
+    fn close_acked(&mut self) {
+        self.track.close_acked = true;
+    }
+
+    /// Send the next records.
+    fn refill(&mut self, out: &mut Vec<u8>) {
+        top_up(self.track, out, self.cx);
     }
 }
 
