@@ -47,7 +47,7 @@ use crate::fanout::{json_str, with_user};
 use crate::hist::Histogram;
 use crate::net::{self, Fail, Link, Loss, Peer, Phase, Progress, ReadOutcome};
 use crate::procfs::Delta;
-use crate::report::{self, Outcome, Summary, latency_json, latency_line, map_line};
+use crate::report::{self, Ledger, Outcome, Summary, latency_json, latency_line, map_line};
 use crate::url::WsUrl;
 use crate::wire;
 
@@ -84,59 +84,36 @@ pub struct ApiOpts {
     pub handshake_timeout: Duration,
 }
 
-/// Everything that went wrong, by kind.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ApiErrors {
-    /// A subscriber never received a published record (a later offset came
-    /// first, or it was still missing when the drain ended).
-    pub lost: u64,
-    /// A subscriber received an offset again.
-    pub dup: u64,
-    /// An offset counted lost arrived after all, behind a later one.
-    pub reorder: u64,
-    /// A `message` whose data, channel, offset or epoch is not what was
-    /// published and answered (or names a publish never sent or refused).
-    pub corrupt: u64,
-    /// Responses on one HTTP connection whose offsets do not increase.
-    pub order: u64,
-    /// Requests answered with another status than 200 (see the statuses).
-    pub rejected: u64,
-    /// A 200 whose body is not the documented JSON, or a response that
-    /// breaks HTTP/1.1 framing as this client reads it.
-    pub bad_response: u64,
-    /// Requests never answered by the end of the drain.
-    pub unanswered: u64,
-    /// Connections (subscribers or HTTP) the server ended while they counted.
-    pub closed: u64,
-    /// Subscribers that never got to `subscribed`, HTTP connections never made.
-    pub connect: u64,
-    /// Server frames that break RFC 6455.
-    pub protocol: u64,
-    /// `{"type":"error"}` after setup, or messages of a type that has no place.
-    pub unexpected: u64,
-}
-
-impl ApiErrors {
-    pub fn total(&self) -> u64 {
-        report::total(&self.kinds())
-    }
-
-    /// Kinds and counts, in report order.
-    pub fn kinds(&self) -> [(&'static str, u64); 12] {
-        [
-            ("lost", self.lost),
-            ("dup", self.dup),
-            ("reorder", self.reorder),
-            ("corrupt", self.corrupt),
-            ("order", self.order),
-            ("rejected", self.rejected),
-            ("bad_response", self.bad_response),
-            ("unanswered", self.unanswered),
-            ("closed", self.closed),
-            ("connect", self.connect),
-            ("protocol", self.protocol),
-            ("unexpected", self.unexpected),
-        ]
+report::error_kinds! {
+    /// Everything that went wrong, by kind.
+    pub struct ApiErrors {
+        /// A subscriber never received a published record (a later offset came
+        /// first, or it was still missing when the drain ended).
+        lost,
+        /// A subscriber received an offset again.
+        dup,
+        /// An offset counted lost arrived after all, behind a later one.
+        reorder,
+        /// A `message` whose data, channel, offset or epoch is not what was
+        /// published and answered (or names a publish never sent or refused).
+        corrupt,
+        /// Responses on one HTTP connection whose offsets do not increase.
+        order,
+        /// Requests answered with another status than 200 (see the statuses).
+        rejected,
+        /// A 200 whose body is not the documented JSON, or a response that
+        /// breaks HTTP/1.1 framing as this client reads it.
+        bad_response,
+        /// Requests never answered by the end of the drain.
+        unanswered,
+        /// Connections (subscribers or HTTP) the server ended while they counted.
+        closed,
+        /// Subscribers that never got to `subscribed`, HTTP connections never made.
+        connect,
+        /// Server frames that break RFC 6455.
+        protocol,
+        /// `{"type":"error"}` after setup, or messages of a type that has no place.
+        unexpected,
     }
 }
 
@@ -536,22 +513,10 @@ struct Tally {
     received: u64,
     received_window: u64,
     slow_path: u64,
-    pings: u64,
-    ready: usize,
-    pending_setup: usize,
     statuses: BTreeMap<String, u64>,
     connections_reported: Option<u64>,
-    failures: BTreeMap<String, u64>,
-    first_failure: Option<String>,
-    first_problem: Option<String>,
-}
-
-impl Tally {
-    fn problem(&mut self, what: impl FnOnce() -> String) {
-        if self.first_problem.is_none() {
-            self.first_problem = Some(what());
-        }
-    }
+    /// Setup, the first problem, pings.
+    ledger: Ledger,
 }
 
 struct Cx<'a> {
@@ -570,16 +535,10 @@ fn snippet(p: &[u8]) -> String {
 }
 
 fn setup_failed(t: &mut Track, tally: &mut Tally, kind: String, what: impl FnOnce() -> String) {
-    if t.settled {
-        return;
-    }
-    t.settled = true;
-    tally.pending_setup = tally.pending_setup.saturating_sub(1);
-    tally.errors.connect += 1;
-    *tally.failures.entry(kind).or_default() += 1;
-    if tally.first_failure.is_none() {
-        tally.first_failure = Some(what());
-    }
+    let connect = &mut tally.errors.connect;
+    tally
+        .ledger
+        .setup_failed(&mut t.settled, connect, kind, what);
 }
 
 /// The subscriber stops counting: nothing waits for it any more.
@@ -625,19 +584,21 @@ fn sub_gone(
             Gone::Closed => cx.tally.errors.closed += 1,
             Gone::Protocol => cx.tally.errors.protocol += 1,
         }
-        cx.tally.problem(what);
+        cx.tally.ledger.problem(what);
         retire(t, sub, cx.table, cx.measuring);
     }
 }
 
 fn unexpected(tally: &mut Tally, p: &[u8]) {
     tally.errors.unexpected += 1;
-    tally.problem(|| format!("unexpected message: {:?}", snippet(p)));
+    tally
+        .ledger
+        .problem(|| format!("unexpected message: {:?}", snippet(p)));
 }
 
 fn corrupt(tally: &mut Tally, what: impl FnOnce() -> String) {
     tally.errors.corrupt += 1;
-    tally.problem(what);
+    tally.ledger.problem(what);
 }
 
 fn delivered(t_us: u64, cx: &mut Cx<'_>) {
@@ -682,6 +643,7 @@ fn on_delivery(t: &mut Track, sub: usize, d: Delivery<'_>, cx: &mut Cx<'_>) {
         } else {
             cx.tally.errors.dup += 1;
             cx.tally
+                .ledger
                 .problem(|| format!("a subscriber got offset {} again", d.offset));
         }
         return;
@@ -729,6 +691,7 @@ fn on_delivery(t: &mut Track, sub: usize, d: Delivery<'_>, cx: &mut Cx<'_>) {
     for off in next..d.offset {
         cx.tally.errors.lost += 1;
         cx.tally
+            .ledger
             .problem(|| format!("a subscriber got offset {} without {off}", d.offset));
         if t.skipped.len() == MAX_SKIPPED {
             t.skipped.pop_front();
@@ -742,6 +705,7 @@ fn on_delivery(t: &mut Track, sub: usize, d: Delivery<'_>, cx: &mut Cx<'_>) {
     } else {
         cx.tally.errors.dup += 1;
         cx.tally
+            .ledger
             .problem(|| format!("a subscriber got publish {} twice", d.seq));
     }
 }
@@ -792,11 +756,9 @@ fn on_sub_text(t: &mut Track, sub: usize, p: &[u8], cx: &mut Cx<'_>) {
         "subscribed" if !t.ready && v.channel.as_deref() == Some(cx.channel) => {
             t.ready = true;
             if !t.settled && !t.dropped {
-                t.settled = true;
+                cx.tally.ledger.setup_done(&mut t.settled);
                 t.live = true;
                 cx.table.live += 1;
-                cx.tally.ready += 1;
-                cx.tally.pending_setup = cx.tally.pending_setup.saturating_sub(1);
                 cx.tally
                     .subscribe_time
                     .record(t.started.elapsed().as_nanos() as u64);
@@ -832,6 +794,7 @@ fn on_response(h: &mut Http, r: HttpResponse, cx: &mut Cx<'_>) {
     let Some(seq) = h.outstanding.pop_front() else {
         cx.tally.errors.bad_response += 1;
         cx.tally
+            .ledger
             .problem(|| format!("HTTP {} answering no request", r.status));
         return;
     };
@@ -846,7 +809,7 @@ fn on_response(h: &mut Http, r: HttpResponse, cx: &mut Cx<'_>) {
     if r.status != 200 {
         *cx.tally.statuses.entry(r.status.to_string()).or_default() += 1;
         cx.tally.errors.rejected += 1;
-        cx.tally.problem(|| {
+        cx.tally.ledger.problem(|| {
             format!(
                 "publish {seq} answered HTTP {}: {}",
                 r.status,
@@ -862,6 +825,7 @@ fn on_response(h: &mut Http, r: HttpResponse, cx: &mut Cx<'_>) {
     let Some(b) = body else {
         cx.tally.errors.bad_response += 1;
         cx.tally
+            .ledger
             .problem(|| format!("publish {seq} answered 200 with {}", snippet(&r.body)));
         // Delivered or not, it cannot be matched to an offset.
         cx.table.drop_publish(seq, true);
@@ -889,7 +853,7 @@ fn on_response(h: &mut Http, r: HttpResponse, cx: &mut Cx<'_>) {
     }
     if h.last_offset.is_some_and(|o| o >= b.offset) {
         cx.tally.errors.order += 1;
-        cx.tally.problem(|| {
+        cx.tally.ledger.problem(|| {
             format!(
                 "offset {} answered after {:?} on the same connection",
                 b.offset, h.last_offset
@@ -928,7 +892,7 @@ fn http_gone(h: &mut Http, cx: &mut Cx<'_>, what: String) {
     }
     if !h.done {
         cx.tally.errors.closed += 1;
-        cx.tally.problem(|| what);
+        cx.tally.ledger.problem(|| what);
     }
     h.done = true;
     for seq in h.outstanding.drain(..) {
@@ -1156,7 +1120,7 @@ pub fn run(
         opts: o.clone(),
         sources: sources.len(),
         fd_limit,
-        subscribed: tally.ready,
+        subscribed: tally.ledger.ready,
         live_at_start,
         http_open,
         subscribe_time: tally.subscribe_time,
@@ -1176,20 +1140,9 @@ pub fn run(
         slow_path: tally.slow_path,
         statuses: tally.statuses,
         errors: tally.errors,
-        run: Outcome {
-            setup_s: t.setup_s(),
-            window_s: t.window_s(),
-            warmup: o.warmup,
-            duration: o.duration,
-            server: t.server(),
-            client: t.client(),
-            failures: tally.failures,
-            first_failure: tally.first_failure,
-            first_problem: tally.first_problem,
-            close_sent,
-            closed_cleanly,
-            pings: tally.pings,
-        },
+        run: tally
+            .ledger
+            .outcome(&t, (o.warmup, o.duration), close_sent, closed_cleanly),
     })
 }
 
@@ -1202,7 +1155,7 @@ impl Mode for Api<'_> {
         while self.subs.len() < batch_end {
             let i = self.subs.len();
             let mut track = Track::new(Instant::now());
-            self.tally.pending_setup += 1;
+            self.tally.ledger.pending_setup += 1;
             let dialed = self.sources.dial(i, self.addr);
             let link = net::open(dialed, registry, Token(i)).unwrap_or_else(|f| {
                 setup_failed(&mut track, &mut self.tally, f.kind(), || f.to_string());
@@ -1240,7 +1193,10 @@ impl Mode for Api<'_> {
             }
         }
         let http_settled = self.https.iter().all(|h| h.link.phase != Phase::Connecting);
-        if !(self.subs.len() == o.subscribers && self.tally.pending_setup == 0 && http_settled) {
+        if !(self.subs.len() == o.subscribers
+            && self.tally.ledger.pending_setup == 0
+            && http_settled)
+        {
             return Ok(false);
         }
         let tally = &mut self.tally;
@@ -1250,10 +1206,14 @@ impl Mode for Api<'_> {
             .filter(|h| h.link.phase != Phase::Open)
         {
             tally.errors.connect += 1;
-            *tally.failures.entry("http_connect".into()).or_default() += 1;
+            *tally
+                .ledger
+                .failures
+                .entry("http_connect".into())
+                .or_default() += 1;
             h.done = true;
-            if tally.first_failure.is_none() {
-                tally.first_failure = h.failure.clone();
+            if tally.ledger.first_failure.is_none() {
+                tally.ledger.first_failure = h.failure.clone();
             }
         }
         self.http_open = self
@@ -1264,7 +1224,7 @@ impl Mode for Api<'_> {
         if self.http_open == 0 {
             return Err(format!(
                 "no HTTP connection could be made: {}",
-                tally.first_failure.clone().unwrap_or_default()
+                tally.ledger.first_failure.clone().unwrap_or_default()
             ));
         }
         Ok(true)
@@ -1310,14 +1270,16 @@ impl Mode for Api<'_> {
         }
         if missing > 0 {
             tally.errors.lost += missing;
-            tally.problem(|| {
+            tally.ledger.problem(|| {
                 format!("{missing} deliveries still missing at subscribers after the drain")
             });
         }
         let unanswered: u64 = self.https.iter().map(|h| h.outstanding.len() as u64).sum();
         if unanswered > 0 {
             tally.errors.unanswered += unanswered;
-            tally.problem(|| format!("{unanswered} publish requests never answered"));
+            tally
+                .ledger
+                .problem(|| format!("{unanswered} publish requests never answered"));
         }
         for s in &mut self.subs {
             if s.link.begin_close(registry) {
@@ -1519,7 +1481,7 @@ impl Peer for SubPeer<'_, '_, '_> {
     }
 
     fn pinged(&mut self, n: u64) {
-        self.cx.tally.pings += n;
+        self.cx.tally.ledger.pings += n;
     }
 
     fn lost(&mut self, loss: Loss) {

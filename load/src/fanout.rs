@@ -25,7 +25,7 @@
 //! path through serde_json, and a `message` found there is still located
 //! and compared in the raw text.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -37,7 +37,7 @@ use crate::driver::{self, Driver, Mode, Plan, Ramp, Turn};
 use crate::hist::Histogram;
 use crate::net::{self, Fail, Link, Loss, Peer, Phase, Progress, ReadOutcome};
 use crate::procfs::Delta;
-use crate::report::{self, Outcome, Summary, latency_json, latency_line};
+use crate::report::{self, Ledger, Outcome, Summary, latency_json, latency_line};
 use crate::url::WsUrl;
 use crate::wire::{self, Frame};
 
@@ -75,52 +75,31 @@ pub struct FanoutOpts {
     pub handshake_timeout: Duration,
 }
 
-/// Everything that went wrong, by kind.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct FanoutErrors {
-    /// A subscriber never received a publish (a later one came first, or it
-    /// was still missing when the drain ended).
-    pub lost: u64,
-    /// A subscriber received a publish again.
-    pub dup: u64,
-    /// A publish counted lost arrived after all, behind a later one.
-    pub reorder: u64,
-    /// A `message` whose data, channel or sender is not what was published
-    /// (or names a publish never sent).
-    pub corrupt: u64,
-    /// Connections (subscribers or the publisher) the server ended while they counted.
-    pub closed: u64,
-    /// Subscribers that never got to `subscribed` (see the failures by kind).
-    pub connect: u64,
-    /// Server frames that break RFC 6455.
-    pub protocol: u64,
-    /// `{"type":"error"}` replies after setup.
-    pub rejected: u64,
-    /// Messages of a type that has no place in the run.
-    pub unexpected: u64,
-    /// Publishes the server never answered with `published`.
-    pub unacked: u64,
-}
-
-impl FanoutErrors {
-    pub fn total(&self) -> u64 {
-        report::total(&self.kinds())
-    }
-
-    /// Kinds and counts, in report order.
-    pub fn kinds(&self) -> [(&'static str, u64); 10] {
-        [
-            ("lost", self.lost),
-            ("dup", self.dup),
-            ("reorder", self.reorder),
-            ("corrupt", self.corrupt),
-            ("closed", self.closed),
-            ("connect", self.connect),
-            ("protocol", self.protocol),
-            ("rejected", self.rejected),
-            ("unexpected", self.unexpected),
-            ("unacked", self.unacked),
-        ]
+report::error_kinds! {
+    /// Everything that went wrong, by kind.
+    pub struct FanoutErrors {
+        /// A subscriber never received a publish (a later one came first, or it
+        /// was still missing when the drain ended).
+        lost,
+        /// A subscriber received a publish again.
+        dup,
+        /// A publish counted lost arrived after all, behind a later one.
+        reorder,
+        /// A `message` whose data, channel or sender is not what was published
+        /// (or names a publish never sent).
+        corrupt,
+        /// Connections (subscribers or the publisher) the server ended while they counted.
+        closed,
+        /// Subscribers that never got to `subscribed` (see the failures by kind).
+        connect,
+        /// Server frames that break RFC 6455.
+        protocol,
+        /// `{"type":"error"}` replies after setup.
+        rejected,
+        /// Messages of a type that has no place in the run.
+        unexpected,
+        /// Publishes the server never answered with `published`.
+        unacked,
     }
 }
 
@@ -475,22 +454,8 @@ struct Tally {
     /// `message` events that did not match the expected envelope byte for
     /// byte and went through serde_json.
     slow_path: u64,
-    pings: u64,
-    /// Subscribers that got `subscribed`.
-    ready: usize,
-    /// Subscribers dialed and not settled yet.
-    pending_setup: usize,
-    failures: BTreeMap<String, u64>,
-    first_failure: Option<String>,
-    first_problem: Option<String>,
-}
-
-impl Tally {
-    fn problem(&mut self, what: impl FnOnce() -> String) {
-        if self.first_problem.is_none() {
-            self.first_problem = Some(what());
-        }
-    }
+    /// Setup, the first problem, pings.
+    ledger: Ledger,
 }
 
 /// Per-wake-up context for the subscriber handlers.
@@ -508,16 +473,10 @@ struct Cx<'a> {
 
 /// A subscriber's setup ended without `subscribed`.
 fn setup_failed(t: &mut Track, tally: &mut Tally, kind: String, what: impl FnOnce() -> String) {
-    if t.settled {
-        return;
-    }
-    t.settled = true;
-    tally.pending_setup = tally.pending_setup.saturating_sub(1);
-    tally.errors.connect += 1;
-    *tally.failures.entry(kind).or_default() += 1;
-    if tally.first_failure.is_none() {
-        tally.first_failure = Some(what());
-    }
+    let connect = &mut tally.errors.connect;
+    tally
+        .ledger
+        .setup_failed(&mut t.settled, connect, kind, what);
 }
 
 /// The subscriber stops counting: nothing it has not passed waits for it.
@@ -557,7 +516,7 @@ fn sub_gone(t: &mut Track, cx: &mut Cx<'_>, how: Gone, kind: &str, what: impl Fn
             Gone::Closed => cx.tally.errors.closed += 1,
             Gone::Protocol => cx.tally.errors.protocol += 1,
         }
-        cx.tally.problem(what);
+        cx.tally.ledger.problem(what);
         retire(t, cx.table, cx.measuring);
     }
 }
@@ -573,7 +532,7 @@ fn delivered(ts: u64, cx: &mut Cx<'_>) {
 /// Not what was published: it stands for the publish expected next.
 fn corrupt(t: &mut Track, cx: &mut Cx<'_>, p: &[u8]) {
     cx.tally.errors.corrupt += 1;
-    cx.tally.problem(|| {
+    cx.tally.ledger.problem(|| {
         format!(
             "a subscriber expecting publish {} got {:?}",
             t.next,
@@ -601,6 +560,7 @@ fn on_data(t: &mut Track, p: &[u8], off: usize, size: usize, cx: &mut Cx<'_>) {
         while t.next < seq {
             cx.tally.errors.lost += 1;
             cx.tally
+                .ledger
                 .problem(|| format!("a subscriber got publish {seq} without {}", t.next));
             if t.skipped.len() == MAX_SKIPPED {
                 t.skipped.pop_front();
@@ -627,6 +587,7 @@ fn on_data(t: &mut Track, p: &[u8], off: usize, size: usize, cx: &mut Cx<'_>) {
         } else {
             cx.tally.errors.dup += 1;
             cx.tally
+                .ledger
                 .problem(|| format!("a subscriber got publish {seq} twice"));
         }
     } else {
@@ -684,12 +645,10 @@ fn on_sub_text(t: &mut Track, p: &[u8], cx: &mut Cx<'_>) {
         {
             t.ready = true;
             if !t.settled && !t.dropped {
-                t.settled = true;
+                cx.tally.ledger.setup_done(&mut t.settled);
                 t.live = true;
                 t.next = cx.table.next_seq();
                 cx.table.live += 1;
-                cx.tally.ready += 1;
-                cx.tally.pending_setup = cx.tally.pending_setup.saturating_sub(1);
                 cx.tally
                     .subscribe_time
                     .record(t.started.elapsed().as_nanos() as u64);
@@ -705,6 +664,7 @@ fn on_sub_text(t: &mut Track, p: &[u8], cx: &mut Cx<'_>) {
         Some("error") => {
             cx.tally.errors.rejected += 1;
             cx.tally
+                .ledger
                 .problem(|| format!("server error: {}", String::from_utf8_lossy(p)));
         }
         _ => unexpected(cx, p),
@@ -713,7 +673,7 @@ fn on_sub_text(t: &mut Track, p: &[u8], cx: &mut Cx<'_>) {
 
 fn unexpected(cx: &mut Cx<'_>, p: &[u8]) {
     cx.tally.errors.unexpected += 1;
-    cx.tally.problem(|| {
+    cx.tally.ledger.problem(|| {
         format!(
             "unexpected message: {:?}",
             String::from_utf8_lossy(p.get(..p.len().min(200)).unwrap_or_default())
@@ -865,7 +825,7 @@ pub fn run(
         sources: sources.len(),
         fd_limit,
         publisher: publ.user.unwrap_or_default(),
-        subscribed: tally.ready,
+        subscribed: tally.ledger.ready,
         live_at_start,
         subscribe_time: tally.subscribe_time,
         publishes: table.completed_window,
@@ -877,20 +837,9 @@ pub fn run(
         acks: publ.acks,
         slow_path: tally.slow_path,
         errors: tally.errors,
-        run: Outcome {
-            setup_s: t.setup_s(),
-            window_s: t.window_s(),
-            warmup: o.warmup,
-            duration: o.duration,
-            server: t.server(),
-            client: t.client(),
-            failures: tally.failures,
-            first_failure: tally.first_failure,
-            first_problem: tally.first_problem,
-            close_sent,
-            closed_cleanly,
-            pings: tally.pings,
-        },
+        run: tally
+            .ledger
+            .outcome(&t, (o.warmup, o.duration), close_sent, closed_cleanly),
     })
 }
 
@@ -903,7 +852,7 @@ impl Mode for Fanout<'_> {
         while self.subs.len() < batch_end {
             let i = self.subs.len();
             let mut track = Track::new(Instant::now());
-            self.tally.pending_setup += 1;
+            self.tally.ledger.pending_setup += 1;
             let dialed = self.sources.dial(i, self.addr);
             let link = net::open(dialed, registry, Token(i)).unwrap_or_else(|f| {
                 setup_failed(&mut track, &mut self.tally, f.kind(), || f.to_string());
@@ -941,7 +890,7 @@ impl Mode for Fanout<'_> {
             return Err(format!("the publisher could not connect: {f}"));
         }
         if self.subs.len() == o.subscribers
-            && self.tally.pending_setup == 0
+            && self.tally.ledger.pending_setup == 0
             && self.publ.user.is_some()
         {
             if self.publ.link.phase != Phase::Open {
@@ -1001,7 +950,7 @@ impl Mode for Fanout<'_> {
             let missing = due_end.saturating_sub(s.track.next);
             tally.errors.lost += missing;
             if missing > 0 {
-                tally.problem(|| {
+                tally.ledger.problem(|| {
                     format!("{missing} publishes still missing at a subscriber after the drain")
                 });
             }
@@ -1175,7 +1124,7 @@ impl Peer for SubPeer<'_, '_, '_> {
     }
 
     fn pinged(&mut self, n: u64) {
-        self.cx.tally.pings += n;
+        self.cx.tally.ledger.pings += n;
     }
 
     fn lost(&mut self, loss: Loss) {
@@ -1184,7 +1133,9 @@ impl Peer for SubPeer<'_, '_, '_> {
         } else {
             Gone::Closed
         };
-        sub_gone(self.track, self.cx, how, &loss.kind(), || loss.describe(true));
+        sub_gone(self.track, self.cx, how, &loss.kind(), || {
+            loss.describe(true)
+        });
     }
 
     fn close_acked(&mut self) {
@@ -1261,7 +1212,7 @@ fn pub_gone(p: &mut Publisher, tally: &mut Tally, what: String) {
         return;
     }
     tally.errors.closed += 1;
-    tally.problem(|| what);
+    tally.ledger.problem(|| what);
 }
 
 fn pub_bytes(p: &mut Publisher, fresh: &[u8], cx: &mut Cx<'_>) -> bool {
@@ -1312,7 +1263,7 @@ fn pub_bytes(p: &mut Publisher, fresh: &[u8], cx: &mut Cx<'_>) -> bool {
         on_pub_text(p, &m, cx);
     }
     for ping in pings {
-        cx.tally.pings += 1;
+        cx.tally.ledger.pings += 1;
         wire::frame(&mut p.link.out, wire::OP_PONG, &ping);
     }
     if r.is_err() || bad {
@@ -1324,6 +1275,7 @@ fn pub_bytes(p: &mut Publisher, fresh: &[u8], cx: &mut Cx<'_>) -> bool {
             } else {
                 cx.tally.errors.protocol += 1;
                 cx.tally
+                    .ledger
                     .problem(|| "bad server frame on the publisher".into());
             }
         }
@@ -1381,6 +1333,7 @@ fn on_pub_text(p: &mut Publisher, m: &[u8], cx: &mut Cx<'_>) {
         Some("error") => {
             cx.tally.errors.rejected += 1;
             cx.tally
+                .ledger
                 .problem(|| format!("publisher got: {}", String::from_utf8_lossy(m)));
         }
         _ => unexpected(cx, m),
@@ -1618,15 +1571,15 @@ mod tests {
     fn setup_replies() {
         let mut r = Rig::new(0, 0);
         r.subs.push(Track::new(Instant::now()));
-        r.tally.pending_setup = 1;
+        r.tally.ledger.pending_setup = 1;
         r.text(
             0,
             b"{\"type\":\"error\",\"code\":\"forbidden\",\"message\":\"no\"}",
         );
         assert_eq!(r.tally.errors.connect, 1);
-        assert_eq!(r.tally.failures.get("rejected_forbidden"), Some(&1));
+        assert_eq!(r.tally.ledger.failures.get("rejected_forbidden"), Some(&1));
         assert!(r.subs[0].abandon);
-        assert_eq!(r.tally.pending_setup, 0);
+        assert_eq!(r.tally.ledger.pending_setup, 0);
         assert_eq!(r.table.live, 0);
     }
 

@@ -44,7 +44,7 @@ use crate::fanout::with_user;
 use crate::hist::Histogram;
 use crate::net::{self, Fail, Link, Loss, Peer, Phase, Progress};
 use crate::procfs::Delta;
-use crate::report::{self, Outcome, Summary, latency_json, latency_line, map_line};
+use crate::report::{self, Ledger, Outcome, Summary, latency_json, latency_line, map_line};
 use crate::url::WsUrl;
 use crate::wire;
 
@@ -71,55 +71,33 @@ pub struct IngestOpts {
     pub drain_timeout: Duration,
 }
 
-/// Everything that went wrong, by kind.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct IngestErrors {
-    /// Records sent and never answered (no ack, no error) by the end of the drain.
-    pub unacked: u64,
-    /// Records answered `overloaded` that were never acknowledged after all.
-    pub never_stored: u64,
-    /// A second ack for a record already acknowledged.
-    pub dup_ack: u64,
-    /// An ack marked `"duplicate":true` (each client id is sent once per run).
-    pub duplicate: u64,
-    /// A record id already given to another record.
-    pub id_reused: u64,
-    /// An ack whose client id is not one of ours, names a record never
-    /// sent, disagrees with its request id, or carries no integer record id.
-    pub mismatch: u64,
-    /// Error replies other than `overloaded` (see the codes), or any error
-    /// that names no record in flight.
-    pub rejected: u64,
-    /// Connections the server ended while they counted.
-    pub closed: u64,
-    /// Connections that never got to `connected`.
-    pub connect: u64,
-    /// Server frames that break RFC 6455.
-    pub protocol: u64,
-    /// Messages of a type that has no place in the run.
-    pub unexpected: u64,
-}
-
-impl IngestErrors {
-    pub fn total(&self) -> u64 {
-        report::total(&self.kinds())
-    }
-
-    /// Kinds and counts, in report order.
-    pub fn kinds(&self) -> [(&'static str, u64); 11] {
-        [
-            ("unacked", self.unacked),
-            ("never_stored", self.never_stored),
-            ("dup_ack", self.dup_ack),
-            ("duplicate", self.duplicate),
-            ("id_reused", self.id_reused),
-            ("mismatch", self.mismatch),
-            ("rejected", self.rejected),
-            ("closed", self.closed),
-            ("connect", self.connect),
-            ("protocol", self.protocol),
-            ("unexpected", self.unexpected),
-        ]
+report::error_kinds! {
+    /// Everything that went wrong, by kind.
+    pub struct IngestErrors {
+        /// Records sent and never answered (no ack, no error) by the end of the drain.
+        unacked,
+        /// Records answered `overloaded` that were never acknowledged after all.
+        never_stored,
+        /// A second ack for a record already acknowledged.
+        dup_ack,
+        /// An ack marked `"duplicate":true` (each client id is sent once per run).
+        duplicate,
+        /// A record id already given to another record.
+        id_reused,
+        /// An ack whose client id is not one of ours, names a record never
+        /// sent, disagrees with its request id, or carries no integer record id.
+        mismatch,
+        /// Error replies other than `overloaded` (see the codes), or any error
+        /// that names no record in flight.
+        rejected,
+        /// Connections the server ended while they counted.
+        closed,
+        /// Connections that never got to `connected`.
+        connect,
+        /// Server frames that break RFC 6455.
+        protocol,
+        /// Messages of a type that has no place in the run.
+        unexpected,
     }
 }
 
@@ -276,20 +254,8 @@ struct Tally {
     ids: HashSet<i64>,
     /// Records waiting to be sent again, over all connections.
     retries_pending: usize,
-    pings: u64,
-    welcomed: usize,
-    pending_setup: usize,
-    failures: BTreeMap<String, u64>,
-    first_failure: Option<String>,
-    first_problem: Option<String>,
-}
-
-impl Tally {
-    fn problem(&mut self, what: impl FnOnce() -> String) {
-        if self.first_problem.is_none() {
-            self.first_problem = Some(what());
-        }
-    }
+    /// Setup, the first problem, pings.
+    ledger: Ledger,
 }
 
 /// Per-wake-up context for the handlers.
@@ -310,16 +276,10 @@ fn snippet(p: &[u8]) -> String {
 }
 
 fn setup_failed(t: &mut Track, tally: &mut Tally, kind: String, what: impl FnOnce() -> String) {
-    if t.settled {
-        return;
-    }
-    t.settled = true;
-    tally.pending_setup = tally.pending_setup.saturating_sub(1);
-    tally.errors.connect += 1;
-    *tally.failures.entry(kind).or_default() += 1;
-    if tally.first_failure.is_none() {
-        tally.first_failure = Some(what());
-    }
+    let connect = &mut tally.errors.connect;
+    tally
+        .ledger
+        .setup_failed(&mut t.settled, connect, kind, what);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -342,14 +302,16 @@ fn gone(t: &mut Track, tally: &mut Tally, how: Gone, kind: &str, what: impl FnOn
         Gone::Closed => tally.errors.closed += 1,
         Gone::Protocol => tally.errors.protocol += 1,
     }
-    tally.problem(what);
+    tally.ledger.problem(what);
     tally.retries_pending = tally.retries_pending.saturating_sub(t.retries.len());
     t.retries.clear();
 }
 
 fn unexpected(tally: &mut Tally, p: &[u8]) {
     tally.errors.unexpected += 1;
-    tally.problem(|| format!("unexpected message: {:?}", snippet(p)));
+    tally
+        .ledger
+        .problem(|| format!("unexpected message: {:?}", snippet(p)));
 }
 
 /// A whole text message from the server.
@@ -361,9 +323,7 @@ fn on_text(t: &mut Track, p: &[u8], cx: &mut Cx<'_>) {
         "connected" if !t.welcomed => {
             t.welcomed = true;
             if !t.settled && !t.dropped {
-                t.settled = true;
-                cx.tally.welcomed += 1;
-                cx.tally.pending_setup = cx.tally.pending_setup.saturating_sub(1);
+                cx.tally.ledger.setup_done(&mut t.settled);
             }
         }
         "error" if !t.settled => {
@@ -385,21 +345,29 @@ fn on_ack(t: &mut Track, r: &Reply<'_>, p: &[u8], cx: &mut Cx<'_>) {
     let id = r.id.and_then(|i| i.get().parse::<i64>().ok());
     let (Some(seq), Some(id)) = (seq, id) else {
         tally.errors.mismatch += 1;
-        tally.problem(|| format!("an ack for no record of this connection: {}", snippet(p)));
+        tally
+            .ledger
+            .problem(|| format!("an ack for no record of this connection: {}", snippet(p)));
         return;
     };
     if r.request_id.is_some() && raw_u64(r.request_id) != Some(seq) {
         tally.errors.mismatch += 1;
-        tally.problem(|| format!("an ack whose requestId is not its record's: {}", snippet(p)));
+        tally
+            .ledger
+            .problem(|| format!("an ack whose requestId is not its record's: {}", snippet(p)));
         return;
     }
     let Some(rec) = t.inflight.remove(&seq) else {
         if seq >= t.next_seq || t.failed.contains(&seq) {
             tally.errors.mismatch += 1;
-            tally.problem(|| format!("an ack for a record not in flight: {}", snippet(p)));
+            tally
+                .ledger
+                .problem(|| format!("an ack for a record not in flight: {}", snippet(p)));
         } else {
             tally.errors.dup_ack += 1;
-            tally.problem(|| format!("a second ack for record {}-{seq}", t.label));
+            tally
+                .ledger
+                .problem(|| format!("a second ack for record {}-{seq}", t.label));
         }
         return;
     };
@@ -410,11 +378,13 @@ fn on_ack(t: &mut Track, r: &Reply<'_>, p: &[u8], cx: &mut Cx<'_>) {
     }
     if r.duplicate.is_some_and(|d| d.get() == "true") {
         tally.errors.duplicate += 1;
-        tally.problem(|| format!("an ack marked duplicate: {}", snippet(p)));
+        tally
+            .ledger
+            .problem(|| format!("an ack marked duplicate: {}", snippet(p)));
     }
     if !tally.ids.insert(id) {
         tally.errors.id_reused += 1;
-        tally.problem(|| {
+        tally.ledger.problem(|| {
             format!(
                 "record id {id} acknowledged for a second record: {}",
                 snippet(p)
@@ -436,7 +406,9 @@ fn on_error(t: &mut Track, r: &Reply<'_>, p: &[u8], cx: &mut Cx<'_>) {
     let rec = raw_u64(r.request_id).and_then(|s| Some(s).zip(t.inflight.get_mut(&s)));
     let Some((seq, rec)) = rec.filter(|(_, rec)| !rec.waiting) else {
         tally.errors.rejected += 1;
-        tally.problem(|| format!("an error for no record in flight: {}", snippet(p)));
+        tally
+            .ledger
+            .problem(|| format!("an error for no record in flight: {}", snippet(p)));
         return;
     };
     if code == "overloaded" {
@@ -451,7 +423,9 @@ fn on_error(t: &mut Track, r: &Reply<'_>, p: &[u8], cx: &mut Cx<'_>) {
         t.credits += 1;
         tally.failed += 1;
         tally.errors.rejected += 1;
-        tally.problem(|| format!("record {}-{seq} refused: {}", t.label, snippet(p)));
+        tally
+            .ledger
+            .problem(|| format!("record {}-{seq} refused: {}", t.label, snippet(p)));
     }
 }
 
@@ -570,7 +544,7 @@ pub fn run(
     let mut conns: Vec<Conn> = Vec::with_capacity(n);
     for i in 0..n {
         let mut track = Track::new(format!("{run_tag}.{i}"), o.inflight);
-        tally.pending_setup += 1;
+        tally.ledger.pending_setup += 1;
         let link =
             net::open(net::dial(None, addr), driver.registry(), Token(i)).unwrap_or_else(|f| {
                 setup_failed(&mut track, &mut tally, f.kind(), || f.to_string());
@@ -599,7 +573,7 @@ pub fn run(
     Ok(IngestReport {
         opts: o.clone(),
         run_tag,
-        opened: tally.welcomed,
+        opened: tally.ledger.ready,
         acked_window: tally.acked_window,
         latency: tally.latency,
         records: tally.records,
@@ -610,20 +584,9 @@ pub fn run(
         unanswered_on_close: tally.unanswered_on_close,
         codes: tally.codes,
         errors: tally.errors,
-        run: Outcome {
-            setup_s: t.setup_s(),
-            window_s: t.window_s(),
-            warmup: o.warmup,
-            duration: o.duration,
-            server: t.server(),
-            client: t.client(),
-            failures: tally.failures,
-            first_failure: tally.first_failure,
-            first_problem: tally.first_problem,
-            close_sent: mode.close_sent,
-            closed_cleanly,
-            pings: tally.pings,
-        },
+        run: tally
+            .ledger
+            .outcome(&t, (o.warmup, o.duration), mode.close_sent, closed_cleanly),
     })
 }
 
@@ -648,7 +611,7 @@ fn context<'a>(
 
 impl Mode for Ingest<'_> {
     fn setup(&mut self, now: Instant, registry: &Registry) -> Result<bool, String> {
-        if self.tally.pending_setup > 0 && now < self.setup_deadline {
+        if self.tally.ledger.pending_setup > 0 && now < self.setup_deadline {
             return Ok(false);
         }
         for c in self.conns.iter_mut().filter(|c| !c.track.settled) {
@@ -717,7 +680,7 @@ impl Mode for Ingest<'_> {
                     }
                 }
                 if !t.inflight.is_empty() {
-                    tally.problem(|| {
+                    tally.ledger.problem(|| {
                         format!(
                             "{} records of {} still unanswered after the drain",
                             t.inflight.len(),
@@ -859,7 +822,7 @@ impl Peer for ConnPeer<'_, '_, '_> {
     }
 
     fn pinged(&mut self, n: u64) {
-        self.cx.tally.pings += n;
+        self.cx.tally.ledger.pings += n;
     }
 
     fn lost(&mut self, loss: Loss) {
@@ -980,7 +943,7 @@ mod tests {
                 tally: Tally::default(),
                 out: Vec::new(),
             };
-            r.tally.pending_setup = 1;
+            r.tally.ledger.pending_setup = 1;
             r.text(br#"{"type":"connected","userId":"load-3"}"#);
             assert!(r.t.welcomed && r.t.settled);
             r.with(top_up);

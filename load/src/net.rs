@@ -551,7 +551,9 @@ pub enum Loss {
     Eof,
     Read(Fail),
     /// Writing failed (right after the upgrade, or later).
-    Write { after_upgrade: bool },
+    Write {
+        after_upgrade: bool,
+    },
     /// The server sent a close frame: code and reason.
     Close(u16, String),
     /// A frame or a fragment sequence that breaks RFC 6455.
@@ -582,7 +584,12 @@ impl Loss {
             (Loss::Eof, false) => "the server closed a connection (EOF)".into(),
             (Loss::Read(f), true) => format!("subscriber read: {f}"),
             (Loss::Read(f), false) => format!("read: {f}"),
-            (Loss::Write { after_upgrade: true }, _) => "write failed after the upgrade".into(),
+            (
+                Loss::Write {
+                    after_upgrade: true,
+                },
+                _,
+            ) => "write failed after the upgrade".into(),
             (Loss::Write { .. }, true) => "subscriber write failed".into(),
             (Loss::Write { .. }, false) => "write failed".into(),
             (Loss::Close(code, reason), true) => {
