@@ -37,6 +37,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use clap::Args;
 use mio::{Events, Registry, Token};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -67,20 +68,43 @@ const MAX_HEAD: usize = 16 << 10;
 /// Largest response body accepted.
 const MAX_BODY: usize = 1 << 20;
 
-#[derive(Debug, Clone)]
+/// The command line of api mode.
+#[derive(Debug, Clone, Args)]
 pub struct ApiOpts {
+    /// Subscriber connections.
+    #[arg(short = 'n', long, default_value_t = 1000)]
     pub subscribers: usize,
-    /// HTTP keep-alive connections.
+    /// HTTP/1.1 keep-alive connections issuing the publishes.
+    #[arg(short = 'p', long, default_value_t = 4)]
     pub connections: usize,
-    /// Requests in flight in total.
+    /// Publish requests in flight in total, pipelined on the connections
+    /// (each completes when answered and delivered to every subscriber).
+    #[arg(short = 'k', long, default_value_t = 8)]
     pub inflight: usize,
+    /// Measured seconds (fractions allowed).
+    #[arg(short = 't', long, default_value = "10", value_parser = driver::parse_secs)]
     pub duration: Duration,
+    /// Seconds of traffic before measuring (not counted).
+    #[arg(long, default_value = "1", value_parser = driver::parse_secs)]
     pub warmup: Duration,
+    /// New subscriber connections per second during setup.
+    #[arg(long, default_value_t = 2000.0)]
     pub ramp: f64,
+    /// Source addresses 127.0.0.1..127.0.0.N to connect from (default:
+    /// enough that none needs more than 25,000 ports).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=254))]
     pub sources: Option<u8>,
+    /// The channel (the server's channel rules must let anyone subscribe).
+    #[arg(long, default_value = "load")]
     pub channel: String,
+    /// Sent as `Authorization: Bearer <KEY>`.
+    #[arg(long, value_name = "KEY", env = "SWITCHBOARD_API_KEY")]
     pub api_key: Option<String>,
+    /// The publish route.
+    #[arg(long, default_value = "/api/publish")]
     pub api_path: String,
+    /// Seconds allowed for one subscriber's connect, upgrade and subscribe.
+    #[arg(long, default_value = "10", value_parser = driver::parse_secs)]
     pub handshake_timeout: Duration,
 }
 

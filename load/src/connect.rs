@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use clap::Args;
 use mio::{Events, Registry, Token};
 use serde_json::{Value, json};
 
@@ -25,12 +26,24 @@ use crate::wire::{self, Frame};
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_BUF: usize = 64 << 10;
 
-#[derive(Debug, Clone)]
+/// The command line of connect mode.
+#[derive(Debug, Clone, Args)]
 pub struct ConnectOpts {
+    /// Connections to open.
+    #[arg(short = 'n', long, default_value_t = 1000)]
     pub connections: usize,
+    /// New connections per second.
+    #[arg(long, default_value_t = 2000.0)]
     pub ramp: f64,
+    /// Seconds to hold the connections open after the ramp.
+    #[arg(long, default_value = "10", value_parser = driver::parse_secs)]
     pub hold: Duration,
+    /// Source addresses 127.0.0.1..127.0.0.N to connect from (default:
+    /// enough that none needs more than 25,000 ports).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=254))]
     pub sources: Option<u8>,
+    /// Seconds allowed for one connection's TCP connect and upgrade.
+    #[arg(long, default_value = "10", value_parser = driver::parse_secs)]
     pub handshake_timeout: Duration,
 }
 

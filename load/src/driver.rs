@@ -415,6 +415,18 @@ pub fn fd_limit(needed: u64, what: &str) -> io::Result<u64> {
     Ok(limit)
 }
 
+/// A number of seconds (fractions allowed, an "s" suffix too) on the command line.
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !v.is_finite() || !(0.0..=1e7).contains(&v) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
 /// A per-run value that makes every run's WebSocket keys different.
 pub fn run_nonce() -> u64 {
     std::time::SystemTime::now()

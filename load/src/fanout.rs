@@ -30,6 +30,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use clap::Args;
 use mio::{Events, Registry, Token};
 use serde_json::{Value, json};
 
@@ -62,16 +63,36 @@ const DATA_TAIL: &[u8] = b"\"}";
 const MESSAGE_START: &[u8] = b"{\"type\":\"message\"";
 const PUBLISHED_START: &[u8] = b"{\"type\":\"published\"";
 
-#[derive(Debug, Clone)]
+/// The command line of fanout mode.
+#[derive(Debug, Clone, Args)]
 pub struct FanoutOpts {
+    /// Subscriber connections.
+    #[arg(short = 'n', long, default_value_t = 1000)]
     pub subscribers: usize,
+    /// Publishes in flight (each completes when every subscriber has it).
+    #[arg(short = 'k', long, default_value_t = 4)]
     pub inflight: usize,
+    /// Approximate bytes of each publish's data object.
+    #[arg(short = 's', long, default_value_t = 64)]
     pub size: usize,
+    /// Measured seconds (fractions allowed).
+    #[arg(short = 't', long, default_value = "10", value_parser = driver::parse_secs)]
     pub duration: Duration,
+    /// Seconds of traffic before measuring (not counted).
+    #[arg(long, default_value = "1", value_parser = driver::parse_secs)]
     pub warmup: Duration,
+    /// New subscriber connections per second during setup.
+    #[arg(long, default_value_t = 2000.0)]
     pub ramp: f64,
+    /// Source addresses 127.0.0.1..127.0.0.N to connect from (default:
+    /// enough that none needs more than 25,000 ports).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=254))]
     pub sources: Option<u8>,
+    /// The channel (`public:` channels may be used by anyone).
+    #[arg(long, default_value = "public:bench")]
     pub channel: String,
+    /// Seconds allowed for one subscriber's connect, upgrade and subscribe.
+    #[arg(long, default_value = "10", value_parser = driver::parse_secs)]
     pub handshake_timeout: Duration,
 }
 

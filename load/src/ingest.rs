@@ -34,6 +34,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use clap::Args;
 use mio::{Events, Registry, Token};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -57,17 +58,30 @@ const RETRY_FIRST_NS: u64 = 5_000_000;
 /// Longest wait between two sends of one record.
 const RETRY_MAX_NS: u64 = 200_000_000;
 
-#[derive(Debug, Clone)]
+/// The command line of ingest mode.
+#[derive(Debug, Clone, Args)]
 pub struct IngestOpts {
+    /// Connections (users `<user-prefix>-<i>`).
+    #[arg(short = 'c', long, default_value_t = 50)]
     pub connections: usize,
-    /// Records in flight per connection.
+    /// Records in flight per connection (each completes with its ack).
+    #[arg(short = 'w', long, default_value_t = 8)]
     pub inflight: usize,
+    /// Measured seconds (fractions allowed).
+    #[arg(short = 't', long, default_value = "10", value_parser = driver::parse_secs)]
     pub duration: Duration,
+    /// Seconds of traffic before measuring (not counted).
+    #[arg(long, default_value = "1", value_parser = driver::parse_secs)]
     pub warmup: Duration,
-    /// Users are `<prefix>-<i>`.
+    /// Connection i is the user `<prefix>-<i>` (`?userId=`; auth mode none).
+    #[arg(long, default_value = "load")]
     pub user_prefix: String,
+    /// Seconds allowed for one connection's connect, upgrade and welcome.
+    #[arg(long, default_value = "10", value_parser = driver::parse_secs)]
     pub handshake_timeout: Duration,
-    /// After the measured window, how long to wait for records in flight.
+    /// Seconds to wait for the records in flight after the measured window
+    /// (what is still unanswered then is counted unacked).
+    #[arg(long, default_value = "5", value_parser = driver::parse_secs)]
     pub drain_timeout: Duration,
 }
 
