@@ -46,7 +46,7 @@ use serde_json::{Value, json};
 use crate::driver::{self, Driver, Mode, Plan, Ramp, Turn};
 use crate::fanout::{json_str, with_user};
 use crate::hist::Histogram;
-use crate::net::{self, Fail, Link, Loss, Peer, Phase, Progress, ReadOutcome};
+use crate::net::{self, Fail, Gone, Link, Loss, Peer, Phase, Progress, ReadOutcome};
 use crate::procfs::Delta;
 use crate::report::{self, Ledger, Outcome, Summary, latency_json, latency_line, map_line};
 use crate::url::WsUrl;
@@ -579,12 +579,6 @@ fn retire(t: &mut Track, sub: usize, table: &mut Table, measuring: bool) {
     for subs in table.orphans.values_mut() {
         subs.retain(|&s| s != sub);
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Gone {
-    Closed,
-    Protocol,
 }
 
 fn sub_gone(
@@ -1175,22 +1169,22 @@ impl Mode for Api<'_> {
     /// is subscribed or failed and every HTTP connection is made or failed.
     fn setup(&mut self, now: Instant, registry: &Registry) -> Result<bool, String> {
         let o = self.o;
-        let batch_end = self.ramp.batch_end(now, self.subs.len());
-        while self.subs.len() < batch_end {
-            let i = self.subs.len();
-            let mut track = Track::new(Instant::now());
-            self.tally.ledger.pending_setup += 1;
-            let dialed = self.sources.dial(i, self.addr);
-            let link = net::open(dialed, registry, Token(i)).unwrap_or_else(|f| {
-                setup_failed(&mut track, &mut self.tally, f.kind(), || f.to_string());
-                Link::dead()
+        let tally = &mut self.tally;
+        let (subs, sources) = (&mut self.subs, &mut self.sources);
+        self.ramp
+            .dial_due(now, subs, sources, self.addr, registry, |began, link| {
+                let mut track = Track::new(began);
+                tally.ledger.pending_setup += 1;
+                let link = link.unwrap_or_else(|f| {
+                    setup_failed(&mut track, tally, f.kind(), || f.to_string());
+                    Link::dead()
+                });
+                Sub {
+                    link,
+                    track,
+                    frag: None,
+                }
             });
-            self.subs.push(Sub {
-                link,
-                track,
-                frag: None,
-            });
-        }
         if self.ramp.scan_due(now) {
             let tally = &mut self.tally;
             self.ramp.expire(
@@ -1509,11 +1503,7 @@ impl Peer for SubPeer<'_, '_, '_> {
     }
 
     fn lost(&mut self, loss: Loss) {
-        let how = if loss.is_protocol() {
-            Gone::Protocol
-        } else {
-            Gone::Closed
-        };
+        let how = loss.gone();
         sub_gone(self.track, self.sub, self.cx, how, &loss.kind(), || {
             loss.describe(true)
         });

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use mio::{Events, Registry, Token};
+use mio::{Events, Registry};
 use serde_json::{Value, json};
 
 use crate::driver::{self, Driver, Mode, Plan, Ramp, Turn};
@@ -353,21 +353,22 @@ pub fn run(
 impl Mode for Connect<'_> {
     /// The ramp: dial what is due, until every attempt has opened or failed.
     fn setup(&mut self, now: Instant, registry: &Registry) -> Result<bool, String> {
-        let batch_end = self.ramp.batch_end(now, self.slots.len());
-        while self.slots.len() < batch_end {
-            let i = self.slots.len();
-            let dialed = self.sources.dial(i, self.addr);
-            let link = net::open(dialed, registry, Token(i)).unwrap_or_else(|f| {
-                self.tally.fail(&f);
-                Link::dead()
+        let (tally, counts) = (&mut self.tally, &mut self.counts);
+        let (slots, sources) = (&mut self.slots, &mut self.sources);
+        self.ramp
+            .dial_due(now, slots, sources, self.addr, registry, |_, link| {
+                let link = link.unwrap_or_else(|f| {
+                    tally.fail(&f);
+                    Link::dead()
+                });
+                counts.moved(Phase::Done, link.phase);
+                // Timed from the end of the dial.
+                Slot {
+                    link,
+                    started: Instant::now(),
+                    close_acked: false,
+                }
             });
-            self.counts.moved(Phase::Done, link.phase);
-            self.slots.push(Slot {
-                link,
-                started: Instant::now(),
-                close_acked: false,
-            });
-        }
         if self.ramp.scan_due(now) {
             let (counts, tally) = (&mut self.counts, &mut self.tally);
             self.ramp.expire(

@@ -22,7 +22,11 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll, Registry};
+use std::net::SocketAddr;
+
+use mio::{Events, Poll, Registry, Token};
+
+use crate::net::{self, Fail, Link, SourcePorts};
 
 use crate::procfs::{self, Delta, Sample};
 
@@ -345,6 +349,27 @@ impl Ramp {
     /// behind the schedule.
     pub fn batch_end(&self, now: Instant, dialed: usize) -> usize {
         self.due(now).min(self.total).min(dialed + DIAL_BATCH)
+    }
+
+    /// Dial the connections due by `now` (a batch): number `i` from the
+    /// source addresses, registered as `Token(i)`. `add` makes the item
+    /// from the time its dial began and the link (or why it failed).
+    pub fn dial_due<T>(
+        &self,
+        now: Instant,
+        items: &mut Vec<T>,
+        sources: &mut SourcePorts,
+        addr: SocketAddr,
+        registry: &Registry,
+        mut add: impl FnMut(Instant, Result<Link, Fail>) -> T,
+    ) {
+        let end = self.batch_end(now, items.len());
+        while items.len() < end {
+            let i = items.len();
+            let began = Instant::now();
+            let link = net::open(sources.dial(i, addr), registry, Token(i));
+            items.push(add(began, link));
+        }
     }
 
     /// How long to wait for events while `dialed` are dialed.

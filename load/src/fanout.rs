@@ -36,7 +36,7 @@ use serde_json::{Value, json};
 
 use crate::driver::{self, Driver, Mode, Plan, Ramp, Turn};
 use crate::hist::Histogram;
-use crate::net::{self, Fail, Link, Loss, Peer, Phase, Progress, ReadOutcome};
+use crate::net::{self, Fail, Gone, Link, Loss, Peer, Phase, Progress, ReadOutcome};
 use crate::procfs::Delta;
 use crate::report::{self, Ledger, Outcome, Summary, latency_json, latency_line};
 use crate::url::WsUrl;
@@ -514,14 +514,6 @@ fn retire(t: &mut Track, table: &mut Table, measuring: bool) {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Gone {
-    /// Close frame, EOF, reset or write failure.
-    Closed,
-    /// A frame that breaks RFC 6455.
-    Protocol,
-}
-
 /// The server ended (or broke) a subscriber's connection before we closed it.
 fn sub_gone(t: &mut Track, cx: &mut Cx<'_>, how: Gone, kind: &str, what: impl FnOnce() -> String) {
     if t.dropped {
@@ -869,22 +861,22 @@ impl Mode for Fanout<'_> {
     /// is subscribed or failed and the publisher is welcomed.
     fn setup(&mut self, now: Instant, registry: &Registry) -> Result<bool, String> {
         let o = self.o;
-        let batch_end = self.ramp.batch_end(now, self.subs.len());
-        while self.subs.len() < batch_end {
-            let i = self.subs.len();
-            let mut track = Track::new(Instant::now());
-            self.tally.ledger.pending_setup += 1;
-            let dialed = self.sources.dial(i, self.addr);
-            let link = net::open(dialed, registry, Token(i)).unwrap_or_else(|f| {
-                setup_failed(&mut track, &mut self.tally, f.kind(), || f.to_string());
-                Link::dead()
+        let tally = &mut self.tally;
+        let (subs, sources) = (&mut self.subs, &mut self.sources);
+        self.ramp
+            .dial_due(now, subs, sources, self.addr, registry, |began, link| {
+                let mut track = Track::new(began);
+                tally.ledger.pending_setup += 1;
+                let link = link.unwrap_or_else(|f| {
+                    setup_failed(&mut track, tally, f.kind(), || f.to_string());
+                    Link::dead()
+                });
+                Sub {
+                    link,
+                    track,
+                    frag: None,
+                }
             });
-            self.subs.push(Sub {
-                link,
-                track,
-                frag: None,
-            });
-        }
         if self.ramp.scan_due(now) {
             let tally = &mut self.tally;
             self.ramp.expire(
@@ -1149,11 +1141,7 @@ impl Peer for SubPeer<'_, '_, '_> {
     }
 
     fn lost(&mut self, loss: Loss) {
-        let how = if loss.is_protocol() {
-            Gone::Protocol
-        } else {
-            Gone::Closed
-        };
+        let how = loss.gone();
         sub_gone(self.track, self.cx, how, &loss.kind(), || {
             loss.describe(true)
         });

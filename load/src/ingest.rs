@@ -43,7 +43,7 @@ use serde_json::{Value, json};
 use crate::driver::{self, Driver, Mode, Plan, Turn};
 use crate::fanout::with_user;
 use crate::hist::Histogram;
-use crate::net::{self, Fail, Link, Loss, Peer, Phase, Progress};
+use crate::net::{self, Fail, Gone, Link, Loss, Peer, Phase, Progress};
 use crate::procfs::Delta;
 use crate::report::{self, Ledger, Outcome, Summary, latency_json, latency_line, map_line};
 use crate::url::WsUrl;
@@ -294,12 +294,6 @@ fn setup_failed(t: &mut Track, tally: &mut Tally, kind: String, what: impl FnOnc
     tally
         .ledger
         .setup_failed(&mut t.settled, connect, kind, what);
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Gone {
-    Closed,
-    Protocol,
 }
 
 /// The server ended (or broke) the connection before we closed it.
@@ -840,11 +834,7 @@ impl Peer for ConnPeer<'_, '_, '_> {
     }
 
     fn lost(&mut self, loss: Loss) {
-        let how = if loss.is_protocol() {
-            Gone::Protocol
-        } else {
-            Gone::Closed
-        };
+        let how = loss.gone();
         gone(self.track, self.cx.tally, how, &loss.kind(), || {
             loss.describe(false)
         });

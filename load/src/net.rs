@@ -544,6 +544,15 @@ pub fn ws_feed(
     }
 }
 
+/// How the server ended a connection before we closed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gone {
+    /// Close frame, EOF, reset or write failure.
+    Closed,
+    /// A frame that breaks RFC 6455.
+    Protocol,
+}
+
 /// How a JSON-protocol connection was lost before we closed it.
 #[derive(Debug)]
 pub enum Loss {
@@ -572,9 +581,12 @@ impl Loss {
         }
     }
 
-    /// The server broke the protocol (rather than closed the connection).
-    pub fn is_protocol(&self) -> bool {
-        matches!(self, Loss::Protocol(_))
+    /// Closed, or broke the protocol?
+    pub fn gone(&self) -> Gone {
+        match self {
+            Loss::Protocol(_) => Gone::Protocol,
+            _ => Gone::Closed,
+        }
     }
 
     /// What happened, said of a channel subscriber or of a connection.
