@@ -1,4 +1,4 @@
-//! Client connection plumbing shared by both modes: dialing (optionally from
+//! Client connection plumbing shared by every mode: dialing (optionally from
 //! a chosen source address), the TCP connect and HTTP upgrade steps, the
 //! output buffer written once per wake-up, and frame decoding that copies
 //! only a trailing partial frame out of the shared read buffer.
