@@ -141,81 +141,8 @@ pub struct NamespaceRules {
     pub publish: Rule,
 }
 
-/// One `[channels.namespaces.<ns>]` table as written: a field left out
-/// falls back (see [`ChannelsFile`]).
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NamespaceRulesFile {
-    subscribe: Option<Rule>,
-    publish: Option<Rule>,
-}
-
-/// `[channels]` as written. Read through this so that a namespace table
-/// adds to the built-in rules of `public`, `user` and `tenant` instead of
-/// replacing all of them (serde's `default` would take the whole map from
-/// the file): a user who copies the README's `[channels.namespaces.room]`
-/// must not silently make `public:*` claims-only.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct ChannelsFile {
-    max_subscriptions: usize,
-    max_channel_length: usize,
-    subscribe: Rule,
-    publish: Rule,
-    broadcast: Rule,
-    direct: Rule,
-    namespaces: std::collections::BTreeMap<String, NamespaceRulesFile>,
-}
-
-impl Default for ChannelsFile {
-    fn default() -> Self {
-        let d = ChannelsConfig::default();
-        ChannelsFile {
-            max_subscriptions: d.max_subscriptions,
-            max_channel_length: d.max_channel_length,
-            subscribe: d.subscribe,
-            publish: d.publish,
-            broadcast: d.broadcast,
-            direct: d.direct,
-            namespaces: std::collections::BTreeMap::new(),
-        }
-    }
-}
-
-impl From<ChannelsFile> for ChannelsConfig {
-    /// Merge per namespace: the built-in namespaces stay unless the file
-    /// names them; a field the file leaves out keeps the built-in rule of
-    /// that namespace, or for a namespace without one the `[channels]`
-    /// default (`subscribe`/`publish`).
-    fn from(f: ChannelsFile) -> Self {
-        let mut namespaces = ChannelsConfig::default().namespaces;
-        for (ns, rules) in f.namespaces {
-            let base = namespaces.get(&ns).copied().unwrap_or(NamespaceRules {
-                subscribe: f.subscribe,
-                publish: f.publish,
-            });
-            namespaces.insert(
-                ns,
-                NamespaceRules {
-                    subscribe: rules.subscribe.unwrap_or(base.subscribe),
-                    publish: rules.publish.unwrap_or(base.publish),
-                },
-            );
-        }
-        ChannelsConfig {
-            max_subscriptions: f.max_subscriptions,
-            max_channel_length: f.max_channel_length,
-            subscribe: f.subscribe,
-            publish: f.publish,
-            broadcast: f.broadcast,
-            direct: f.direct,
-            namespaces,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(from = "ChannelsFile")]
+#[serde(default, deny_unknown_fields)]
 pub struct ChannelsConfig {
     /// Subscriptions one connection may hold.
     pub max_subscriptions: usize,
@@ -231,7 +158,7 @@ pub struct ChannelsConfig {
     pub direct: Rule,
     /// Rules per namespace (the part of a channel name before the first `:`):
     /// the built-in `public`, `user` and `tenant` plus what the file adds
-    /// or overrides (merged per namespace and per field).
+    /// or overrides, merged per namespace and per field (`merge_namespaces`).
     pub namespaces: std::collections::BTreeMap<String, NamespaceRules>,
 }
 
@@ -325,6 +252,20 @@ pub enum SyncMode {
     Normal,
 }
 
+/// What the database file is checked for at start (`storage.integrity_check`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IntegrityCheck {
+    /// SQLite's `quick_check`: every page and b-tree is readable and well
+    /// formed (catches truncation and overwritten pages); indexes are not
+    /// compared with their tables.
+    Quick,
+    /// SQLite's `integrity_check`: `quick` plus every index entry against its row.
+    Full,
+    /// No check: damage shows up later as failed writes (`storage_error`).
+    Off,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
@@ -336,6 +277,8 @@ pub struct StorageConfig {
     /// Most requests written in one transaction (group commit).
     pub max_batch: usize,
     pub synchronous: SyncMode,
+    /// Checked at start; a damaged file refuses the start (docs/STORAGE.md).
+    pub integrity_check: IntegrityCheck,
 }
 
 impl Default for StorageConfig {
@@ -346,6 +289,9 @@ impl Default for StorageConfig {
             queue_capacity: 65_536,
             max_batch: 4096,
             synchronous: SyncMode::Full,
+            // Cheap (one read of the file) and catches what loses records;
+            // `full` costs several times more on a large table.
+            integrity_check: IntegrityCheck::Quick,
         }
     }
 }
@@ -411,64 +357,9 @@ pub struct HistoryRule {
     pub ttl: Duration,
 }
 
-/// One `[history.namespaces.<ns>]` table as written: a field left out takes
-/// the global `history.size` / `history.ttl`.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HistoryRuleFile {
-    size: Option<usize>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    ttl: Option<Duration>,
-}
-
-/// `[history]` as written; see [`HistoryRuleFile`].
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct HistoryFile {
-    size: usize,
-    #[serde(deserialize_with = "de_duration")]
-    ttl: Duration,
-    namespaces: std::collections::BTreeMap<String, HistoryRuleFile>,
-    max_page: usize,
-}
-
-impl Default for HistoryFile {
-    fn default() -> Self {
-        let d = HistoryConfig::default();
-        HistoryFile {
-            size: d.size,
-            ttl: d.ttl,
-            namespaces: std::collections::BTreeMap::new(),
-            max_page: d.max_page,
-        }
-    }
-}
-
-impl From<HistoryFile> for HistoryConfig {
-    fn from(f: HistoryFile) -> Self {
-        let namespaces = f
-            .namespaces
-            .into_iter()
-            .map(|(ns, r)| {
-                let rule = HistoryRule {
-                    size: r.size.unwrap_or(f.size),
-                    ttl: r.ttl.unwrap_or(f.ttl),
-                };
-                (ns, rule)
-            })
-            .collect();
-        HistoryConfig {
-            size: f.size,
-            ttl: f.ttl,
-            namespaces,
-            max_page: f.max_page,
-        }
-    }
-}
-
 /// Channel history and recovery (seed 001 "event history").
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(from = "HistoryFile")]
+#[serde(default, deny_unknown_fields)]
 pub struct HistoryConfig {
     /// Publications kept per channel (seed 001: the last 100); 0 = none.
     pub size: usize,
@@ -476,10 +367,14 @@ pub struct HistoryConfig {
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub ttl: Duration,
     /// Overrides per namespace; a field a namespace table leaves out takes
-    /// the global value above when the file is read.
+    /// the global value above when the file is read (`merge_namespaces`).
     pub namespaces: std::collections::BTreeMap<String, HistoryRule>,
     /// Most publications one `history` request or recovery returns.
     pub max_page: usize,
+    /// Bytes of kept publications (their JSON text) for all channels
+    /// together, in memory (each shard holds at most its share) and on disk;
+    /// past it the oldest publications go first, whatever their channel.
+    pub max_bytes: usize,
 }
 
 impl Default for HistoryConfig {
@@ -489,6 +384,10 @@ impl Default for HistoryConfig {
             ttl: Duration::from_secs(3600),
             namespaces: std::collections::BTreeMap::new(),
             max_page: 1000,
+            // 64 MiB: the default 100 publications of 1 KiB on 650 busy
+            // channels; without it, 300 channels of 1 MB publications held
+            // 300 MiB for an hour and were reloaded at every start.
+            max_bytes: 64 << 20,
         }
     }
 }
@@ -842,11 +741,13 @@ const OPTIONS: &[&str] = &[
     "storage.queue_capacity",
     "storage.max_batch",
     "storage.synchronous",
+    "storage.integrity_check",
     "ingest.table",
     "ingest.key",
     "ingest.key_id",
     "history.size",
     "history.ttl",
+    "history.max_bytes",
     "inbox.ttl",
     "api.enabled",
     "api.allow_anonymous",
@@ -949,6 +850,7 @@ impl Config {
                 .collect();
             table.insert("trusted_proxies".into(), toml::Value::Array(list));
         }
+        merge_namespaces(&mut table);
         let source = if file.is_some() {
             "config file or environment"
         } else {
@@ -1068,6 +970,7 @@ impl Config {
             ("storage.queue_capacity", self.storage.queue_capacity),
             ("storage.max_batch", self.storage.max_batch),
             ("history.max_page", self.history.max_page),
+            ("history.max_bytes", self.history.max_bytes),
             ("inbox.max_per_user", self.inbox.max_per_user),
             ("api.max_body_bytes", self.api.max_body_bytes),
         ] {
@@ -1161,6 +1064,82 @@ impl Config {
     }
 }
 
+/// Fill in what per-namespace tables leave out, before serde sees them, so
+/// that they mean what the README says:
+/// * `[channels.namespaces.<ns>]` adds to the built-in `public`, `user` and
+///   `tenant` rules instead of replacing all of them (serde's `default`
+///   takes a map whole: copying the README's `[channels.namespaces.room]`
+///   used to make `public:*` and `user:*` claims-only). A rule the table
+///   leaves out keeps the built-in one of that namespace, or for a new
+///   namespace `channels.subscribe` / `channels.publish`.
+/// * `[history.namespaces.<ns>]` fields left out take `history.size` /
+///   `history.ttl` (a table with only `size` used to refuse to start).
+///
+/// Done on the TOML table (after the environment is applied, so its values
+/// are the fallbacks too); a value of the wrong type is left for serde to
+/// report with its path.
+fn merge_namespaces(table: &mut toml::Table) {
+    let Ok(toml::Value::Table(defaults)) = toml::Value::try_from(Config::default()) else {
+        return;
+    };
+    let section = |t: &toml::Table, name: &str| -> toml::Table {
+        t.get(name)
+            .and_then(toml::Value::as_table)
+            .cloned()
+            .unwrap_or_default()
+    };
+    // The value of `key` in the file's section, else the default's.
+    let pick = |file: &toml::Table, dflt: &toml::Table, keys: &[&str]| -> toml::Table {
+        keys.iter()
+            .filter_map(|k| {
+                let v = file.get(*k).or_else(|| dflt.get(*k))?;
+                Some(((*k).to_owned(), v.clone()))
+            })
+            .collect()
+    };
+    let overlay = |base: &toml::Table, over: &toml::Table| -> toml::Table {
+        let mut t = base.clone();
+        t.extend(over.iter().map(|(k, v)| (k.clone(), v.clone())));
+        t
+    };
+
+    let default_channels = section(&defaults, "channels");
+    if let Some(toml::Value::Table(channels)) = table.get_mut("channels") {
+        let fallback = pick(channels, &default_channels, &["subscribe", "publish"]);
+        let builtin = section(&default_channels, "namespaces");
+        if let Some(toml::Value::Table(file)) = channels.get_mut("namespaces") {
+            let mut merged: toml::Table = builtin.clone();
+            for (ns, rules) in file.iter() {
+                let value = match rules {
+                    toml::Value::Table(rules) => {
+                        let base = builtin
+                            .get(ns)
+                            .and_then(toml::Value::as_table)
+                            .unwrap_or(&fallback);
+                        toml::Value::Table(overlay(base, rules))
+                    }
+                    other => other.clone(),
+                };
+                merged.insert(ns.clone(), value);
+            }
+            *file = merged;
+        }
+    }
+
+    let default_history = section(&defaults, "history");
+    if let Some(toml::Value::Table(history)) = table.get_mut("history") {
+        let fallback = pick(history, &default_history, &["size", "ttl"]);
+        if let Some(toml::Value::Table(file)) = history.get_mut("namespaces") {
+            for (_, rules) in file.iter_mut() {
+                if let toml::Value::Table(r) = rules {
+                    let merged = overlay(&fallback, r);
+                    *r = merged;
+                }
+            }
+        }
+    }
+}
+
 /// A TOML syntax error on one line: where, then what (toml's own Display
 /// draws the offending line with a caret over several lines).
 fn toml_message(text: &str, e: &toml::de::Error) -> String {
@@ -1201,10 +1180,6 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Raw::Ms(ms) => Ok(Duration::from_millis(ms)),
         Raw::Text(s) => parse_duration(&s).map_err(serde::de::Error::custom),
     }
-}
-
-fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    de_duration(d).map(Some)
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -1392,6 +1367,13 @@ mod tests {
         assert_eq!(c.history.rule("other:1").size, 7);
         let printed = toml::to_string_pretty(&c).unwrap();
         assert_eq!(load_toml(&printed).unwrap(), c);
+        // The environment's global value is the fallback too.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[history.namespaces.chat]\nsize = 5\n").unwrap();
+        let e = env(&[("SWITCHBOARD_HISTORY_TTL", "3m")]);
+        let c = Config::load_from(Some(&path), &e, &Overrides::default()).unwrap();
+        assert_eq!(c.history.rule("chat:x").ttl, Duration::from_secs(180));
         // A bad field is still named.
         let err = load_toml("[history.namespaces.chat]\nttl = \"soon\"\n").unwrap_err();
         assert!(

@@ -271,6 +271,7 @@ const GAUGES: &[&str] = &[
     "local_users",
     "local_channels",
     "history_channels",
+    "history_bytes",
 ];
 
 /// The Prometheus text exposition (format 0.0.4) of every shard's counters,
@@ -344,6 +345,10 @@ counters! {
     local_channels,
     /// Channels whose home is this shard with history state kept (gauge).
     history_channels,
+    /// Bytes of publications kept in memory for history on this shard (gauge; at most its share of history.max_bytes).
+    history_bytes,
+    /// Kept publications dropped, oldest first, because this shard's share of history.max_bytes was full.
+    history_evicted,
     /// Channel publications numbered by this shard (as the channel's home).
     publications,
     /// Ingested records committed and acknowledged.

@@ -79,6 +79,8 @@ impl Shard {
                 self.desk.revoked.sweep(now_ms);
                 self.io.c.history_channels = self.history.channel_count() as u64;
             }
+            self.io.c.history_bytes = self.history.bytes() as u64;
+            self.io.c.history_evicted = self.history.evicted();
             self.io.c.local_users = self.desk.local.user_count() as u64;
             self.io.c.local_channels = self.desk.local.channel_count() as u64;
             self.stats.publish(&self.io.c);

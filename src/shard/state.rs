@@ -232,7 +232,9 @@ impl Opened {
             poll.registry().register(l, LISTENER, Interest::READABLE)?;
         }
         let now_ms = crate::clock::now_ms();
-        let mut history = History::default();
+        // Each shard keeps its share of `history.max_bytes`, so all of them
+        // together keep at most that (channels are spread by a hash).
+        let mut history = History::new(setup.cfg.history.max_bytes / setup.cfg.shards.max(1));
         history.restore(setup.history, now_ms);
         let mut desk = Desk::default();
         for r in &setup.revocations {
