@@ -338,3 +338,47 @@ pub(super) fn client_ip(peer: IpAddr, req: &Request, trusted: &[Cidr]) -> IpAddr
     }
     client
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &str) -> Request {
+        let head = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
+        match parse_request(head.as_bytes(), 8192) {
+            Ok(Some((r, _))) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_client_is_the_rightmost_address_no_trusted_proxy_wrote() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
+        let xff = req("X-Forwarded-For: 198.51.100.1, 203.0.113.7, 10.1.1.1\r\n");
+        // From a trusted proxy: skip the trusted hops from the right.
+        assert_eq!(client_ip(ip("10.0.0.2"), &xff, &trusted), ip("203.0.113.7"));
+        // The same header from anyone else is not believed.
+        assert_eq!(client_ip(ip("192.0.2.9"), &xff, &trusted), ip("192.0.2.9"));
+        assert_eq!(client_ip(ip("10.0.0.2"), &xff, &[]), ip("10.0.0.2"));
+        // A dual-stack listener reports IPv4 peers as IPv4-mapped IPv6.
+        assert_eq!(
+            client_ip(ip("::ffff:10.0.0.2"), &xff, &trusted),
+            ip("203.0.113.7")
+        );
+        // Every hop trusted: the leftmost is the client.
+        let all = req("X-Forwarded-For: 10.2.2.2, 10.3.3.3\r\n");
+        assert_eq!(client_ip(ip("10.0.0.2"), &all, &trusted), ip("10.2.2.2"));
+        // A hop that is not an address stops at the last trusted one.
+        let unknown = req("Forwarded: for=198.51.100.1, for=unknown, for=10.4.4.4\r\n");
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &unknown, &trusted),
+            ip("10.4.4.4")
+        );
+        // No header: the proxy itself.
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &req(""), &trusted),
+            ip("10.0.0.2")
+        );
+    }
+}
