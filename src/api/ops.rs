@@ -56,6 +56,27 @@ pub(super) fn metrics(
     let shards: Vec<Counters> = ctx.env.all_stats.iter().map(|s| s.snapshot()).collect();
     let mut text = crate::stats::prometheus(&shards);
     crate::stats::prometheus_histograms(&ctx.env.all_stats, &mut text);
+    let writer_errors = ctx.env.writer.as_ref().map_or(0, |w| w.stats().errors);
+    crate::stats::prometheus_process(
+        &[
+            (
+                "switchboard_accept_failures_total",
+                "accept() calls that failed for want of descriptors or memory (accepting then pauses).",
+                ctx.env.admission.accept_failures(),
+            ),
+            (
+                "switchboard_ip_windows_evicted_total",
+                "Per-IP limit windows forgotten early because the limiter's table was full.",
+                ctx.env.limiter.evicted(),
+            ),
+            (
+                "switchboard_store_errors_total",
+                "Storage writes that failed in the writer (with or without a waiting client).",
+                writer_errors,
+            ),
+        ],
+        &mut text,
+    );
     Ok(Handled::Now(Response::with_body(
         200,
         "OK",

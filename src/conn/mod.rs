@@ -15,7 +15,7 @@ mod http;
 pub mod outq;
 pub mod transport;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -123,6 +123,10 @@ pub struct Conn {
     /// In the shard's flush list (output queued by deliveries).
     pub flush_queued: bool,
     awaiting_pong: bool,
+    /// Pings sent since the last pong (the first of them started the pong
+    /// deadline): with `pong_timeout` longer than `heartbeat_interval`, pings
+    /// keep coming every interval while the deadline runs.
+    unanswered: u32,
     /// Holds an [`Admission`] slot.
     counted: bool,
     /// HTTP: a request waits for other shards; later ones stay buffered.
@@ -131,7 +135,9 @@ pub struct Conn {
     close_after: bool,
     /// HTTP: buffered requests wait for output room.
     held: bool,
-    rate_limited: bool,
+    /// The client's address: the peer's, or behind a trusted proxy the one
+    /// the proxy names (set at the upgrade request; `/api/clients` shows it).
+    client: IpAddr,
     /// Wheel tick of the last data received (idle timeout).
     last_seen: u32,
 }
@@ -167,7 +173,7 @@ impl Replies for Sink<'_> {
 }
 
 impl Conn {
-    pub fn new(id: ConnId, io: Transport, peer: SocketAddr, rate_limited: bool) -> Self {
+    pub fn new(id: ConnId, io: Transport, peer: SocketAddr) -> Self {
         Conn {
             id,
             io,
@@ -183,11 +189,12 @@ impl Conn {
             queued: false,
             flush_queued: false,
             awaiting_pong: false,
+            unanswered: 0,
             counted: false,
             awaiting: false,
             close_after: false,
             held: false,
-            rate_limited,
+            client: peer.ip().to_canonical(),
             last_seen: 0,
         }
     }
@@ -198,6 +205,11 @@ impl Conn {
 
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The client's IP address (see `trusted_proxies`).
+    pub fn client_ip(&self) -> IpAddr {
+        self.client
     }
 
     pub fn socket(&mut self) -> &mut mio::net::TcpStream {
@@ -718,9 +730,22 @@ impl Conn {
                     return self.after_io(ctx);
                 }
                 self.out.push_frame(OpCode::Ping, b"");
-                self.awaiting_pong = true;
+                if !self.awaiting_pong {
+                    self.awaiting_pong = true;
+                    self.unanswered = 0;
+                }
+                self.unanswered = self.unanswered.saturating_add(1);
                 ctx.io.c.pings_sent += 1;
-                self.set_timer(ctx, ctx.env.cfg.pong_timeout, TimerKind::PongDeadline);
+                // One timer per connection: whichever comes first, the next
+                // ping (every interval, as documented) or the pong deadline
+                // (pong_timeout after the first unanswered ping).
+                let interval = ctx.env.cfg.heartbeat_interval;
+                let left = self.pong_time_left(ctx);
+                if left <= interval {
+                    self.set_timer(ctx, left, TimerKind::PongDeadline);
+                } else {
+                    self.set_timer(ctx, interval, TimerKind::Ping);
+                }
                 self.after_io(ctx)
             }
             (TimerKind::PongDeadline, State::Open(_)) => {
@@ -734,12 +759,13 @@ impl Conn {
                     self.close(CloseCode::Error, "heartbeat timeout", ctx);
                     return self.after_io(ctx);
                 }
-                // The next ping is due one interval after the last one.
+                // The deadline came `left` after the last ping; the next
+                // ping is due one interval after that ping.
                 let rest = ctx
                     .env
                     .cfg
                     .heartbeat_interval
-                    .saturating_sub(ctx.env.cfg.pong_timeout);
+                    .saturating_sub(self.pong_time_left(ctx));
                 if rest.is_zero() {
                     return self.on_timer(TimerKind::Ping, ctx);
                 }
@@ -766,6 +792,18 @@ impl Conn {
             (TimerKind::Linger, _) => Next::Drop,
             _ => Next::Keep,
         }
+    }
+
+    /// Time from the last ping sent to the pong deadline: `pong_timeout`
+    /// after the first of the `unanswered` pings, which went out one
+    /// interval apart (timers never fire early, so the deadline is never
+    /// early either).
+    fn pong_time_left(&self, ctx: &Ctx<'_>) -> Duration {
+        let cfg = &ctx.env.cfg;
+        let waited = cfg
+            .heartbeat_interval
+            .saturating_mul(self.unanswered.saturating_sub(1));
+        cfg.pong_timeout.saturating_sub(waited)
     }
 
     /// Server shutdown: close open connections with 1001, drop handshakes.
