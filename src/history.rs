@@ -8,6 +8,12 @@
 //! wiped), and a client that recovers with another epoch learns that it
 //! cannot trust its offset. Persisted copies (through the storage writer)
 //! let the sequence and its publications survive a restart.
+//!
+//! Kept publications have a byte budget per shard (its share of
+//! `history.max_bytes`): past it the shard's oldest kept publication goes
+//! first, whatever its channel. The channel keeps its epoch and offsets, so
+//! a recovery from before the first publication still kept answers
+//! `recovered: false`, as after a trim to `history.size`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -44,6 +50,9 @@ struct Entry {
 
 #[derive(Debug)]
 struct ChannelState {
+    /// Which incarnation of the channel's state this is (a channel dropped
+    /// and published again is a new one): tells stale `order` records apart.
+    generation: u64,
     epoch: Arc<str>,
     top: u64,
     entries: VecDeque<Entry>,
@@ -64,38 +73,89 @@ pub struct Page {
     pub complete: bool,
 }
 
+/// One kept publication in the order publications were kept.
+#[derive(Debug)]
+struct Kept {
+    channel: Arc<str>,
+    generation: u64,
+    offset: u64,
+}
+
 /// The histories of the channels whose home is this shard.
 pub struct History {
     channels: HashMap<Arc<str>, ChannelState>,
     rng: SystemRandom,
+    /// Bytes of kept publications (their JSON text).
+    bytes: usize,
+    /// Publications kept, over all channels.
+    kept: usize,
+    /// Most `bytes` this shard keeps (its share of `history.max_bytes`).
+    budget: usize,
+    /// Kept publications, oldest first. A channel loses publications only
+    /// from its front (trim, expiry, budget), so a record is stale when its
+    /// channel's state is another generation or its first kept offset is
+    /// past the record's; stale records are skipped at the front and
+    /// dropped when they outnumber the live ones.
+    order: VecDeque<Kept>,
+    next_generation: u64,
+    /// Publications dropped by the byte budget (a counter).
+    evicted: u64,
 }
 
 impl Default for History {
     fn default() -> Self {
-        History {
-            channels: HashMap::new(),
-            rng: SystemRandom::new(),
-        }
+        History::new(usize::MAX)
     }
 }
 
 impl History {
-    /// Restore what the store kept (channels whose home is this shard).
+    /// A shard's histories, keeping at most `budget` bytes of publications.
+    pub fn new(budget: usize) -> History {
+        History {
+            channels: HashMap::new(),
+            rng: SystemRandom::new(),
+            bytes: 0,
+            kept: 0,
+            budget,
+            order: VecDeque::new(),
+            next_generation: 0,
+            evicted: 0,
+        }
+    }
+
+    /// Restore what the store kept (channels whose home is this shard),
+    /// oldest publication first within the byte budget.
     pub fn restore(&mut self, loaded: Vec<LoadedChannel>, now_ms: i64) {
+        let mut order: Vec<(i64, Kept)> = Vec::new();
         for ch in loaded {
-            let entries = ch
+            let channel: Arc<str> = Arc::from(ch.channel);
+            let generation = self.generation();
+            let entries: VecDeque<Entry> = ch
                 .publications
                 .into_iter()
                 .filter(|p| p.expires_at_ms > now_ms && p.offset <= ch.top_offset)
-                .map(|p| Entry {
-                    offset: p.offset,
-                    json: p.payload,
-                    expires_ms: p.expires_at_ms,
+                .map(|p| {
+                    order.push((
+                        p.at_ms,
+                        Kept {
+                            channel: channel.clone(),
+                            generation,
+                            offset: p.offset,
+                        },
+                    ));
+                    Entry {
+                        offset: p.offset,
+                        json: p.payload,
+                        expires_ms: p.expires_at_ms,
+                    }
                 })
                 .collect();
+            self.bytes += entries.iter().map(|e| e.json.len()).sum::<usize>();
+            self.kept += entries.len();
             self.channels.insert(
-                Arc::from(ch.channel),
+                channel,
                 ChannelState {
+                    generation,
                     epoch: Arc::from(ch.epoch),
                     top: ch.top_offset,
                     entries,
@@ -103,10 +163,80 @@ impl History {
                 },
             );
         }
+        // Oldest first by publication time. A channel loses publications
+        // from its front only, so its own records must stay in offset order
+        // even if the wall clock went back: the k-th record of a channel
+        // names its k-th offset.
+        order.sort_by_key(|(at, _)| *at);
+        let mut offsets: HashMap<Arc<str>, VecDeque<u64>> = HashMap::new();
+        for (_, k) in &order {
+            offsets
+                .entry(k.channel.clone())
+                .or_default()
+                .push_back(k.offset);
+        }
+        for v in offsets.values_mut() {
+            v.make_contiguous().sort_unstable();
+        }
+        for (_, mut k) in order {
+            if let Some(o) = offsets.get_mut(&k.channel).and_then(VecDeque::pop_front) {
+                k.offset = o;
+            }
+            self.order.push_back(k);
+        }
+        self.enforce_budget();
     }
 
     pub fn channel_count(&self) -> usize {
         self.channels.len()
+    }
+
+    /// Bytes of publications kept on this shard.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Publications dropped so far because the byte budget was full.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    fn generation(&mut self) -> u64 {
+        self.next_generation += 1;
+        self.next_generation
+    }
+
+    /// Whether `k` still names a kept publication.
+    fn live(&self, k: &Kept) -> bool {
+        self.channels.get(&k.channel).is_some_and(|st| {
+            st.generation == k.generation
+                && st.entries.front().is_some_and(|e| e.offset <= k.offset)
+        })
+    }
+
+    /// Drop the oldest kept publications until the budget holds.
+    fn enforce_budget(&mut self) {
+        while self.bytes > self.budget {
+            let Some(k) = self.order.pop_front() else {
+                break;
+            };
+            if !self.live(&k) {
+                continue;
+            }
+            if let Some(st) = self.channels.get_mut(&k.channel)
+                && let Some(e) = st.entries.pop_front()
+            {
+                self.bytes -= e.json.len();
+                self.kept -= 1;
+                self.evicted += 1;
+            }
+        }
+        // Records of publications trimmed or expired meanwhile: once they
+        // outnumber the live ones, keep only the live ones (amortised O(1)).
+        if self.order.len() > 2 * self.kept + 64 {
+            let order = std::mem::take(&mut self.order);
+            self.order = order.into_iter().filter(|k| self.live(k)).collect();
+        }
     }
 
     fn new_epoch(&self) -> Arc<str> {
@@ -116,9 +246,11 @@ impl History {
     fn state(&mut self, channel: &str, now_ms: i64) -> &mut ChannelState {
         if !self.channels.contains_key(channel) {
             let epoch = self.new_epoch();
+            let generation = self.generation();
             self.channels.insert(
                 Arc::from(channel),
                 ChannelState {
+                    generation,
                     epoch,
                     top: 0,
                     entries: VecDeque::new(),
@@ -154,15 +286,32 @@ impl History {
         if size == 0 {
             return;
         }
+        let len = json.len();
         let st = self.state(channel, now_ms);
+        let generation = st.generation;
         st.entries.push_back(Entry {
             offset,
             json,
             expires_ms: now_ms.saturating_add(ttl_ms),
         });
+        let (mut freed, mut dropped) = (0, 0);
         while st.entries.len() > size {
-            st.entries.pop_front();
+            if let Some(e) = st.entries.pop_front() {
+                freed += e.json.len();
+                dropped += 1;
+            }
         }
+        self.bytes = self.bytes + len - freed;
+        self.kept = self.kept + 1 - dropped;
+        // The key is shared with the channel map's (no copy of the name).
+        if let Some((name, _)) = self.channels.get_key_value(channel) {
+            self.order.push_back(Kept {
+                channel: name.clone(),
+                generation,
+                offset,
+            });
+        }
+        self.enforce_budget();
     }
 
     /// Recovery from `(since, epoch)`: everything published after `since`,
@@ -265,12 +414,19 @@ impl History {
     /// Drop expired publications, and channels quiet for `idle_ms` with
     /// nothing kept (their epoch goes with them: offsets restart).
     pub fn sweep(&mut self, now_ms: i64, idle_ms: i64) {
+        let (mut freed, mut dropped) = (0, 0);
         self.channels.retain(|_, st| {
             while st.entries.front().is_some_and(|e| e.expires_ms <= now_ms) {
-                st.entries.pop_front();
+                if let Some(e) = st.entries.pop_front() {
+                    freed += e.json.len();
+                    dropped += 1;
+                }
             }
             !st.entries.is_empty() || now_ms.saturating_sub(st.touched_ms) < idle_ms
         });
+        self.bytes -= freed;
+        self.kept -= dropped;
+        self.enforce_budget(); // compacts `order`
     }
 }
 
@@ -341,6 +497,103 @@ mod tests {
         let p = h.recover("c", 1, &e, 100, usize::MAX, 1);
         assert!(!p.complete);
         assert_eq!(p.top, 2);
+    }
+
+    #[test]
+    fn the_byte_budget_drops_the_oldest_publication_of_any_channel() {
+        // Entries are `{"o":N}`: 7 bytes for N < 10.
+        let mut h = History::new(70);
+        let (_, ea) = publish(&mut h, "a", 0, 100);
+        for _ in 0..4 {
+            publish(&mut h, "a", 0, 100);
+        }
+        let (_, eb) = publish(&mut h, "b", 0, 100);
+        for _ in 0..4 {
+            publish(&mut h, "b", 0, 100);
+        }
+        assert_eq!((h.bytes(), h.evicted()), (70, 0), "exactly the budget");
+        publish(&mut h, "b", 0, 100); // b@6: a@1, the oldest, goes
+        assert_eq!((h.bytes(), h.evicted()), (70, 1));
+        assert!(!h.recover("a", 0, &ea, 100, usize::MAX, 1).complete);
+        let p = h.recover("a", 1, &ea, 100, usize::MAX, 1);
+        assert!(p.complete && p.publications.len() == 4);
+        assert!(h.recover("b", 0, &eb, 100, usize::MAX, 1).complete);
+        // The epoch and the offsets go on: only history was dropped.
+        for _ in 0..5 {
+            publish(&mut h, "b", 0, 100);
+        }
+        // a@2..5, then b@1 and b@2 (from b@10 on an entry takes 8 bytes).
+        assert_eq!(h.evicted(), 7);
+        let p = h.recover("a", 5, &ea, 100, usize::MAX, 1);
+        assert!(p.complete && p.publications.is_empty() && p.top == 5);
+        assert_eq!(h.next_offset("a", 1), (6, ea));
+        assert!(h.bytes() <= 70);
+    }
+
+    #[test]
+    fn stale_order_records_stay_bounded_and_are_skipped() {
+        let mut h = History::new(1000);
+        // Trimmed to 2 per channel: nearly every record goes stale.
+        for i in 0..10_000 {
+            publish(&mut h, if i % 2 == 0 { "a" } else { "b" }, 0, 2);
+        }
+        assert_eq!(h.kept, 4);
+        assert!(h.order.len() <= 2 * h.kept + 64 + 1, "{}", h.order.len());
+        // A channel dropped and published again is a new generation: its
+        // old records do not evict the new publications.
+        h.sweep(5_000, 10); // expired (ttl 1000) and idle: both dropped
+        assert_eq!((h.channel_count(), h.bytes(), h.kept), (0, 0, 0));
+        let mut h2 = History::new(14);
+        publish(&mut h2, "a", 0, 100);
+        h2.sweep(5_000, 10);
+        let (o, e) = publish(&mut h2, "a", 5_000, 100);
+        assert_eq!(o, 1);
+        publish(&mut h2, "a", 5_000, 100);
+        assert_eq!((h2.bytes(), h2.evicted()), (14, 0));
+        publish(&mut h2, "a", 5_000, 100);
+        assert_eq!((h2.bytes(), h2.evicted()), (14, 1));
+        assert!(h2.recover("a", 1, &e, 100, usize::MAX, 5_001).complete);
+    }
+
+    #[test]
+    fn restore_keeps_the_newest_within_the_budget() {
+        use crate::store::StoredPublication;
+        let ch = |name: &str, at: &[i64]| LoadedChannel {
+            channel: name.into(),
+            epoch: "e".into(),
+            top_offset: at.len() as u64,
+            publications: at
+                .iter()
+                .enumerate()
+                .map(|(i, &at_ms)| StoredPublication {
+                    offset: i as u64 + 1,
+                    payload: j("0123456789"),
+                    at_ms,
+                    expires_at_ms: i64::MAX,
+                })
+                .collect(),
+        };
+        let mut h = History::new(40);
+        h.restore(vec![ch("a", &[1, 2, 5]), ch("b", &[3, 4, 6])], 0);
+        // 60 bytes stored, 40 kept: a@1 (t=1) and a@2 (t=2) go.
+        assert_eq!((h.bytes(), h.evicted()), (40, 2));
+        assert!(!h.recover("a", 0, "e", 100, usize::MAX, 1).complete);
+        assert!(h.recover("a", 2, "e", 100, usize::MAX, 1).complete);
+        assert!(h.recover("b", 0, "e", 100, usize::MAX, 1).complete);
+        // Stored times that go back (the wall clock did): a channel still
+        // loses its oldest offset first, and every publication stays
+        // evictable.
+        let mut h = History::new(20);
+        h.restore(vec![ch("c", &[9, 8, 7])], 0);
+        assert_eq!((h.bytes(), h.evicted()), (20, 1));
+        assert!(h.recover("c", 1, "e", 100, usize::MAX, 1).complete);
+        publish(&mut h, "c", 10, 100); // c@4, 7 bytes: c@2 goes
+        assert_eq!((h.bytes(), h.evicted()), (17, 2));
+        assert!(h.recover("c", 2, "e", 100, usize::MAX, 11).complete);
+        for _ in 0..3 {
+            publish(&mut h, "c", 10, 100);
+        }
+        assert!(h.bytes() <= 20 && h.kept == 2, "{} {}", h.bytes(), h.kept);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! acceptor), and the graceful shutdown fan-out.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,11 +14,9 @@ use crate::error::StartError;
 use crate::route::Router;
 use crate::shard::{Inbox, Opened, Peers, ShardHandle, ShardMsg, ShardSetup};
 use crate::stats::Counters;
-use crate::store::{self, Backend, Revocation, RevocationKind, Writer};
-
-/// Written in the data directory after the writer's last commit of a
-/// graceful shutdown; removed at start.
-const CLEAN_MARKER: &str = "clean-shutdown";
+use crate::store::{
+    self, Backend, CLEAN_MARKER, LostHistory, NewEpoch, Revocation, RevocationKind, Writer,
+};
 
 /// Hands the writer's results to the shards' inboxes.
 struct ShardNotify {
@@ -64,76 +63,27 @@ impl Server {
         } else {
             None
         };
-        let admission = Arc::new(Admission::new(cfg.max_connections));
-        let limiter = Arc::new(IpLimiter::new(cfg.per_ip_connections_per_minute));
-        let want = SocketAddr::new(cfg.bind_ip(), cfg.port);
-        let reuse = cfg.accept == AcceptMode::Reuseport;
-        let first =
-            accept::bind(want, reuse).map_err(|err| StartError::Bind { addr: want, err })?;
-        let addr = first
-            .local_addr()
-            .map_err(|err| StartError::Bind { addr: want, err })?;
-        let mut listeners: Vec<Option<mio::net::TcpListener>> = Vec::new();
-        let mut acceptor_listener = None;
-        if reuse {
-            listeners.push(Some(first));
-            for _ in 1..cfg.shards {
-                // Same port as the first (which may have been port 0).
-                let l = accept::bind(addr, true).map_err(|err| StartError::Bind { addr, err })?;
-                listeners.push(Some(l));
-            }
-        } else {
-            acceptor_listener = Some(first);
-            listeners.resize_with(cfg.shards, || None);
-        }
         let auth = Arc::new(crate::auth::setup::build(&cfg.auth)?);
         let sealer = crate::ingest::Sealer::from_config(&cfg.ingest)
             .map_err(StartError::Ingest)?
             .map(Arc::new);
-        // Open the store and read back what must outlive a restart before
-        // any shard runs: channel histories go to their home shards, every
-        // shard gets every live revocation.
-        let (backend, loaded) = match cfg.storage.backend {
-            crate::config::StorageBackend::Sqlite => {
-                let mut b = store::SqliteBackend::open(&cfg.storage, &cfg.ingest.table)
-                    .map_err(StartError::Storage)?;
-                let mut loaded = b
-                    .load(crate::clock::now_ms())
-                    .map_err(StartError::Storage)?;
-                // Publications are numbered before they are committed: after
-                // a crash the stored top offset may be behind what clients
-                // saw. Then every channel starts a new epoch (its history
-                // is lost), so no client is told "recovered" wrongly.
-                let marker = cfg.storage.data_dir.join(CLEAN_MARKER);
-                let clean = marker.exists();
-                if let Err(err) = std::fs::remove_file(&marker)
-                    && err.kind() != std::io::ErrorKind::NotFound
-                {
-                    return Err(StartError::Io {
-                        what: "the clean-shutdown marker",
-                        err,
-                    });
+        // Storage before the listeners: a start that is about to fail on a
+        // damaged or unopenable store must not accept a connection first,
+        // and the epochs it changes are durable before anything is served.
+        let (backend, loaded) = open_storage(&cfg)?;
+        let (addr, listeners, acceptor_listener) = match bind_all(&cfg) {
+            Ok(bound) => bound,
+            Err(e) => {
+                // Nothing was served: the store is still exactly what
+                // clients saw, so the next start may trust it.
+                if let Some(mut b) = backend {
+                    seal(&cfg.storage.data_dir, &mut b, &LostHistory::default());
                 }
-                if !clean && !loaded.channels.is_empty() {
-                    log::warn!(
-                        "storage: the last run did not shut down cleanly; {} channel histories start new epochs",
-                        loaded.channels.len()
-                    );
-                    for ch in &mut loaded.channels {
-                        ch.epoch = crate::history::fresh_epoch();
-                        ch.publications.clear();
-                    }
-                }
-                log::info!(
-                    "storage: {} ({} channel histories, {} revocations restored)",
-                    b.path().display(),
-                    loaded.channels.len(),
-                    loaded.revocations.len()
-                );
-                (Some(b), loaded)
+                return Err(e);
             }
-            crate::config::StorageBackend::None => (None, store::Loaded::default()),
         };
+        let admission = Arc::new(Admission::new(cfg.max_connections));
+        let limiter = Arc::new(IpLimiter::new(cfg.per_ip_connections_per_minute));
         let mut histories: Vec<Vec<store::LoadedChannel>> = vec![Vec::new(); cfg.shards];
         for ch in loaded.channels {
             let home = crate::route::home_shard(&ch.channel, cfg.shards);
@@ -157,11 +107,12 @@ impl Server {
             opened.iter().map(Opened::stats).collect();
         let writer = match backend {
             Some(b) => Some(
-                Writer::spawn(Box::new(b), &cfg.storage, Arc::new(ShardNotify { inboxes }))
-                    .map_err(|err| StartError::Io {
+                Writer::spawn(b, &cfg.storage, Arc::new(ShardNotify { inboxes })).map_err(
+                    |err| StartError::Io {
                         what: "storage writer thread",
                         err,
-                    })?,
+                    },
+                )?,
             ),
             None => None,
         };
@@ -191,11 +142,15 @@ impl Server {
         }
         let acceptor = match acceptor_listener {
             Some(l) => Some(
-                AcceptorHandle::spawn(l, shards.iter().map(|s| s.inbox.clone()).collect(), limiter)
-                    .map_err(|err| StartError::Io {
-                        what: "acceptor thread",
-                        err,
-                    })?,
+                AcceptorHandle::spawn(
+                    l,
+                    shards.iter().map(|s| s.inbox.clone()).collect(),
+                    admission.clone(),
+                )
+                .map_err(|err| StartError::Io {
+                    what: "acceptor thread",
+                    err,
+                })?,
             ),
             None => None,
         };
@@ -313,9 +268,12 @@ impl Server {
             s.inbox.send(ShardMsg::Shutdown { deadline });
         }
         let mut timed_out = 0;
+        let mut panicked = 0;
         for s in &mut self.shards {
-            if let Some(t) = s.thread.take() {
-                let _ = t.join();
+            if let Some(t) = s.thread.take()
+                && t.join().is_err()
+            {
+                panicked += 1;
             }
             if s.stats.snapshot().sockets > 0 {
                 timed_out += 1;
@@ -323,14 +281,17 @@ impl Server {
         }
         // Shards are gone: everything they queued is written before we return.
         if let Some(mut w) = self.writer.take() {
-            w.shutdown();
-            // Everything numbered is committed (unless the writer's queue
-            // refused some): the next start may trust the stored offsets.
-            let marker = self.cfg.storage.data_dir.join(CLEAN_MARKER);
-            if self.stats().store_rejected > 0 {
-                log::warn!("some storage requests were refused: channel epochs restart");
-            } else if let Err(e) = std::fs::write(&marker, b"") {
-                log::warn!("cannot write {}: {e}", marker.display());
+            let backend = w.shutdown();
+            match backend {
+                // A shard that died may have numbered publications it never
+                // handed to the writer: no channel can be vouched for.
+                Some(mut b) if panicked == 0 => {
+                    seal(&self.cfg.storage.data_dir, &mut b, &w.lost_history());
+                }
+                _ => log::warn!(
+                    "storage: a shard or the writer panicked; every channel starts a new epoch \
+                     at the next start"
+                ),
             }
         }
         ShutdownReport {
@@ -345,6 +306,178 @@ impl Drop for Server {
         if self.shards.iter().any(|s| s.thread.is_some()) || self.writer.is_some() {
             self.stop(Duration::ZERO);
         }
+    }
+}
+
+/// The address listened on, one listener slot per shard (filled in
+/// reuseport mode), and the acceptor's listener (acceptor mode).
+type Bound = (
+    SocketAddr,
+    Vec<Option<mio::net::TcpListener>>,
+    Option<mio::net::TcpListener>,
+);
+
+fn bind_all(cfg: &Config) -> Result<Bound, StartError> {
+    let want = SocketAddr::new(cfg.bind_ip(), cfg.port);
+    let reuse = cfg.accept == AcceptMode::Reuseport;
+    let first = accept::bind(want, reuse).map_err(|err| StartError::Bind { addr: want, err })?;
+    let addr = first
+        .local_addr()
+        .map_err(|err| StartError::Bind { addr: want, err })?;
+    let mut listeners: Vec<Option<mio::net::TcpListener>> = Vec::new();
+    if reuse {
+        listeners.push(Some(first));
+        for _ in 1..cfg.shards {
+            // Same port as the first (which may have been port 0).
+            let l = accept::bind(addr, true).map_err(|err| StartError::Bind { addr, err })?;
+            listeners.push(Some(l));
+        }
+        Ok((addr, listeners, None))
+    } else {
+        listeners.resize_with(cfg.shards, || None);
+        Ok((addr, listeners, Some(first)))
+    }
+}
+
+/// Open the store and read back what must outlive a restart, before any
+/// shard runs: channel histories go to their home shards, every shard
+/// gets every live revocation.
+///
+/// Publications are numbered before their copies are committed, so the
+/// stored offsets are trusted only after a clean shutdown that vouched for
+/// them: the marker file must hold the token that shutdown stored in the
+/// database (a restored or swapped database file does not match). Otherwise
+/// every channel starts a new epoch (its kept publications dropped), and
+/// that is committed before the server listens: a client is then told
+/// `recovered: false`, never a wrong `recovered: true`, and the new epochs
+/// hold across any later restart.
+fn open_storage(cfg: &Config) -> Result<(Option<Box<dyn Backend>>, store::Loaded), StartError> {
+    if cfg.storage.backend == crate::config::StorageBackend::None {
+        return Ok((None, store::Loaded::default()));
+    }
+    let mut b =
+        store::SqliteBackend::open(&cfg.storage, &cfg.ingest.table).map_err(StartError::Storage)?;
+    b.set_history_budget(u64::try_from(cfg.history.max_bytes).unwrap_or(u64::MAX));
+    let mut loaded = b
+        .load(crate::clock::now_ms())
+        .map_err(StartError::Storage)?;
+    let marker_path = cfg.storage.data_dir.join(CLEAN_MARKER);
+    let marker = match std::fs::read_to_string(&marker_path) {
+        Ok(token) => Some(token.trim().to_owned()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+        Err(err) => {
+            return Err(StartError::Io {
+                what: "the clean-shutdown marker",
+                err,
+            });
+        }
+    };
+    let clean = marker.is_some() && marker == loaded.clean_token;
+    if marker.is_some() && !clean {
+        log::warn!(
+            "storage: {} does not match the database (restored, copied or replaced?): \
+             its channel offsets are not trusted",
+            marker_path.display()
+        );
+    }
+    let mut renew = Vec::new();
+    if !clean {
+        if !loaded.channels.is_empty() {
+            log::warn!(
+                "storage: the last run did not shut down cleanly; {} channel histories start \
+                 new epochs",
+                loaded.channels.len()
+            );
+        }
+        for ch in &mut loaded.channels {
+            ch.epoch = crate::history::fresh_epoch();
+            ch.publications.clear();
+            renew.push(NewEpoch {
+                channel: Arc::from(ch.channel.as_str()),
+                epoch: Arc::from(ch.epoch.as_str()),
+            });
+        }
+    }
+    // A channel whose rule keeps nothing now is not written while it is
+    // used: restoring its stored epoch would let its offsets be reused.
+    // (Renewed above all the same: a later run that keeps its history again
+    // must not trust a position from before a crash.)
+    loaded
+        .channels
+        .retain(|ch| cfg.history.rule(&ch.channel).size > 0);
+    // Durable before anything is served: the new epochs, and no clean
+    // token (this run has not ended cleanly yet, whatever happens to the
+    // marker file).
+    b.mark(&renew, None).map_err(StartError::Storage)?;
+    if let Err(err) = std::fs::remove_file(&marker_path)
+        && err.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(StartError::Io {
+            what: "the clean-shutdown marker",
+            err,
+        });
+    }
+    log::info!(
+        "storage: {} ({} channel histories, {} revocations restored)",
+        b.path().display(),
+        loaded.channels.len(),
+        loaded.revocations.len()
+    );
+    Ok((Some(Box::new(b)), loaded))
+}
+
+/// After the last commit of a graceful shutdown: give a new epoch to every
+/// channel whose history copies were lost (refused by a full queue, or
+/// failed in the backend), then vouch for the rest with a fresh token in
+/// the database and the same token in the marker file. When that cannot be
+/// done, no marker is written and every channel starts a new epoch next time.
+fn seal(dir: &Path, backend: &mut Box<dyn Backend>, lost: &LostHistory) {
+    if lost.all {
+        log::warn!(
+            "storage: history copies of too many channels were lost; every channel starts a \
+             new epoch at the next start"
+        );
+        return;
+    }
+    let renew: Vec<NewEpoch> = lost
+        .channels
+        .iter()
+        .map(|c| NewEpoch {
+            channel: c.clone(),
+            epoch: Arc::from(crate::history::fresh_epoch()),
+        })
+        .collect();
+    if !renew.is_empty() {
+        log::warn!(
+            "storage: history copies of {} channels were lost; they start new epochs",
+            renew.len()
+        );
+    }
+    let token = format!(
+        "{}{}",
+        crate::history::fresh_epoch(),
+        crate::history::fresh_epoch()
+    );
+    if let Err(e) = backend.mark(&renew, Some(&token)) {
+        log::warn!(
+            "storage: cannot record the clean shutdown ({e}); every channel starts a new epoch \
+             at the next start"
+        );
+        return;
+    }
+    let marker = dir.join(CLEAN_MARKER);
+    let written = std::fs::File::create(&marker).and_then(|mut f| {
+        use std::io::Write;
+        f.write_all(token.as_bytes())?;
+        f.sync_all()?;
+        // The marker's directory entry, durable too.
+        std::fs::File::open(dir)?.sync_all()
+    });
+    if let Err(e) = written {
+        log::warn!(
+            "storage: cannot write {} ({e}); every channel starts a new epoch at the next start",
+            marker.display()
+        );
     }
 }
 

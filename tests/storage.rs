@@ -455,3 +455,72 @@ fn revocations_close_sockets_refuse_tokens_and_survive_a_restart() {
     assert_eq!(read_json(&mut ok)["type"], "connected");
     server.shutdown();
 }
+
+#[test]
+fn history_has_a_total_byte_budget_in_memory_and_on_disk() {
+    const BUDGET: usize = 64 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = open_channels(stored_config(2, dir.path()));
+    cfg.history.max_bytes = BUDGET;
+    let server = start(cfg.clone());
+    let mut p = Client::user(server.local_addr(), "pub");
+    let big = "x".repeat(4000);
+    // 20 channels of two 4 KB publications: 160 KB published, 64 KiB kept.
+    let mut epochs = Vec::new();
+    for ch in 0..20 {
+        for n in 0..2 {
+            let r = p.ask(
+                json!({"type":"publish","channel":format!("big{ch}"),"data":{"n":n,"pad":big}}),
+                "published",
+            );
+            if n == 0 {
+                epochs.push(r["epoch"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    wait_until("the gauges", || server.stats().history_evicted > 0);
+    let st = server.stats();
+    assert!(st.history_bytes <= BUDGET as u64, "{}", st.history_bytes);
+    assert!(st.history_bytes > BUDGET as u64 / 2, "{}", st.history_bytes);
+    let recover = |c: &mut Client, ch: usize, epoch: &str| {
+        c.ask(
+            json!({"type":"subscribe","channel":format!("big{ch}"),"since":{"offset":0,"epoch":epoch}}),
+            "subscribed",
+        )
+    };
+    // The oldest went first: the first channel's history is gone (and said
+    // so), the last channel's is whole, in the same epoch.
+    let s = recover(&mut p, 0, &epochs[0]);
+    assert_eq!(
+        (s["recovered"].clone(), s["offset"].clone()),
+        (json!(false), json!(2)),
+        "{s}"
+    );
+    let s = recover(&mut p, 19, &epochs[19]);
+    assert_eq!(s["recovered"], true, "{s}");
+    assert_eq!(s["publications"].as_array().unwrap().len(), 2);
+    drop(p);
+    server.shutdown();
+
+    // On disk: at most the budget, the newest kept.
+    let on_disk: i64 = db(dir.path())
+        .query_row(
+            "SELECT SUM(length(CAST(payload AS BLOB))) FROM history",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(on_disk as usize <= BUDGET && on_disk > 0, "{on_disk}");
+    let server = start(cfg);
+    // Two connections (round robin): both shards turn and publish gauges.
+    let mut c = Client::user(server.local_addr(), "reader");
+    let _other = Client::user(server.local_addr(), "other");
+    wait_until("restored", || server.stats().history_bytes > 0);
+    assert!(server.stats().history_bytes <= BUDGET as u64);
+    let s = recover(&mut c, 19, &epochs[19]);
+    assert_eq!(s["recovered"], true, "{s}");
+    assert_eq!(s["publications"].as_array().unwrap().len(), 2);
+    let s = recover(&mut c, 0, &epochs[0]);
+    assert_eq!(s["recovered"], false, "{s}");
+    server.shutdown();
+}

@@ -33,6 +33,9 @@ pub enum Caller {
     BodyTimeout,
     /// The body is larger than the route or the caller may send (413 `too_large`).
     TooLarge,
+    /// A POST whose body is not declared `application/json`: what a web
+    /// page can send cross-site without asking (415 `unsupported_media_type`).
+    UnsupportedMediaType,
     /// Not possible with this server's configuration (409 `not_available`).
     NotAvailable,
     /// The user's inbox has no room the message may take (409 `inbox_full`).
@@ -84,6 +87,7 @@ impl ApiError {
                 Caller::NotFound => 404,
                 Caller::BodyTimeout => 408,
                 Caller::TooLarge => 413,
+                Caller::UnsupportedMediaType => 415,
                 Caller::NotAvailable | Caller::StorageDisabled | Caller::InboxFull => 409,
             },
             ApiError::Server(s, _) => match s {
@@ -109,6 +113,7 @@ impl ApiError {
                 Caller::NotFound => "not_found",
                 Caller::BodyTimeout => "body_timeout",
                 Caller::TooLarge => "too_large",
+                Caller::UnsupportedMediaType => "unsupported_media_type",
                 Caller::NotAvailable => "not_available",
                 Caller::InboxFull => "inbox_full",
                 Caller::StorageDisabled => "storage_disabled",

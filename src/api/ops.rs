@@ -56,6 +56,27 @@ pub(super) fn metrics(
     let shards: Vec<Counters> = ctx.env.all_stats.iter().map(|s| s.snapshot()).collect();
     let mut text = crate::stats::prometheus(&shards);
     crate::stats::prometheus_histograms(&ctx.env.all_stats, &mut text);
+    let writer_errors = ctx.env.writer.as_ref().map_or(0, |w| w.stats().errors);
+    crate::stats::prometheus_process(
+        &[
+            (
+                "switchboard_accept_failures_total",
+                "accept() calls that failed for want of descriptors or memory (accepting then pauses).",
+                ctx.env.admission.accept_failures(),
+            ),
+            (
+                "switchboard_ip_windows_evicted_total",
+                "Per-IP limit windows forgotten early because the limiter's table was full.",
+                ctx.env.limiter.evicted(),
+            ),
+            (
+                "switchboard_store_errors_total",
+                "Storage writes that failed in the writer (with or without a waiting client).",
+                writer_errors,
+            ),
+        ],
+        &mut text,
+    );
     if let Some(w) = &ctx.env.writer {
         use std::fmt::Write;
         let st = w.stats();
@@ -80,6 +101,22 @@ pub(super) fn metrics(
     )))
 }
 
+/// Headers of the console's files. The page holds an API key and a token
+/// while in use: it may run only its own script and style (no inline code,
+/// nothing from elsewhere), may not be framed (clickjacking), and its files
+/// are never sniffed as another type. It talks to the server named in its
+/// URL field, so `connect-src` allows any WebSocket or HTTP(S) endpoint.
+pub(super) const CONSOLE_HEADERS: &[(&str, &str)] = &[
+    ("Cache-Control", "no-cache"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self' ws: wss: http: https:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    ("X-Frame-Options", "DENY"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+];
+
 pub(super) fn console(
     req: &Request,
     _body: &[u8],
@@ -92,7 +129,7 @@ pub(super) fn console(
             "OK",
             ctype,
             bytes,
-            &[("Cache-Control", "no-cache")],
+            CONSOLE_HEADERS,
             call.close,
         ))),
         None => Err(ApiError::caller(Caller::NotFound, "no such file")),

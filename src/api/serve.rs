@@ -82,6 +82,16 @@ fn serve(req: &Request, body: &[u8], ctx: &mut Handling<'_>) -> Result<Handled, 
             format!("no route {}", req.path),
         ));
     }
+    // A web page can make a browser send a "simple" POST to any site
+    // (text/plain, a form, or no type at all) without asking: with
+    // `api.allow_anonymous` that would publish. JSON needs a CORS
+    // preflight, which this server never grants, so a POST must say JSON.
+    if req.method == "POST" && route.access != Access::Public && !req.json_body() {
+        return Err(ApiError::caller(
+            Caller::UnsupportedMediaType,
+            "send the body with Content-Type: application/json",
+        ));
+    }
     let who = authorize(req, route.access, ctx)?;
     let call = Call {
         handler: route.handler,

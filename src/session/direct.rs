@@ -7,7 +7,7 @@ use simd_json::prelude::*;
 
 use crate::auth::Identity;
 use crate::env::Handling;
-use crate::policy::{MAX_ID_LEN, rule_allows, valid_name};
+use crate::policy::{rule_allows, valid_id};
 use crate::proto::encode::shared_frame;
 use crate::proto::{Dialect, ErrorCode, Out, field, field_str};
 use crate::work::{Audience, Reply, Work, WsReply};
@@ -40,7 +40,7 @@ pub(super) fn direct(
     let to = ["to", "userId", "recipient"]
         .iter()
         .find_map(|k| field_str(v, k));
-    let Some(to) = to.filter(|t| valid_name(t, MAX_ID_LEN)) else {
+    let Some(to) = to.filter(|t| valid_id(t)) else {
         reply_error(
             out,
             ErrorCode::MissingField,

@@ -50,6 +50,9 @@ impl Session {
         let rid = msg.request_id.as_deref();
         let kind = msg.kind();
         let name = msg.type_name();
+        // Refusals before the handler answer in the message's dialect too: a
+        // seed 004 client reads `ERROR` with its `error {code, message}`.
+        let dialect = msg.dialect;
         // `history` and `presence` make other shards work and may answer
         // with megabytes: they cost more of the bucket than a message.
         let costly = match kind {
@@ -72,7 +75,7 @@ impl Session {
                 ErrorCode::RateLimited,
                 "message rate limit exceeded",
                 rid,
-                Dialect::Native,
+                dialect,
             );
             return Verdict::Continue;
         }
@@ -118,7 +121,7 @@ impl Session {
                     ErrorCode::NotAuthenticated,
                     "authenticate first",
                     rid,
-                    Dialect::Native,
+                    dialect,
                 );
             } else {
                 unknown_type(out, name, rid);
@@ -136,9 +139,23 @@ impl Session {
             }
             Kind::Broadcast => direct::broadcast(v, raw, rid, &user, &identity, ctx, out),
             Kind::Ack => direct::ack(v, rid, &user, ctx, out),
+            Kind::Refresh => {
+                let Some(token) = field_str(v, "token") else {
+                    reply_error(
+                        out,
+                        ErrorCode::MissingField,
+                        "\"token\" (string) is required",
+                        rid,
+                        Dialect::Native,
+                    );
+                    return Verdict::Continue;
+                };
+                let token = token.to_owned();
+                return self.refresh(&token, ctx, out, rid);
+            }
             Kind::Request | Kind::Other(_) if ingestible(name) => {
                 self.data_received = self.data_received.saturating_add(1);
-                ingest::ingest(name, v, rid, &user, ctx, out);
+                ingest::ingest(name, v, raw, rid, &user, ctx, out);
             }
             Kind::Request => self.request(v, rid, msg.dialect, &user, &identity, ctx, out),
             // Any other spelling of `request` is the native dialect.

@@ -25,7 +25,6 @@ pub enum ShardMsg {
     Adopt {
         stream: TcpStream,
         peer: SocketAddr,
-        rate_limited: bool,
     },
     /// Stop accepting, close every client with 1001, exit by the deadline.
     Shutdown {

@@ -10,13 +10,14 @@ use crossbeam_channel::TryRecvError;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Token};
 
+use crate::admission::{AcceptBackoff, AcceptFailure};
 use crate::conn::{Conn, Ctx, Next, Transport};
 use crate::deadline::TimerKind;
 use crate::id::ConnId;
 use crate::work::ShardQuery;
 
 use super::inbox::{ShardMsg, weight};
-use super::state::{ACCEPT_RETRY, LISTENER, SCRATCH, SWEEP_EVERY, Shard, WAKER};
+use super::state::{LISTENER, SCRATCH, SWEEP_EVERY, Shard, WAKER};
 
 impl Shard {
     pub(super) fn run(mut self: Box<Self>) {
@@ -60,7 +61,11 @@ impl Shard {
                 let budget = self.env.cfg.shard_turn_bytes;
                 self.drain_inbox(now, budget);
             }
-            if accept || self.accept_retry.is_some_and(|t| now >= t) {
+            // While accepting is paused (descriptors exhausted), listener
+            // readiness is ignored; the pause's end brings us back.
+            if (accept || self.accept_backoff.until().is_some())
+                && self.accept_backoff.may_accept(now)
+            {
                 self.accept(now);
             }
             self.serve_ready(now);
@@ -80,6 +85,8 @@ impl Shard {
             self.io.c.history_refused = self.desk.refused.history;
             self.io.c.inbox_rate_refused = self.desk.refused.inbox_rate;
             self.io.c.rate_limited = self.desk.refused.rate;
+            self.io.c.history_bytes = self.history.bytes() as u64;
+            self.io.c.history_evicted = self.history.evicted();
             self.io.c.local_users = self.desk.local.user_count() as u64;
             self.io.c.local_channels = self.desk.local.channel_count() as u64;
             self.stats.publish(&self.io.c);
@@ -128,7 +135,10 @@ impl Shard {
             return Some(Duration::ZERO);
         }
         let mut t = self.io.wheel.poll_timeout(now);
-        for deadline in [self.shutdown, self.accept_retry].into_iter().flatten() {
+        for deadline in [self.shutdown, self.accept_backoff.until()]
+            .into_iter()
+            .flatten()
+        {
             let d = deadline.saturating_duration_since(now);
             t = Some(t.map_or(d, |t| t.min(d)));
         }
@@ -161,11 +171,7 @@ impl Shard {
                 self.queued.fetch_sub(w, Ordering::AcqRel);
             }
             match msg {
-                Ok(ShardMsg::Adopt {
-                    stream,
-                    peer,
-                    rate_limited,
-                }) => self.adopt(stream, peer, rate_limited, now),
+                Ok(ShardMsg::Adopt { stream, peer }) => self.adopt(stream, peer, now),
                 Ok(ShardMsg::Shutdown { deadline }) => self.begin_shutdown(deadline, now),
                 Ok(ShardMsg::Deliver {
                     audience,
@@ -259,33 +265,31 @@ impl Shard {
     }
 
     pub(super) fn accept(&mut self, now: Instant) {
-        self.accept_retry = None;
         while let Some(listener) = self.listener.as_ref() {
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    let limited = self.limiter.is_limited(peer.ip(), now);
-                    self.adopt(stream, peer, limited, now);
+                    self.accept_backoff.recovered(now);
+                    self.adopt(stream, peer, now);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // EMFILE/ENFILE/ENOBUFS: the listener will not signal again
-                    // for connections already queued, so retry on a timer.
-                    log::warn!("shard {} accept failed: {e}; retrying", self.env.shard);
-                    self.accept_retry = Some(now + ACCEPT_RETRY);
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accept_backoff.recovered(now);
                     break;
                 }
+                Err(e) => match AcceptFailure::of(&e) {
+                    AcceptFailure::Connection => {}
+                    // EMFILE/ENFILE/ENOBUFS: pause (the listener will not
+                    // signal again for connections already queued, so the
+                    // pause's end is a poll timeout).
+                    AcceptFailure::Exhausted => {
+                        self.accept_backoff.exhausted(now, &e, &self.env.admission);
+                        break;
+                    }
+                },
             }
         }
     }
 
-    pub(super) fn adopt(
-        &mut self,
-        stream: TcpStream,
-        peer: SocketAddr,
-        rate_limited: bool,
-        now: Instant,
-    ) {
+    pub(super) fn adopt(&mut self, stream: TcpStream, peer: SocketAddr, now: Instant) {
         if self.shutdown.is_some() {
             return; // dropped: closes the socket
         }
@@ -304,7 +308,7 @@ impl Shard {
         let key = entry.key();
         let id = ConnId::new(self.env.shard, self.seq);
         self.seq += 1;
-        let mut conn = Conn::new(id, io, peer, rate_limited);
+        let mut conn = Conn::new(id, io, peer);
         if let Err(e) = self.poll.registry().register(
             conn.socket(),
             Token(key),
@@ -396,7 +400,7 @@ impl Shard {
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
-        self.accept_retry = None;
+        self.accept_backoff = AcceptBackoff::default();
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         log::info!(
             "shard {} shutting down: closing {} connections",

@@ -15,7 +15,7 @@ use mio::net::TcpListener;
 use mio::{Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::admission::{Admission, IpLimiter};
+use crate::admission::{AcceptBackoff, Admission, IpLimiter};
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::conn::{Conn, Io};
@@ -43,8 +43,6 @@ pub const TICK: Duration = Duration::from_millis(100);
 const WHEEL_SLOTS: usize = 512;
 /// One read lands here; a multiple of the socket buffer's usual burst.
 pub(super) const SCRATCH: usize = 64 << 10;
-/// Retry after the process ran out of file descriptors.
-pub(super) const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// How often expired history and revocations are dropped.
 pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -129,7 +127,6 @@ pub struct Shard {
     pub(super) inbox_more: bool,
     pub(super) scratch: Box<[u8]>,
     pub(super) listener: Option<TcpListener>,
-    pub(super) limiter: Arc<IpLimiter>,
     pub(super) run: Vec<usize>,
     pub(super) again: Vec<usize>,
     pub(super) fired: Vec<TimerRef>,
@@ -137,7 +134,8 @@ pub struct Shard {
     pub(super) seq: u64,
     pub(super) stats: Arc<ShardStats>,
     pub(super) shutdown: Option<Instant>,
-    pub(super) accept_retry: Option<Instant>,
+    /// Accepting paused while descriptors are exhausted (reuseport mode).
+    pub(super) accept_backoff: AcceptBackoff,
     pub(super) gathers: Slab<Gather>,
     /// Connections with output queued outside their own read turn.
     pub(super) flush: Vec<usize>,
@@ -240,7 +238,9 @@ impl Opened {
             poll.registry().register(l, LISTENER, Interest::READABLE)?;
         }
         let now_ms = crate::clock::now_ms();
-        let mut history = History::default();
+        // Each shard keeps its share of `history.max_bytes`, so all of them
+        // together keep at most that (channels are spread by a hash).
+        let mut history = History::new(setup.cfg.history.max_bytes / setup.cfg.shards.max(1));
         history.restore(setup.history, now_ms);
         let mut desk = Desk::default();
         for r in &setup.revocations {
@@ -256,6 +256,7 @@ impl Opened {
             auth: setup.auth,
             router: setup.router,
             admission: setup.admission,
+            limiter: setup.limiter,
             all_stats: setup.all_stats,
             writer: setup.writer,
             sealer: setup.sealer,
@@ -280,7 +281,6 @@ impl Opened {
             inbox_more: false,
             scratch: vec![0u8; SCRATCH].into_boxed_slice(),
             listener,
-            limiter: setup.limiter,
             run: Vec::new(),
             again: Vec::new(),
             fired: Vec::new(),
@@ -288,7 +288,7 @@ impl Opened {
             seq: 0,
             stats: stats.clone(),
             shutdown: None,
-            accept_retry: None,
+            accept_backoff: AcceptBackoff::default(),
             gathers: Slab::new(),
             flush: Vec::new(),
             history,

@@ -163,7 +163,9 @@ impl Shard {
                     }
                 }
                 (wait, Err(e)) => {
-                    log::error!("storage request of conn={} failed: {e}", p.to.conn);
+                    // The writer logs the episode once; here only the count.
+                    self.io.c.store_failures += 1;
+                    log::debug!("storage request of conn={} failed: {e}", p.to.conn);
                     self.store_failed(
                         Pending {
                             to: p.to,

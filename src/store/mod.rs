@@ -16,10 +16,16 @@ pub mod sqlite;
 mod writer;
 
 pub use sqlite::SqliteBackend;
-pub use writer::{PRUNE_EVERY, SendError, Writer, WriterHandle, WriterStats};
+pub use writer::{LostHistory, PRUNE_EVERY, SendError, Writer, WriterHandle, WriterStats};
 
 use std::fmt;
 use std::io;
+
+/// The file, beside the database in `storage.data_dir`, that a graceful
+/// shutdown writes after its last commit; it holds the token the shutdown
+/// also recorded in the database ([`Backend::mark`]). At start the stored
+/// channel offsets are trusted only if both agree.
+pub const CLEAN_MARKER: &str = "clean-shutdown";
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -55,6 +61,16 @@ pub enum StoreError {
     BackendPanicked,
     /// The backend returned fewer results than operations (a bug in the backend).
     NoResult,
+    /// The database file failed its integrity check at open (`storage.integrity_check`):
+    /// a truncated file, an overwritten page. `found` is SQLite's first finding.
+    Damaged {
+        path: PathBuf,
+        check: &'static str,
+        found: String,
+    },
+    /// The database file is empty while the data directory shows that a store
+    /// existed there (a clean-shutdown marker or a write-ahead log).
+    Emptied { path: PathBuf, evidence: String },
 }
 
 impl fmt::Display for StoreError {
@@ -111,6 +127,18 @@ impl fmt::Display for StoreError {
             StoreError::NoResult => {
                 f.write_str("the storage backend returned no result for this operation (a bug)")
             }
+            StoreError::Damaged { path, check, found } => write!(
+                f,
+                "the database {} is damaged ({check} found: {found}); nothing was changed: \
+                 restore a backup, or move the file aside to start with an empty store",
+                path.display()
+            ),
+            StoreError::Emptied { path, evidence } => write!(
+                f,
+                "the database {} is empty but a store existed there ({evidence}); nothing was \
+                 changed: restore a backup, or remove the file to start with an empty store",
+                path.display()
+            ),
         }
     }
 }
@@ -253,6 +281,17 @@ pub struct Loaded {
     pub channels: Vec<LoadedChannel>,
     /// None expired.
     pub revocations: Vec<Revocation>,
+    /// The token the last clean shutdown recorded in the database (see
+    /// [`Backend::mark`]); `None` when the last run did not end cleanly.
+    pub clean_token: Option<String>,
+}
+
+/// A channel whose stored offsets can no longer be trusted: it continues in
+/// `epoch` (a new one), its kept publications dropped, its top offset kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEpoch {
+    pub channel: Arc<str>,
+    pub epoch: Arc<str>,
 }
 
 /// An ingested record as read back.
@@ -407,4 +446,11 @@ pub trait Backend: Send + 'static {
     fn load(&mut self, now_ms: i64) -> Result<Loaded, StoreError>;
     /// Delete expired history, inbox messages and revocations; returns the rows deleted.
     fn prune(&mut self, now_ms: i64) -> Result<usize, StoreError>;
+    /// In one durable transaction (fsynced whatever `storage.synchronous`
+    /// says): start `epochs` (each channel's kept publications deleted, its
+    /// top offset kept) and record `clean` as the clean-shutdown token
+    /// (`None` clears it). At start, before anything is served, with `None`;
+    /// at a graceful shutdown, after the last commit, with a fresh token
+    /// that is also written to the marker file beside the database.
+    fn mark(&mut self, epochs: &[NewEpoch], clean: Option<&str>) -> Result<(), StoreError>;
 }

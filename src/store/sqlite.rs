@@ -27,10 +27,10 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    Backend, InboxMsg, InboxQuota, Loaded, LoadedChannel, Op, Outcome, Record, Refusal, Revocation,
-    RevocationKind, StoreError, StoredPublication,
+    Backend, CLEAN_MARKER, InboxMsg, InboxQuota, Loaded, LoadedChannel, NewEpoch, Op, Outcome,
+    Record, Refusal, Revocation, RevocationKind, StoreError, StoredPublication,
 };
-use crate::config::{StorageConfig, SyncMode};
+use crate::config::{IntegrityCheck, StorageConfig, SyncMode};
 
 /// The database file inside `storage.data_dir`.
 pub const DB_FILE: &str = "switchboard.db";
@@ -73,7 +73,15 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (kind, value)
     ) WITHOUT ROWID;
     "#,
-    // 2: inbox quotas. Who sent each message (NULL: the backend, which a
+    // 2: the clean-shutdown token (see `Backend::mark`): a marker file beside
+    // the database is trusted only if it names the token stored here.
+    r#"
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+    "#,
+    // 3: inbox quotas. Who sent each message (NULL: the backend, which a
     // client's message may not push out) and its size, for the byte quotas
     // per user and per sender.
     r#"
@@ -83,6 +91,9 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX inbox_sender ON inbox (sender, bytes) WHERE sender IS NOT NULL;
     "#,
 ];
+
+/// The `meta` key of the clean-shutdown token.
+const CLEAN_KEY: &str = "clean_shutdown";
 
 /// The schema version this build writes.
 pub fn schema_version() -> u32 {
@@ -143,6 +154,11 @@ pub struct SqliteBackend {
     /// The connection currently commits without fsync (a batch that
     /// acknowledges nothing durable, see `apply`).
     relaxed: bool,
+    /// Bytes of publication text in `history` (committed), kept up to date
+    /// by every statement that inserts or deletes history rows.
+    history_bytes: u64,
+    /// `history.max_bytes`: past it the oldest rows of any channel go.
+    history_budget: u64,
 }
 
 impl SqliteBackend {
@@ -154,30 +170,32 @@ impl SqliteBackend {
             err,
         })?;
         let path = cfg.data_dir.join(DB_FILE);
-        let conn = Connection::open(&path).map_err(|err| StoreError::Open {
-            path: path.clone(),
-            err,
-        })?;
-        configure(&conn, cfg.synchronous).map_err(|err| StoreError::Open {
-            path: path.clone(),
-            err,
-        })?;
+        check_not_emptied(&cfg.data_dir, &path)?;
+        let conn = Connection::open(&path).map_err(|err| open_error(&path, err))?;
+        configure(&conn, cfg.synchronous).map_err(|err| open_error(&path, err))?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(|err| StoreError::Open {
-                path: path.clone(),
-                err,
-            })?;
+            .map_err(|err| open_error(&path, err))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::NotWal { path, mode });
         }
+        check_integrity(&conn, &path, cfg.integrity_check)?;
         migrate(&conn, &path)?;
+        let history_bytes: i64 = conn
+            .query_row(
+                "SELECT COALESCE(SUM(length(CAST(payload AS BLOB))), 0) FROM history",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|err| open_error(&path, err))?;
         let mut backend = SqliteBackend {
             conn,
             path,
             tables: HashMap::new(),
             sync: cfg.synchronous,
             relaxed: false,
+            history_bytes: u64::try_from(history_bytes).unwrap_or(0),
+            history_budget: u64::MAX,
         };
         backend.ensure_table(ingest_table)?;
         Ok(backend)
@@ -186,6 +204,18 @@ impl SqliteBackend {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Keep at most `bytes` of publication text in `history` (all channels
+    /// together): past it each batch deletes the oldest rows, whatever their
+    /// channel, in the same transaction. Applied from the next write on.
+    pub fn set_history_budget(&mut self, bytes: u64) {
+        self.history_budget = bytes;
+    }
+
+    /// Bytes of publication text stored in `history`.
+    pub fn history_bytes(&self) -> u64 {
+        self.history_bytes
     }
 
     /// The schema version of the open file.
@@ -238,14 +268,24 @@ impl SqliteBackend {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| (None, StoreError::Sql(e)))?;
         let mut done = Vec::with_capacity(todo.len());
+        // Change of `history_bytes`, applied only once the commit succeeded.
+        let mut delta: i64 = 0;
         for &i in todo {
-            match write(&tx, &self.tables, &ops[i]) {
+            match write(&tx, &self.tables, &ops[i], &mut delta) {
                 Ok(outcome) => done.push((i, outcome)),
                 Err(Fail::Invalid(e)) => results[i] = Some(Err(Arc::new(e))),
                 Err(Fail::Db(e)) => return Err((Some(i), e)), // tx rolls back on drop
             }
         }
+        let excess = self
+            .history_bytes
+            .saturating_add_signed(delta)
+            .saturating_sub(self.history_budget);
+        if excess > 0 {
+            delta -= evict_oldest(&tx, excess).map_err(|e| (None, StoreError::Sql(e)))?;
+        }
         tx.commit().map_err(|e| (None, StoreError::Sql(e)))?;
+        self.history_bytes = self.history_bytes.saturating_add_signed(delta);
         Ok(done)
     }
 
@@ -438,10 +478,16 @@ impl Backend for SqliteBackend {
                 });
             }
         }
+        let clean_token = tx
+            .query_row("SELECT value FROM meta WHERE key = ?1", [CLEAN_KEY], |r| {
+                r.get(0)
+            })
+            .optional()?;
         tx.commit()?;
         Ok(Loaded {
             channels,
             revocations,
+            clean_token,
         })
     }
 
@@ -450,15 +496,64 @@ impl Backend for SqliteBackend {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut n = 0;
+        let mut freed = 0;
+        {
+            let mut st = tx.prepare_cached(
+                "DELETE FROM history WHERE expires_at_ms <= ?1 \
+                 RETURNING length(CAST(payload AS BLOB))",
+            )?;
+            let mut rows = st.query([now_ms])?;
+            while let Some(r) = rows.next()? {
+                freed += r.get::<_, i64>(0)?;
+                n += 1;
+            }
+        }
         for sql in [
-            "DELETE FROM history WHERE expires_at_ms <= ?1",
             "DELETE FROM inbox WHERE expires_at_ms <= ?1",
             "DELETE FROM revocations WHERE expires_at_ms <= ?1",
         ] {
             n += tx.prepare_cached(sql)?.execute([now_ms])?;
         }
         tx.commit()?;
+        self.history_bytes = self.history_bytes.saturating_add_signed(-freed);
         Ok(n)
+    }
+
+    fn mark(&mut self, epochs: &[NewEpoch], clean: Option<&str>) -> Result<(), StoreError> {
+        // Durable whatever `storage.synchronous` says: the clean token must
+        // never be on disk before what it vouches for, and a new epoch must
+        // not be lost once a client may have seen it.
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        self.relaxed = false;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut freed = 0;
+        for e in epochs {
+            tx.prepare_cached("UPDATE channels SET epoch = ?2 WHERE channel = ?1")?
+                .execute(params![&*e.channel, &*e.epoch])?;
+            freed += sum_returned(
+                &mut tx.prepare_cached(
+                    "DELETE FROM history WHERE channel = ?1 \
+                     RETURNING length(CAST(payload AS BLOB))",
+                )?,
+                [&*e.channel],
+            )?;
+        }
+        match clean {
+            Some(token) => tx
+                .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
+                .execute(params![CLEAN_KEY, token])?,
+            None => tx
+                .prepare_cached("DELETE FROM meta WHERE key = ?1")?
+                .execute([CLEAN_KEY])?,
+        };
+        tx.commit()?;
+        self.history_bytes = self.history_bytes.saturating_add_signed(-freed);
+        if self.sync == SyncMode::Normal {
+            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        Ok(())
     }
 }
 
@@ -467,6 +562,7 @@ fn write(
     conn: &Connection,
     tables: &HashMap<Arc<str>, IngestSql>,
     op: &Op,
+    history_delta: &mut i64,
 ) -> Result<Outcome, Fail> {
     match op {
         Op::Ingest {
@@ -533,8 +629,13 @@ fn write(
                 Some((true, top)) => top.max(offset), // a late one keeps the top
                 Some((false, _)) => {
                     // A new epoch starts the offsets over: the old epoch's rows go.
-                    conn.prepare_cached("DELETE FROM history WHERE channel = ?1")?
-                        .execute([channel])?;
+                    *history_delta -= sum_returned(
+                        &mut conn.prepare_cached(
+                            "DELETE FROM history WHERE channel = ?1 \
+                             RETURNING length(CAST(payload AS BLOB))",
+                        )?,
+                        [channel],
+                    )?;
                     offset
                 }
                 None => offset,
@@ -546,13 +647,28 @@ fn write(
                 )?
                 .execute(params![channel, epoch, top])?;
             }
+            // A row already there (the same offset again) is replaced: its
+            // bytes leave the count first.
+            *history_delta -= sum_returned(
+                &mut conn.prepare_cached(
+                    r#"DELETE FROM history WHERE channel = ?1 AND "offset" = ?2
+                       RETURNING length(CAST(payload AS BLOB))"#,
+                )?,
+                params![channel, offset],
+            )?;
             conn.prepare_cached(
-                r#"INSERT OR REPLACE INTO history (channel, "offset", payload, at_ms, expires_at_ms)
+                r#"INSERT INTO history (channel, "offset", payload, at_ms, expires_at_ms)
                    VALUES (?1, ?2, ?3, ?4, ?5)"#,
             )?
             .execute(params![channel, offset, payload, at_ms, expires_at_ms])?;
-            conn.prepare_cached(r#"DELETE FROM history WHERE channel = ?1 AND "offset" <= ?2"#)?
-                .execute(params![channel, offset.saturating_sub(sat(*keep))])?;
+            *history_delta += sat(payload.len());
+            *history_delta -= sum_returned(
+                &mut conn.prepare_cached(
+                    r#"DELETE FROM history WHERE channel = ?1 AND "offset" <= ?2
+                       RETURNING length(CAST(payload AS BLOB))"#,
+                )?,
+                params![channel, offset.saturating_sub(sat(*keep))],
+            )?;
             Ok(Outcome::Done)
         }
         Op::InboxPut {
@@ -691,14 +807,93 @@ fn configure(conn: &Connection, sync: SyncMode) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// An error opening the file; SQLite's "malformed" means a damaged file,
+/// not a permission or a path to fix.
+fn open_error(path: &Path, err: rusqlite::Error) -> StoreError {
+    if err.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseCorrupt) {
+        return StoreError::Damaged {
+            path: path.to_owned(),
+            check: "opening it",
+            found: err.to_string(),
+        };
+    }
+    StoreError::Open {
+        path: path.to_owned(),
+        err,
+    }
+}
+
+/// A zero-length database file is what SQLite would happily open as a new,
+/// empty store. Where the data directory shows that a store existed (the
+/// clean-shutdown marker, or a write-ahead log with content), that is lost
+/// data, not a new store: refuse. Otherwise say so in the log and go on.
+fn check_not_emptied(dir: &Path, path: &Path) -> Result<(), StoreError> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(()); // missing: a new store (a new directory, or a first start)
+    };
+    if meta.len() > 0 {
+        return Ok(());
+    }
+    let mut evidence = Vec::new();
+    if dir.join(CLEAN_MARKER).exists() {
+        evidence.push(format!("{CLEAN_MARKER} is present"));
+    }
+    let wal = dir.join(format!("{DB_FILE}-wal"));
+    if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+        evidence.push(format!("{DB_FILE}-wal holds data"));
+    }
+    if evidence.is_empty() {
+        log::warn!(
+            "storage: {} is an empty file; starting with an empty store",
+            path.display()
+        );
+        return Ok(());
+    }
+    Err(StoreError::Emptied {
+        path: path.to_owned(),
+        evidence: evidence.join(", "),
+    })
+}
+
+/// `storage.integrity_check` at open. A damaged file would otherwise be
+/// used silently: pages that cannot be read lose records, and a damaged
+/// de-duplication index stores retries of old records again as new ones.
+/// Measured costs are in docs/STORAGE.md.
+fn check_integrity(conn: &Connection, path: &Path, mode: IntegrityCheck) -> Result<(), StoreError> {
+    let (pragma, check) = match mode {
+        IntegrityCheck::Off => return Ok(()),
+        IntegrityCheck::Quick => ("PRAGMA quick_check(1)", "quick_check"),
+        IntegrityCheck::Full => ("PRAGMA integrity_check(1)", "integrity_check"),
+    };
+    let started = std::time::Instant::now();
+    let found: Result<String, rusqlite::Error> = conn.query_row(pragma, [], |r| r.get(0));
+    let found = match found {
+        Ok(s) if s == "ok" => {
+            let size = std::fs::metadata(path).map_or(0, |m| m.len());
+            log::info!(
+                "storage: {check} of {} ({} KiB) passed in {} ms",
+                path.display(),
+                size / 1024,
+                started.elapsed().as_millis()
+            );
+            return Ok(());
+        }
+        Ok(s) => s,
+        // SQLite may give up on a file it cannot even walk (SQLITE_CORRUPT).
+        Err(e) => e.to_string(),
+    };
+    Err(StoreError::Damaged {
+        path: path.to_owned(),
+        check,
+        found: found.lines().next().unwrap_or("").to_owned(),
+    })
+}
+
 /// Apply the migrations the file does not have yet, each in its own transaction.
 fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let found: u32 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(|err| StoreError::Open {
-            path: path.to_owned(),
-            err,
-        })?;
+        .map_err(|err| open_error(path, err))?;
     let supported = schema_version();
     if found > supported {
         return Err(StoreError::SchemaTooNew {
@@ -728,6 +923,48 @@ fn quote_ident(name: &str) -> String {
 /// Text columns take UTF-8 only (JSON functions and other readers expect it).
 fn utf8<'a>(bytes: &'a [u8], what: &'static str) -> Result<&'a str, Fail> {
     std::str::from_utf8(bytes).map_err(|err| Fail::Invalid(StoreError::NotUtf8 { what, err }))
+}
+
+/// Delete the oldest history rows, whatever their channel, until at least
+/// `excess` bytes are freed; returns the bytes freed. Rowids ascend with
+/// insertion (a row replaced or moved to a new epoch is a new row), so the
+/// oldest rows are a prefix of the table. A channel keeps its epoch and top
+/// offset: a recovery from before its first kept row answers
+/// `recovered: false`, as after a trim to `history.size`.
+fn evict_oldest(conn: &Connection, excess: u64) -> rusqlite::Result<i64> {
+    let mut last = None;
+    let mut freed = 0u64;
+    {
+        let mut st = conn.prepare_cached(
+            "SELECT rowid, length(CAST(payload AS BLOB)) FROM history ORDER BY rowid",
+        )?;
+        let mut rows = st.query([])?;
+        while freed < excess {
+            let Some(r) = rows.next()? else { break };
+            last = Some(r.get::<_, i64>(0)?);
+            freed += u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0);
+        }
+    }
+    let Some(last) = last else { return Ok(0) };
+    sum_returned(
+        &mut conn.prepare_cached(
+            "DELETE FROM history WHERE rowid <= ?1 RETURNING length(CAST(payload AS BLOB))",
+        )?,
+        [last],
+    )
+}
+
+/// The sum of the one integer column a `DELETE ... RETURNING` gives back.
+fn sum_returned(
+    st: &mut rusqlite::CachedStatement<'_>,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<i64> {
+    let mut rows = st.query(params)?;
+    let mut sum = 0i64;
+    while let Some(r) = rows.next()? {
+        sum = sum.saturating_add(r.get::<_, i64>(0)?);
+    }
+    Ok(sum)
 }
 
 /// A count as an SQL integer (saturating: limits past i64::MAX mean "all").
@@ -1085,6 +1322,99 @@ mod tests {
         assert_eq!((ch.epoch.as_str(), ch.top_offset), ("new", 3));
         let offsets: Vec<u64> = ch.publications.iter().map(|p| p.offset).collect();
         assert_eq!(offsets, vec![1, 2, 3]);
+    }
+
+    /// What `history` holds in bytes, counted by SQLite.
+    fn stored_bytes(dir: &Path) -> u64 {
+        let conn = rusqlite::Connection::open(dir.join(DB_FILE)).unwrap();
+        conn.query_row(
+            "SELECT COALESCE(SUM(length(CAST(payload AS BLOB))), 0) FROM history",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n as u64)
+        .unwrap()
+    }
+
+    #[test]
+    fn mark_renews_epochs_and_records_the_clean_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path());
+        b.apply(
+            (1..=3)
+                .flat_map(|o| {
+                    [
+                        publication("a", "e1", o, FAR, 10),
+                        publication("b", "e1", o, FAR, 10),
+                    ]
+                })
+                .collect(),
+        );
+        assert_eq!(b.load(now_ms()).unwrap().clean_token, None);
+        let renew = [NewEpoch {
+            channel: "a".into(),
+            epoch: "e2".into(),
+        }];
+        b.mark(&renew, Some("tok")).unwrap();
+        assert_eq!(b.history_bytes(), stored_bytes(dir.path()));
+        drop(b);
+        let mut b = open(dir.path());
+        let loaded = b.load(now_ms()).unwrap();
+        assert_eq!(loaded.clean_token.as_deref(), Some("tok"));
+        let a = &loaded.channels[0];
+        assert_eq!((a.epoch.as_str(), a.top_offset), ("e2", 3), "top kept");
+        assert!(a.publications.is_empty(), "the old epoch's rows are gone");
+        let bch = &loaded.channels[1];
+        assert_eq!((bch.epoch.as_str(), bch.publications.len()), ("e1", 3));
+        // A new publication in the new epoch continues after the kept top.
+        one(&mut b, publication("a", "e2", 4, FAR, 10));
+        b.mark(&[], None).unwrap();
+        let loaded = b.load(now_ms()).unwrap();
+        assert_eq!(loaded.clean_token, None);
+        assert_eq!(loaded.channels[0].publications.len(), 1);
+    }
+
+    #[test]
+    fn the_history_byte_budget_evicts_the_oldest_rows_of_any_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(dir.path());
+        // Payloads `{"n":N}`: 7 bytes for N < 10.
+        b.set_history_budget(70);
+        for o in 1..=5 {
+            one(&mut b, publication("a", "e", o, FAR, 100));
+        }
+        for o in 1..=5 {
+            one(&mut b, publication("b", "e", o, FAR, 100));
+        }
+        assert_eq!((b.history_bytes(), stored_bytes(dir.path())), (70, 70));
+        // One more, in a batch with another: the two oldest rows (of `a`) go.
+        b.apply(vec![
+            publication("b", "e", 6, FAR, 100),
+            publication("c", "e", 1, FAR, 100),
+        ]);
+        assert_eq!((b.history_bytes(), stored_bytes(dir.path())), (70, 70));
+        let loaded = b.load(now_ms()).unwrap();
+        let offsets = |i: usize| -> Vec<u64> {
+            loaded.channels[i]
+                .publications
+                .iter()
+                .map(|p| p.offset)
+                .collect()
+        };
+        assert_eq!(offsets(0), vec![3, 4, 5]);
+        assert_eq!(loaded.channels[0].top_offset, 5, "the top stays");
+        assert_eq!(offsets(1), (1..=6).collect::<Vec<_>>());
+        assert_eq!(offsets(2), vec![1]);
+        // Trims, a new epoch and pruning keep the count exact.
+        one(&mut b, publication("b", "e", 7, FAR, 2));
+        one(&mut b, publication("a", "e2", 1, FAR, 100));
+        one(&mut b, publication("c", "e", 2, 0, 100));
+        assert_eq!(b.history_bytes(), stored_bytes(dir.path()));
+        b.prune(now_ms()).unwrap();
+        assert_eq!(b.history_bytes(), stored_bytes(dir.path()));
+        let before = b.history_bytes();
+        drop(b);
+        assert_eq!(open(dir.path()).history_bytes(), before, "counted at open");
     }
 
     #[test]

@@ -10,16 +10,24 @@
 //! announce themselves in `inflight` before they look at `closing`; shutdown
 //! sets `closing` and then waits for `inflight` to drain, so after it no
 //! request can enter the queue, and the thread drains what is there.
+//!
+//! The writer also remembers which channels' history copies it did not
+//! keep (refused by the full queue, or failed in the backend): their stored
+//! offsets are behind what clients saw, so the next start must give them
+//! new epochs ([`Writer::lost_history`]). Nothing else it refuses or fails
+//! costs history: every other request is either answered (the client knows
+//! it was not stored) or harmless to lose (an inbox ack means a redelivery).
 
+use std::collections::HashSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 
-use super::{Backend, Done, Notify, Request, StoreError};
+use super::{Backend, Done, Notify, Op, Request, StoreError};
 use crate::clock::now_ms;
 use crate::config::StorageConfig;
 
@@ -92,6 +100,36 @@ impl Counters {
     }
 }
 
+/// Past this many channels with lost history copies, every channel is
+/// treated as one (the set stays small whatever happens).
+const MAX_LOST_NAMED: usize = 65_536;
+
+/// Channels whose history copy was not kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LostHistory {
+    /// Too many to name, or a batch failed without saying which: all of them.
+    pub all: bool,
+    pub channels: HashSet<Arc<str>>,
+}
+
+impl LostHistory {
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.channels.is_empty()
+    }
+
+    fn note(&mut self, channel: &Arc<str>) {
+        if self.all {
+            return;
+        }
+        if self.channels.len() >= MAX_LOST_NAMED {
+            self.all = true;
+            self.channels = HashSet::new();
+        } else if !self.channels.contains(channel) {
+            self.channels.insert(channel.clone());
+        }
+    }
+}
+
 struct Shared {
     closing: AtomicBool,
     /// Senders between their `closing` check and their send.
@@ -102,6 +140,17 @@ struct Shared {
     bytes: AtomicUsize,
     max_bytes: usize,
     counters: Counters,
+    /// Touched only when a history copy is lost (rare): a lock is fine.
+    lost: Mutex<LostHistory>,
+}
+
+impl Shared {
+    fn lost_copy(&self, channel: &Arc<str>) {
+        match self.lost.lock() {
+            Ok(mut l) => l.note(channel),
+            Err(poisoned) => poisoned.into_inner().all = true,
+        }
+    }
 }
 
 /// Send side, cloned into every shard.
@@ -144,6 +193,12 @@ impl WriterHandle {
             })
         };
         self.shared.inflight.fetch_sub(1, Ordering::SeqCst);
+        if let Err(SendError::Full(r) | SendError::Closed(r)) = &res
+            && let Op::Publication { channel, .. } = &r.op
+        {
+            // Nobody waits for a history copy: the loss must be remembered.
+            self.shared.lost_copy(channel);
+        }
         res
     }
 
@@ -170,7 +225,8 @@ fn over_budget(before: usize, w: usize, max: usize) -> bool {
 pub struct Writer {
     handle: WriterHandle,
     stop: Sender<()>,
-    thread: Option<JoinHandle<()>>,
+    /// Gives the backend back when it ends (`None`: it panicked).
+    thread: Option<JoinHandle<Box<dyn Backend>>>,
 }
 
 impl Writer {
@@ -191,16 +247,21 @@ impl Writer {
             bytes: AtomicUsize::new(0),
             max_bytes: cfg.queue_bytes.max(1),
             counters: Counters::default(),
+            lost: Mutex::new(LostHistory::default()),
         });
         let mut run = Run {
             backend,
             notify,
             shared: shared.clone(),
             max_batch: cfg.max_batch.max(1),
+            episode: crate::stats::Episode::new("storage writes", log::Level::Error),
         };
         let thread = std::thread::Builder::new()
             .name("writer".into())
-            .spawn(move || run.main(&rx, &stop_rx))?;
+            .spawn(move || {
+                run.main(&rx, &stop_rx);
+                run.backend
+            })?;
         Ok(Writer {
             handle: WriterHandle { tx, shared },
             stop,
@@ -217,19 +278,33 @@ impl Writer {
     }
 
     /// Stop accepting, apply everything already queued (committed and
-    /// notified), join the thread. Idempotent; also done on drop.
-    pub fn shutdown(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
+    /// notified), join the thread, and give the backend back (`None` if
+    /// the thread panicked, or on a second call). Idempotent; also done on drop.
+    pub fn shutdown(&mut self) -> Option<Box<dyn Backend>> {
+        let thread = self.thread.take()?;
         let shared = &self.handle.shared;
         shared.closing.store(true, Ordering::SeqCst);
         while shared.inflight.load(Ordering::SeqCst) != 0 {
             std::thread::yield_now();
         }
         let _ = self.stop.send(()); // Err: the thread is gone already
-        if thread.join().is_err() {
-            log::error!("the storage writer thread panicked");
+        match thread.join() {
+            Ok(backend) => Some(backend),
+            Err(_) => {
+                log::error!("the storage writer thread panicked");
+                None
+            }
+        }
+    }
+
+    /// Channels whose history copies were refused or failed so far.
+    pub fn lost_history(&self) -> LostHistory {
+        match self.handle.shared.lost.lock() {
+            Ok(l) => l.clone(),
+            Err(_) => LostHistory {
+                all: true,
+                channels: HashSet::new(),
+            },
         }
     }
 }
@@ -246,6 +321,8 @@ struct Run {
     notify: Arc<dyn Notify>,
     shared: Arc<Shared>,
     max_batch: usize,
+    /// Failed writes, logged once per episode.
+    episode: crate::stats::Episode,
 }
 
 impl Run {
@@ -289,6 +366,14 @@ impl Run {
     fn run_batch(&mut self, batch: Vec<Request>) {
         let n = batch.len();
         let weight: usize = batch.iter().map(|r| r.op.weight()).sum();
+        // The channel of each history copy, to remember it if it fails.
+        let copies: Vec<Option<Arc<str>>> = batch
+            .iter()
+            .map(|r| match &r.op {
+                Op::Publication { channel, .. } => Some(channel.clone()),
+                _ => None,
+            })
+            .collect();
         let (ops, tickets): (Vec<_>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.ticket)).unzip();
         let started = Instant::now();
         let results = catch_unwind(AssertUnwindSafe(|| self.backend.apply(ops)));
@@ -312,15 +397,24 @@ impl Run {
         let mut per_shard: Vec<(usize, Vec<Done>)> = Vec::new();
         let mut results = results.into_iter();
         let mut errors = 0;
-        for ticket in tickets {
+        for (ticket, copy) in tickets.into_iter().zip(copies) {
             let result = results
                 .next()
                 .unwrap_or_else(|| Err(Arc::new(StoreError::NoResult)));
             if let Err(e) = &result {
                 errors += 1;
-                if ticket.is_none() {
-                    log::warn!("storage write failed (nobody waits for it): {e}");
+                if let Some(channel) = &copy {
+                    self.shared.lost_copy(channel);
                 }
+                // One line per episode (a full disk fails every request
+                // until space returns), not one per request; the count is
+                // in `switchboard_store_errors_total`.
+                let waits = if ticket.is_some() {
+                    "the client got storage_error"
+                } else {
+                    "nobody waits for it"
+                };
+                self.episode.failed(started, &format_args!("{e} ({waits})"));
             }
             let Some(ticket) = ticket else { continue };
             let done = Done {
@@ -336,6 +430,10 @@ impl Run {
         // The batch's memory is released here (its ops are dropped with
         // `apply`): its room in the budget is free again.
         self.shared.bytes.fetch_sub(weight, Ordering::AcqRel);
+        if errors == 0 {
+            // Ends the failure episode if the last failure is a while ago.
+            let _ended = self.episode.succeeded(Instant::now());
+        }
         for (shard, results) in per_shard {
             self.notify.done(shard, results);
         }
@@ -399,6 +497,13 @@ mod tests {
         }
         fn prune(&mut self, _: i64) -> Result<usize, StoreError> {
             Ok(0)
+        }
+        fn mark(
+            &mut self,
+            _: &[crate::store::NewEpoch],
+            _: Option<&str>,
+        ) -> Result<(), StoreError> {
+            Ok(())
         }
     }
 
@@ -510,6 +615,60 @@ mod tests {
         s.writer.shutdown();
         s.writer.shutdown(); // idempotent
         assert!(matches!(h.try_send(req(0, 10)), Err(SendError::Closed(_))));
+    }
+
+    fn copy(channel: &str, offset: u64) -> Request {
+        Request {
+            op: Op::Publication {
+                channel: channel.into(),
+                epoch: "e".into(),
+                offset,
+                payload: Arc::from(&b"{}"[..]),
+                at_ms: 1,
+                expires_at_ms: i64::MAX,
+                keep: 10,
+            },
+            ticket: None,
+        }
+    }
+
+    #[test]
+    fn only_lost_history_copies_are_remembered() {
+        let mut s = gated(1, 1, false);
+        let h = s.writer.handle();
+        h.try_send(req(0, 0)).unwrap();
+        s.entered.recv().unwrap(); // the writer is inside apply
+        h.try_send(req(0, 1)).unwrap(); // the queue is full now
+        assert!(matches!(h.try_send(req(0, 2)), Err(SendError::Full(_))));
+        assert!(
+            s.writer.lost_history().is_empty(),
+            "a refused ack costs no history"
+        );
+        assert!(matches!(h.try_send(copy("a", 1)), Err(SendError::Full(_))));
+        assert!(matches!(h.try_send(copy("a", 2)), Err(SendError::Full(_))));
+        s.gate = None;
+        collect(&s.results, 2);
+        let lost = s.writer.lost_history();
+        assert!(!lost.all);
+        assert_eq!(lost.channels.len(), 1);
+        assert!(lost.channels.contains("a"));
+
+        // A copy the backend fails (here: an offset SQLite cannot store).
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageConfig {
+            data_dir: dir.path().to_owned(),
+            ..StorageConfig::default()
+        };
+        let backend = SqliteBackend::open(&cfg, "records").unwrap();
+        let (tx, _results) = crossbeam_channel::unbounded();
+        let mut writer = Writer::spawn(Box::new(backend), &cfg, Arc::new(ChanNotify(tx))).unwrap();
+        let h = writer.handle();
+        h.try_send(copy("ok", 1)).unwrap();
+        h.try_send(copy("bad", u64::MAX)).unwrap();
+        assert!(writer.shutdown().is_some(), "the backend comes back");
+        let lost = writer.lost_history();
+        assert_eq!(lost.channels.len(), 1);
+        assert!(lost.channels.contains("bad"));
     }
 
     #[test]
