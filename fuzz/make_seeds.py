@@ -91,6 +91,15 @@ HTTP = {
 HTTP["trailing-frame"] = HTTP["upgrade"] + FRAMES["text"]
 
 
+# channel_policy: first id, 0xFF, second id, 0xFF, channel rest.
+POLICY = {
+    "separator": b"alice\xffalice:bob\xffbob",
+    "lookalike": b"alice\xffalicex\xffx",
+    "star": b"a*\xffa\xff*",
+    "unicode": "\u00e9".encode() + b"\xff" + "e\u0301".encode() + b"\xff" + "\u00e9:x".encode(),
+}
+
+
 def write(target, name, data):
     d = os.path.join(HERE, "corpus", target)
     os.makedirs(d, exist_ok=True)
@@ -109,6 +118,8 @@ def main():
         write("frame_decoder", name + "-cut", cuts(1, 7, len(data) // 2) + data)
     write("frame_decoder", "fragmented-text-ping-bytewise",
           cuts(every_byte=True) + FRAMES["fragmented-text-ping"])
+    for name, data in POLICY.items():
+        write("channel_policy", name, data)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-//! Getting connections to shards: listeners, the acceptor thread, and the
-//! per-IP connection rate limit.
+//! Getting connections to shards: listeners and the acceptor thread (the
+//! per-IP limit is applied later, at the upgrade request: `conn`).
 //!
 //! Two modes (config `accept`), measured in docs/ARCHITECTURE.md:
 //! * `acceptor`: one thread owns the listener and hands each socket to the
@@ -12,12 +12,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::admission::IpLimiter;
+use crate::admission::{AcceptBackoff, AcceptFailure, Admission};
 use crate::shard::{Inbox, ShardMsg};
 
 /// Pending connections the kernel may queue (capped by net.core.somaxconn).
@@ -40,7 +40,8 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
 const LISTENER: Token = Token(0);
 const STOP: Token = Token(1);
 
-/// The acceptor thread: accept, count per IP, hand over round-robin.
+/// The acceptor thread: accept, hand over round-robin, back off while
+/// descriptors are exhausted.
 pub struct AcceptorHandle {
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
@@ -51,7 +52,7 @@ impl AcceptorHandle {
     pub fn spawn(
         mut listener: TcpListener,
         shards: Vec<Inbox>,
-        limiter: Arc<IpLimiter>,
+        admission: Arc<Admission>,
     ) -> io::Result<AcceptorHandle> {
         let poll = Poll::new()?;
         poll.registry()
@@ -61,7 +62,7 @@ impl AcceptorHandle {
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
             .name("acceptor".into())
-            .spawn(move || run(poll, listener, shards, limiter, stop2))?;
+            .spawn(move || run(poll, listener, shards, admission, stop2))?;
         Ok(AcceptorHandle {
             stop,
             waker,
@@ -89,14 +90,17 @@ fn run(
     mut poll: Poll,
     listener: TcpListener,
     shards: Vec<Inbox>,
-    limiter: Arc<IpLimiter>,
+    admission: Arc<Admission>,
     stop: Arc<AtomicBool>,
 ) {
     let mut events = Events::with_capacity(64);
     let mut next = 0usize;
-    let mut retry: Option<Duration> = None;
+    let mut backoff = AcceptBackoff::default();
     loop {
-        if let Err(e) = poll.poll(&mut events, retry) {
+        let timeout = backoff
+            .until()
+            .map(|t| t.saturating_duration_since(Instant::now()));
+        if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
@@ -106,33 +110,37 @@ fn run(
         if stop.load(Ordering::Acquire) {
             return;
         }
-        retry = None;
         let now = Instant::now();
+        if !backoff.may_accept(now) {
+            // Out of descriptors a moment ago: a new connection's readiness
+            // would only fail again. Edge-triggered readiness will not
+            // repeat for connections already queued, so the pause's end
+            // (the poll timeout) is what brings us back.
+            continue;
+        }
         loop {
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    let rate_limited = limiter.is_limited(peer.ip(), now);
+                    backoff.recovered(now);
                     let Some(inbox) = shards.get(next % shards.len().max(1)) else {
                         return;
                     };
                     next = next.wrapping_add(1);
-                    if !inbox.send(ShardMsg::Adopt {
-                        stream,
-                        peer,
-                        rate_limited,
-                    }) {
+                    if !inbox.send(ShardMsg::Adopt { stream, peer }) {
                         return; // shards are gone: shutting down
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // EMFILE and friends: connections stay queued in the
-                    // kernel; edge-triggered readiness will not repeat, so poll again soon.
-                    log::warn!("accept failed: {e}; retrying in 100 ms");
-                    retry = Some(Duration::from_millis(100));
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    backoff.recovered(now);
                     break;
                 }
+                Err(e) => match AcceptFailure::of(&e) {
+                    AcceptFailure::Connection => {}
+                    AcceptFailure::Exhausted => {
+                        backoff.exhausted(now, &e, &admission);
+                        break;
+                    }
+                },
             }
         }
     }

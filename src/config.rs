@@ -24,6 +24,79 @@ pub enum AcceptMode {
     Reuseport,
 }
 
+/// A block of addresses: `10.0.0.0/8`, `2001:db8::/32`, or one address
+/// (`192.0.2.7`, a /32 or /128). Written and printed as text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Is `ip` inside the block? IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`,
+    /// what a dual-stack listener reports) count as their IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or address/prefix"))?;
+        let addr = addr.to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0..={max}"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -83,7 +156,9 @@ pub struct ChannelsConfig {
     pub broadcast: Rule,
     /// Who may send direct messages to a user.
     pub direct: Rule,
-    /// Rules per namespace (the part of a channel name before the first `:`).
+    /// Rules per namespace (the part of a channel name before the first `:`):
+    /// the built-in `public`, `user` and `tenant` plus what the file adds
+    /// or overrides, merged per namespace and per field (`merge_namespaces`).
     pub namespaces: std::collections::BTreeMap<String, NamespaceRules>,
 }
 
@@ -130,6 +205,9 @@ pub struct RateLimitConfig {
     pub messages_per_second: u32,
     /// Messages a connection may send in a burst above the rate.
     pub burst: u32,
+    /// Tokens a `history` or `presence` request takes from the bucket: they
+    /// make other shards work and may answer with megabytes.
+    pub request_cost: u32,
 }
 
 impl Default for RateLimitConfig {
@@ -137,6 +215,7 @@ impl Default for RateLimitConfig {
         RateLimitConfig {
             messages_per_second: 0,
             burst: 50,
+            request_cost: 10,
         }
     }
 }
@@ -202,6 +281,10 @@ pub struct StorageConfig {
     pub data_dir: PathBuf,
     /// Requests queued for the writer thread; past it clients get `overloaded`.
     pub queue_capacity: usize,
+    /// Bytes of requests queued for the writer (records, publications,
+    /// inbox messages); past it clients get `overloaded` too, so a flood of
+    /// large requests holds at most this much.
+    pub queue_bytes: usize,
     /// Most requests written in one transaction (group commit).
     pub max_batch: usize,
     pub synchronous: SyncMode,
@@ -275,6 +358,7 @@ impl Default for StorageConfig {
             backend: StorageBackend::Sqlite,
             data_dir: PathBuf::from("./data"),
             queue_capacity: 65_536,
+            queue_bytes: 64 << 20,
             max_batch: 4096,
             synchronous: SyncMode::Full,
             // Cheap (one read of the file) and catches what loses records;
@@ -355,7 +439,8 @@ pub struct HistoryConfig {
     /// How long a publication stays recoverable.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub ttl: Duration,
-    /// Overrides per namespace.
+    /// Overrides per namespace; a field a namespace table leaves out takes
+    /// the global value above when the file is read (`merge_namespaces`).
     pub namespaces: std::collections::BTreeMap<String, HistoryRule>,
     /// Most publications one `history` request or recovery returns.
     pub max_page: usize,
@@ -404,8 +489,20 @@ pub struct InboxConfig {
     /// Longest wait between redeliveries.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub retry_max: Duration,
-    /// Messages kept per user; the oldest go first past it.
+    /// Messages kept per user; past it (or `max_bytes_per_user`) the oldest
+    /// go first, but a user's message never pushes out one the backend sent.
     pub max_per_user: usize,
+    /// Bytes kept per user (with `max_per_user`).
+    pub max_bytes_per_user: usize,
+    /// Bytes of undelivered messages one user may have stored, to all
+    /// recipients together; past it that user's messages are refused
+    /// (`inbox_full`). The backend (HTTP API) has no such quota.
+    pub max_bytes_per_sender: usize,
+    /// Messages a connection may store per second (direct messages to
+    /// offline users or with `ack`); 0 = unlimited. Past it: `rate_limited`.
+    pub stored_per_second: u32,
+    /// Stored messages a connection may send in a burst above the rate.
+    pub stored_burst: u32,
 }
 
 impl Default for InboxConfig {
@@ -415,6 +512,10 @@ impl Default for InboxConfig {
             retry_initial: Duration::from_secs(2),
             retry_max: Duration::from_secs(60),
             max_per_user: 1000,
+            max_bytes_per_user: 1 << 20,
+            max_bytes_per_sender: 1 << 20,
+            stored_per_second: 10,
+            stored_burst: 50,
         }
     }
 }
@@ -501,6 +602,12 @@ pub struct AuthConfig {
     /// Match your longest token lifetime.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub revocation_ttl: Duration,
+    /// How long before an open connection's token expires it gets a
+    /// `token_expiring` event (time to send `refresh` with a new token);
+    /// 0 = no warning. The connection is closed (4004) when the token would
+    /// no longer be accepted at login: `exp` plus `jwt.leeway`.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub expiry_warning: Duration,
     pub jwt: JwtConfig,
 }
 
@@ -511,6 +618,7 @@ impl Default for AuthConfig {
             token: None,
             timeout: Duration::from_secs(10),
             revocation_ttl: Duration::from_secs(86_400),
+            expiry_warning: Duration::from_secs(60),
             jwt: JwtConfig::default(),
         }
     }
@@ -562,10 +670,28 @@ pub struct Config {
     /// Graceful shutdown deadline (seed WS_SHUTDOWN_TIMEOUT).
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub shutdown_timeout: Duration,
-    /// New connections per client IP per minute; 0 = unlimited (seed 001 uses 10).
+    /// WebSocket upgrade requests per client IP per minute; 0 = unlimited
+    /// (seed 001 uses 10). Plain HTTP requests (API, health checks, the
+    /// console) do not count.
     pub per_ip_connections_per_minute: u32,
+    /// Proxies (addresses or blocks) whose `Forwarded` / `X-Forwarded-For`
+    /// header names the client. Empty by default: those headers are trusted
+    /// from nobody, since any client can send them.
+    pub trusted_proxies: Vec<Cidr>,
     /// Bytes read from one connection per wake-up before others get their turn.
     pub read_budget: usize,
+    /// Largest unfinished message an unauthenticated WebSocket connection may
+    /// hold, and largest HTTP body read before the caller's API key or token
+    /// is checked. An `authenticate` message is tiny; the full limits
+    /// (`max_message_size`, `api.max_body_bytes`) apply once authenticated.
+    pub pre_auth_max_bytes: usize,
+    /// Bytes of publications and messages queued for one shard by the others
+    /// before new client publications or messages that need it are refused
+    /// (`overloaded`): the queue between shards cannot grow without end.
+    pub shard_queue_bytes: usize,
+    /// Bytes of messages from other shards a shard handles per loop turn
+    /// before it serves its own connections again (the rest waits a turn).
+    pub shard_turn_bytes: usize,
     /// debug, info, warn, error (seed logLevel).
     pub log_level: String,
     /// text or json lines.
@@ -608,7 +734,11 @@ impl Default for Config {
             close_timeout: Duration::from_secs(3),
             shutdown_timeout: Duration::from_secs(10),
             per_ip_connections_per_minute: 0,
+            trusted_proxies: Vec::new(),
             read_budget: 256 << 10,
+            pre_auth_max_bytes: 16 << 10,
+            shard_queue_bytes: 8 << 20,
+            shard_turn_bytes: 256 << 10,
             log_level: "info".into(),
             log_format: LogFormat::Text,
             allow_unauthenticated_public: false,
@@ -698,6 +828,9 @@ const OPTIONS: &[&str] = &[
     "shutdown_timeout",
     "per_ip_connections_per_minute",
     "read_budget",
+    "pre_auth_max_bytes",
+    "shard_queue_bytes",
+    "shard_turn_bytes",
     "log_level",
     "log_format",
     "allow_unauthenticated_public",
@@ -706,6 +839,7 @@ const OPTIONS: &[&str] = &[
     "auth.mode",
     "auth.token",
     "auth.timeout",
+    "auth.expiry_warning",
     "auth.jwt.secret",
     "auth.jwt.secret_base64",
     "auth.jwt.public_key_file",
@@ -716,10 +850,12 @@ const OPTIONS: &[&str] = &[
     "auth.jwt.require_exp",
     "rate_limit.messages_per_second",
     "rate_limit.burst",
+    "rate_limit.request_cost",
     "channels.max_subscriptions",
     "storage.backend",
     "storage.data_dir",
     "storage.queue_capacity",
+    "storage.queue_bytes",
     "storage.max_batch",
     "storage.synchronous",
     "storage.integrity_check",
@@ -738,6 +874,11 @@ const OPTIONS: &[&str] = &[
     "history.ttl",
     "history.max_bytes",
     "inbox.ttl",
+    "inbox.max_per_user",
+    "inbox.max_bytes_per_user",
+    "inbox.max_bytes_per_sender",
+    "inbox.stored_per_second",
+    "inbox.stored_burst",
     "api.enabled",
     "api.allow_anonymous",
     "api.max_body_bytes",
@@ -795,7 +936,7 @@ impl Config {
                 text.parse::<toml::Table>()
                     .map_err(|e| ConfigError::Parse {
                         source: path.display().to_string(),
-                        message: e.to_string(),
+                        message: toml_message(&text, &e),
                     })?
             }
             None => toml::Table::new(),
@@ -832,6 +973,17 @@ impl Config {
                 set_dotted(&mut table, key, value);
             }
         }
+        // A list from one variable: comma-separated blocks.
+        if let Some(v) = lookup("SWITCHBOARD_TRUSTED_PROXIES") {
+            let list = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect();
+            table.insert("trusted_proxies".into(), toml::Value::Array(list));
+        }
+        merge_namespaces(&mut table);
         let source = if file.is_some() {
             "config file or environment"
         } else {
@@ -840,9 +992,11 @@ impl Config {
         let mut cfg: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let path = e.path().to_string();
+                // The bare message: toml's Display adds "in `<key>`" on a
+                // second line, and the path already names the key.
                 ConfigError::Parse {
                     source: source.into(),
-                    message: format!("{path}: {}", e.inner()),
+                    message: format!("{path}: {}", one_line(e.inner().message())),
                 }
             })?;
         if let Some(k) = lookup("SWITCHBOARD_API_KEY").filter(|k| !k.is_empty()) {
@@ -896,6 +1050,9 @@ impl Config {
             ("max_message_size", self.max_message_size),
             ("max_outbound_bytes", self.max_outbound_bytes),
             ("read_budget", self.read_budget),
+            ("pre_auth_max_bytes", self.pre_auth_max_bytes),
+            ("shard_queue_bytes", self.shard_queue_bytes),
+            ("shard_turn_bytes", self.shard_turn_bytes),
         ] {
             if v == 0 {
                 return bad(name, "must be greater than 0".into());
@@ -903,6 +1060,10 @@ impl Config {
         }
         if self.max_header_bytes < 256 {
             return bad("max_header_bytes", "must be at least 256".into());
+        }
+        if self.pre_auth_max_bytes < 1024 {
+            // An `authenticate` message carries a token: leave it room.
+            return bad("pre_auth_max_bytes", "must be at least 1024".into());
         }
         const DAY: Duration = Duration::from_secs(86_400);
         for (name, d) in [
@@ -920,6 +1081,7 @@ impl Config {
             ("idle_timeout", self.idle_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
             ("auth.jwt.leeway", self.auth.jwt.leeway),
+            ("auth.expiry_warning", self.auth.expiry_warning),
         ] {
             if d > DAY {
                 return bad(name, format!("{d:?} is over 1 day"));
@@ -947,10 +1109,16 @@ impl Config {
         }
         for (name, v) in [
             ("storage.queue_capacity", self.storage.queue_capacity),
+            ("storage.queue_bytes", self.storage.queue_bytes),
             ("storage.max_batch", self.storage.max_batch),
             ("history.max_page", self.history.max_page),
             ("history.max_bytes", self.history.max_bytes),
             ("inbox.max_per_user", self.inbox.max_per_user),
+            ("inbox.max_bytes_per_user", self.inbox.max_bytes_per_user),
+            (
+                "inbox.max_bytes_per_sender",
+                self.inbox.max_bytes_per_sender,
+            ),
             ("api.max_body_bytes", self.api.max_body_bytes),
         ] {
             if v == 0 {
@@ -1080,6 +1248,102 @@ impl Config {
     }
 }
 
+/// Fill in what per-namespace tables leave out, before serde sees them, so
+/// that they mean what the README says:
+/// * `[channels.namespaces.<ns>]` adds to the built-in `public`, `user` and
+///   `tenant` rules instead of replacing all of them (serde's `default`
+///   takes a map whole: copying the README's `[channels.namespaces.room]`
+///   used to make `public:*` and `user:*` claims-only). A rule the table
+///   leaves out keeps the built-in one of that namespace, or for a new
+///   namespace `channels.subscribe` / `channels.publish`.
+/// * `[history.namespaces.<ns>]` fields left out take `history.size` /
+///   `history.ttl` (a table with only `size` used to refuse to start).
+///
+/// Done on the TOML table (after the environment is applied, so its values
+/// are the fallbacks too); a value of the wrong type is left for serde to
+/// report with its path.
+fn merge_namespaces(table: &mut toml::Table) {
+    let Ok(toml::Value::Table(defaults)) = toml::Value::try_from(Config::default()) else {
+        return;
+    };
+    let section = |t: &toml::Table, name: &str| -> toml::Table {
+        t.get(name)
+            .and_then(toml::Value::as_table)
+            .cloned()
+            .unwrap_or_default()
+    };
+    // The value of `key` in the file's section, else the default's.
+    let pick = |file: &toml::Table, dflt: &toml::Table, keys: &[&str]| -> toml::Table {
+        keys.iter()
+            .filter_map(|k| {
+                let v = file.get(*k).or_else(|| dflt.get(*k))?;
+                Some(((*k).to_owned(), v.clone()))
+            })
+            .collect()
+    };
+    let overlay = |base: &toml::Table, over: &toml::Table| -> toml::Table {
+        let mut t = base.clone();
+        t.extend(over.iter().map(|(k, v)| (k.clone(), v.clone())));
+        t
+    };
+
+    let default_channels = section(&defaults, "channels");
+    if let Some(toml::Value::Table(channels)) = table.get_mut("channels") {
+        let fallback = pick(channels, &default_channels, &["subscribe", "publish"]);
+        let builtin = section(&default_channels, "namespaces");
+        if let Some(toml::Value::Table(file)) = channels.get_mut("namespaces") {
+            let mut merged: toml::Table = builtin.clone();
+            for (ns, rules) in file.iter() {
+                let value = match rules {
+                    toml::Value::Table(rules) => {
+                        let base = builtin
+                            .get(ns)
+                            .and_then(toml::Value::as_table)
+                            .unwrap_or(&fallback);
+                        toml::Value::Table(overlay(base, rules))
+                    }
+                    other => other.clone(),
+                };
+                merged.insert(ns.clone(), value);
+            }
+            *file = merged;
+        }
+    }
+
+    let default_history = section(&defaults, "history");
+    if let Some(toml::Value::Table(history)) = table.get_mut("history") {
+        let fallback = pick(history, &default_history, &["size", "ttl"]);
+        if let Some(toml::Value::Table(file)) = history.get_mut("namespaces") {
+            for (_, rules) in file.iter_mut() {
+                if let toml::Value::Table(r) = rules {
+                    let merged = overlay(&fallback, r);
+                    *r = merged;
+                }
+            }
+        }
+    }
+}
+
+/// A TOML syntax error on one line: where, then what (toml's own Display
+/// draws the offending line with a caret over several lines).
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    let what = one_line(e.message());
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {what}")
+        }
+        None => what,
+    }
+}
+
+/// Messages from serde and toml may span lines; a start error is one line.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// Parse `"30s"`, `"250ms"`, `"2m"`, or a bare number of milliseconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -1199,6 +1463,22 @@ mod tests {
                 env(&[("SWITCHBOARD_MAX_FRAME_SIZE", "0")]),
                 "max_frame_size",
             ),
+            (
+                env(&[("SWITCHBOARD_PRE_AUTH_MAX_BYTES", "100")]),
+                "pre_auth_max_bytes",
+            ),
+            (
+                env(&[("SWITCHBOARD_SHARD_QUEUE_BYTES", "0")]),
+                "shard_queue_bytes",
+            ),
+            (
+                env(&[("SWITCHBOARD_STORAGE_QUEUE_BYTES", "0")]),
+                "storage.queue_bytes",
+            ),
+            (
+                env(&[("SWITCHBOARD_INBOX_MAX_BYTES_PER_SENDER", "0")]),
+                "inbox.max_bytes_per_sender",
+            ),
         ];
         for (e, word) in cases {
             let err = Config::load_from(None, &e, &Overrides::default()).unwrap_err();
@@ -1209,6 +1489,130 @@ mod tests {
             ("SWITCHBOARD_ALLOW_UNAUTHENTICATED_PUBLIC", "true"),
         ]);
         assert!(Config::load_from(None, &ok, &Overrides::default()).is_ok());
+    }
+
+    fn load_toml(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load_from(Some(&path), &[], &Overrides::default())
+    }
+
+    #[test]
+    fn namespace_tables_add_to_the_built_in_rules() {
+        // The README's example: one namespace table must leave public, user
+        // and tenant as they were.
+        let c =
+            load_toml("[channels.namespaces.room]\nsubscribe = \"claims\"\npublish = \"claims\"\n")
+                .unwrap();
+        let ns = &c.channels.namespaces;
+        let defaults = ChannelsConfig::default().namespaces;
+        for name in ["public", "user", "tenant"] {
+            assert_eq!(ns.get(name), defaults.get(name), "{name} kept");
+        }
+        assert_eq!(
+            ns.get("room"),
+            Some(&NamespaceRules {
+                subscribe: Rule::Claims,
+                publish: Rule::Claims
+            })
+        );
+        // Per field: overriding one rule of a built-in namespace keeps the
+        // other; a new namespace's missing field is the [channels] default.
+        let c = load_toml(
+            "[channels]\npublish = \"admin\"\n[channels.namespaces.public]\nsubscribe = \"claims\"\n[channels.namespaces.chat]\nsubscribe = \"any\"\n",
+        )
+        .unwrap();
+        let ns = &c.channels.namespaces;
+        assert_eq!(
+            ns.get("public"),
+            Some(&NamespaceRules {
+                subscribe: Rule::Claims,
+                publish: Rule::Any
+            })
+        );
+        assert_eq!(
+            ns.get("chat"),
+            Some(&NamespaceRules {
+                subscribe: Rule::Any,
+                publish: Rule::Admin
+            })
+        );
+        // `switchboard config` prints the merged result, and it reads back the same.
+        let printed = toml::to_string_pretty(&c).unwrap();
+        assert!(printed.contains("[channels.namespaces.user]"), "{printed}");
+        assert_eq!(load_toml(&printed).unwrap(), c);
+    }
+
+    #[test]
+    fn history_namespace_fields_fall_back_to_the_global_values() {
+        let c = load_toml(
+            "[history]\nsize = 7\nttl = \"2h\"\n[history.namespaces.chat]\nsize = 5\n[history.namespaces.log]\nttl = \"10m\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.history.rule("chat:1"),
+            HistoryRule {
+                size: 5,
+                ttl: Duration::from_secs(7200)
+            }
+        );
+        assert_eq!(
+            c.history.rule("log:1"),
+            HistoryRule {
+                size: 7,
+                ttl: Duration::from_secs(600)
+            }
+        );
+        assert_eq!(c.history.rule("other:1").size, 7);
+        let printed = toml::to_string_pretty(&c).unwrap();
+        assert_eq!(load_toml(&printed).unwrap(), c);
+        // The environment's global value is the fallback too.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[history.namespaces.chat]\nsize = 5\n").unwrap();
+        let e = env(&[("SWITCHBOARD_HISTORY_TTL", "3m")]);
+        let c = Config::load_from(Some(&path), &e, &Overrides::default()).unwrap();
+        assert_eq!(c.history.rule("chat:x").ttl, Duration::from_secs(180));
+        // A bad field is still named.
+        let err = load_toml("[history.namespaces.chat]\nttl = \"soon\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("history.namespaces.chat.ttl"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_are_address_blocks() {
+        let c = load_toml("trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n")
+            .unwrap();
+        let [net, one, v6] = c.trusted_proxies.as_slice() else {
+            panic!("{:?}", c.trusted_proxies)
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(net.contains(ip("10.200.0.1")));
+        assert!(
+            net.contains(ip("::ffff:10.1.2.3")),
+            "IPv4-mapped counts as IPv4"
+        );
+        assert!(!net.contains(ip("11.0.0.1")));
+        assert!(one.contains(ip("192.0.2.7")) && !one.contains(ip("192.0.2.8")));
+        assert!(v6.contains(ip("2001:db8:1::5")) && !v6.contains(ip("2001:db9::1")));
+        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains(ip("8.8.8.8")));
+        assert!(toml::to_string(&c).unwrap().contains("\"10.0.0.0/8\""));
+        assert_eq!(load_toml(&toml::to_string(&c).unwrap()).unwrap(), c);
+        assert!(
+            Config::default().trusted_proxies.is_empty(),
+            "trusted by nobody by default"
+        );
+        let e = env(&[("SWITCHBOARD_TRUSTED_PROXIES", "10.0.0.0/8, 192.0.2.7")]);
+        let c = Config::load_from(None, &e, &Overrides::default()).unwrap();
+        assert_eq!(c.trusted_proxies.len(), 2);
+        assert!(c.trusted_proxies[1].contains(ip("192.0.2.7")));
+        for bad in ["10.0.0.0/33", "proxy.local", "10.0.0.1/x"] {
+            let err = load_toml(&format!("trusted_proxies = [\"{bad}\"]\n")).unwrap_err();
+            assert!(err.to_string().contains("trusted_proxies"), "{err}");
+        }
     }
 
     #[test]

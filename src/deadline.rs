@@ -1,5 +1,5 @@
 //! What a shard's timer wheel holds: one connection's deadline (handshake,
-//! heartbeat, pong, auth, linger) or a redelivery of an unacknowledged inbox
+//! heartbeat, pong, auth, linger), its token's expiry, or a redelivery of an unacknowledged inbox
 //! message to it. Both the connection (its own timer slot) and the shard
 //! (redeliveries) insert these; the shard dispatches them when they fire.
 
@@ -17,6 +17,10 @@ pub enum TimerKind {
     Linger,
     /// No `authenticate` message arrived in time.
     Auth,
+    /// The connection's token is about to expire (warn) or has expired
+    /// (close). Its own slot, held by the session beside the connection's
+    /// one timer: it lives as long as the token, across heartbeats.
+    TokenExpiry,
     /// Inbox message `id` was not acknowledged yet: redeliver (shard-level,
     /// never the connection's own timer slot). The second field is the
     /// tracking generation, so a stale timer chain does nothing.

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, IpLimiter};
 use crate::auth::Authenticator;
 use crate::config::{Config, StorageBackend};
 use crate::id::ConnId;
@@ -30,6 +30,8 @@ pub struct Env {
     pub auth: Arc<Authenticator>,
     pub router: Arc<Router>,
     pub admission: Arc<Admission>,
+    /// The per-IP limit on WebSocket upgrades, shared by every shard.
+    pub limiter: Arc<IpLimiter>,
     /// Every shard's published counters (`/metrics`, `/api/status`).
     pub all_stats: Arc<[Arc<ShardStats>]>,
     /// The storage writer, when `storage.backend` is not `none`.
@@ -55,6 +57,7 @@ impl Env {
         };
         Env {
             admission: Arc::new(Admission::new(cfg.max_connections)),
+            limiter: Arc::new(IpLimiter::new(cfg.per_ip_connections_per_minute)),
             cfg: Arc::new(cfg),
             shard: 0,
             limits,
@@ -94,6 +97,20 @@ pub struct Desk {
     pub revoked: Revocations,
     /// Graceful shutdown has begun.
     pub shutting_down: bool,
+    /// What handlers refused for a budget (published with the counters).
+    pub refused: Refused,
+}
+
+/// Requests handlers refused because a budget was spent, counted where the
+/// shard's counters cannot be reached (published each turn by the shard).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Refused {
+    /// `history` requests past the connection's pending pages or queued bytes.
+    pub history: u64,
+    /// Direct messages past `inbox.stored_per_second` of their sender.
+    pub inbox_rate: u64,
+    /// Messages past `rate_limit.messages_per_second` of their connection.
+    pub rate: u64,
 }
 
 /// One handler call on one connection.

@@ -1,5 +1,7 @@
 //! Identifiers that cross threads: a connection's id names its shard and
-//! its place in that shard's sequence. A leaf.
+//! its place in that shard's sequence; and the one rule every user id,
+//! tenant and artifact id follows, wherever it enters (a JWT `sub` or
+//! `tenant`, `?userId=`, a `to`, an HTTP API path or body). A leaf.
 
 use std::fmt;
 
@@ -25,9 +27,47 @@ impl fmt::Display for ConnId {
     }
 }
 
+/// Longest user id, tenant or artifact id (bytes).
+pub const MAX_ID_LEN: usize = 128;
+
+/// The namespace separator of channel names (`user:alice`).
+pub const SEPARATOR: char = ':';
+
+/// A valid user id, tenant or artifact id: 1-128 bytes, no whitespace, no
+/// control character, and no `:`. Channel rules read the id from the
+/// segment after the namespace (`user:<id>`, `tenant:<id>:...`); if an id
+/// could contain the separator, `user:alice:bob` would be both the channel
+/// of the user `alice:bob` and a channel below `alice`'s, and `alice`
+/// would read it (issue 12).
+pub fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_ID_LEN
+        && s.chars()
+            .all(|c| !c.is_control() && !c.is_whitespace() && c != SEPARATOR)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_id_rule() {
+        for ok in ["alice", "user123", "a.b-c_d@e", "é", &"x".repeat(128)] {
+            assert!(valid_id(ok), "{ok:?}");
+        }
+        for bad in [
+            "",
+            "alice:bob",
+            ":",
+            "a b",
+            "tab\there",
+            "nl\n",
+            "\u{0}",
+            &"x".repeat(129),
+        ] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn shard_and_sequence() {

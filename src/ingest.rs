@@ -455,36 +455,29 @@ fn has_type(v: &BorrowedValue<'_>, t: FieldType) -> bool {
 }
 
 /// Validate `data` against `cfg` (required fields and types only when
-/// `cfg.validate`; the object shape, duplicate keys and the reserved
+/// `cfg.validate`; the object shape, repeated keys and the reserved
 /// `$enc` shape always), then build the JSON text to store: the object
 /// with every field of `cfg.fields_to_encrypt` that is present replaced
 /// by its sealed object. Field order is kept as `data` iterates (the
 /// parser keeps it for objects of up to 32 keys).
+///
+/// `raw` is the client's own text of `data`, when the caller has it: the
+/// parsed value cannot show every repeated key (over 32 members the
+/// parser's map keeps only the last value), the text can.
 pub fn prepare(
     cfg: &IngestConfig,
     sealer: Option<&Sealer>,
     data: &BorrowedValue<'_>,
+    raw: Option<&[u8]>,
 ) -> Result<Vec<u8>, PrepareError> {
     let obj = data.as_object().ok_or(Invalid::NotAnObject)?;
 
-    // Small objects may hold repeated keys (simd-json keeps them); a
-    // record with two values for one name is ambiguous, so refuse it.
-    let mut dup: Vec<String> = Vec::new();
-    let keys: Vec<&str> = obj.keys().map(|k| k.as_ref()).collect();
-    if keys.len() <= 32 {
-        for (i, k) in keys.iter().enumerate() {
-            if keys[..i].contains(k) && !dup.iter().any(|d| d == k) {
-                dup.push((*k).to_owned());
-            }
-        }
-    } else {
-        let mut seen = std::collections::HashSet::with_capacity(keys.len());
-        for k in &keys {
-            if !seen.insert(*k) && !dup.iter().any(|d| d == k) {
-                dup.push((*k).to_owned());
-            }
-        }
-    }
+    // A record with two values for one name means different things to
+    // different readers: refuse it, at every size and depth.
+    let dup = match raw.and_then(repeated_keys) {
+        Some(dup) => dup,
+        None => repeated_parsed_keys(obj),
+    };
     if !dup.is_empty() {
         return Err(Invalid::Duplicate(dup).into());
     }
@@ -541,6 +534,105 @@ pub fn prepare(
     }
     out.push(b'}');
     Ok(out)
+}
+
+/// Repeated keys of the parsed top-level object. Only small objects can
+/// show them (simd-json keeps repeated keys in objects of up to 32
+/// members); the fallback when the text is not at hand.
+fn repeated_parsed_keys(obj: &simd_json::borrowed::Object<'_>) -> Vec<String> {
+    let mut dup: Vec<String> = Vec::new();
+    let keys: Vec<&str> = obj.keys().map(|k| k.as_ref()).collect();
+    for (i, k) in keys.iter().enumerate() {
+        if keys.get(..i).is_some_and(|before| before.contains(k)) && !dup.iter().any(|d| d == k) {
+            dup.push((*k).to_owned());
+        }
+    }
+    dup
+}
+
+/// Every key that appears twice in one object of the JSON text `raw`, at
+/// any depth (a nested one as `outer.inner`), in order of appearance;
+/// keys are compared after unescaping (`"a"` and `"\u0061"` are one key).
+/// `None` if serde_json cannot read the text (e.g. nested deeper than its
+/// limit of 128): the caller falls back to the parsed value.
+pub fn repeated_keys(raw: &[u8]) -> Option<Vec<String>> {
+    use serde::de::DeserializeSeed;
+    let mut dup = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    KeyScan {
+        path: "",
+        dup: &mut dup,
+    }
+    .deserialize(&mut de)
+    .ok()?;
+    de.end().ok()?;
+    Some(dup)
+}
+
+/// A serde visitor that walks a JSON value and records repeated keys.
+struct KeyScan<'p> {
+    path: &'p str,
+    dup: &'p mut Vec<String>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeyScan<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for KeyScan<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(KeyScan {
+                path: self.path,
+                dup: &mut *self.dup,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let full = if self.path.is_empty() {
+                key.clone()
+            } else {
+                format!("{}.{key}", self.path)
+            };
+            map.next_value_seed(KeyScan {
+                path: &full,
+                dup: &mut *self.dup,
+            })?;
+            if !seen.insert(key) && !self.dup.contains(&full) {
+                self.dup.push(full);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Append `s` as a JSON string literal.
@@ -693,7 +785,7 @@ mod tests {
     fn prep(cfg: &IngestConfig, s: Option<&Sealer>, data: &str) -> Result<String, PrepareError> {
         let mut bytes = data.as_bytes().to_vec();
         let v = simd_json::to_borrowed_value(&mut bytes).unwrap();
-        prepare(cfg, s, &v).map(|out| String::from_utf8(out).unwrap())
+        prepare(cfg, s, &v, Some(data.as_bytes())).map(|out| String::from_utf8(out).unwrap())
     }
 
     /// Change one member of a sealed object.
@@ -998,12 +1090,28 @@ mod tests {
                 "value".into()
             ])))
         );
+        // Over 32 keys the parser's map keeps only the last value: the
+        // client's text shows the repetition (issue 11, point 12).
         let big: Vec<String> = (0..40).map(|i| format!("\"f{i}\":{i}")).collect();
         let big = format!("{{{},\"f3\":0}}", big.join(","));
-        // Over 32 keys the parser's map dedupes by itself; either way no duplicate is stored.
-        if let Ok(out) = prep(&cfg, Some(&s), &big) {
-            assert_eq!(json(out.as_bytes()).as_object().unwrap().len(), 40);
-        }
+        assert_eq!(
+            prep(&cfg, Some(&s), &big),
+            Err(PrepareError::Invalid(Invalid::Duplicate(vec!["f3".into()])))
+        );
+        // Escaped spellings of one key, and repeated keys deeper down.
+        assert_eq!(
+            prep(&cfg, Some(&s), r#"{"a":1,"\u0061":2}"#),
+            Err(PrepareError::Invalid(Invalid::Duplicate(vec!["a".into()])))
+        );
+        assert_eq!(
+            prep(&cfg, Some(&s), r#"{"o":{"x":1,"x":2},"l":[{"y":1,"y":2}]}"#),
+            Err(PrepareError::Invalid(Invalid::Duplicate(vec![
+                "o.x".into(),
+                "l.y".into()
+            ])))
+        );
+        assert_eq!(repeated_keys(br#"{"a":{"b":1},"c":{"b":1}}"#), Some(vec![]));
+        assert_eq!(repeated_keys(b"{not json"), None);
         let e = prep(&cfg, Some(&s), r#"{"a":{"$enc":"A256GCM"},"b":1}"#).unwrap_err();
         assert_eq!(
             e,

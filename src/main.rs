@@ -207,8 +207,12 @@ fn main() -> ExitCode {
 }
 
 /// One line naming the problem, exit code 2 (configuration or startup).
+/// Messages from libraries (TLS, TOML, SQLite) may carry line breaks: they
+/// are folded so the promise of one line holds.
 fn fail(e: impl std::fmt::Display) -> ExitCode {
-    eprintln!("switchboard: {e}");
+    let text = e.to_string();
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    eprintln!("switchboard: {line}");
     ExitCode::from(2)
 }
 
@@ -218,6 +222,8 @@ fn serve(file: Option<PathBuf>, overrides: Overrides) -> ExitCode {
         Err(e) => return fail(e),
     };
     logging::init(&cfg.log_level, cfg.log_format);
+    // Until the server runs, log lines wait: a start that fails prints one line.
+    logging::hold();
     match switchboard::raise_fd_limit() {
         Ok((before, after, hard)) => log::info!(
             "open-file limit: soft {before} -> {after} (hard {hard}); that caps connections per process"
@@ -231,15 +237,19 @@ fn serve(file: Option<PathBuf>, overrides: Overrides) -> ExitCode {
     ]) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("switchboard: cannot install signal handlers: {e}");
-            return ExitCode::from(2);
+            logging::fail();
+            return fail(format!("cannot install signal handlers: {e}"));
         }
     };
     let timeout = cfg.shutdown_timeout;
     let server = match Server::start(cfg) {
         Ok(s) => s,
-        Err(e) => return fail(e),
+        Err(e) => {
+            logging::fail();
+            return fail(e);
+        }
     };
+    logging::release();
     let sig = signals
         .forever()
         .next()

@@ -200,6 +200,8 @@ fn tables(ingest: &str) -> Vec<Table> {
                 ("payload", Kind::Text),
                 ("created_at_ms", Kind::Int),
                 ("expires_at_ms", Kind::Int),
+                ("sender", Kind::OptText),
+                ("bytes", Kind::Int),
             ],
             order: "id",
             serial: Some("id"),

@@ -5,8 +5,7 @@
 use crate::auth::Identity;
 use crate::config::{Config, Rule};
 
-/// Longest user id, tenant or artifact id (bytes).
-pub const MAX_ID_LEN: usize = 128;
+pub use crate::id::{MAX_ID_LEN, valid_id};
 
 /// What an identity wants to do with a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,9 +19,10 @@ pub fn valid_name(s: &str, max: usize) -> bool {
     !s.is_empty() && s.len() <= max && s.chars().all(|c| !c.is_control() && !c.is_whitespace())
 }
 
-/// A valid user id (1-128 printable bytes, no spaces).
+/// A valid user id: the id rule ([`valid_id`]: 1-128 printable bytes, no
+/// whitespace, no `:`), the same at login, in messages and in the API.
 pub fn valid_user(s: &str) -> bool {
-    valid_name(s, MAX_ID_LEN)
+    valid_id(s)
 }
 
 pub fn valid_channel(s: &str, cfg: &Config) -> bool {
@@ -67,6 +67,12 @@ pub fn glob(pattern: &str, s: &str) -> bool {
 /// the first `:`) picks the rule from `[channels.namespaces]`, or the default
 /// rule; a `channels` claim pattern that matches also allows, unless the
 /// rule is `none`.
+///
+/// `owner` and `tenant` compare the id segment (between the first and the
+/// second `:`) with the whole id, exactly: `user:alice` and `user:alice:x`
+/// are `alice`'s, `user:alicex` is not. An id that breaks the id rule (it
+/// could contain `:`) owns nothing: login refuses such ids, and this check
+/// does not rely on it.
 pub fn allowed(cfg: &Config, action: Action, channel: &str, id: &Identity) -> bool {
     if is_admin(id) {
         return true;
@@ -85,8 +91,8 @@ pub fn allowed(cfg: &Config, action: Action, channel: &str, id: &Identity) -> bo
     if id.channels.iter().any(|p| glob(p, channel)) {
         return true;
     }
-    let owner =
-        |who: &str| rest == who || rest.strip_prefix(who).is_some_and(|r| r.starts_with(':'));
+    let segment = rest.split(crate::id::SEPARATOR).next().unwrap_or_default();
+    let owner = |who: &str| valid_id(who) && segment == who;
     match rule {
         Rule::Any => true,
         Rule::Owner => owner(&id.user_id),
@@ -107,6 +113,109 @@ pub fn rule_allows(rule: Rule, id: &Identity) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn who(user: &str, tenant: Option<&str>) -> Identity {
+        Identity {
+            tenant: tenant.map(str::to_owned),
+            ..Identity::user(user)
+        }
+    }
+
+    /// A tiny deterministic generator (no RNG crate, reproducible failures).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> usize {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) as usize
+        }
+        /// 1-6 characters, rich in separators and look-alikes.
+        fn id(&mut self) -> String {
+            const ALPHABET: [&str; 8] = ["a", "b", ":", ":", "*", "-", "é", "A"];
+            let n = 1 + self.next() % 6;
+            (0..n)
+                .map(|_| ALPHABET[self.next() % ALPHABET.len()])
+                .collect()
+        }
+    }
+
+    /// Property: under the `owner` and `tenant` rules, two different ids
+    /// never get the same channel, and an id gets exactly the channels
+    /// whose id segment is itself, with ids full of `:` (the attack of
+    /// issue 12: `alice` reading `user:alice:bob`, the channel of the user
+    /// `alice:bob`). Subscribe is what presence, history and recovery check too.
+    #[test]
+    fn owner_and_tenant_channels_belong_to_one_id() {
+        let cfg = Config::default();
+        let mut rng = Lcg(0x5eed);
+        for _ in 0..20_000 {
+            let (u, v) = (rng.id(), rng.id());
+            let tail = rng.id();
+            let mut channels = Vec::new();
+            for ns in ["user", "tenant"] {
+                for c in [
+                    format!("{ns}:{u}"),
+                    format!("{ns}:{v}"),
+                    format!("{ns}:{u}:{tail}"),
+                    format!("{ns}:{v}:{tail}"),
+                    format!("{ns}:{u}{tail}"),
+                    format!("{ns}:{tail}"),
+                ] {
+                    channels.push(c);
+                }
+            }
+            for channel in &channels {
+                let (ns, rest) = channel.split_once(':').unwrap();
+                let segment = rest.split(':').next().unwrap();
+                let ids = [u.as_str(), v.as_str()];
+                let granted = |id: &str| {
+                    let identity = if ns == "user" {
+                        who(id, None)
+                    } else {
+                        who("someone", Some(id))
+                    };
+                    allowed(&cfg, Action::Subscribe, channel, &identity)
+                };
+                for id in ids {
+                    // Exactly the channels whose segment is the whole id,
+                    // and only for ids that follow the rule.
+                    assert_eq!(
+                        granted(id),
+                        valid_id(id) && segment == id,
+                        "{id:?} on {channel:?}"
+                    );
+                }
+                if u != v {
+                    assert!(
+                        !(granted(&u) && granted(&v)),
+                        "{u:?} and {v:?} both get {channel:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn owner_rule_examples() {
+        let cfg = Config::default();
+        let alice = who("alice", Some("acme"));
+        let sub = |c: &str, id: &Identity| allowed(&cfg, Action::Subscribe, c, id);
+        assert!(sub("user:alice", &alice));
+        assert!(sub("user:alice:inbox", &alice));
+        assert!(!sub("user:alicex", &alice));
+        assert!(!sub("user:bob", &alice));
+        assert!(sub("tenant:acme", &alice));
+        assert!(sub("tenant:acme:artifact:7", &alice));
+        assert!(!sub("tenant:acmecorp", &alice));
+        // An id that would contain the separator owns nothing, even if it
+        // got past login.
+        let odd = who("alice:bob", Some("acme:corp"));
+        assert!(!sub("user:alice:bob", &odd));
+        assert!(!sub("user:alice", &odd));
+        assert!(!sub("tenant:acme:corp", &odd));
+    }
 
     #[test]
     fn glob_patterns() {

@@ -142,11 +142,15 @@ impl Server {
         }
         let acceptor = match acceptor_listener {
             Some(l) => Some(
-                AcceptorHandle::spawn(l, shards.iter().map(|s| s.inbox.clone()).collect(), limiter)
-                    .map_err(|err| StartError::Io {
-                        what: "acceptor thread",
-                        err,
-                    })?,
+                AcceptorHandle::spawn(
+                    l,
+                    shards.iter().map(|s| s.inbox.clone()).collect(),
+                    admission.clone(),
+                )
+                .map_err(|err| StartError::Io {
+                    what: "acceptor thread",
+                    err,
+                })?,
             ),
             None => None,
         };

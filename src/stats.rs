@@ -41,6 +41,102 @@ macro_rules! counters {
     };
 }
 
+/// A run of the same failure (accept out of descriptors, a full disk),
+/// logged as one episode instead of one line per failure: a line when it
+/// begins, a line a minute with the count while it lasts, a line with the
+/// count when it ends. It ends at the first success [`Episode::QUIET`] or
+/// more after its last failure: at a limit, successes and failures
+/// alternate (a freed descriptor is taken, the next accept fails), and
+/// that is one episode, not one per flip. The caller counts every failure
+/// in a metric too.
+#[derive(Debug)]
+pub struct Episode {
+    what: &'static str,
+    level: log::Level,
+    failures: u64,
+    began: Option<std::time::Instant>,
+    reported: Option<std::time::Instant>,
+    last_failure: Option<std::time::Instant>,
+}
+
+impl Episode {
+    /// How often a lasting episode says it is still going.
+    pub const REPEAT: std::time::Duration = std::time::Duration::from_secs(60);
+    /// How long without a failure before a success ends the episode; longer
+    /// than the longest accept pause (1 s), so an accept that works once
+    /// after a pause does not end an episode that is still going.
+    pub const QUIET: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// `what` names the failure in the log lines (`"accept"`).
+    pub const fn new(what: &'static str, level: log::Level) -> Episode {
+        Episode {
+            what,
+            level,
+            failures: 0,
+            began: None,
+            reported: None,
+            last_failure: None,
+        }
+    }
+
+    /// One more failure; logs only at the start and once per [`Self::REPEAT`].
+    pub fn failed(&mut self, now: std::time::Instant, err: &dyn std::fmt::Display) {
+        self.failures += 1;
+        self.last_failure = Some(now);
+        match (self.began, self.reported) {
+            (None, _) => {
+                self.began = Some(now);
+                self.reported = Some(now);
+                log::log!(
+                    self.level,
+                    "{} failing: {err} (more failures are counted, not logged, until it recovers)",
+                    self.what
+                );
+            }
+            (Some(began), Some(last)) if now.saturating_duration_since(last) >= Self::REPEAT => {
+                self.reported = Some(now);
+                log::log!(
+                    self.level,
+                    "{} still failing: {} failures in {:.0?}; last: {err}",
+                    self.what,
+                    self.failures,
+                    now.saturating_duration_since(began)
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// A success: an episode whose last failure is [`Self::QUIET`] old
+    /// ends, with one line. True if it ended (or none was running).
+    pub fn succeeded(&mut self, now: std::time::Instant) -> bool {
+        let Some(began) = self.began else {
+            return true;
+        };
+        if self
+            .last_failure
+            .is_some_and(|t| now.saturating_duration_since(t) < Self::QUIET)
+        {
+            return false;
+        }
+        log::warn!(
+            "{} recovered after {} failures in {:.1?}",
+            self.what,
+            self.failures,
+            now.saturating_duration_since(began)
+        );
+        self.began = None;
+        self.failures = 0;
+        self.reported = None;
+        true
+    }
+
+    /// Failures in the running episode (0 when none runs).
+    pub fn failures(&self) -> u64 {
+        self.failures
+    }
+}
+
 /// Upper bounds of the latency buckets, in microseconds (the last bucket is +Inf).
 pub const BUCKETS_US: [u64; 12] = [
     100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
@@ -158,6 +254,16 @@ pub fn prometheus_histograms(shards: &[std::sync::Arc<ShardStats>], out: &mut St
     }
 }
 
+/// Append process-wide counters (not per shard): name, help, value.
+pub fn prometheus_process(counters: &[(&str, &str, u64)], out: &mut String) {
+    use std::fmt::Write;
+    for (name, help, value) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {value}");
+    }
+}
+
 /// Counters that go up and down (Prometheus gauges); the others only grow.
 const GAUGES: &[&str] = &[
     "connections",
@@ -165,6 +271,9 @@ const GAUGES: &[&str] = &[
     "local_users",
     "local_channels",
     "history_channels",
+    "shard_queue_bytes",
+    "shard_queue_peak_bytes",
+    "inbox_turn_peak_bytes",
     "history_bytes",
 ];
 
@@ -217,7 +326,9 @@ counters! {
     messages_in,
     /// Data messages queued for sending.
     messages_out,
+    /// Bytes read from sockets (after TLS decryption: WebSocket frames and HTTP requests).
     bytes_in,
+    /// Bytes written to sockets (before TLS encryption: frames and HTTP responses).
     bytes_out,
     /// Connections closed for exceeding max_outbound_bytes.
     slow_consumers,
@@ -251,10 +362,40 @@ counters! {
     redeliveries,
     /// Storage requests refused because the writer's queue was full.
     store_rejected,
+    /// Storage requests the store failed to commit (the asker got storage_error).
+    store_failures,
     /// Connections closed because their token was revoked (4001).
     revoked_closes,
+    /// Connections closed because their token expired unrefreshed (4004).
+    token_expired_closes,
     /// HTTP requests served (API, health, metrics, console).
     api_requests,
+    /// Bytes other shards queued for this one and it has not handled yet (gauge).
+    shard_queue_bytes,
+    /// The most bytes ever seen queued for this shard at the start of a turn (gauge).
+    shard_queue_peak_bytes,
+    /// Client publications and messages refused (`overloaded`) because a target shard had shard_queue_bytes queued.
+    shard_queue_refused,
+    /// History pages built (for a `history` request, a recovery or the API).
+    history_pages,
+    /// `history` requests refused (`overloaded`) because the connection had MAX_PENDING_HISTORY pages on their way or half its max_outbound_bytes queued.
+    history_refused,
+    /// Client messages refused (`rate_limited`) past rate_limit.messages_per_second (history and presence cost rate_limit.request_cost).
+    rate_limited,
+    /// Direct messages refused (`rate_limited`) past the sender's inbox.stored_per_second.
+    inbox_rate_refused,
+    /// Unauthenticated connections closed (1009) or HTTP requests refused before their body for exceeding pre_auth_max_bytes.
+    pre_auth_refused,
+    /// HTTP requests answered 408 because their body did not arrive within handshake_timeout.
+    body_timeouts,
+    /// Direct messages not stored: the recipient's inbox or the sender's quota was full (inbox.*).
+    inbox_refused,
+    /// Replies not built because their connection had more than max_outbound_bytes queued.
+    replies_skipped,
+    /// Loop turns whose inbox handling stopped at shard_turn_bytes (the rest waited one turn).
+    inbox_turns_cut,
+    /// The most bytes of inbox messages handled in one loop turn (gauge).
+    inbox_turn_peak_bytes,
 }
 
 impl Counters {
@@ -272,6 +413,33 @@ impl Counters {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn an_episode_ends_only_after_a_quiet_success() {
+        let mut e = Episode::new("test", log::Level::Error);
+        let t0 = std::time::Instant::now();
+        assert!(e.succeeded(t0), "nothing running");
+        e.failed(t0, &"boom");
+        // Flapping at a limit: a success right after a failure continues it.
+        assert!(!e.succeeded(t0 + Duration::from_millis(10)));
+        e.failed(t0 + Duration::from_millis(20), &"boom");
+        assert_eq!(e.failures(), 2);
+        assert!(!e.succeeded(t0 + Duration::from_millis(500)));
+        assert!(e.succeeded(t0 + Duration::from_millis(20) + Episode::QUIET));
+        assert_eq!(e.failures(), 0);
+    }
+
+    /// Issue 11 point 14: `# HELP` lines were empty for bytes in/out.
+    #[test]
+    fn every_metric_has_help_text() {
+        for (name, doc, _) in Counters::default().fields() {
+            assert!(!doc.trim().is_empty(), "{name} has no doc line");
+        }
+        let text = prometheus(&[Counters::default()]);
+        for line in text.lines().filter(|l| l.starts_with("# HELP")) {
+            assert!(line.split_whitespace().count() > 3, "empty help: {line}");
+        }
+    }
 
     #[test]
     fn histogram_buckets_and_exposition() {

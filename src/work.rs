@@ -8,12 +8,13 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use crate::config::InboxConfig;
 use crate::history::Page;
 use crate::id::ConnId;
 use crate::proto::Dialect;
-use crate::store::{Op, Revocation, RevocationKind};
+use crate::store::{InboxQuota, Op, Revocation, RevocationKind};
 
 /// Who a delivery is for.
 #[derive(Debug, Clone)]
@@ -300,25 +301,32 @@ impl Work {
     /// Keep a direct message (`event`, a server message for `user`) in the
     /// user's offline inbox; once stored the shard delivers it with its id
     /// (redelivered until acknowledged) and answers `reply` with that id.
+    /// `sender` is the sending user (`None`: the backend), for the quotas
+    /// and the eviction rule of [`InboxQuota`].
     pub fn store_direct(
         asker: Asker,
+        sender: Option<Arc<str>>,
         user: Arc<str>,
         event: Vec<u8>,
-        ttl: Duration,
-        max_per_user: usize,
+        cfg: &InboxConfig,
         reply: Reply,
     ) -> Work {
         let now = crate::clock::now_ms();
-        let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let ttl = i64::try_from(cfg.ttl.as_millis()).unwrap_or(i64::MAX);
         let payload: Box<[u8]> = event.into_boxed_slice();
         Work::Store {
             to: asker,
             op: Op::InboxPut {
                 user: user.clone(),
+                sender,
                 payload: payload.to_vec(),
                 created_at_ms: now,
                 expires_at_ms: now.saturating_add(ttl),
-                max_per_user,
+                quota: InboxQuota {
+                    max_per_user: cfg.max_per_user,
+                    max_bytes_per_user: cfg.max_bytes_per_user,
+                    max_bytes_per_sender: cfg.max_bytes_per_sender,
+                },
             },
             wait: StoreWait::InboxPut {
                 to: user,

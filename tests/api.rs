@@ -332,7 +332,7 @@ fn auth_failures_and_bad_requests_get_clear_errors() {
 
     let raw = |req: &str| http(addr, req);
     let r = raw(&format!(
-        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 9\r\n\r\n{{\"chan\":1"
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: 9\r\n\r\n{{\"chan\":1"
     ));
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     assert!(r.contains("\"bad_json\""), "{r}");
@@ -633,7 +633,7 @@ fn half_close_after_a_request_still_gets_its_answer() {
     let body = r#"{"userId":"away","data":{"n":1},"ack":true}"#;
     write!(
         s,
-        "POST /api/send HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /api/send HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -647,4 +647,58 @@ fn half_close_after_a_request_still_gets_its_answer() {
     let _ = s.read_to_end(&mut rest);
     assert!(rest.is_empty());
     server.shutdown();
+}
+
+/// Issue 11 point 7: `POST /api/token` does what docs/API.md says in every
+/// auth mode: mode `token` returns the shared token (it used to answer 409
+/// with a message about mode `none`), mode `jwt` signs a JWT the server
+/// accepts, mode `none` answers 409 `not_available` saying how to connect.
+#[test]
+fn token_route_answers_as_documented_in_every_auth_mode() {
+    let body = json!({"userId":"alice","ttl":"10m"});
+
+    let mut cfg = api_config(1);
+    cfg.auth.mode = AuthMode::Token;
+    cfg.auth.token = Some("shared-s3cret".into());
+    let server = start(cfg);
+    let (s, r) = Api::new(server.local_addr()).post("/api/token", body.clone());
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["token"], "shared-s3cret");
+    assert_eq!(r["userId"], "alice");
+    assert_eq!(
+        r["expiresAt"],
+        Value::Null,
+        "the shared token does not expire"
+    );
+    let mut c = jwt_ws(server.local_addr(), "shared-s3cret");
+    assert_eq!(read_json(&mut c)["type"], "connected");
+    drop(server);
+
+    let mut cfg = api_config(1);
+    cfg.auth.mode = AuthMode::Jwt;
+    cfg.auth.jwt.secret = Some(SECRET.into());
+    let server = start(cfg);
+    let (s, r) = Api::new(server.local_addr()).post("/api/token", body.clone());
+    assert_eq!(s, 200, "{r}");
+    let exp = r["expiresAt"].as_u64().expect("a JWT expires");
+    assert!(exp > now_secs() && exp <= now_secs() + 600 + 5, "{r}");
+    let mut c = jwt_ws(server.local_addr(), r["token"].as_str().unwrap());
+    let hello = read_json(&mut c);
+    assert_eq!(
+        (hello["type"].as_str(), hello["userId"].as_str()),
+        (Some("connected"), Some("alice"))
+    );
+    drop(server);
+
+    let server = start(api_config(1));
+    let (s, r) = Api::new(server.local_addr()).post("/api/token", body);
+    assert_eq!(
+        (s, r["error"]["code"].as_str()),
+        (409, Some("not_available"))
+    );
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("\"none\"") && msg.contains("?userId="),
+        "{msg}"
+    );
 }

@@ -67,7 +67,13 @@ fn make_db(dir: &Path) {
         let sealer = if i == 0 { &old } else { &cur };
         let mut bytes = data.as_bytes().to_vec();
         let value = simd_json::to_borrowed_value(&mut bytes).unwrap();
-        let stored = prepare(&ingest_cfg(2, "k2"), Some(sealer), &value).unwrap();
+        let stored = prepare(
+            &ingest_cfg(2, "k2"),
+            Some(sealer),
+            &value,
+            Some(data.as_bytes()),
+        )
+        .unwrap();
         let stored = String::from_utf8(stored).unwrap();
         assert!(!stored.contains("s-1"), "sensorId is sealed: {stored}");
         db.execute(

@@ -152,3 +152,76 @@ fn heartbeat_starts_when_auth_and_a_message_share_a_read() {
         server.stats().heartbeat_timeouts == 1
     });
 }
+
+/// Issue 11 point 10: with `pong_timeout` longer than `heartbeat_interval`,
+/// pings still come every interval (they used to come every pong_timeout),
+/// and the deadline still counts from the first unanswered ping. Counted in
+/// pings, not time: a silent client gets exactly pong_timeout / interval
+/// pings before its 1011, a client that answers stays open meanwhile.
+#[test]
+fn pings_come_every_interval_when_the_pong_timeout_is_longer() {
+    let mut cfg = test_config(1);
+    cfg.heartbeat_interval = Duration::from_millis(200);
+    cfg.pong_timeout = Duration::from_millis(2000);
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut polite = Raw::connect(addr, "/echo");
+    polite
+        .stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let (a, s) = (answered.clone(), stop.clone());
+    let polite = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 256];
+        while !s.load(std::sync::atomic::Ordering::Acquire) {
+            match polite.stream.read(&mut buf) {
+                Ok(0) => panic!("the answering client was closed"),
+                Ok(n) => {
+                    // Empty pings only: 2 bytes each (0x89 0x00).
+                    assert!(
+                        buf[..n].chunks(2).all(|f| f == [0x89, 0x00]),
+                        "{:?}",
+                        &buf[..n]
+                    );
+                    for _ in 0..n / 2 {
+                        a.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                        polite.send(true, 0xA, b"");
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        polite
+    });
+    let mut silent = Raw::connect(addr, "/echo");
+    let mut pings = 0;
+    loop {
+        let (_, op, payload) = silent.read_frame().expect("frame");
+        match op {
+            0x9 => pings += 1,
+            0x8 => {
+                assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1011);
+                break;
+            }
+            other => panic!("opcode {other}"),
+        }
+    }
+    // Pings at 0, 200, ..., 1800 ms; the deadline at 2000 ms comes before an 11th.
+    assert_eq!(pings, 10, "pings every interval until the pong deadline");
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let _polite = polite.join().expect("the answering client stayed open");
+    let answered = answered.load(std::sync::atomic::Ordering::Acquire);
+    assert!(
+        answered >= 8,
+        "the answering client got pings every interval meanwhile: {answered}"
+    );
+    assert_eq!(server.stats().heartbeat_timeouts, 1);
+}

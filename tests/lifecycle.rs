@@ -117,8 +117,11 @@ fn run_expect_2(args: &[&str], env: &[(&str, &str)], needle: &str) {
     let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "stderr: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.contains("switchboard:")).collect();
+    // One line in all, as the README promises: no INFO line before it, no
+    // continuation line after it (issue 11 point 14).
+    let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "one line: {err}");
+    assert!(lines[0].starts_with("switchboard: "), "{err}");
     assert!(
         lines[0].contains(needle),
         "{:?} should name {needle}",
@@ -142,6 +145,22 @@ fn bad_configuration_exits_2_with_one_line() {
         "/nonexistent.toml",
     );
     run_expect_2(&["serve", "--log-level", "chatty"], &[], "log_level");
+    // An unknown enum value: toml adds "in `auth.mode`" on a second line.
+    let mode = dir.path().join("mode.toml");
+    std::fs::write(&mode, "[auth]\nmode = \"bogus\"\n").unwrap();
+    run_expect_2(
+        &["serve", "--config", mode.to_str().unwrap()],
+        &[],
+        "auth.mode",
+    );
+    // A TOML syntax error: toml draws the line with a caret below it.
+    let syntax = dir.path().join("syntax.toml");
+    std::fs::write(&syntax, "port = 80\nhost = \n").unwrap();
+    run_expect_2(
+        &["serve", "--config", syntax.to_str().unwrap()],
+        &[],
+        "line 2",
+    );
     run_expect_2(
         &["serve", "--host", "0.0.0.0"],
         &[],

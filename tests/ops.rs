@@ -18,6 +18,14 @@ fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Counters of the whole process (the acceptor, the per-IP limiter, the
+/// storage writer): no `shard` label.
+const PROCESS_WIDE: [&str; 3] = [
+    "switchboard_accept_failures_total",
+    "switchboard_ip_windows_evicted_total",
+    "switchboard_store_errors_total",
+];
+
 /// Parse the exposition format strictly enough to catch mistakes: every
 /// sample belongs to a metric declared by `# TYPE` before it.
 fn parse_metrics(text: &str) -> HashMap<String, f64> {
@@ -51,7 +59,11 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
             if typed[name] == "counter" {
                 assert!(name.ends_with("_total"), "counters end in _total: {name}");
             }
-            assert!(series.contains("{shard=\""), "{line}");
+            if PROCESS_WIDE.contains(&name) {
+                assert_eq!(series, name, "process-wide, without labels: {line}");
+            } else {
+                assert!(series.contains("{shard=\""), "{line}");
+            }
             samples.insert(series.to_owned(), value.parse::<f64>().expect("a number"));
         }
     }
@@ -103,4 +115,7 @@ fn health_ready_and_metrics() {
     assert!(
         total(&after, "switchboard_bytes_in_total") > total(&before, "switchboard_bytes_in_total")
     );
+    for name in PROCESS_WIDE {
+        assert_eq!(after.get(name), Some(&0.0), "{name}");
+    }
 }

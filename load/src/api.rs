@@ -37,6 +37,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use clap::Args;
 use mio::{Events, Registry, Token};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -45,9 +46,9 @@ use serde_json::{Value, json};
 use crate::driver::{self, Driver, Mode, Plan, Ramp, Turn};
 use crate::fanout::{json_str, with_user};
 use crate::hist::Histogram;
-use crate::net::{self, Fail, FeedEnd, Link, Phase, Progress, ReadOutcome};
+use crate::net::{self, Fail, Gone, Link, Loss, Peer, Phase, Progress, ReadOutcome};
 use crate::procfs::Delta;
-use crate::report::{self, Outcome, Summary, latency_json, latency_line, map_line};
+use crate::report::{self, Ledger, Outcome, Summary, latency_json, latency_line, map_line};
 use crate::url::WsUrl;
 use crate::wire;
 
@@ -67,76 +68,76 @@ const MAX_HEAD: usize = 16 << 10;
 /// Largest response body accepted.
 const MAX_BODY: usize = 1 << 20;
 
-#[derive(Debug, Clone)]
+/// The command line of api mode.
+#[derive(Debug, Clone, Args)]
 pub struct ApiOpts {
+    /// Subscriber connections.
+    #[arg(short = 'n', long, default_value_t = 1000)]
     pub subscribers: usize,
-    /// HTTP keep-alive connections.
+    /// HTTP/1.1 keep-alive connections issuing the publishes.
+    #[arg(short = 'p', long, default_value_t = 4)]
     pub connections: usize,
-    /// Requests in flight in total.
+    /// Publish requests in flight in total, pipelined on the connections
+    /// (each completes when answered and delivered to every subscriber).
+    #[arg(short = 'k', long, default_value_t = 8)]
     pub inflight: usize,
+    /// Measured seconds (fractions allowed).
+    #[arg(short = 't', long, default_value = "10", value_parser = driver::parse_secs)]
     pub duration: Duration,
+    /// Seconds of traffic before measuring (not counted).
+    #[arg(long, default_value = "1", value_parser = driver::parse_secs)]
     pub warmup: Duration,
+    /// New subscriber connections per second during setup.
+    #[arg(long, default_value_t = 2000.0)]
     pub ramp: f64,
+    /// Source addresses 127.0.0.1..127.0.0.N to connect from (default:
+    /// enough that none needs more than 25,000 ports).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=254))]
     pub sources: Option<u8>,
+    /// The channel (the server's channel rules must let anyone subscribe).
+    #[arg(long, default_value = "load")]
     pub channel: String,
+    /// Sent as `Authorization: Bearer <KEY>`.
+    #[arg(long, value_name = "KEY", env = "SWITCHBOARD_API_KEY")]
     pub api_key: Option<String>,
+    /// The publish route.
+    #[arg(long, default_value = "/api/publish")]
     pub api_path: String,
+    /// Seconds allowed for one subscriber's connect, upgrade and subscribe.
+    #[arg(long, default_value = "10", value_parser = driver::parse_secs)]
     pub handshake_timeout: Duration,
 }
 
-/// Everything that went wrong, by kind.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ApiErrors {
-    /// A subscriber never received a published record (a later offset came
-    /// first, or it was still missing when the drain ended).
-    pub lost: u64,
-    /// A subscriber received an offset again.
-    pub dup: u64,
-    /// An offset counted lost arrived after all, behind a later one.
-    pub reorder: u64,
-    /// A `message` whose data, channel, offset or epoch is not what was
-    /// published and answered (or names a publish never sent or refused).
-    pub corrupt: u64,
-    /// Responses on one HTTP connection whose offsets do not increase.
-    pub order: u64,
-    /// Requests answered with another status than 200 (see the statuses).
-    pub rejected: u64,
-    /// A 200 whose body is not the documented JSON, or a response that
-    /// breaks HTTP/1.1 framing as this client reads it.
-    pub bad_response: u64,
-    /// Requests never answered by the end of the drain.
-    pub unanswered: u64,
-    /// Connections (subscribers or HTTP) the server ended while they counted.
-    pub closed: u64,
-    /// Subscribers that never got to `subscribed`, HTTP connections never made.
-    pub connect: u64,
-    /// Server frames that break RFC 6455.
-    pub protocol: u64,
-    /// `{"type":"error"}` after setup, or messages of a type that has no place.
-    pub unexpected: u64,
-}
-
-impl ApiErrors {
-    pub fn total(&self) -> u64 {
-        report::total(&self.kinds())
-    }
-
-    /// Kinds and counts, in report order.
-    pub fn kinds(&self) -> [(&'static str, u64); 12] {
-        [
-            ("lost", self.lost),
-            ("dup", self.dup),
-            ("reorder", self.reorder),
-            ("corrupt", self.corrupt),
-            ("order", self.order),
-            ("rejected", self.rejected),
-            ("bad_response", self.bad_response),
-            ("unanswered", self.unanswered),
-            ("closed", self.closed),
-            ("connect", self.connect),
-            ("protocol", self.protocol),
-            ("unexpected", self.unexpected),
-        ]
+report::error_kinds! {
+    /// Everything that went wrong, by kind.
+    pub struct ApiErrors {
+        /// A subscriber never received a published record (a later offset came
+        /// first, or it was still missing when the drain ended).
+        lost,
+        /// A subscriber received an offset again.
+        dup,
+        /// An offset counted lost arrived after all, behind a later one.
+        reorder,
+        /// A `message` whose data, channel, offset or epoch is not what was
+        /// published and answered (or names a publish never sent or refused).
+        corrupt,
+        /// Responses on one HTTP connection whose offsets do not increase.
+        order,
+        /// Requests answered with another status than 200 (see the statuses).
+        rejected,
+        /// A 200 whose body is not the documented JSON, or a response that
+        /// breaks HTTP/1.1 framing as this client reads it.
+        bad_response,
+        /// Requests never answered by the end of the drain.
+        unanswered,
+        /// Connections (subscribers or HTTP) the server ended while they counted.
+        closed,
+        /// Subscribers that never got to `subscribed`, HTTP connections never made.
+        connect,
+        /// Server frames that break RFC 6455.
+        protocol,
+        /// `{"type":"error"}` after setup, or messages of a type that has no place.
+        unexpected,
     }
 }
 
@@ -536,22 +537,10 @@ struct Tally {
     received: u64,
     received_window: u64,
     slow_path: u64,
-    pings: u64,
-    ready: usize,
-    pending_setup: usize,
     statuses: BTreeMap<String, u64>,
     connections_reported: Option<u64>,
-    failures: BTreeMap<String, u64>,
-    first_failure: Option<String>,
-    first_problem: Option<String>,
-}
-
-impl Tally {
-    fn problem(&mut self, what: impl FnOnce() -> String) {
-        if self.first_problem.is_none() {
-            self.first_problem = Some(what());
-        }
-    }
+    /// Setup, the first problem, pings.
+    ledger: Ledger,
 }
 
 struct Cx<'a> {
@@ -570,16 +559,10 @@ fn snippet(p: &[u8]) -> String {
 }
 
 fn setup_failed(t: &mut Track, tally: &mut Tally, kind: String, what: impl FnOnce() -> String) {
-    if t.settled {
-        return;
-    }
-    t.settled = true;
-    tally.pending_setup = tally.pending_setup.saturating_sub(1);
-    tally.errors.connect += 1;
-    *tally.failures.entry(kind).or_default() += 1;
-    if tally.first_failure.is_none() {
-        tally.first_failure = Some(what());
-    }
+    let connect = &mut tally.errors.connect;
+    tally
+        .ledger
+        .setup_failed(&mut t.settled, connect, kind, what);
 }
 
 /// The subscriber stops counting: nothing waits for it any more.
@@ -596,12 +579,6 @@ fn retire(t: &mut Track, sub: usize, table: &mut Table, measuring: bool) {
     for subs in table.orphans.values_mut() {
         subs.retain(|&s| s != sub);
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Gone {
-    Closed,
-    Protocol,
 }
 
 fn sub_gone(
@@ -625,19 +602,21 @@ fn sub_gone(
             Gone::Closed => cx.tally.errors.closed += 1,
             Gone::Protocol => cx.tally.errors.protocol += 1,
         }
-        cx.tally.problem(what);
+        cx.tally.ledger.problem(what);
         retire(t, sub, cx.table, cx.measuring);
     }
 }
 
 fn unexpected(tally: &mut Tally, p: &[u8]) {
     tally.errors.unexpected += 1;
-    tally.problem(|| format!("unexpected message: {:?}", snippet(p)));
+    tally
+        .ledger
+        .problem(|| format!("unexpected message: {:?}", snippet(p)));
 }
 
 fn corrupt(tally: &mut Tally, what: impl FnOnce() -> String) {
     tally.errors.corrupt += 1;
-    tally.problem(what);
+    tally.ledger.problem(what);
 }
 
 fn delivered(t_us: u64, cx: &mut Cx<'_>) {
@@ -682,6 +661,7 @@ fn on_delivery(t: &mut Track, sub: usize, d: Delivery<'_>, cx: &mut Cx<'_>) {
         } else {
             cx.tally.errors.dup += 1;
             cx.tally
+                .ledger
                 .problem(|| format!("a subscriber got offset {} again", d.offset));
         }
         return;
@@ -729,6 +709,7 @@ fn on_delivery(t: &mut Track, sub: usize, d: Delivery<'_>, cx: &mut Cx<'_>) {
     for off in next..d.offset {
         cx.tally.errors.lost += 1;
         cx.tally
+            .ledger
             .problem(|| format!("a subscriber got offset {} without {off}", d.offset));
         if t.skipped.len() == MAX_SKIPPED {
             t.skipped.pop_front();
@@ -742,6 +723,7 @@ fn on_delivery(t: &mut Track, sub: usize, d: Delivery<'_>, cx: &mut Cx<'_>) {
     } else {
         cx.tally.errors.dup += 1;
         cx.tally
+            .ledger
             .problem(|| format!("a subscriber got publish {} twice", d.seq));
     }
 }
@@ -792,11 +774,9 @@ fn on_sub_text(t: &mut Track, sub: usize, p: &[u8], cx: &mut Cx<'_>) {
         "subscribed" if !t.ready && v.channel.as_deref() == Some(cx.channel) => {
             t.ready = true;
             if !t.settled && !t.dropped {
-                t.settled = true;
+                cx.tally.ledger.setup_done(&mut t.settled);
                 t.live = true;
                 cx.table.live += 1;
-                cx.tally.ready += 1;
-                cx.tally.pending_setup = cx.tally.pending_setup.saturating_sub(1);
                 cx.tally
                     .subscribe_time
                     .record(t.started.elapsed().as_nanos() as u64);
@@ -832,6 +812,7 @@ fn on_response(h: &mut Http, r: HttpResponse, cx: &mut Cx<'_>) {
     let Some(seq) = h.outstanding.pop_front() else {
         cx.tally.errors.bad_response += 1;
         cx.tally
+            .ledger
             .problem(|| format!("HTTP {} answering no request", r.status));
         return;
     };
@@ -846,7 +827,7 @@ fn on_response(h: &mut Http, r: HttpResponse, cx: &mut Cx<'_>) {
     if r.status != 200 {
         *cx.tally.statuses.entry(r.status.to_string()).or_default() += 1;
         cx.tally.errors.rejected += 1;
-        cx.tally.problem(|| {
+        cx.tally.ledger.problem(|| {
             format!(
                 "publish {seq} answered HTTP {}: {}",
                 r.status,
@@ -862,6 +843,7 @@ fn on_response(h: &mut Http, r: HttpResponse, cx: &mut Cx<'_>) {
     let Some(b) = body else {
         cx.tally.errors.bad_response += 1;
         cx.tally
+            .ledger
             .problem(|| format!("publish {seq} answered 200 with {}", snippet(&r.body)));
         // Delivered or not, it cannot be matched to an offset.
         cx.table.drop_publish(seq, true);
@@ -889,7 +871,7 @@ fn on_response(h: &mut Http, r: HttpResponse, cx: &mut Cx<'_>) {
     }
     if h.last_offset.is_some_and(|o| o >= b.offset) {
         cx.tally.errors.order += 1;
-        cx.tally.problem(|| {
+        cx.tally.ledger.problem(|| {
             format!(
                 "offset {} answered after {:?} on the same connection",
                 b.offset, h.last_offset
@@ -928,7 +910,7 @@ fn http_gone(h: &mut Http, cx: &mut Cx<'_>, what: String) {
     }
     if !h.done {
         cx.tally.errors.closed += 1;
-        cx.tally.problem(|| what);
+        cx.tally.ledger.problem(|| what);
     }
     h.done = true;
     for seq in h.outstanding.drain(..) {
@@ -1156,7 +1138,7 @@ pub fn run(
         opts: o.clone(),
         sources: sources.len(),
         fd_limit,
-        subscribed: tally.ready,
+        subscribed: tally.ledger.ready,
         live_at_start,
         http_open,
         subscribe_time: tally.subscribe_time,
@@ -1176,20 +1158,9 @@ pub fn run(
         slow_path: tally.slow_path,
         statuses: tally.statuses,
         errors: tally.errors,
-        run: Outcome {
-            setup_s: t.setup_s(),
-            window_s: t.window_s(),
-            warmup: o.warmup,
-            duration: o.duration,
-            server: t.server(),
-            client: t.client(),
-            failures: tally.failures,
-            first_failure: tally.first_failure,
-            first_problem: tally.first_problem,
-            close_sent,
-            closed_cleanly,
-            pings: tally.pings,
-        },
+        run: tally
+            .ledger
+            .outcome(&t, (o.warmup, o.duration), close_sent, closed_cleanly),
     })
 }
 
@@ -1198,22 +1169,22 @@ impl Mode for Api<'_> {
     /// is subscribed or failed and every HTTP connection is made or failed.
     fn setup(&mut self, now: Instant, registry: &Registry) -> Result<bool, String> {
         let o = self.o;
-        let batch_end = self.ramp.batch_end(now, self.subs.len());
-        while self.subs.len() < batch_end {
-            let i = self.subs.len();
-            let mut track = Track::new(Instant::now());
-            self.tally.pending_setup += 1;
-            let dialed = self.sources.dial(i, self.addr);
-            let link = net::open(dialed, registry, Token(i)).unwrap_or_else(|f| {
-                setup_failed(&mut track, &mut self.tally, f.kind(), || f.to_string());
-                Link::dead()
+        let tally = &mut self.tally;
+        let (subs, sources) = (&mut self.subs, &mut self.sources);
+        self.ramp
+            .dial_due(now, subs, sources, self.addr, registry, |began, link| {
+                let mut track = Track::new(began);
+                tally.ledger.pending_setup += 1;
+                let link = link.unwrap_or_else(|f| {
+                    setup_failed(&mut track, tally, f.kind(), || f.to_string());
+                    Link::dead()
+                });
+                Sub {
+                    link,
+                    track,
+                    frag: None,
+                }
             });
-            self.subs.push(Sub {
-                link,
-                track,
-                frag: None,
-            });
-        }
         if self.ramp.scan_due(now) {
             let tally = &mut self.tally;
             self.ramp.expire(
@@ -1240,7 +1211,10 @@ impl Mode for Api<'_> {
             }
         }
         let http_settled = self.https.iter().all(|h| h.link.phase != Phase::Connecting);
-        if !(self.subs.len() == o.subscribers && self.tally.pending_setup == 0 && http_settled) {
+        if !(self.subs.len() == o.subscribers
+            && self.tally.ledger.pending_setup == 0
+            && http_settled)
+        {
             return Ok(false);
         }
         let tally = &mut self.tally;
@@ -1250,10 +1224,14 @@ impl Mode for Api<'_> {
             .filter(|h| h.link.phase != Phase::Open)
         {
             tally.errors.connect += 1;
-            *tally.failures.entry("http_connect".into()).or_default() += 1;
+            *tally
+                .ledger
+                .failures
+                .entry("http_connect".into())
+                .or_default() += 1;
             h.done = true;
-            if tally.first_failure.is_none() {
-                tally.first_failure = h.failure.clone();
+            if tally.ledger.first_failure.is_none() {
+                tally.ledger.first_failure = h.failure.clone();
             }
         }
         self.http_open = self
@@ -1264,7 +1242,7 @@ impl Mode for Api<'_> {
         if self.http_open == 0 {
             return Err(format!(
                 "no HTTP connection could be made: {}",
-                tally.first_failure.clone().unwrap_or_default()
+                tally.ledger.first_failure.clone().unwrap_or_default()
             ));
         }
         Ok(true)
@@ -1310,14 +1288,16 @@ impl Mode for Api<'_> {
         }
         if missing > 0 {
             tally.errors.lost += missing;
-            tally.problem(|| {
+            tally.ledger.problem(|| {
                 format!("{missing} deliveries still missing at subscribers after the drain")
             });
         }
         let unanswered: u64 = self.https.iter().map(|h| h.outstanding.len() as u64).sum();
         if unanswered > 0 {
             tally.errors.unanswered += unanswered;
-            tally.problem(|| format!("{unanswered} publish requests never answered"));
+            tally
+                .ledger
+                .problem(|| format!("{unanswered} publish requests never answered"));
         }
         for s in &mut self.subs {
             if s.link.begin_close(registry) {
@@ -1423,16 +1403,15 @@ impl Mode for Api<'_> {
                     match s.link.handshake(turn.rbuf, req, &key) {
                         Progress::Waiting => {}
                         Progress::Opened => {
-                            wire::frame(&mut s.link.out, wire::OP_TEXT, subscribe_msg.as_bytes());
-                            cx.now_ns = start.elapsed().as_nanos() as u64;
-                            if !s.link.inbuf.is_empty() && !sub_bytes(s, tok, &[], &mut cx) {
-                                s.link.shut(registry);
-                            } else if s.link.flush_if_ready().is_err() {
-                                sub_gone(&mut s.track, tok, &mut cx, Gone::Closed, "write", || {
-                                    "write failed after the upgrade".into()
-                                });
-                                s.link.shut(registry);
-                            }
+                            let Sub { link, track, frag } = s;
+                            let mut peer = SubPeer {
+                                track,
+                                sub: tok,
+                                cx: &mut cx,
+                                start,
+                            };
+                            let first = Some(subscribe_msg.as_bytes());
+                            net::ws_opened(link, frag, first, registry, &mut peer);
                         }
                         Progress::Failed(f) => {
                             setup_failed(&mut s.track, cx.tally, f.kind(), || f.to_string());
@@ -1441,7 +1420,16 @@ impl Mode for Api<'_> {
                     }
                 }
                 Phase::Open | Phase::Closing => {
-                    serve_sub(s, tok, turn.rbuf, start, &mut cx, registry);
+                    let Sub { link, track, frag } = s;
+                    let mut peer = SubPeer {
+                        track,
+                        sub: tok,
+                        cx: &mut cx,
+                        start,
+                    };
+                    // Hang-ups are not looked at here (as before the
+                    // subscriber plumbing was shared with fanout).
+                    net::ws_serve(link, frag, turn.rbuf, registry, false, &mut peer);
                 }
                 Phase::Done => {}
             }
@@ -1488,94 +1476,41 @@ impl Mode for Api<'_> {
     }
 }
 
-/// A readiness event on an open (or closing) subscriber (see fanout's
-/// `serve_sub` for why a short read ends the loop).
-fn serve_sub(
-    s: &mut Sub,
+/// One subscriber's traffic as `net` hands it over.
+struct SubPeer<'t, 'c, 'a> {
+    track: &'t mut Track,
+    /// The subscriber's number.
     sub: usize,
-    rbuf: &mut [u8],
+    cx: &'c mut Cx<'a>,
     start: Instant,
-    cx: &mut Cx<'_>,
-    registry: &Registry,
-) {
-    loop {
-        match s.link.read(rbuf) {
-            ReadOutcome::Data(n) => {
-                cx.now_ns = start.elapsed().as_nanos() as u64;
-                if !sub_bytes(s, sub, rbuf.get(..n).unwrap_or_default(), cx) {
-                    s.link.shut(registry);
-                    return;
-                }
-                if n < rbuf.len() && s.link.phase == Phase::Open {
-                    break;
-                }
-            }
-            ReadOutcome::WouldBlock => break,
-            ReadOutcome::Eof => {
-                if s.link.phase == Phase::Open {
-                    sub_gone(&mut s.track, sub, cx, Gone::Closed, "eof", || {
-                        "the server closed a subscriber's connection (EOF)".into()
-                    });
-                }
-                s.link.shut(registry);
-                return;
-            }
-            ReadOutcome::Error(e) => {
-                if s.link.phase == Phase::Open {
-                    let f = Fail::Io(e);
-                    sub_gone(&mut s.track, sub, cx, Gone::Closed, &f.kind(), || {
-                        format!("subscriber read: {f}")
-                    });
-                }
-                s.link.shut(registry);
-                return;
-            }
-        }
-    }
-    if s.link.flush_if_ready().is_err() {
-        if s.link.phase == Phase::Open {
-            sub_gone(&mut s.track, sub, cx, Gone::Closed, "write", || {
-                "subscriber write failed".into()
-            });
-        }
-        s.link.shut(registry);
-    }
 }
 
-/// Decode and handle fresh bytes of a subscriber; false when it must go.
-fn sub_bytes(s: &mut Sub, sub: usize, fresh: &[u8], cx: &mut Cx<'_>) -> bool {
-    let Sub { link, track, frag } = s;
-    let mut pings = 0;
-    let end = net::ws_feed(link, frag, fresh, &mut pings, &mut |text, p| {
-        if text {
-            on_sub_text(track, sub, p, cx);
-        } else {
-            unexpected(cx.tally, b"(a binary message)");
-        }
-    });
-    cx.tally.pings += pings;
-    match end {
-        FeedEnd::More => true,
-        FeedEnd::CloseAcked => {
-            track.close_acked = true;
-            false
-        }
-        FeedEnd::ServerClose(code, reason) => {
-            sub_gone(
-                track,
-                sub,
-                cx,
-                Gone::Closed,
-                &format!("close_{code}"),
-                || format!("the server closed a subscriber with {code} {reason:?}"),
-            );
-            let _ = link.flush_if_ready();
-            true
-        }
-        FeedEnd::Protocol(what) => {
-            sub_gone(track, sub, cx, Gone::Protocol, "protocol", || what);
-            false
-        }
+impl Peer for SubPeer<'_, '_, '_> {
+    fn arrived(&mut self) {
+        self.cx.now_ns = self.start.elapsed().as_nanos() as u64;
+    }
+
+    fn text(&mut self, p: &[u8]) {
+        on_sub_text(self.track, self.sub, p, self.cx);
+    }
+
+    fn binary(&mut self) {
+        unexpected(self.cx.tally, b"(a binary message)");
+    }
+
+    fn pinged(&mut self, n: u64) {
+        self.cx.tally.ledger.pings += n;
+    }
+
+    fn lost(&mut self, loss: Loss) {
+        let how = loss.gone();
+        sub_gone(self.track, self.sub, self.cx, how, &loss.kind(), || {
+            loss.describe(true)
+        });
+    }
+
+    fn close_acked(&mut self) {
+        self.track.close_acked = true;
     }
 }
 

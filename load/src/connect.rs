@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Registry, Token};
+use clap::Args;
+use mio::{Events, Registry};
 use serde_json::{Value, json};
 
 use crate::driver::{self, Driver, Mode, Plan, Ramp, Turn};
@@ -25,12 +26,24 @@ use crate::wire::{self, Frame};
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_BUF: usize = 64 << 10;
 
-#[derive(Debug, Clone)]
+/// The command line of connect mode.
+#[derive(Debug, Clone, Args)]
 pub struct ConnectOpts {
+    /// Connections to open.
+    #[arg(short = 'n', long, default_value_t = 1000)]
     pub connections: usize,
+    /// New connections per second.
+    #[arg(long, default_value_t = 2000.0)]
     pub ramp: f64,
+    /// Seconds to hold the connections open after the ramp.
+    #[arg(long, default_value = "10", value_parser = driver::parse_secs)]
     pub hold: Duration,
+    /// Source addresses 127.0.0.1..127.0.0.N to connect from (default:
+    /// enough that none needs more than 25,000 ports).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=254))]
     pub sources: Option<u8>,
+    /// Seconds allowed for one connection's TCP connect and upgrade.
+    #[arg(long, default_value = "10", value_parser = driver::parse_secs)]
     pub handshake_timeout: Duration,
 }
 
@@ -340,21 +353,22 @@ pub fn run(
 impl Mode for Connect<'_> {
     /// The ramp: dial what is due, until every attempt has opened or failed.
     fn setup(&mut self, now: Instant, registry: &Registry) -> Result<bool, String> {
-        let batch_end = self.ramp.batch_end(now, self.slots.len());
-        while self.slots.len() < batch_end {
-            let i = self.slots.len();
-            let dialed = self.sources.dial(i, self.addr);
-            let link = net::open(dialed, registry, Token(i)).unwrap_or_else(|f| {
-                self.tally.fail(&f);
-                Link::dead()
+        let (tally, counts) = (&mut self.tally, &mut self.counts);
+        let (slots, sources) = (&mut self.slots, &mut self.sources);
+        self.ramp
+            .dial_due(now, slots, sources, self.addr, registry, |_, link| {
+                let link = link.unwrap_or_else(|f| {
+                    tally.fail(&f);
+                    Link::dead()
+                });
+                counts.moved(Phase::Done, link.phase);
+                // Timed from the end of the dial.
+                Slot {
+                    link,
+                    started: Instant::now(),
+                    close_acked: false,
+                }
             });
-            self.counts.moved(Phase::Done, link.phase);
-            self.slots.push(Slot {
-                link,
-                started: Instant::now(),
-                close_acked: false,
-            });
-        }
         if self.ramp.scan_due(now) {
             let (counts, tally) = (&mut self.counts, &mut self.tally);
             self.ramp.expire(

@@ -22,7 +22,11 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll, Registry};
+use std::net::SocketAddr;
+
+use mio::{Events, Poll, Registry, Token};
+
+use crate::net::{self, Fail, Link, SourcePorts};
 
 use crate::procfs::{self, Delta, Sample};
 
@@ -347,6 +351,27 @@ impl Ramp {
         self.due(now).min(self.total).min(dialed + DIAL_BATCH)
     }
 
+    /// Dial the connections due by `now` (a batch): number `i` from the
+    /// source addresses, registered as `Token(i)`. `add` makes the item
+    /// from the time its dial began and the link (or why it failed).
+    pub fn dial_due<T>(
+        &self,
+        now: Instant,
+        items: &mut Vec<T>,
+        sources: &mut SourcePorts,
+        addr: SocketAddr,
+        registry: &Registry,
+        mut add: impl FnMut(Instant, Result<Link, Fail>) -> T,
+    ) {
+        let end = self.batch_end(now, items.len());
+        while items.len() < end {
+            let i = items.len();
+            let began = Instant::now();
+            let link = net::open(sources.dial(i, addr), registry, Token(i));
+            items.push(add(began, link));
+        }
+    }
+
     /// How long to wait for events while `dialed` are dialed.
     pub fn wait(&self, now: Instant, dialed: usize) -> Duration {
         if dialed < self.total && dialed >= self.due(now) {
@@ -413,6 +438,18 @@ pub fn fd_limit(needed: u64, what: &str) -> io::Result<u64> {
         eprintln!("switchboard-load: warning: the open-file limit is {limit}; {what}");
     }
     Ok(limit)
+}
+
+/// A number of seconds (fractions allowed, an "s" suffix too) on the command line.
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !v.is_finite() || !(0.0..=1e7).contains(&v) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(v))
 }
 
 /// A per-run value that makes every run's WebSocket keys different.

@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use clap::Args;
 use mio::{Events, Registry, Token};
 use serde_json::{Value, json};
 
@@ -30,13 +31,27 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// One read lands here (shared by all connections).
 const READ_BUF: usize = 256 << 10;
 
-#[derive(Debug, Clone)]
+/// The command line of echo mode.
+#[derive(Debug, Clone, Args)]
 pub struct EchoOpts {
+    /// Connections.
+    #[arg(short = 'c', long, default_value_t = 100)]
     pub connections: usize,
+    /// Payload bytes per message (at least 16 with --binary; 32 for text,
+    /// whose header is written in hex).
+    #[arg(short = 's', long, default_value_t = 32)]
     pub size: usize,
+    /// Messages in flight per connection.
+    #[arg(short = 'd', long, default_value_t = 8)]
     pub depth: usize,
+    /// Measured seconds (fractions allowed).
+    #[arg(short = 't', long, default_value = "10", value_parser = driver::parse_secs)]
     pub duration: Duration,
+    /// Seconds of traffic before measuring (not counted).
+    #[arg(long, default_value = "1", value_parser = driver::parse_secs)]
     pub warmup: Duration,
+    /// Binary messages instead of text.
+    #[arg(long)]
     pub binary: bool,
 }
 

@@ -25,19 +25,20 @@
 //! path through serde_json, and a `message` found there is still located
 //! and compared in the raw text.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use clap::Args;
 use mio::{Events, Registry, Token};
 use serde_json::{Value, json};
 
 use crate::driver::{self, Driver, Mode, Plan, Ramp, Turn};
 use crate::hist::Histogram;
-use crate::net::{self, Fail, Link, Phase, Progress, ReadOutcome};
+use crate::net::{self, Fail, Gone, Link, Loss, Peer, Phase, Progress, ReadOutcome};
 use crate::procfs::Delta;
-use crate::report::{self, Outcome, Summary, latency_json, latency_line};
+use crate::report::{self, Ledger, Outcome, Summary, latency_json, latency_line};
 use crate::url::WsUrl;
 use crate::wire::{self, Frame};
 
@@ -62,65 +63,64 @@ const DATA_TAIL: &[u8] = b"\"}";
 const MESSAGE_START: &[u8] = b"{\"type\":\"message\"";
 const PUBLISHED_START: &[u8] = b"{\"type\":\"published\"";
 
-#[derive(Debug, Clone)]
+/// The command line of fanout mode.
+#[derive(Debug, Clone, Args)]
 pub struct FanoutOpts {
+    /// Subscriber connections.
+    #[arg(short = 'n', long, default_value_t = 1000)]
     pub subscribers: usize,
+    /// Publishes in flight (each completes when every subscriber has it).
+    #[arg(short = 'k', long, default_value_t = 4)]
     pub inflight: usize,
+    /// Approximate bytes of each publish's data object.
+    #[arg(short = 's', long, default_value_t = 64)]
     pub size: usize,
+    /// Measured seconds (fractions allowed).
+    #[arg(short = 't', long, default_value = "10", value_parser = driver::parse_secs)]
     pub duration: Duration,
+    /// Seconds of traffic before measuring (not counted).
+    #[arg(long, default_value = "1", value_parser = driver::parse_secs)]
     pub warmup: Duration,
+    /// New subscriber connections per second during setup.
+    #[arg(long, default_value_t = 2000.0)]
     pub ramp: f64,
+    /// Source addresses 127.0.0.1..127.0.0.N to connect from (default:
+    /// enough that none needs more than 25,000 ports).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=254))]
     pub sources: Option<u8>,
+    /// The channel (`public:` channels may be used by anyone).
+    #[arg(long, default_value = "public:bench")]
     pub channel: String,
+    /// Seconds allowed for one subscriber's connect, upgrade and subscribe.
+    #[arg(long, default_value = "10", value_parser = driver::parse_secs)]
     pub handshake_timeout: Duration,
 }
 
-/// Everything that went wrong, by kind.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct FanoutErrors {
-    /// A subscriber never received a publish (a later one came first, or it
-    /// was still missing when the drain ended).
-    pub lost: u64,
-    /// A subscriber received a publish again.
-    pub dup: u64,
-    /// A publish counted lost arrived after all, behind a later one.
-    pub reorder: u64,
-    /// A `message` whose data, channel or sender is not what was published
-    /// (or names a publish never sent).
-    pub corrupt: u64,
-    /// Connections (subscribers or the publisher) the server ended while they counted.
-    pub closed: u64,
-    /// Subscribers that never got to `subscribed` (see the failures by kind).
-    pub connect: u64,
-    /// Server frames that break RFC 6455.
-    pub protocol: u64,
-    /// `{"type":"error"}` replies after setup.
-    pub rejected: u64,
-    /// Messages of a type that has no place in the run.
-    pub unexpected: u64,
-    /// Publishes the server never answered with `published`.
-    pub unacked: u64,
-}
-
-impl FanoutErrors {
-    pub fn total(&self) -> u64 {
-        report::total(&self.kinds())
-    }
-
-    /// Kinds and counts, in report order.
-    pub fn kinds(&self) -> [(&'static str, u64); 10] {
-        [
-            ("lost", self.lost),
-            ("dup", self.dup),
-            ("reorder", self.reorder),
-            ("corrupt", self.corrupt),
-            ("closed", self.closed),
-            ("connect", self.connect),
-            ("protocol", self.protocol),
-            ("rejected", self.rejected),
-            ("unexpected", self.unexpected),
-            ("unacked", self.unacked),
-        ]
+report::error_kinds! {
+    /// Everything that went wrong, by kind.
+    pub struct FanoutErrors {
+        /// A subscriber never received a publish (a later one came first, or it
+        /// was still missing when the drain ended).
+        lost,
+        /// A subscriber received a publish again.
+        dup,
+        /// A publish counted lost arrived after all, behind a later one.
+        reorder,
+        /// A `message` whose data, channel or sender is not what was published
+        /// (or names a publish never sent).
+        corrupt,
+        /// Connections (subscribers or the publisher) the server ended while they counted.
+        closed,
+        /// Subscribers that never got to `subscribed` (see the failures by kind).
+        connect,
+        /// Server frames that break RFC 6455.
+        protocol,
+        /// `{"type":"error"}` replies after setup.
+        rejected,
+        /// Messages of a type that has no place in the run.
+        unexpected,
+        /// Publishes the server never answered with `published`.
+        unacked,
     }
 }
 
@@ -475,22 +475,8 @@ struct Tally {
     /// `message` events that did not match the expected envelope byte for
     /// byte and went through serde_json.
     slow_path: u64,
-    pings: u64,
-    /// Subscribers that got `subscribed`.
-    ready: usize,
-    /// Subscribers dialed and not settled yet.
-    pending_setup: usize,
-    failures: BTreeMap<String, u64>,
-    first_failure: Option<String>,
-    first_problem: Option<String>,
-}
-
-impl Tally {
-    fn problem(&mut self, what: impl FnOnce() -> String) {
-        if self.first_problem.is_none() {
-            self.first_problem = Some(what());
-        }
-    }
+    /// Setup, the first problem, pings.
+    ledger: Ledger,
 }
 
 /// Per-wake-up context for the subscriber handlers.
@@ -508,16 +494,10 @@ struct Cx<'a> {
 
 /// A subscriber's setup ended without `subscribed`.
 fn setup_failed(t: &mut Track, tally: &mut Tally, kind: String, what: impl FnOnce() -> String) {
-    if t.settled {
-        return;
-    }
-    t.settled = true;
-    tally.pending_setup = tally.pending_setup.saturating_sub(1);
-    tally.errors.connect += 1;
-    *tally.failures.entry(kind).or_default() += 1;
-    if tally.first_failure.is_none() {
-        tally.first_failure = Some(what());
-    }
+    let connect = &mut tally.errors.connect;
+    tally
+        .ledger
+        .setup_failed(&mut t.settled, connect, kind, what);
 }
 
 /// The subscriber stops counting: nothing it has not passed waits for it.
@@ -532,14 +512,6 @@ fn retire(t: &mut Track, table: &mut Table, measuring: bool) {
         table.pass(t.next, measuring);
         t.next += 1;
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Gone {
-    /// Close frame, EOF, reset or write failure.
-    Closed,
-    /// A frame that breaks RFC 6455.
-    Protocol,
 }
 
 /// The server ended (or broke) a subscriber's connection before we closed it.
@@ -557,7 +529,7 @@ fn sub_gone(t: &mut Track, cx: &mut Cx<'_>, how: Gone, kind: &str, what: impl Fn
             Gone::Closed => cx.tally.errors.closed += 1,
             Gone::Protocol => cx.tally.errors.protocol += 1,
         }
-        cx.tally.problem(what);
+        cx.tally.ledger.problem(what);
         retire(t, cx.table, cx.measuring);
     }
 }
@@ -573,7 +545,7 @@ fn delivered(ts: u64, cx: &mut Cx<'_>) {
 /// Not what was published: it stands for the publish expected next.
 fn corrupt(t: &mut Track, cx: &mut Cx<'_>, p: &[u8]) {
     cx.tally.errors.corrupt += 1;
-    cx.tally.problem(|| {
+    cx.tally.ledger.problem(|| {
         format!(
             "a subscriber expecting publish {} got {:?}",
             t.next,
@@ -601,6 +573,7 @@ fn on_data(t: &mut Track, p: &[u8], off: usize, size: usize, cx: &mut Cx<'_>) {
         while t.next < seq {
             cx.tally.errors.lost += 1;
             cx.tally
+                .ledger
                 .problem(|| format!("a subscriber got publish {seq} without {}", t.next));
             if t.skipped.len() == MAX_SKIPPED {
                 t.skipped.pop_front();
@@ -627,6 +600,7 @@ fn on_data(t: &mut Track, p: &[u8], off: usize, size: usize, cx: &mut Cx<'_>) {
         } else {
             cx.tally.errors.dup += 1;
             cx.tally
+                .ledger
                 .problem(|| format!("a subscriber got publish {seq} twice"));
         }
     } else {
@@ -684,12 +658,10 @@ fn on_sub_text(t: &mut Track, p: &[u8], cx: &mut Cx<'_>) {
         {
             t.ready = true;
             if !t.settled && !t.dropped {
-                t.settled = true;
+                cx.tally.ledger.setup_done(&mut t.settled);
                 t.live = true;
                 t.next = cx.table.next_seq();
                 cx.table.live += 1;
-                cx.tally.ready += 1;
-                cx.tally.pending_setup = cx.tally.pending_setup.saturating_sub(1);
                 cx.tally
                     .subscribe_time
                     .record(t.started.elapsed().as_nanos() as u64);
@@ -705,6 +677,7 @@ fn on_sub_text(t: &mut Track, p: &[u8], cx: &mut Cx<'_>) {
         Some("error") => {
             cx.tally.errors.rejected += 1;
             cx.tally
+                .ledger
                 .problem(|| format!("server error: {}", String::from_utf8_lossy(p)));
         }
         _ => unexpected(cx, p),
@@ -713,7 +686,7 @@ fn on_sub_text(t: &mut Track, p: &[u8], cx: &mut Cx<'_>) {
 
 fn unexpected(cx: &mut Cx<'_>, p: &[u8]) {
     cx.tally.errors.unexpected += 1;
-    cx.tally.problem(|| {
+    cx.tally.ledger.problem(|| {
         format!(
             "unexpected message: {:?}",
             String::from_utf8_lossy(p.get(..p.len().min(200)).unwrap_or_default())
@@ -865,7 +838,7 @@ pub fn run(
         sources: sources.len(),
         fd_limit,
         publisher: publ.user.unwrap_or_default(),
-        subscribed: tally.ready,
+        subscribed: tally.ledger.ready,
         live_at_start,
         subscribe_time: tally.subscribe_time,
         publishes: table.completed_window,
@@ -877,20 +850,9 @@ pub fn run(
         acks: publ.acks,
         slow_path: tally.slow_path,
         errors: tally.errors,
-        run: Outcome {
-            setup_s: t.setup_s(),
-            window_s: t.window_s(),
-            warmup: o.warmup,
-            duration: o.duration,
-            server: t.server(),
-            client: t.client(),
-            failures: tally.failures,
-            first_failure: tally.first_failure,
-            first_problem: tally.first_problem,
-            close_sent,
-            closed_cleanly,
-            pings: tally.pings,
-        },
+        run: tally
+            .ledger
+            .outcome(&t, (o.warmup, o.duration), close_sent, closed_cleanly),
     })
 }
 
@@ -899,22 +861,22 @@ impl Mode for Fanout<'_> {
     /// is subscribed or failed and the publisher is welcomed.
     fn setup(&mut self, now: Instant, registry: &Registry) -> Result<bool, String> {
         let o = self.o;
-        let batch_end = self.ramp.batch_end(now, self.subs.len());
-        while self.subs.len() < batch_end {
-            let i = self.subs.len();
-            let mut track = Track::new(Instant::now());
-            self.tally.pending_setup += 1;
-            let dialed = self.sources.dial(i, self.addr);
-            let link = net::open(dialed, registry, Token(i)).unwrap_or_else(|f| {
-                setup_failed(&mut track, &mut self.tally, f.kind(), || f.to_string());
-                Link::dead()
+        let tally = &mut self.tally;
+        let (subs, sources) = (&mut self.subs, &mut self.sources);
+        self.ramp
+            .dial_due(now, subs, sources, self.addr, registry, |began, link| {
+                let mut track = Track::new(began);
+                tally.ledger.pending_setup += 1;
+                let link = link.unwrap_or_else(|f| {
+                    setup_failed(&mut track, tally, f.kind(), || f.to_string());
+                    Link::dead()
+                });
+                Sub {
+                    link,
+                    track,
+                    frag: None,
+                }
             });
-            self.subs.push(Sub {
-                link,
-                track,
-                frag: None,
-            });
-        }
         if self.ramp.scan_due(now) {
             let tally = &mut self.tally;
             self.ramp.expire(
@@ -941,7 +903,7 @@ impl Mode for Fanout<'_> {
             return Err(format!("the publisher could not connect: {f}"));
         }
         if self.subs.len() == o.subscribers
-            && self.tally.pending_setup == 0
+            && self.tally.ledger.pending_setup == 0
             && self.publ.user.is_some()
         {
             if self.publ.link.phase != Phase::Open {
@@ -1001,7 +963,7 @@ impl Mode for Fanout<'_> {
             let missing = due_end.saturating_sub(s.track.next);
             tally.errors.lost += missing;
             if missing > 0 {
-                tally.problem(|| {
+                tally.ledger.problem(|| {
                     format!("{missing} publishes still missing at a subscriber after the drain")
                 });
             }
@@ -1077,17 +1039,14 @@ impl Mode for Fanout<'_> {
                     match s.link.handshake(turn.rbuf, req, &key) {
                         Progress::Waiting => {}
                         Progress::Opened => {
-                            // Subscribe right behind the upgrade.
-                            wire::frame(&mut s.link.out, wire::OP_TEXT, subscribe_msg.as_bytes());
-                            cx.now_ns = start.elapsed().as_nanos() as u64;
-                            if !s.link.inbuf.is_empty() && !sub_bytes(s, &[], &mut cx) {
-                                s.link.shut(registry);
-                            } else if s.link.flush_if_ready().is_err() {
-                                sub_gone(&mut s.track, &mut cx, Gone::Closed, "write", || {
-                                    "write failed after the upgrade".into()
-                                });
-                                s.link.shut(registry);
-                            }
+                            let Sub { link, track, frag } = s;
+                            let mut peer = SubPeer {
+                                track,
+                                cx: &mut cx,
+                                start,
+                            };
+                            let first = Some(subscribe_msg.as_bytes());
+                            net::ws_opened(link, frag, first, registry, &mut peer);
                         }
                         Progress::Failed(f) => {
                             setup_failed(&mut s.track, cx.tally, f.kind(), || f.to_string());
@@ -1096,7 +1055,14 @@ impl Mode for Fanout<'_> {
                     }
                 }
                 Phase::Open | Phase::Closing => {
-                    serve_sub(s, ev.is_read_closed(), turn.rbuf, start, &mut cx, registry);
+                    let Sub { link, track, frag } = s;
+                    let mut peer = SubPeer {
+                        track,
+                        cx: &mut cx,
+                        start,
+                    };
+                    let hangup = ev.is_read_closed();
+                    net::ws_serve(link, frag, turn.rbuf, registry, hangup, &mut peer);
                 }
                 Phase::Done => {}
             }
@@ -1147,137 +1113,43 @@ fn send_publishes(
     if any { p.link.flush_if_ready() } else { Ok(()) }
 }
 
-/// A readiness event on an open (or closing) subscriber: read, verify, answer.
-///
-/// Edge-triggered readiness is re-armed by every arrival, so a read that
-/// did not fill the buffer has taken everything there was: the extra read
-/// that would only return WouldBlock is skipped (a syscall per wake-up, a
-/// large share of the client's cost at 10,000 subscribers). A hang-up is
-/// not re-announced, so with one pending (or while closing) reads go on to
-/// WouldBlock or EOF.
-fn serve_sub(
-    s: &mut Sub,
-    read_closed: bool,
-    rbuf: &mut [u8],
+/// One subscriber's traffic as `net` hands it over.
+struct SubPeer<'t, 'c, 'a> {
+    track: &'t mut Track,
+    cx: &'c mut Cx<'a>,
     start: Instant,
-    cx: &mut Cx<'_>,
-    registry: &Registry,
-) {
-    loop {
-        match s.link.read(rbuf) {
-            ReadOutcome::Data(n) => {
-                cx.now_ns = start.elapsed().as_nanos() as u64;
-                let fresh = rbuf.get(..n).unwrap_or_default();
-                if !sub_bytes(s, fresh, cx) {
-                    s.link.shut(registry);
-                    return;
-                }
-                if n < rbuf.len() && !read_closed && s.link.phase == Phase::Open {
-                    break;
-                }
-            }
-            ReadOutcome::WouldBlock => break,
-            ReadOutcome::Eof => {
-                if s.link.phase == Phase::Open {
-                    sub_gone(&mut s.track, cx, Gone::Closed, "eof", || {
-                        "the server closed a subscriber's connection (EOF)".into()
-                    });
-                }
-                s.link.shut(registry);
-                return;
-            }
-            ReadOutcome::Error(e) => {
-                if s.link.phase == Phase::Open {
-                    let f = Fail::Io(e);
-                    sub_gone(&mut s.track, cx, Gone::Closed, &f.kind(), || {
-                        format!("subscriber read: {f}")
-                    });
-                }
-                s.link.shut(registry);
-                return;
-            }
-        }
-    }
-    if s.link.flush_if_ready().is_err() {
-        if s.link.phase == Phase::Open {
-            sub_gone(&mut s.track, cx, Gone::Closed, "write", || {
-                "subscriber write failed".into()
-            });
-        }
-        s.link.shut(registry);
-    }
 }
 
-/// Decode and handle fresh bytes of a subscriber; false when it must go.
-fn sub_bytes(s: &mut Sub, fresh: &[u8], cx: &mut Cx<'_>) -> bool {
-    let Sub { link, track, frag } = s;
-    let Link {
-        inbuf, out, phase, ..
-    } = link;
-    let mut keep = true;
-    let r = net::feed(inbuf, fresh, &mut |f: Frame<'_>| {
-        match (f.opcode, frag.is_some()) {
-            (wire::OP_TEXT, false) if f.fin => on_sub_text(track, f.payload, cx),
-            (wire::OP_BINARY, false) if f.fin => unexpected(cx, b"(a binary message)"),
-            (wire::OP_TEXT | wire::OP_BINARY, false) => {
-                *frag = Some((f.opcode, f.payload.to_vec()));
-            }
-            (wire::OP_CONTINUATION, true) => {
-                if let Some((_, buf)) = frag.as_mut() {
-                    buf.extend_from_slice(f.payload);
-                }
-                if f.fin
-                    && let Some((op, buf)) = frag.take()
-                {
-                    if op == wire::OP_TEXT {
-                        on_sub_text(track, &buf, cx);
-                    } else {
-                        unexpected(cx, b"(a binary message)");
-                    }
-                }
-            }
-            (wire::OP_TEXT | wire::OP_BINARY | wire::OP_CONTINUATION, _) => {
-                sub_gone(track, cx, Gone::Protocol, "protocol", || {
-                    "bad fragmentation in a server message".into()
-                });
-                keep = false;
-                return false;
-            }
-            (wire::OP_PING, _) => {
-                cx.tally.pings += 1;
-                wire::frame(out, wire::OP_PONG, f.payload);
-            }
-            (wire::OP_PONG, _) => {}
-            _ => {
-                // Close.
-                if *phase == Phase::Open {
-                    let code = f
-                        .payload
-                        .get(..2)
-                        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
-                    sub_gone(track, cx, Gone::Closed, &format!("close_{code}"), || {
-                        format!(
-                            "the server closed a subscriber with {code} {:?}",
-                            String::from_utf8_lossy(f.payload.get(2..).unwrap_or_default())
-                        )
-                    });
-                    wire::frame(out, wire::OP_CLOSE, f.payload.get(..2).unwrap_or_default());
-                    *phase = Phase::Closing;
-                } else {
-                    track.close_acked = true;
-                }
-                return false;
-            }
-        }
-        true
-    });
-    if let Err(e) = r {
-        sub_gone(track, cx, Gone::Protocol, "protocol", || {
-            format!("bad server frame: {e:?}")
-        });
-        return false;
+impl Peer for SubPeer<'_, '_, '_> {
+    /// A closing subscriber is left to the server's EOF.
+    const READ_TO_EOF: bool = true;
+
+    fn arrived(&mut self) {
+        self.cx.now_ns = self.start.elapsed().as_nanos() as u64;
     }
-    keep
+
+    fn text(&mut self, p: &[u8]) {
+        on_sub_text(self.track, p, self.cx);
+    }
+
+    fn binary(&mut self) {
+        unexpected(self.cx, b"(a binary message)");
+    }
+
+    fn pinged(&mut self, n: u64) {
+        self.cx.tally.ledger.pings += n;
+    }
+
+    fn lost(&mut self, loss: Loss) {
+        let how = loss.gone();
+        sub_gone(self.track, self.cx, how, &loss.kind(), || {
+            loss.describe(true)
+        });
+    }
+
+    fn close_acked(&mut self) {
+        self.track.close_acked = true;
+    }
 }
 
 /// A readiness event on the publisher.
@@ -1349,7 +1221,7 @@ fn pub_gone(p: &mut Publisher, tally: &mut Tally, what: String) {
         return;
     }
     tally.errors.closed += 1;
-    tally.problem(|| what);
+    tally.ledger.problem(|| what);
 }
 
 fn pub_bytes(p: &mut Publisher, fresh: &[u8], cx: &mut Cx<'_>) -> bool {
@@ -1400,7 +1272,7 @@ fn pub_bytes(p: &mut Publisher, fresh: &[u8], cx: &mut Cx<'_>) -> bool {
         on_pub_text(p, &m, cx);
     }
     for ping in pings {
-        cx.tally.pings += 1;
+        cx.tally.ledger.pings += 1;
         wire::frame(&mut p.link.out, wire::OP_PONG, &ping);
     }
     if r.is_err() || bad {
@@ -1412,6 +1284,7 @@ fn pub_bytes(p: &mut Publisher, fresh: &[u8], cx: &mut Cx<'_>) -> bool {
             } else {
                 cx.tally.errors.protocol += 1;
                 cx.tally
+                    .ledger
                     .problem(|| "bad server frame on the publisher".into());
             }
         }
@@ -1469,6 +1342,7 @@ fn on_pub_text(p: &mut Publisher, m: &[u8], cx: &mut Cx<'_>) {
         Some("error") => {
             cx.tally.errors.rejected += 1;
             cx.tally
+                .ledger
                 .problem(|| format!("publisher got: {}", String::from_utf8_lossy(m)));
         }
         _ => unexpected(cx, m),
@@ -1706,15 +1580,15 @@ mod tests {
     fn setup_replies() {
         let mut r = Rig::new(0, 0);
         r.subs.push(Track::new(Instant::now()));
-        r.tally.pending_setup = 1;
+        r.tally.ledger.pending_setup = 1;
         r.text(
             0,
             b"{\"type\":\"error\",\"code\":\"forbidden\",\"message\":\"no\"}",
         );
         assert_eq!(r.tally.errors.connect, 1);
-        assert_eq!(r.tally.failures.get("rejected_forbidden"), Some(&1));
+        assert_eq!(r.tally.ledger.failures.get("rejected_forbidden"), Some(&1));
         assert!(r.subs[0].abandon);
-        assert_eq!(r.tally.pending_setup, 0);
+        assert_eq!(r.tally.ledger.pending_setup, 0);
         assert_eq!(r.table.live, 0);
     }
 

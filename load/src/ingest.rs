@@ -34,6 +34,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use clap::Args;
 use mio::{Events, Registry, Token};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -42,9 +43,9 @@ use serde_json::{Value, json};
 use crate::driver::{self, Driver, Mode, Plan, Turn};
 use crate::fanout::with_user;
 use crate::hist::Histogram;
-use crate::net::{self, Fail, FeedEnd, Link, Phase, Progress, ReadOutcome};
+use crate::net::{self, Fail, Gone, Link, Loss, Peer, Phase, Progress};
 use crate::procfs::Delta;
-use crate::report::{self, Outcome, Summary, latency_json, latency_line, map_line};
+use crate::report::{self, Ledger, Outcome, Summary, latency_json, latency_line, map_line};
 use crate::url::WsUrl;
 use crate::wire;
 
@@ -57,69 +58,60 @@ const RETRY_FIRST_NS: u64 = 5_000_000;
 /// Longest wait between two sends of one record.
 const RETRY_MAX_NS: u64 = 200_000_000;
 
-#[derive(Debug, Clone)]
+/// The command line of ingest mode.
+#[derive(Debug, Clone, Args)]
 pub struct IngestOpts {
+    /// Connections (users `<user-prefix>-<i>`).
+    #[arg(short = 'c', long, default_value_t = 50)]
     pub connections: usize,
-    /// Records in flight per connection.
+    /// Records in flight per connection (each completes with its ack).
+    #[arg(short = 'w', long, default_value_t = 8)]
     pub inflight: usize,
+    /// Measured seconds (fractions allowed).
+    #[arg(short = 't', long, default_value = "10", value_parser = driver::parse_secs)]
     pub duration: Duration,
+    /// Seconds of traffic before measuring (not counted).
+    #[arg(long, default_value = "1", value_parser = driver::parse_secs)]
     pub warmup: Duration,
-    /// Users are `<prefix>-<i>`.
+    /// Connection i is the user `<prefix>-<i>` (`?userId=`; auth mode none).
+    #[arg(long, default_value = "load")]
     pub user_prefix: String,
+    /// Seconds allowed for one connection's connect, upgrade and welcome.
+    #[arg(long, default_value = "10", value_parser = driver::parse_secs)]
     pub handshake_timeout: Duration,
-    /// After the measured window, how long to wait for records in flight.
+    /// Seconds to wait for the records in flight after the measured window
+    /// (what is still unanswered then is counted unacked).
+    #[arg(long, default_value = "5", value_parser = driver::parse_secs)]
     pub drain_timeout: Duration,
 }
 
-/// Everything that went wrong, by kind.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct IngestErrors {
-    /// Records sent and never answered (no ack, no error) by the end of the drain.
-    pub unacked: u64,
-    /// Records answered `overloaded` that were never acknowledged after all.
-    pub never_stored: u64,
-    /// A second ack for a record already acknowledged.
-    pub dup_ack: u64,
-    /// An ack marked `"duplicate":true` (each client id is sent once per run).
-    pub duplicate: u64,
-    /// A record id already given to another record.
-    pub id_reused: u64,
-    /// An ack whose client id is not one of ours, names a record never
-    /// sent, disagrees with its request id, or carries no integer record id.
-    pub mismatch: u64,
-    /// Error replies other than `overloaded` (see the codes), or any error
-    /// that names no record in flight.
-    pub rejected: u64,
-    /// Connections the server ended while they counted.
-    pub closed: u64,
-    /// Connections that never got to `connected`.
-    pub connect: u64,
-    /// Server frames that break RFC 6455.
-    pub protocol: u64,
-    /// Messages of a type that has no place in the run.
-    pub unexpected: u64,
-}
-
-impl IngestErrors {
-    pub fn total(&self) -> u64 {
-        report::total(&self.kinds())
-    }
-
-    /// Kinds and counts, in report order.
-    pub fn kinds(&self) -> [(&'static str, u64); 11] {
-        [
-            ("unacked", self.unacked),
-            ("never_stored", self.never_stored),
-            ("dup_ack", self.dup_ack),
-            ("duplicate", self.duplicate),
-            ("id_reused", self.id_reused),
-            ("mismatch", self.mismatch),
-            ("rejected", self.rejected),
-            ("closed", self.closed),
-            ("connect", self.connect),
-            ("protocol", self.protocol),
-            ("unexpected", self.unexpected),
-        ]
+report::error_kinds! {
+    /// Everything that went wrong, by kind.
+    pub struct IngestErrors {
+        /// Records sent and never answered (no ack, no error) by the end of the drain.
+        unacked,
+        /// Records answered `overloaded` that were never acknowledged after all.
+        never_stored,
+        /// A second ack for a record already acknowledged.
+        dup_ack,
+        /// An ack marked `"duplicate":true` (each client id is sent once per run).
+        duplicate,
+        /// A record id already given to another record.
+        id_reused,
+        /// An ack whose client id is not one of ours, names a record never
+        /// sent, disagrees with its request id, or carries no integer record id.
+        mismatch,
+        /// Error replies other than `overloaded` (see the codes), or any error
+        /// that names no record in flight.
+        rejected,
+        /// Connections the server ended while they counted.
+        closed,
+        /// Connections that never got to `connected`.
+        connect,
+        /// Server frames that break RFC 6455.
+        protocol,
+        /// Messages of a type that has no place in the run.
+        unexpected,
     }
 }
 
@@ -276,20 +268,8 @@ struct Tally {
     ids: HashSet<i64>,
     /// Records waiting to be sent again, over all connections.
     retries_pending: usize,
-    pings: u64,
-    welcomed: usize,
-    pending_setup: usize,
-    failures: BTreeMap<String, u64>,
-    first_failure: Option<String>,
-    first_problem: Option<String>,
-}
-
-impl Tally {
-    fn problem(&mut self, what: impl FnOnce() -> String) {
-        if self.first_problem.is_none() {
-            self.first_problem = Some(what());
-        }
-    }
+    /// Setup, the first problem, pings.
+    ledger: Ledger,
 }
 
 /// Per-wake-up context for the handlers.
@@ -310,22 +290,10 @@ fn snippet(p: &[u8]) -> String {
 }
 
 fn setup_failed(t: &mut Track, tally: &mut Tally, kind: String, what: impl FnOnce() -> String) {
-    if t.settled {
-        return;
-    }
-    t.settled = true;
-    tally.pending_setup = tally.pending_setup.saturating_sub(1);
-    tally.errors.connect += 1;
-    *tally.failures.entry(kind).or_default() += 1;
-    if tally.first_failure.is_none() {
-        tally.first_failure = Some(what());
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Gone {
-    Closed,
-    Protocol,
+    let connect = &mut tally.errors.connect;
+    tally
+        .ledger
+        .setup_failed(&mut t.settled, connect, kind, what);
 }
 
 /// The server ended (or broke) the connection before we closed it.
@@ -342,14 +310,16 @@ fn gone(t: &mut Track, tally: &mut Tally, how: Gone, kind: &str, what: impl FnOn
         Gone::Closed => tally.errors.closed += 1,
         Gone::Protocol => tally.errors.protocol += 1,
     }
-    tally.problem(what);
+    tally.ledger.problem(what);
     tally.retries_pending = tally.retries_pending.saturating_sub(t.retries.len());
     t.retries.clear();
 }
 
 fn unexpected(tally: &mut Tally, p: &[u8]) {
     tally.errors.unexpected += 1;
-    tally.problem(|| format!("unexpected message: {:?}", snippet(p)));
+    tally
+        .ledger
+        .problem(|| format!("unexpected message: {:?}", snippet(p)));
 }
 
 /// A whole text message from the server.
@@ -361,9 +331,7 @@ fn on_text(t: &mut Track, p: &[u8], cx: &mut Cx<'_>) {
         "connected" if !t.welcomed => {
             t.welcomed = true;
             if !t.settled && !t.dropped {
-                t.settled = true;
-                cx.tally.welcomed += 1;
-                cx.tally.pending_setup = cx.tally.pending_setup.saturating_sub(1);
+                cx.tally.ledger.setup_done(&mut t.settled);
             }
         }
         "error" if !t.settled => {
@@ -385,21 +353,29 @@ fn on_ack(t: &mut Track, r: &Reply<'_>, p: &[u8], cx: &mut Cx<'_>) {
     let id = r.id.and_then(|i| i.get().parse::<i64>().ok());
     let (Some(seq), Some(id)) = (seq, id) else {
         tally.errors.mismatch += 1;
-        tally.problem(|| format!("an ack for no record of this connection: {}", snippet(p)));
+        tally
+            .ledger
+            .problem(|| format!("an ack for no record of this connection: {}", snippet(p)));
         return;
     };
     if r.request_id.is_some() && raw_u64(r.request_id) != Some(seq) {
         tally.errors.mismatch += 1;
-        tally.problem(|| format!("an ack whose requestId is not its record's: {}", snippet(p)));
+        tally
+            .ledger
+            .problem(|| format!("an ack whose requestId is not its record's: {}", snippet(p)));
         return;
     }
     let Some(rec) = t.inflight.remove(&seq) else {
         if seq >= t.next_seq || t.failed.contains(&seq) {
             tally.errors.mismatch += 1;
-            tally.problem(|| format!("an ack for a record not in flight: {}", snippet(p)));
+            tally
+                .ledger
+                .problem(|| format!("an ack for a record not in flight: {}", snippet(p)));
         } else {
             tally.errors.dup_ack += 1;
-            tally.problem(|| format!("a second ack for record {}-{seq}", t.label));
+            tally
+                .ledger
+                .problem(|| format!("a second ack for record {}-{seq}", t.label));
         }
         return;
     };
@@ -410,11 +386,13 @@ fn on_ack(t: &mut Track, r: &Reply<'_>, p: &[u8], cx: &mut Cx<'_>) {
     }
     if r.duplicate.is_some_and(|d| d.get() == "true") {
         tally.errors.duplicate += 1;
-        tally.problem(|| format!("an ack marked duplicate: {}", snippet(p)));
+        tally
+            .ledger
+            .problem(|| format!("an ack marked duplicate: {}", snippet(p)));
     }
     if !tally.ids.insert(id) {
         tally.errors.id_reused += 1;
-        tally.problem(|| {
+        tally.ledger.problem(|| {
             format!(
                 "record id {id} acknowledged for a second record: {}",
                 snippet(p)
@@ -436,7 +414,9 @@ fn on_error(t: &mut Track, r: &Reply<'_>, p: &[u8], cx: &mut Cx<'_>) {
     let rec = raw_u64(r.request_id).and_then(|s| Some(s).zip(t.inflight.get_mut(&s)));
     let Some((seq, rec)) = rec.filter(|(_, rec)| !rec.waiting) else {
         tally.errors.rejected += 1;
-        tally.problem(|| format!("an error for no record in flight: {}", snippet(p)));
+        tally
+            .ledger
+            .problem(|| format!("an error for no record in flight: {}", snippet(p)));
         return;
     };
     if code == "overloaded" {
@@ -451,7 +431,9 @@ fn on_error(t: &mut Track, r: &Reply<'_>, p: &[u8], cx: &mut Cx<'_>) {
         t.credits += 1;
         tally.failed += 1;
         tally.errors.rejected += 1;
-        tally.problem(|| format!("record {}-{seq} refused: {}", t.label, snippet(p)));
+        tally
+            .ledger
+            .problem(|| format!("record {}-{seq} refused: {}", t.label, snippet(p)));
     }
 }
 
@@ -570,7 +552,7 @@ pub fn run(
     let mut conns: Vec<Conn> = Vec::with_capacity(n);
     for i in 0..n {
         let mut track = Track::new(format!("{run_tag}.{i}"), o.inflight);
-        tally.pending_setup += 1;
+        tally.ledger.pending_setup += 1;
         let link =
             net::open(net::dial(None, addr), driver.registry(), Token(i)).unwrap_or_else(|f| {
                 setup_failed(&mut track, &mut tally, f.kind(), || f.to_string());
@@ -599,7 +581,7 @@ pub fn run(
     Ok(IngestReport {
         opts: o.clone(),
         run_tag,
-        opened: tally.welcomed,
+        opened: tally.ledger.ready,
         acked_window: tally.acked_window,
         latency: tally.latency,
         records: tally.records,
@@ -610,20 +592,9 @@ pub fn run(
         unanswered_on_close: tally.unanswered_on_close,
         codes: tally.codes,
         errors: tally.errors,
-        run: Outcome {
-            setup_s: t.setup_s(),
-            window_s: t.window_s(),
-            warmup: o.warmup,
-            duration: o.duration,
-            server: t.server(),
-            client: t.client(),
-            failures: tally.failures,
-            first_failure: tally.first_failure,
-            first_problem: tally.first_problem,
-            close_sent: mode.close_sent,
-            closed_cleanly,
-            pings: tally.pings,
-        },
+        run: tally
+            .ledger
+            .outcome(&t, (o.warmup, o.duration), mode.close_sent, closed_cleanly),
     })
 }
 
@@ -648,7 +619,7 @@ fn context<'a>(
 
 impl Mode for Ingest<'_> {
     fn setup(&mut self, now: Instant, registry: &Registry) -> Result<bool, String> {
-        if self.tally.pending_setup > 0 && now < self.setup_deadline {
+        if self.tally.ledger.pending_setup > 0 && now < self.setup_deadline {
             return Ok(false);
         }
         for c in self.conns.iter_mut().filter(|c| !c.track.settled) {
@@ -717,7 +688,7 @@ impl Mode for Ingest<'_> {
                     }
                 }
                 if !t.inflight.is_empty() {
-                    tally.problem(|| {
+                    tally.ledger.problem(|| {
                         format!(
                             "{} records of {} still unanswered after the drain",
                             t.inflight.len(),
@@ -776,10 +747,13 @@ impl Mode for Ingest<'_> {
                     match c.link.handshake(turn.rbuf, req, &key) {
                         Progress::Waiting => {}
                         Progress::Opened => {
-                            cx.now_ns = start.elapsed().as_nanos() as u64;
-                            if !c.link.inbuf.is_empty() && !on_bytes(c, &[], &mut cx) {
-                                c.link.shut(registry);
-                            }
+                            let Conn { link, track, frag } = c;
+                            let mut peer = ConnPeer {
+                                track,
+                                cx: &mut cx,
+                                start,
+                            };
+                            net::ws_opened(link, frag, None, registry, &mut peer);
                         }
                         Progress::Failed(f) => {
                             setup_failed(&mut c.track, cx.tally, f.kind(), || f.to_string());
@@ -788,7 +762,13 @@ impl Mode for Ingest<'_> {
                     }
                 }
                 Phase::Open | Phase::Closing => {
-                    serve(c, turn.rbuf, start, &mut cx, registry);
+                    let Conn { link, track, frag } = c;
+                    let mut peer = ConnPeer {
+                        track,
+                        cx: &mut cx,
+                        start,
+                    };
+                    net::ws_serve(link, frag, turn.rbuf, registry, false, &mut peer);
                 }
                 Phase::Done => {}
             }
@@ -826,87 +806,47 @@ fn base36(mut v: u64) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// A readiness event on an open (or closing) connection: read, verify,
-/// send the next records, write once.
-fn serve(c: &mut Conn, rbuf: &mut [u8], start: Instant, cx: &mut Cx<'_>, registry: &Registry) {
-    loop {
-        match c.link.read(rbuf) {
-            ReadOutcome::Data(n) => {
-                cx.now_ns = start.elapsed().as_nanos() as u64;
-                if !on_bytes(c, rbuf.get(..n).unwrap_or_default(), cx) {
-                    c.link.shut(registry);
-                    return;
-                }
-            }
-            ReadOutcome::WouldBlock => break,
-            ReadOutcome::Eof => {
-                if c.link.phase == Phase::Open {
-                    gone(&mut c.track, cx.tally, Gone::Closed, "eof", || {
-                        "the server closed a connection (EOF)".into()
-                    });
-                }
-                c.link.shut(registry);
-                return;
-            }
-            ReadOutcome::Error(e) => {
-                if c.link.phase == Phase::Open {
-                    let f = Fail::Io(e);
-                    gone(&mut c.track, cx.tally, Gone::Closed, &f.kind(), || {
-                        format!("read: {f}")
-                    });
-                }
-                c.link.shut(registry);
-                return;
-            }
-        }
-    }
-    if c.link.phase == Phase::Open {
-        top_up(&mut c.track, &mut c.link.out, cx);
-    }
-    if c.link.flush_if_ready().is_err() {
-        if c.link.phase == Phase::Open {
-            gone(&mut c.track, cx.tally, Gone::Closed, "write", || {
-                "write failed".into()
-            });
-        }
-        c.link.shut(registry);
-    }
+/// One connection's traffic as `net` hands it over.
+struct ConnPeer<'t, 'c, 'a> {
+    track: &'t mut Track,
+    cx: &'c mut Cx<'a>,
+    start: Instant,
 }
 
-/// Decode and handle fresh bytes; false when the connection must go.
-fn on_bytes(c: &mut Conn, fresh: &[u8], cx: &mut Cx<'_>) -> bool {
-    let Conn { link, track, frag } = c;
-    let mut pings = 0;
-    let end = net::ws_feed(link, frag, fresh, &mut pings, &mut |text, p| {
-        if text {
-            on_text(track, p, cx);
-        } else {
-            unexpected(cx.tally, b"(a binary message)");
-        }
-    });
-    cx.tally.pings += pings;
-    match end {
-        FeedEnd::More => true,
-        FeedEnd::CloseAcked => {
-            track.close_acked = true;
-            false
-        }
-        FeedEnd::ServerClose(code, reason) => {
-            gone(
-                track,
-                cx.tally,
-                Gone::Closed,
-                &format!("close_{code}"),
-                || format!("the server closed a connection with {code} {reason:?}"),
-            );
-            // Our answer is queued; wait for the server's EOF.
-            let _ = link.flush_if_ready();
-            true
-        }
-        FeedEnd::Protocol(what) => {
-            gone(track, cx.tally, Gone::Protocol, "protocol", || what);
-            false
-        }
+impl Peer for ConnPeer<'_, '_, '_> {
+    /// Every read goes on to WouldBlock.
+    const SHORT_READS: bool = false;
+
+    fn arrived(&mut self) {
+        self.cx.now_ns = self.start.elapsed().as_nanos() as u64;
+    }
+
+    fn text(&mut self, p: &[u8]) {
+        on_text(self.track, p, self.cx);
+    }
+
+    fn binary(&mut self) {
+        unexpected(self.cx.tally, b"(a binary message)");
+    }
+
+    fn pinged(&mut self, n: u64) {
+        self.cx.tally.ledger.pings += n;
+    }
+
+    fn lost(&mut self, loss: Loss) {
+        let how = loss.gone();
+        gone(self.track, self.cx.tally, how, &loss.kind(), || {
+            loss.describe(false)
+        });
+    }
+
+    fn close_acked(&mut self) {
+        self.track.close_acked = true;
+    }
+
+    /// Send the next records.
+    fn refill(&mut self, out: &mut Vec<u8>) {
+        top_up(self.track, out, self.cx);
     }
 }
 
@@ -1007,7 +947,7 @@ mod tests {
                 tally: Tally::default(),
                 out: Vec::new(),
             };
-            r.tally.pending_setup = 1;
+            r.tally.ledger.pending_setup = 1;
             r.text(br#"{"type":"connected","userId":"load-3"}"#);
             assert!(r.t.welcomed && r.t.settled);
             r.with(top_up);

@@ -48,7 +48,6 @@ mod verify;
 mod wire;
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -85,171 +84,20 @@ struct Common {
 #[derive(Subcommand)]
 enum Mode {
     /// Verified echo load: throughput, round-trip latency, errors by kind.
-    Echo(EchoArgs),
+    Echo(echo::EchoOpts),
     /// Open many idle connections at a fixed rate and hold them.
-    Connect(ConnectArgs),
+    Connect(connect::ConnectOpts),
     /// Channel fan-out on the JSON protocol: N subscribers, one publisher,
     /// K publishes in flight; verified deliveries/s and delivery latency.
-    Fanout(FanoutArgs),
+    Fanout(fanout::FanoutOpts),
     /// Durable sensor-data ingestion: C connections, W records in flight
     /// each; every record acknowledged once after its commit; durable
     /// records/s and ack latency.
-    Ingest(IngestArgs),
+    Ingest(ingest::IngestOpts),
     /// Publishes through the HTTP API (POST /api/publish, keep-alive,
     /// pipelined) delivered to N WebSocket subscribers; verified deliveries,
     /// API publishes/s, HTTP and end-to-end latency.
-    Api(ApiArgs),
-}
-
-#[derive(Args)]
-struct EchoArgs {
-    /// Connections.
-    #[arg(short = 'c', long, default_value_t = 100)]
-    connections: usize,
-    /// Payload bytes per message (at least 16 with --binary; 32 for text,
-    /// whose header is written in hex).
-    #[arg(short = 's', long, default_value_t = 32)]
-    size: usize,
-    /// Messages in flight per connection.
-    #[arg(short = 'd', long, default_value_t = 8)]
-    depth: usize,
-    /// Measured seconds (fractions allowed).
-    #[arg(short = 't', long, default_value = "10", value_parser = parse_secs)]
-    duration: Duration,
-    /// Seconds of traffic before measuring (not counted).
-    #[arg(long, default_value = "1", value_parser = parse_secs)]
-    warmup: Duration,
-    /// Binary messages instead of text.
-    #[arg(long)]
-    binary: bool,
-}
-
-#[derive(Args)]
-struct ConnectArgs {
-    /// Connections to open.
-    #[arg(short = 'n', long, default_value_t = 1000)]
-    connections: usize,
-    /// New connections per second.
-    #[arg(long, default_value_t = 2000.0)]
-    ramp: f64,
-    /// Seconds to hold the connections open after the ramp.
-    #[arg(long, default_value = "10", value_parser = parse_secs)]
-    hold: Duration,
-    /// Source addresses 127.0.0.1..127.0.0.N to connect from (default:
-    /// enough that none needs more than 25,000 ports).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=254))]
-    sources: Option<u8>,
-    /// Seconds allowed for one connection's TCP connect and upgrade.
-    #[arg(long, default_value = "10", value_parser = parse_secs)]
-    handshake_timeout: Duration,
-}
-
-#[derive(Args)]
-struct FanoutArgs {
-    /// Subscriber connections.
-    #[arg(short = 'n', long, default_value_t = 1000)]
-    subscribers: usize,
-    /// Publishes in flight (each completes when every subscriber has it).
-    #[arg(short = 'k', long, default_value_t = 4)]
-    inflight: usize,
-    /// Approximate bytes of each publish's data object.
-    #[arg(short = 's', long, default_value_t = 64)]
-    size: usize,
-    /// Measured seconds (fractions allowed).
-    #[arg(short = 't', long, default_value = "10", value_parser = parse_secs)]
-    duration: Duration,
-    /// Seconds of traffic before measuring (not counted).
-    #[arg(long, default_value = "1", value_parser = parse_secs)]
-    warmup: Duration,
-    /// New subscriber connections per second during setup.
-    #[arg(long, default_value_t = 2000.0)]
-    ramp: f64,
-    /// Source addresses 127.0.0.1..127.0.0.N to connect from (default:
-    /// enough that none needs more than 25,000 ports).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=254))]
-    sources: Option<u8>,
-    /// The channel (`public:` channels may be used by anyone).
-    #[arg(long, default_value = "public:bench")]
-    channel: String,
-    /// Seconds allowed for one subscriber's connect, upgrade and subscribe.
-    #[arg(long, default_value = "10", value_parser = parse_secs)]
-    handshake_timeout: Duration,
-}
-
-#[derive(Args)]
-struct IngestArgs {
-    /// Connections (users `<user-prefix>-<i>`).
-    #[arg(short = 'c', long, default_value_t = 50)]
-    connections: usize,
-    /// Records in flight per connection (each completes with its ack).
-    #[arg(short = 'w', long, default_value_t = 8)]
-    inflight: usize,
-    /// Measured seconds (fractions allowed).
-    #[arg(short = 't', long, default_value = "10", value_parser = parse_secs)]
-    duration: Duration,
-    /// Seconds of traffic before measuring (not counted).
-    #[arg(long, default_value = "1", value_parser = parse_secs)]
-    warmup: Duration,
-    /// Connection i is the user `<prefix>-<i>` (`?userId=`; auth mode none).
-    #[arg(long, default_value = "load")]
-    user_prefix: String,
-    /// Seconds allowed for one connection's connect, upgrade and welcome.
-    #[arg(long, default_value = "10", value_parser = parse_secs)]
-    handshake_timeout: Duration,
-    /// Seconds to wait for the records in flight after the measured window
-    /// (what is still unanswered then is counted unacked).
-    #[arg(long, default_value = "5", value_parser = parse_secs)]
-    drain_timeout: Duration,
-}
-
-#[derive(Args)]
-struct ApiArgs {
-    /// Subscriber connections.
-    #[arg(short = 'n', long, default_value_t = 1000)]
-    subscribers: usize,
-    /// HTTP/1.1 keep-alive connections issuing the publishes.
-    #[arg(short = 'p', long, default_value_t = 4)]
-    connections: usize,
-    /// Publish requests in flight in total, pipelined on the connections
-    /// (each completes when answered and delivered to every subscriber).
-    #[arg(short = 'k', long, default_value_t = 8)]
-    inflight: usize,
-    /// Measured seconds (fractions allowed).
-    #[arg(short = 't', long, default_value = "10", value_parser = parse_secs)]
-    duration: Duration,
-    /// Seconds of traffic before measuring (not counted).
-    #[arg(long, default_value = "1", value_parser = parse_secs)]
-    warmup: Duration,
-    /// New subscriber connections per second during setup.
-    #[arg(long, default_value_t = 2000.0)]
-    ramp: f64,
-    /// Source addresses 127.0.0.1..127.0.0.N to connect from (default:
-    /// enough that none needs more than 25,000 ports).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=254))]
-    sources: Option<u8>,
-    /// The channel (the server's channel rules must let anyone subscribe).
-    #[arg(long, default_value = "load")]
-    channel: String,
-    /// Sent as `Authorization: Bearer <KEY>`.
-    #[arg(long, value_name = "KEY", env = "SWITCHBOARD_API_KEY")]
-    api_key: Option<String>,
-    /// The publish route.
-    #[arg(long, default_value = "/api/publish")]
-    api_path: String,
-    /// Seconds allowed for one subscriber's connect, upgrade and subscribe.
-    #[arg(long, default_value = "10", value_parser = parse_secs)]
-    handshake_timeout: Duration,
-}
-
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    let v: f64 = s
-        .trim_end_matches('s')
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !v.is_finite() || !(0.0..=1e7).contains(&v) {
-        return Err(format!("{s:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(v))
+    Api(api::ApiOpts),
 }
 
 fn main() -> ExitCode {
@@ -275,103 +123,81 @@ fn main() -> ExitCode {
     {
         return fail(&format!("--pid {pid}: {e}"));
     }
+    let common = &cli.common;
+    let (no_time, bad_ramp) = (NO_DURATION, BAD_RAMP);
     match cli.mode {
         Mode::Echo(a) => {
-            if a.duration.is_zero() {
-                return fail("--duration must be greater than 0");
+            if let Err(code) = check(&[(a.duration.is_zero(), no_time)]) {
+                return code;
             }
-            let opts = echo::EchoOpts {
-                connections: a.connections,
-                size: a.size,
-                depth: a.depth,
-                duration: a.duration,
-                warmup: a.warmup,
-                binary: a.binary,
-            };
-            finish(echo::run(&url, addr, pid, &opts), &url_s, &cli.common)
+            finish(echo::run(&url, addr, pid, &a), &url_s, common)
         }
         Mode::Connect(a) => {
-            if !(a.ramp > 0.0 && a.ramp.is_finite()) {
-                return fail("--ramp must be a positive number of connections per second");
+            if let Err(code) = check(&[(!per_second(a.ramp), bad_ramp)]) {
+                return code;
             }
-            let opts = connect::ConnectOpts {
-                connections: a.connections,
-                ramp: a.ramp,
-                hold: a.hold,
-                sources: a.sources,
-                handshake_timeout: a.handshake_timeout,
-            };
-            finish(connect::run(&url, addr, pid, &opts), &url_s, &cli.common)
+            finish(connect::run(&url, addr, pid, &a), &url_s, common)
         }
         Mode::Fanout(a) => {
-            if a.duration.is_zero() {
-                return fail("--duration must be greater than 0");
+            let checks = [
+                (a.duration.is_zero(), no_time),
+                (!per_second(a.ramp), bad_ramp),
+                (
+                    a.subscribers == 0 || a.inflight == 0,
+                    "--subscribers and --inflight must be at least 1",
+                ),
+            ];
+            if let Err(code) = check(&checks) {
+                return code;
             }
-            if !(a.ramp > 0.0 && a.ramp.is_finite()) {
-                return fail("--ramp must be a positive number of connections per second");
-            }
-            if a.subscribers == 0 || a.inflight == 0 {
-                return fail("--subscribers and --inflight must be at least 1");
-            }
-            let opts = fanout::FanoutOpts {
-                subscribers: a.subscribers,
-                inflight: a.inflight,
-                size: a.size,
-                duration: a.duration,
-                warmup: a.warmup,
-                ramp: a.ramp,
-                sources: a.sources,
-                channel: a.channel,
-                handshake_timeout: a.handshake_timeout,
-            };
-            finish(fanout::run(&url, addr, pid, &opts), &url_s, &cli.common)
+            finish(fanout::run(&url, addr, pid, &a), &url_s, common)
         }
         Mode::Ingest(a) => {
-            if a.duration.is_zero() {
-                return fail("--duration must be greater than 0");
+            let checks = [
+                (a.duration.is_zero(), no_time),
+                (
+                    a.connections == 0 || a.inflight == 0,
+                    "--connections and --inflight must be at least 1",
+                ),
+            ];
+            if let Err(code) = check(&checks) {
+                return code;
             }
-            if a.connections == 0 || a.inflight == 0 {
-                return fail("--connections and --inflight must be at least 1");
-            }
-            let opts = ingest::IngestOpts {
-                connections: a.connections,
-                inflight: a.inflight,
-                duration: a.duration,
-                warmup: a.warmup,
-                user_prefix: a.user_prefix,
-                handshake_timeout: a.handshake_timeout,
-                drain_timeout: a.drain_timeout,
-            };
-            finish(ingest::run(&url, addr, pid, &opts), &url_s, &cli.common)
+            finish(ingest::run(&url, addr, pid, &a), &url_s, common)
         }
-        Mode::Api(a) => {
-            if a.duration.is_zero() {
-                return fail("--duration must be greater than 0");
+        Mode::Api(mut a) => {
+            let checks = [
+                (a.duration.is_zero(), no_time),
+                (!per_second(a.ramp), bad_ramp),
+                (
+                    a.subscribers == 0 || a.connections == 0 || a.inflight == 0,
+                    "--subscribers, --connections and --inflight must be at least 1",
+                ),
+                (!a.api_path.starts_with('/'), "--api-path must start with /"),
+            ];
+            if let Err(code) = check(&checks) {
+                return code;
             }
-            if !(a.ramp > 0.0 && a.ramp.is_finite()) {
-                return fail("--ramp must be a positive number of connections per second");
-            }
-            if a.subscribers == 0 || a.connections == 0 || a.inflight == 0 {
-                return fail("--subscribers, --connections and --inflight must be at least 1");
-            }
-            if !a.api_path.starts_with('/') {
-                return fail("--api-path must start with /");
-            }
-            let opts = api::ApiOpts {
-                subscribers: a.subscribers,
-                connections: a.connections,
-                inflight: a.inflight,
-                duration: a.duration,
-                warmup: a.warmup,
-                ramp: a.ramp,
-                sources: a.sources,
-                channel: a.channel,
-                api_key: a.api_key.filter(|k| !k.is_empty()),
-                api_path: a.api_path,
-                handshake_timeout: a.handshake_timeout,
-            };
-            finish(api::run(&url, addr, pid, &opts), &url_s, &cli.common)
+            a.api_key = a.api_key.filter(|k| !k.is_empty());
+            finish(api::run(&url, addr, pid, &a), &url_s, common)
         }
+    }
+}
+
+const NO_DURATION: &str = "--duration must be greater than 0";
+const BAD_RAMP: &str = "--ramp must be a positive number of connections per second";
+
+/// A rate that can be scheduled.
+fn per_second(rate: f64) -> bool {
+    rate > 0.0 && rate.is_finite()
+}
+
+/// The checks clap does not make, in order: the first that failed ends the
+/// run (status 2).
+fn check(checks: &[(bool, &str)]) -> Result<(), ExitCode> {
+    match checks.iter().find(|(failed, _)| *failed) {
+        Some((_, msg)) => Err(fail(msg)),
+        None => Ok(()),
     }
 }
 

@@ -1,4 +1,4 @@
-//! Client connection plumbing shared by both modes: dialing (optionally from
+//! Client connection plumbing shared by every mode: dialing (optionally from
 //! a chosen source address), the TCP connect and HTTP upgrade steps, the
 //! output buffer written once per wake-up, and frame decoding that copies
 //! only a trailing partial frame out of the shared read buffer.
@@ -541,6 +541,225 @@ pub fn ws_feed(
     match r {
         Err(e) => FeedEnd::Protocol(format!("bad server frame: {e:?}")),
         Ok(()) => end,
+    }
+}
+
+/// How the server ended a connection before we closed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gone {
+    /// Close frame, EOF, reset or write failure.
+    Closed,
+    /// A frame that breaks RFC 6455.
+    Protocol,
+}
+
+/// How a JSON-protocol connection was lost before we closed it.
+#[derive(Debug)]
+pub enum Loss {
+    /// The server closed the TCP connection.
+    Eof,
+    Read(Fail),
+    /// Writing failed (right after the upgrade, or later).
+    Write {
+        after_upgrade: bool,
+    },
+    /// The server sent a close frame: code and reason.
+    Close(u16, String),
+    /// A frame or a fragment sequence that breaks RFC 6455.
+    Protocol(String),
+}
+
+impl Loss {
+    /// A short name to count losses by.
+    pub fn kind(&self) -> String {
+        match self {
+            Loss::Eof => "eof".into(),
+            Loss::Read(f) => f.kind(),
+            Loss::Write { .. } => "write".into(),
+            Loss::Close(code, _) => format!("close_{code}"),
+            Loss::Protocol(_) => "protocol".into(),
+        }
+    }
+
+    /// Closed, or broke the protocol?
+    pub fn gone(&self) -> Gone {
+        match self {
+            Loss::Protocol(_) => Gone::Protocol,
+            _ => Gone::Closed,
+        }
+    }
+
+    /// What happened, said of a channel subscriber or of a connection.
+    pub fn describe(&self, subscriber: bool) -> String {
+        match (self, subscriber) {
+            (Loss::Eof, true) => "the server closed a subscriber's connection (EOF)".into(),
+            (Loss::Eof, false) => "the server closed a connection (EOF)".into(),
+            (Loss::Read(f), true) => format!("subscriber read: {f}"),
+            (Loss::Read(f), false) => format!("read: {f}"),
+            (
+                Loss::Write {
+                    after_upgrade: true,
+                },
+                _,
+            ) => "write failed after the upgrade".into(),
+            (Loss::Write { .. }, true) => "subscriber write failed".into(),
+            (Loss::Write { .. }, false) => "write failed".into(),
+            (Loss::Close(code, reason), true) => {
+                format!("the server closed a subscriber with {code} {reason:?}")
+            }
+            (Loss::Close(code, reason), false) => {
+                format!("the server closed a connection with {code} {reason:?}")
+            }
+            (Loss::Protocol(what), _) => what.clone(),
+        }
+    }
+}
+
+/// What a mode does with the traffic of one JSON-protocol connection
+/// (fanout and api subscribers, ingest connections).
+pub trait Peer {
+    /// After a close frame (the server's, or its answer to ours) read on
+    /// to the server's EOF, the answer to a server's close written when the
+    /// read ends (fanout); else answer at once and drop the socket as soon
+    /// as the closing handshake is done.
+    const READ_TO_EOF: bool = false;
+    /// A read that did not fill the buffer ends the wake-up (see
+    /// [`ws_serve`]).
+    const SHORT_READS: bool = true;
+
+    /// Fresh bytes arrived (before they are decoded).
+    fn arrived(&mut self);
+    /// A whole text message.
+    fn text(&mut self, p: &[u8]);
+    /// A whole binary message.
+    fn binary(&mut self);
+    /// Pings answered.
+    fn pinged(&mut self, n: u64);
+    /// The server ended (or broke) the connection before we closed it.
+    fn lost(&mut self, loss: Loss);
+    /// The server answered our close frame.
+    fn close_acked(&mut self);
+    /// The read is over and the connection still open: queue what is due.
+    fn refill(&mut self, _out: &mut Vec<u8>) {}
+}
+
+/// Decode and hand over the fresh bytes of a JSON-protocol connection;
+/// false when it must go.
+pub fn ws_bytes<P: Peer>(
+    link: &mut Link,
+    frag: &mut Option<(u8, Vec<u8>)>,
+    fresh: &[u8],
+    peer: &mut P,
+) -> bool {
+    let mut pings = 0;
+    let end = ws_feed(link, frag, fresh, &mut pings, &mut |text, p| {
+        if text {
+            peer.text(p);
+        } else {
+            peer.binary();
+        }
+    });
+    peer.pinged(pings);
+    match end {
+        FeedEnd::More => true,
+        FeedEnd::CloseAcked => {
+            peer.close_acked();
+            P::READ_TO_EOF
+        }
+        FeedEnd::ServerClose(code, reason) => {
+            peer.lost(Loss::Close(code, reason));
+            if !P::READ_TO_EOF {
+                // Our answer is queued; wait for the server's EOF.
+                let _ = link.flush_if_ready();
+            }
+            true
+        }
+        FeedEnd::Protocol(what) => {
+            peer.lost(Loss::Protocol(what));
+            false
+        }
+    }
+}
+
+/// A readiness event on an open (or closing) JSON-protocol connection:
+/// read, hand every message to `peer`, then write once.
+///
+/// With `P::SHORT_READS`: edge-triggered readiness is re-armed by every
+/// arrival, so a read that did not fill the buffer has taken everything
+/// there was, and the extra read that would only return WouldBlock is
+/// skipped (a syscall per wake-up, a large share of the client's cost at
+/// 10,000 subscribers). A hang-up is not re-announced, so with one
+/// pending (`hangup`) or while closing, reads go on to WouldBlock or EOF.
+pub fn ws_serve<P: Peer>(
+    link: &mut Link,
+    frag: &mut Option<(u8, Vec<u8>)>,
+    rbuf: &mut [u8],
+    registry: &Registry,
+    hangup: bool,
+    peer: &mut P,
+) {
+    loop {
+        match link.read(rbuf) {
+            ReadOutcome::Data(n) => {
+                peer.arrived();
+                if !ws_bytes(link, frag, rbuf.get(..n).unwrap_or_default(), peer) {
+                    link.shut(registry);
+                    return;
+                }
+                if P::SHORT_READS && n < rbuf.len() && !hangup && link.phase == Phase::Open {
+                    break;
+                }
+            }
+            ReadOutcome::WouldBlock => break,
+            ReadOutcome::Eof => {
+                if link.phase == Phase::Open {
+                    peer.lost(Loss::Eof);
+                }
+                link.shut(registry);
+                return;
+            }
+            ReadOutcome::Error(e) => {
+                if link.phase == Phase::Open {
+                    peer.lost(Loss::Read(Fail::Io(e)));
+                }
+                link.shut(registry);
+                return;
+            }
+        }
+    }
+    if link.phase == Phase::Open {
+        peer.refill(&mut link.out);
+    }
+    if link.flush_if_ready().is_err() {
+        if link.phase == Phase::Open {
+            peer.lost(Loss::Write {
+                after_upgrade: false,
+            });
+        }
+        link.shut(registry);
+    }
+}
+
+/// A JSON-protocol connection just upgraded: `first` (a subscribe) is sent
+/// right behind the upgrade, and frames that came with the 101 are handled.
+pub fn ws_opened<P: Peer>(
+    link: &mut Link,
+    frag: &mut Option<(u8, Vec<u8>)>,
+    first: Option<&[u8]>,
+    registry: &Registry,
+    peer: &mut P,
+) {
+    if let Some(msg) = first {
+        wire::frame(&mut link.out, wire::OP_TEXT, msg);
+    }
+    peer.arrived();
+    if !link.inbuf.is_empty() && !ws_bytes(link, frag, &[], peer) {
+        link.shut(registry);
+    } else if first.is_some() && link.flush_if_ready().is_err() {
+        peer.lost(Loss::Write {
+            after_upgrade: true,
+        });
+        link.shut(registry);
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
+use crate::driver::Timing;
 use crate::hist::Histogram;
 use crate::procfs::{Delta, human_bytes};
 
@@ -19,6 +20,36 @@ pub trait Summary {
     /// Errors detected (0 for a clean run): the exit status.
     fn problems(&self) -> u64;
 }
+
+/// A struct of error counters, one `u64` per kind, declared in report
+/// order, with `total()` and `kinds()` (name and count of each, in that
+/// order: the report's lines and the JSON line's `errors`).
+macro_rules! error_kinds {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $($(#[$doc:meta])* $kind:ident,)*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct $name {
+            $($(#[$doc])* pub $kind: u64,)*
+        }
+
+        impl $name {
+            pub fn total(&self) -> u64 {
+                $crate::report::total(&self.kinds())
+            }
+
+            /// Kinds and counts, in report order.
+            pub fn kinds(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($kind), self.$kind)),*]
+            }
+        }
+    };
+}
+pub(crate) use error_kinds;
 
 /// Errors by kind, in report order.
 pub type Kinds<'a> = &'a [(&'static str, u64)];
@@ -219,6 +250,82 @@ pub(crate) fn extend(mut v: Value, more: Value) -> Value {
         a.extend(b);
     }
     v
+}
+
+/// What fanout, ingest and api count alike while they run: how setup
+/// went, the first problem after it, the pings answered.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    /// Connections dialed and not through setup yet.
+    pub pending_setup: usize,
+    /// Connections through setup (welcomed or subscribed).
+    pub ready: usize,
+    /// Connections that never got through setup, by kind.
+    pub failures: BTreeMap<String, u64>,
+    pub first_failure: Option<String>,
+    pub first_problem: Option<String>,
+    pub pings: u64,
+}
+
+impl Ledger {
+    /// Remember the first problem after setup.
+    pub fn problem(&mut self, what: impl FnOnce() -> String) {
+        if self.first_problem.is_none() {
+            self.first_problem = Some(what());
+        }
+    }
+
+    /// A connection's setup ended without it getting through (counted once:
+    /// `settled`), by kind and as a `connect` error.
+    pub fn setup_failed(
+        &mut self,
+        settled: &mut bool,
+        connect: &mut u64,
+        kind: String,
+        what: impl FnOnce() -> String,
+    ) {
+        if *settled {
+            return;
+        }
+        *settled = true;
+        self.pending_setup = self.pending_setup.saturating_sub(1);
+        *connect += 1;
+        *self.failures.entry(kind).or_default() += 1;
+        if self.first_failure.is_none() {
+            self.first_failure = Some(what());
+        }
+    }
+
+    /// A connection got through setup (counted once: `settled`).
+    pub fn setup_done(&mut self, settled: &mut bool) {
+        *settled = true;
+        self.ready += 1;
+        self.pending_setup = self.pending_setup.saturating_sub(1);
+    }
+
+    /// The shared part of the report of a run timed by `t`.
+    pub fn outcome(
+        self,
+        t: &Timing,
+        (warmup, duration): (Duration, Duration),
+        close_sent: usize,
+        closed_cleanly: usize,
+    ) -> Outcome {
+        Outcome {
+            setup_s: t.setup_s(),
+            window_s: t.window_s(),
+            warmup,
+            duration,
+            server: t.server(),
+            client: t.client(),
+            failures: self.failures,
+            first_failure: self.first_failure,
+            first_problem: self.first_problem,
+            close_sent,
+            closed_cleanly,
+            pings: self.pings,
+        }
+    }
 }
 
 /// What every run with setup, a measured window and verified traffic

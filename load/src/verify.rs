@@ -19,6 +19,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::report;
+
 /// Header bytes of a binary payload.
 pub const BINARY_HEADER: usize = 16;
 /// Header bytes of a text payload (the binary header in hex).
@@ -194,47 +196,23 @@ fn hex_digit(c: u8) -> Option<u8> {
     }
 }
 
-/// Everything that went wrong, by kind.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Errors {
-    /// Sent, never echoed (skipped over by later messages, or missing at the end).
-    pub lost: u64,
-    /// Echoed more than once.
-    pub dup: u64,
-    /// Echoed after a message sent later than it.
-    pub reorder: u64,
-    /// Echoed with different bytes (or the wrong frame type).
-    pub corrupt: u64,
-    /// Connections the server closed (close frame, EOF or reset) before we did.
-    pub closed: u64,
-    /// Connections that could not be opened (TCP or upgrade failed).
-    pub connect: u64,
-    /// Server frames that break RFC 6455 (masked, reserved opcode or bits).
-    pub protocol: u64,
-}
-
-impl Errors {
-    pub fn total(&self) -> u64 {
-        self.lost
-            + self.dup
-            + self.reorder
-            + self.corrupt
-            + self.closed
-            + self.connect
-            + self.protocol
-    }
-
-    /// Kinds and counts, in report order.
-    pub fn kinds(&self) -> [(&'static str, u64); 7] {
-        [
-            ("lost", self.lost),
-            ("dup", self.dup),
-            ("reorder", self.reorder),
-            ("corrupt", self.corrupt),
-            ("closed", self.closed),
-            ("connect", self.connect),
-            ("protocol", self.protocol),
-        ]
+report::error_kinds! {
+    /// Everything that went wrong, by kind.
+    pub struct Errors {
+        /// Sent, never echoed (skipped over by later messages, or missing at the end).
+        lost,
+        /// Echoed more than once.
+        dup,
+        /// Echoed after a message sent later than it.
+        reorder,
+        /// Echoed with different bytes (or the wrong frame type).
+        corrupt,
+        /// Connections the server closed (close frame, EOF or reset) before we did.
+        closed,
+        /// Connections that could not be opened (TCP or upgrade failed).
+        connect,
+        /// Server frames that break RFC 6455 (masked, reserved opcode or bits).
+        protocol,
     }
 }
 

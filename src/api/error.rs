@@ -29,8 +29,17 @@ pub enum Caller {
     Forbidden,
     /// No such route or file (404 `not_found`).
     NotFound,
+    /// The body did not arrive within `handshake_timeout` (408 `body_timeout`).
+    BodyTimeout,
+    /// The body is larger than the route or the caller may send (413 `too_large`).
+    TooLarge,
+    /// A POST whose body is not declared `application/json`: what a web
+    /// page can send cross-site without asking (415 `unsupported_media_type`).
+    UnsupportedMediaType,
     /// Not possible with this server's configuration (409 `not_available`).
     NotAvailable,
+    /// The user's inbox has no room the message may take (409 `inbox_full`).
+    InboxFull,
     /// Needs storage, and this server stores nothing (409 `storage_disabled`).
     StorageDisabled,
 }
@@ -78,7 +87,10 @@ impl ApiError {
                 Caller::Unauthorized => 401,
                 Caller::Forbidden => 403,
                 Caller::NotFound => 404,
-                Caller::NotAvailable | Caller::StorageDisabled => 409,
+                Caller::BodyTimeout => 408,
+                Caller::TooLarge => 413,
+                Caller::UnsupportedMediaType => 415,
+                Caller::NotAvailable | Caller::StorageDisabled | Caller::InboxFull => 409,
             },
             ApiError::Server(s, _) => match s {
                 Server::ShuttingDown | Server::Overloaded | Server::StorageUnavailable => 503,
@@ -101,7 +113,11 @@ impl ApiError {
                 Caller::Unauthorized => "unauthorized",
                 Caller::Forbidden => "forbidden",
                 Caller::NotFound => "not_found",
+                Caller::BodyTimeout => "body_timeout",
+                Caller::TooLarge => "too_large",
+                Caller::UnsupportedMediaType => "unsupported_media_type",
                 Caller::NotAvailable => "not_available",
+                Caller::InboxFull => "inbox_full",
                 Caller::StorageDisabled => "storage_disabled",
             },
             ApiError::Server(s, _) => match s {

@@ -162,15 +162,7 @@ fn direct(
         close,
     );
     if ctx.env.storage() && (ack || ctx.env.router.user_shards(&user) == 0) {
-        let inbox = &ctx.env.cfg.inbox;
-        let work = Work::store_direct(
-            ctx.asker(),
-            user,
-            event,
-            inbox.ttl,
-            inbox.max_per_user,
-            reply,
-        );
+        let work = Work::store_direct(ctx.asker(), None, user, event, &ctx.env.cfg.inbox, reply);
         ctx.desk.work.push(work);
         return Ok(Handled::Later);
     }

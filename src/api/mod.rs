@@ -34,4 +34,4 @@ pub mod render;
 pub use call::Handled;
 pub use error::{ApiError, Caller, Server};
 pub use routes::{Access, Handler, ROUTES, Route, find};
-pub use serve::handle;
+pub use serve::{handle, refuse_body, too_large};

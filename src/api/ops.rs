@@ -64,7 +64,40 @@ pub(super) fn metrics(
     let shards: Vec<Counters> = ctx.env.all_stats.iter().map(|s| s.snapshot()).collect();
     let mut text = crate::stats::prometheus(&shards);
     crate::stats::prometheus_histograms(&ctx.env.all_stats, &mut text);
+    let writer_errors = ctx.env.writer.as_ref().map_or(0, |w| w.stats().errors);
+    crate::stats::prometheus_process(
+        &[
+            (
+                "switchboard_accept_failures_total",
+                "accept() calls that failed for want of descriptors or memory (accepting then pauses).",
+                ctx.env.admission.accept_failures(),
+            ),
+            (
+                "switchboard_ip_windows_evicted_total",
+                "Per-IP limit windows forgotten early because the limiter's table was full.",
+                ctx.env.limiter.evicted(),
+            ),
+            (
+                "switchboard_store_errors_total",
+                "Storage writes that failed in the writer (with or without a waiting client), plus failed prunes.",
+                writer_errors,
+            ),
+        ],
+        &mut text,
+    );
     if let Some(w) = &ctx.env.writer {
+        use std::fmt::Write;
+        let st = w.stats();
+        let _ = write!(
+            text,
+            "# HELP switchboard_writer_queue_bytes Bytes of requests queued for the storage writer or being applied (budget storage.queue_bytes).\n\
+             # TYPE switchboard_writer_queue_bytes gauge\n\
+             switchboard_writer_queue_bytes {}\n\
+             # HELP switchboard_writer_refused_bytes_total Storage requests refused because storage.queue_bytes were queued.\n\
+             # TYPE switchboard_writer_refused_bytes_total counter\n\
+             switchboard_writer_refused_bytes_total {}\n",
+            st.queued_bytes, st.refused_bytes
+        );
         writer_metrics(w, &mut text);
     }
     Ok(Handled::Now(Response::with_body(
@@ -78,12 +111,13 @@ pub(super) fn metrics(
 }
 
 /// The storage writer's own counters (one writer per server, so no
-/// `shard` label): commits and records per commit (`ops / batches`),
-/// errors, and whether its database is reachable.
+/// `shard` label): commits and records per commit (`ops / batches`)
+/// and whether its database is reachable. Its errors are the process-wide
+/// `switchboard_store_errors_total` (a name appears once in /metrics).
 fn writer_metrics(w: &crate::store::WriterHandle, out: &mut String) {
     use std::fmt::Write;
     let st = w.stats();
-    let lines: [(&str, &str, &str, u64); 6] = [
+    let lines: [(&str, &str, &str, u64); 5] = [
         (
             "switchboard_store_batches_total",
             "counter",
@@ -95,12 +129,6 @@ fn writer_metrics(w: &crate::store::WriterHandle, out: &mut String) {
             "counter",
             "Requests applied by the writer (ops / batches = requests per commit).",
             st.ops,
-        ),
-        (
-            "switchboard_store_errors_total",
-            "counter",
-            "Requests answered with an error by the writer, plus failed prunes.",
-            st.errors,
         ),
         (
             "switchboard_store_commit_seconds_total",
@@ -132,6 +160,22 @@ fn writer_metrics(w: &crate::store::WriterHandle, out: &mut String) {
     }
 }
 
+/// Headers of the console's files. The page holds an API key and a token
+/// while in use: it may run only its own script and style (no inline code,
+/// nothing from elsewhere), may not be framed (clickjacking), and its files
+/// are never sniffed as another type. It talks to the server named in its
+/// URL field, so `connect-src` allows any WebSocket or HTTP(S) endpoint.
+pub(super) const CONSOLE_HEADERS: &[(&str, &str)] = &[
+    ("Cache-Control", "no-cache"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self' ws: wss: http: https:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    ("X-Frame-Options", "DENY"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+];
+
 pub(super) fn console(
     req: &Request,
     _body: &[u8],
@@ -144,7 +188,7 @@ pub(super) fn console(
             "OK",
             ctype,
             bytes,
-            &[("Cache-Control", "no-cache")],
+            CONSOLE_HEADERS,
             call.close,
         ))),
         None => Err(ApiError::caller(Caller::NotFound, "no such file")),

@@ -8,7 +8,7 @@ use crate::proto;
 use crate::proto::encode::{history_page, presence};
 use crate::work::{ApiPending, ApiReply, ClientInfo, Gathered};
 
-use super::error::{ApiError, Server};
+use super::error::{ApiError, Caller, Server};
 
 fn client_json(b: &mut Vec<u8>, c: &ClientInfo) {
     b.extend_from_slice(b"{\"id\":");
@@ -156,6 +156,17 @@ pub fn later_response(p: &ApiPending, g: &Gathered<'_>) -> Response {
 }
 
 /// A storage failure for a request that was waiting on the writer.
+/// A message the inbox quotas refused (`too_large`: larger than a whole
+/// inbox, 413; otherwise 409 `inbox_full`).
+pub fn inbox_refused(p: &ApiPending, too_large: bool, message: &str) -> Response {
+    let kind = if too_large {
+        Caller::TooLarge
+    } else {
+        Caller::InboxFull
+    };
+    ApiError::caller(kind, message).response(p.close)
+}
+
 pub fn storage_failure(p: &ApiPending, overloaded: bool, message: &str) -> Response {
     if overloaded {
         ApiError::server(Server::Overloaded, message).response(p.close)

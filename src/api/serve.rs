@@ -11,6 +11,38 @@ use super::error::{ApiError, Caller};
 use super::routes::{Access, Handler, find};
 use super::{admin, messages, ops};
 
+/// Before a body of more than `pre_auth_max_bytes` is read: may this
+/// caller send it? An answer here (401, 403, 404, 413) is sent at once and
+/// the body is never buffered, so a caller without credentials holds at most
+/// a head and a small body.
+pub fn refuse_body(req: &Request, ctx: &Handling<'_>) -> Option<Response> {
+    // The connection closes after a refusal: the unread body follows.
+    let close = true;
+    let route = match find(&req.method, &req.path) {
+        Ok((route, _)) => route,
+        Err(_) => {
+            let e = ApiError::caller(Caller::NotFound, format!("no route {}", req.path));
+            return Some(e.response(close));
+        }
+    };
+    if route.access == Access::Public {
+        // Public routes take small bodies only.
+        return Some(too_large(ctx.env.cfg.pre_auth_max_bytes, close));
+    }
+    authorize(req, route.access, ctx)
+        .err()
+        .map(|e| e.response(close))
+}
+
+/// 413 with the limit that applies.
+pub fn too_large(limit: usize, close: bool) -> Response {
+    let e = ApiError::caller(
+        Caller::TooLarge,
+        format!("bodies are at most {limit} bytes here"),
+    );
+    e.response(close)
+}
+
 /// Serve one request with its body.
 pub fn handle(req: &Request, body: &[u8], ctx: &mut Handling<'_>) -> Handled {
     let close = req.close;
@@ -48,6 +80,16 @@ fn serve(req: &Request, body: &[u8], ctx: &mut Handling<'_>) -> Result<Handled, 
         return Err(ApiError::caller(
             Caller::NotFound,
             format!("no route {}", req.path),
+        ));
+    }
+    // A web page can make a browser send a "simple" POST to any site
+    // (text/plain, a form, or no type at all) without asking: with
+    // `api.allow_anonymous` that would publish. JSON needs a CORS
+    // preflight, which this server never grants, so a POST must say JSON.
+    if req.method == "POST" && route.access != Access::Public && !req.json_body() {
+        return Err(ApiError::caller(
+            Caller::UnsupportedMediaType,
+            "send the body with Content-Type: application/json",
         ));
     }
     let who = authorize(req, route.access, ctx)?;

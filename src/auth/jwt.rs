@@ -331,6 +331,11 @@ fn identity_from_claims(mut claims: Map<String, Value>) -> Result<Identity, Auth
         Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
         Some(_) => return Err(invalid("sub")),
     };
+    // The same rule as every other place a user id enters (API paths and
+    // bodies, `to`, `?userId=`): a user who can log in can be named.
+    if !crate::id::valid_id(&user_id) {
+        return Err(AuthError::InvalidSubject);
+    }
     let mut optional_string = |claim: &str| match claims.remove(claim) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -338,6 +343,9 @@ fn identity_from_claims(mut claims: Map<String, Value>) -> Result<Identity, Auth
     };
     let role = optional_string("role")?;
     let tenant = optional_string("tenant")?;
+    if tenant.as_deref().is_some_and(|t| !crate::id::valid_id(t)) {
+        return Err(AuthError::InvalidTenant);
+    }
     let token_id = optional_string("jti")?;
     let channels = match claims.remove("channels") {
         None | Some(Value::Null) => Vec::new(),

@@ -168,6 +168,12 @@ pub enum AuthError {
     WrongAudience,
     /// `sub` is missing, null or empty.
     MissingSubject,
+    /// `sub` breaks the user id rule ([`crate::id::valid_id`]): the API
+    /// could not name that user (revoke, disconnect, send), and with a `:`
+    /// it would share channels with another user.
+    InvalidSubject,
+    /// `tenant` breaks the id rule ([`crate::id::valid_id`]).
+    InvalidTenant,
     /// `exp` is missing and [`JwtSettings::require_exp`] is set.
     MissingExpiry,
     /// A claim has the wrong type (`exp` not a number, `channels` not a
@@ -197,6 +203,8 @@ impl AuthError {
             AuthError::WrongIssuer => "invalid_issuer",
             AuthError::WrongAudience => "invalid_audience",
             AuthError::MissingSubject => "missing_subject",
+            AuthError::InvalidSubject => "invalid_subject",
+            AuthError::InvalidTenant => "invalid_tenant",
             AuthError::MissingExpiry => "missing_expiry",
             AuthError::InvalidClaim(_) => "invalid_claim",
             AuthError::InvalidStaticToken => "invalid_token",
@@ -224,6 +232,12 @@ impl fmt::Display for AuthError {
             AuthError::WrongIssuer => f.write_str("the token issuer (iss) is not accepted"),
             AuthError::WrongAudience => f.write_str("the token audience (aud) is not accepted"),
             AuthError::MissingSubject => f.write_str("the token has no subject (sub)"),
+            AuthError::InvalidSubject => f.write_str(
+                "the subject (sub) is not a valid user id: 1-128 bytes without whitespace, control characters or ':'",
+            ),
+            AuthError::InvalidTenant => f.write_str(
+                "the tenant claim is not a valid id: 1-128 bytes without whitespace, control characters or ':'",
+            ),
             AuthError::MissingExpiry => f.write_str("the token has no expiry (exp)"),
             AuthError::InvalidClaim(claim) => write!(f, "the {claim} claim has the wrong type"),
             AuthError::InvalidStaticToken => f.write_str("the token is not valid"),
@@ -281,14 +295,20 @@ impl Authenticator {
 }
 
 /// Compares the presented token with the configured one in constant time.
+fn static_token_matches(expected: &str, presented: &str) -> bool {
+    secrets_equal(expected.as_bytes(), presented.as_bytes())
+}
+
+/// Compares a presented secret (token, API key) with a configured one in
+/// constant time.
 ///
 /// Both are run through HMAC-SHA256 under a random per-process key and the
 /// two tags are compared with ring's `hmac::verify`, which is constant-time
 /// (`ring::constant_time` is deprecated). Comparing fixed-size tags means the
 /// time does not depend on where the strings differ nor on whether their
 /// lengths match; a fold-xor over the raw bytes would have to return early
-/// on a length mismatch and so reveal the configured token's length.
-fn static_token_matches(expected: &str, presented: &str) -> bool {
+/// on a length mismatch and so reveal the configured secret's length.
+pub fn secrets_equal(expected: &[u8], presented: &[u8]) -> bool {
     static KEY: OnceLock<hmac::Key> = OnceLock::new();
     let key = KEY.get_or_init(|| {
         let rng = ring::rand::SystemRandom::new();
@@ -297,8 +317,8 @@ fn static_token_matches(expected: &str, presented: &str) -> bool {
         hmac::Key::generate(hmac::HMAC_SHA256, &rng)
             .unwrap_or_else(|_| hmac::Key::new(hmac::HMAC_SHA256, b"switchboard static token"))
     });
-    let tag = hmac::sign(key, expected.as_bytes());
-    hmac::verify(key, presented.as_bytes(), tag.as_ref()).is_ok()
+    let tag = hmac::sign(key, expected);
+    hmac::verify(key, presented, tag.as_ref()).is_ok()
 }
 
 /// The token of an `Authorization` header value: `Bearer <token>` (scheme

@@ -446,6 +446,35 @@ fn every_algorithm_checks_issuer_audience_and_subject() {
                 },
                 AuthError::MissingSubject,
             ),
+            // The user id rule of the API: no whitespace, no `:`.
+            (
+                Claims {
+                    sub: "alice bob".into(),
+                    ..base.clone()
+                },
+                AuthError::InvalidSubject,
+            ),
+            (
+                Claims {
+                    sub: "alice:bob".into(),
+                    ..base.clone()
+                },
+                AuthError::InvalidSubject,
+            ),
+            (
+                Claims {
+                    sub: "x".repeat(129),
+                    ..base.clone()
+                },
+                AuthError::InvalidSubject,
+            ),
+            (
+                Claims {
+                    tenant: Some("acme:corp".into()),
+                    ..base.clone()
+                },
+                AuthError::InvalidTenant,
+            ),
         ];
         for (c, expected) in cases {
             assert_eq!(
@@ -1118,6 +1147,8 @@ fn error_codes_are_stable_and_distinct() {
         AuthError::WrongIssuer,
         AuthError::WrongAudience,
         AuthError::MissingSubject,
+        AuthError::InvalidSubject,
+        AuthError::InvalidTenant,
         AuthError::MissingExpiry,
         AuthError::InvalidClaim("x".into()),
         AuthError::InvalidStaticToken,

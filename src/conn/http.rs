@@ -3,9 +3,11 @@
 //! API, keep-alive and pipelined requests answered in order, back-pressure
 //! while an answer is awaited or unread.
 
+use std::net::IpAddr;
 use std::time::Instant;
 
 use crate::api;
+use crate::config::Cidr;
 use crate::env::Handling;
 use crate::http::{Request, Response, parse_request};
 use crate::session::{ConnectParams, Session};
@@ -108,6 +110,25 @@ impl Conn {
                     ctx,
                 );
                 return buf.len();
+            }
+            if req.content_length > ctx.env.cfg.pre_auth_max_bytes {
+                let refused = if self.is_ws_path(&req, ctx) {
+                    Some(api::too_large(ctx.env.cfg.pre_auth_max_bytes, true))
+                } else {
+                    let actx = Handling {
+                        env: ctx.env,
+                        desk: &mut *ctx.desk,
+                        key: ctx.key,
+                        conn: self.id,
+                        now: ctx.now,
+                    };
+                    api::refuse_body(&req, &actx)
+                };
+                if let Some(resp) = refused {
+                    ctx.io.c.pre_auth_refused += 1;
+                    self.reject(resp, ctx);
+                    return buf.len();
+                }
             }
             let total = head + req.content_length;
             if rest.len() < total {
@@ -254,6 +275,30 @@ impl Conn {
         }
     }
 
+    /// Is a request with a complete head still waiting for its body?
+    pub(super) fn body_incomplete(&self, ctx: &Ctx<'_>) -> bool {
+        matches!(
+            parse_request(&self.hs, ctx.env.cfg.max_header_bytes),
+            Ok(Some((req, head))) if self.hs.len() < head.saturating_add(req.content_length)
+        )
+    }
+
+    /// 408: the body did not arrive by the deadline (`handshake_timeout`
+    /// after the connection was accepted or the previous answer was sent).
+    pub(super) fn body_timeout(&self, ctx: &Ctx<'_>) -> Response {
+        let message = format!(
+            "the request body did not arrive within {:?} (handshake_timeout)",
+            ctx.env.cfg.handshake_timeout
+        );
+        api::ApiError::caller(api::Caller::BodyTimeout, message).response(true)
+    }
+
+    /// A WebSocket endpoint (whose upgrade request has no use for a body).
+    fn is_ws_path(&self, req: &Request, ctx: &Ctx<'_>) -> bool {
+        let cfg = &ctx.env.cfg;
+        req.path == cfg.ws_path || (cfg.echo_enabled && req.path == cfg.echo_path)
+    }
+
     pub(super) fn route(&mut self, req: &Request, ctx: &mut Ctx<'_>) -> Route {
         let cfg = &ctx.env.cfg;
         let ep = if cfg.echo_enabled && req.path == cfg.echo_path {
@@ -281,7 +326,11 @@ impl Conn {
         if ctx.desk.shutting_down {
             return Route::Reject(Response::shutting_down());
         }
-        if self.rate_limited {
+        // The per-IP limit counts WebSocket upgrades only (not API calls,
+        // health checks or the console on the same port), by the client's
+        // address: behind a trusted proxy, the one it names.
+        self.client = client_ip(self.peer.ip(), req, &cfg.trusted_proxies);
+        if ctx.env.limiter.is_limited(self.client, ctx.now) {
             ctx.io.c.rejected_rate += 1;
             return Route::Reject(Response::rate_limited());
         }
@@ -304,5 +353,75 @@ impl Conn {
         ctx.io.cork.extend_from_slice(&resp.bytes);
         self.state = State::Rejecting { write_shut: false };
         self.set_timer(ctx, ctx.env.cfg.close_timeout, TimerKind::Linger);
+    }
+}
+
+/// The client's address for a request that came from `peer`: `peer` itself
+/// unless it is a trusted proxy; then the proxies' chain of `for` addresses
+/// (`Forwarded`, else `X-Forwarded-For`) is read from the right, skipping
+/// trusted proxies, and the first address that is not one is the client
+/// (entries to its left were written by that client and are not believed).
+/// A hop that is not an address stops the walk at the last trusted hop.
+pub(super) fn client_ip(peer: IpAddr, req: &Request, trusted: &[Cidr]) -> IpAddr {
+    let peer = peer.to_canonical();
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let Some(chain) = req.forwarded_for() else {
+        return peer;
+    };
+    let mut client = peer;
+    for hop in chain.iter().rev() {
+        let Some(ip) = hop else { break };
+        client = ip.to_canonical();
+        if !is_trusted(client) {
+            break;
+        }
+    }
+    client
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &str) -> Request {
+        let head = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
+        match parse_request(head.as_bytes(), 8192) {
+            Ok(Some((r, _))) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_client_is_the_rightmost_address_no_trusted_proxy_wrote() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
+        let xff = req("X-Forwarded-For: 198.51.100.1, 203.0.113.7, 10.1.1.1\r\n");
+        // From a trusted proxy: skip the trusted hops from the right.
+        assert_eq!(client_ip(ip("10.0.0.2"), &xff, &trusted), ip("203.0.113.7"));
+        // The same header from anyone else is not believed.
+        assert_eq!(client_ip(ip("192.0.2.9"), &xff, &trusted), ip("192.0.2.9"));
+        assert_eq!(client_ip(ip("10.0.0.2"), &xff, &[]), ip("10.0.0.2"));
+        // A dual-stack listener reports IPv4 peers as IPv4-mapped IPv6.
+        assert_eq!(
+            client_ip(ip("::ffff:10.0.0.2"), &xff, &trusted),
+            ip("203.0.113.7")
+        );
+        // Every hop trusted: the leftmost is the client.
+        let all = req("X-Forwarded-For: 10.2.2.2, 10.3.3.3\r\n");
+        assert_eq!(client_ip(ip("10.0.0.2"), &all, &trusted), ip("10.2.2.2"));
+        // A hop that is not an address stops at the last trusted one.
+        let unknown = req("Forwarded: for=198.51.100.1, for=unknown, for=10.4.4.4\r\n");
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &unknown, &trusted),
+            ip("10.4.4.4")
+        );
+        // No header: the proxy itself.
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &req(""), &trusted),
+            ip("10.0.0.2")
+        );
     }
 }

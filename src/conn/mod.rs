@@ -15,7 +15,7 @@ mod http;
 pub mod outq;
 pub mod transport;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use crate::deadline::{TimerKind, TimerRef};
 use crate::env::{Desk, Env, Handling};
 use crate::id::ConnId;
 use crate::proto::{self, ErrorCode};
-use crate::session::{Replies, Session, Verdict, close};
+use crate::session::{Replies, Session, TokenStep, Verdict, close};
 use crate::stats::{Counters, LocalHistos};
 use crate::timer::{TimerKey, TimerWheel};
 use crate::ws::frame::{self, CloseCode, OpCode};
@@ -123,6 +123,10 @@ pub struct Conn {
     /// In the shard's flush list (output queued by deliveries).
     pub flush_queued: bool,
     awaiting_pong: bool,
+    /// Pings sent since the last pong (the first of them started the pong
+    /// deadline): with `pong_timeout` longer than `heartbeat_interval`, pings
+    /// keep coming every interval while the deadline runs.
+    unanswered: u32,
     /// Holds an [`Admission`] slot.
     counted: bool,
     /// HTTP: a request waits for other shards; later ones stay buffered.
@@ -131,7 +135,9 @@ pub struct Conn {
     close_after: bool,
     /// HTTP: buffered requests wait for output room.
     held: bool,
-    rate_limited: bool,
+    /// The client's address: the peer's, or behind a trusted proxy the one
+    /// the proxy names (set at the upgrade request; `/api/clients` shows it).
+    client: IpAddr,
     /// Wheel tick of the last data received (idle timeout).
     last_seen: u32,
 }
@@ -164,10 +170,14 @@ impl Replies for Sink<'_> {
     fn text(&mut self, json: &[u8]) {
         self.frame(OpCode::Text, json);
     }
+    fn queued(&self) -> usize {
+        // The cork holds only this connection's replies during its turn.
+        self.cork.len() + self.out.bytes()
+    }
 }
 
 impl Conn {
-    pub fn new(id: ConnId, io: Transport, peer: SocketAddr, rate_limited: bool) -> Self {
+    pub fn new(id: ConnId, io: Transport, peer: SocketAddr) -> Self {
         Conn {
             id,
             io,
@@ -183,11 +193,12 @@ impl Conn {
             queued: false,
             flush_queued: false,
             awaiting_pong: false,
+            unanswered: 0,
             counted: false,
             awaiting: false,
             close_after: false,
             held: false,
-            rate_limited,
+            client: peer.ip().to_canonical(),
             last_seen: 0,
         }
     }
@@ -198,6 +209,11 @@ impl Conn {
 
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The client's IP address (see `trusted_proxies`).
+    pub fn client_ip(&self) -> IpAddr {
+        self.client
     }
 
     pub fn socket(&mut self) -> &mut mio::net::TcpStream {
@@ -234,6 +250,10 @@ impl Conn {
     fn leave_open(&mut self, ctx: &mut Ctx<'_>) {
         if let Some(session) = self.session.as_mut() {
             session.on_close(&mut ctx.desk.local, &ctx.env.router, ctx.env.shard, ctx.key);
+            // A token may live for days: its entry must not outlive us.
+            if let Some(k) = session.take_token_timer() {
+                ctx.io.wheel.cancel(k);
+            }
         }
         if self.counted {
             self.counted = false;
@@ -377,7 +397,7 @@ impl Conn {
                     match (ep, session.as_deref_mut()) {
                         (Endpoint::App, Some(s)) => {
                             // Keep the strongest verdict of the read (Close >
-                            // Authenticated > Continue): an `authenticate`
+                            // Authenticated > Refreshed > Continue): an `authenticate`
                             // followed by another message in the same read
                             // must still start the heartbeat.
                             match s.on_text(bytes, &mut actx, &mut sink) {
@@ -386,6 +406,11 @@ impl Conn {
                                     return Flow::Stop;
                                 }
                                 Verdict::Authenticated => verdict = Verdict::Authenticated,
+                                Verdict::Refreshed => {
+                                    if verdict == Verdict::Continue {
+                                        verdict = Verdict::Refreshed;
+                                    }
+                                }
                                 Verdict::Continue => {}
                             }
                         }
@@ -443,7 +468,26 @@ impl Conn {
                 self.leave_open(ctx);
                 self.set_timer(ctx, ctx.env.cfg.close_timeout, TimerKind::Linger);
             }
-            Ok(_) => self.apply(verdict, ctx),
+            Ok(_) => {
+                self.apply(verdict, ctx);
+                // Before `authenticate` only a small message is expected:
+                // an unauthenticated connection may not hold more than
+                // `pre_auth_max_bytes` of an unfinished one (the full
+                // limits would let each hold a megabyte).
+                if ep == Endpoint::App
+                    && self.is_open()
+                    && self.session.as_ref().is_some_and(|s| !s.is_authenticated())
+                    && self.inbound.buffered() > ctx.env.cfg.pre_auth_max_bytes
+                {
+                    ctx.io.c.pre_auth_refused += 1;
+                    self.inbound = Inbound::new();
+                    self.close(
+                        CloseCode::TooBig,
+                        "message too big before authentication",
+                        ctx,
+                    );
+                }
+            }
             Err(e) => {
                 ctx.io.c.protocol_errors += 1;
                 log::debug!("conn={} protocol error: {}", self.id, e.reason());
@@ -486,9 +530,57 @@ impl Conn {
             }
             Verdict::Authenticated => {
                 self.set_timer(ctx, ctx.env.cfg.heartbeat_interval, TimerKind::Ping);
+                self.schedule_token(ctx);
             }
+            Verdict::Refreshed => self.schedule_token(ctx),
             Verdict::Close(code, reason) => self.close_code(code, reason, ctx),
         }
+    }
+
+    /// (Re)arm the token's expiry timer from the session's current token:
+    /// one wheel entry per connection whose token expires, replaced on
+    /// refresh, cancelled when the connection stops being open.
+    fn schedule_token(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(session) = self.session.as_deref_mut() else {
+            return;
+        };
+        if let Some(k) = session.take_token_timer() {
+            ctx.io.wheel.cancel(k);
+        }
+        if let Some(wait) = session.token_wait(&ctx.env.cfg, crate::clock::now_ms()) {
+            let r = TimerRef {
+                key: ctx.key,
+                id: self.id,
+                kind: TimerKind::TokenExpiry,
+            };
+            session.set_token_timer(ctx.io.wheel.insert(ctx.now, wait, r));
+        }
+    }
+
+    /// The token timer fired: warn, wait again, or close 4004.
+    fn on_token_timer(&mut self, ctx: &mut Ctx<'_>) -> Next {
+        if !self.is_open() {
+            return Next::Keep;
+        }
+        let Some(mut session) = self.session.take() else {
+            return Next::Keep;
+        };
+        let _fired = session.take_token_timer(); // the wheel already removed it
+        let step = self.with_app(
+            ctx,
+            |s, actx, sink| s.on_token_timer(&actx.env.cfg, crate::clock::now_ms(), sink),
+            &mut session,
+        );
+        self.session = Some(session);
+        match step {
+            TokenStep::Close(code, reason) => {
+                ctx.io.c.token_expired_closes += 1;
+                log::info!("conn={} token expired, closing {code}", self.id);
+                self.close_code(code, reason, ctx);
+            }
+            TokenStep::Wait => self.schedule_token(ctx),
+        }
+        self.after_io(ctx)
     }
 
     /// Queue a text frame for this connection (a reply produced outside its
@@ -500,6 +592,11 @@ impl Conn {
         if self.is_open() && self.out.bytes() <= limit {
             self.out.push_frame(OpCode::Text, json);
         }
+    }
+
+    /// Bytes queued for this connection and not yet taken by the socket.
+    pub fn queued_bytes(&self) -> usize {
+        self.out.bytes()
     }
 
     /// Put the connection on the shard's flush list (once per turn).
@@ -637,11 +734,23 @@ impl Conn {
 
     /// A timer of this connection fired.
     pub fn on_timer(&mut self, kind: TimerKind, ctx: &mut Ctx<'_>) -> Next {
+        if kind == TimerKind::TokenExpiry {
+            // The session's own wheel entry, not the connection's slot.
+            return self.on_token_timer(ctx);
+        }
         self.timer = None;
         match (kind, self.state) {
             (TimerKind::Handshake, State::Handshake) => {
                 ctx.io.c.handshake_timeouts += 1;
                 log::debug!("conn={} handshake timeout", self.id);
+                if !self.awaiting && self.body_incomplete(ctx) {
+                    // A whole head and part of its body: the caller is told
+                    // why (408) instead of seeing the connection vanish. A
+                    // head that never finished gets nothing (slowloris).
+                    ctx.io.c.body_timeouts += 1;
+                    self.respond(self.body_timeout(ctx), ctx);
+                    return self.after_io(ctx);
+                }
                 Next::Drop
             }
             (TimerKind::Ping, State::Open(_)) => {
@@ -657,9 +766,22 @@ impl Conn {
                     return self.after_io(ctx);
                 }
                 self.out.push_frame(OpCode::Ping, b"");
-                self.awaiting_pong = true;
+                if !self.awaiting_pong {
+                    self.awaiting_pong = true;
+                    self.unanswered = 0;
+                }
+                self.unanswered = self.unanswered.saturating_add(1);
                 ctx.io.c.pings_sent += 1;
-                self.set_timer(ctx, ctx.env.cfg.pong_timeout, TimerKind::PongDeadline);
+                // One timer per connection: whichever comes first, the next
+                // ping (every interval, as documented) or the pong deadline
+                // (pong_timeout after the first unanswered ping).
+                let interval = ctx.env.cfg.heartbeat_interval;
+                let left = self.pong_time_left(ctx);
+                if left <= interval {
+                    self.set_timer(ctx, left, TimerKind::PongDeadline);
+                } else {
+                    self.set_timer(ctx, interval, TimerKind::Ping);
+                }
                 self.after_io(ctx)
             }
             (TimerKind::PongDeadline, State::Open(_)) => {
@@ -673,12 +795,13 @@ impl Conn {
                     self.close(CloseCode::Error, "heartbeat timeout", ctx);
                     return self.after_io(ctx);
                 }
-                // The next ping is due one interval after the last one.
+                // The deadline came `left` after the last ping; the next
+                // ping is due one interval after that ping.
                 let rest = ctx
                     .env
                     .cfg
                     .heartbeat_interval
-                    .saturating_sub(ctx.env.cfg.pong_timeout);
+                    .saturating_sub(self.pong_time_left(ctx));
                 if rest.is_zero() {
                     return self.on_timer(TimerKind::Ping, ctx);
                 }
@@ -705,6 +828,18 @@ impl Conn {
             (TimerKind::Linger, _) => Next::Drop,
             _ => Next::Keep,
         }
+    }
+
+    /// Time from the last ping sent to the pong deadline: `pong_timeout`
+    /// after the first of the `unanswered` pings, which went out one
+    /// interval apart (timers never fire early, so the deadline is never
+    /// early either).
+    fn pong_time_left(&self, ctx: &Ctx<'_>) -> Duration {
+        let cfg = &ctx.env.cfg;
+        let waited = cfg
+            .heartbeat_interval
+            .saturating_mul(self.unanswered.saturating_sub(1));
+        cfg.pong_timeout.saturating_sub(waited)
     }
 
     /// Server shutdown: close open connections with 1001, drop handshakes.

@@ -201,7 +201,8 @@
   // One HTTP API call. body: JSON text or undefined. Errors carry the server's message.
   async function api(method, path, body) {
     const headers = { Accept: 'application/json' };
-    if (body !== undefined) headers['Content-Type'] = 'application/json';
+    // Every POST says JSON: the API refuses other POSTs (they could come cross-site).
+    if (body !== undefined || method === 'POST') headers['Content-Type'] = 'application/json';
     const key = $('apiKey').value.trim();
     if (key) headers.Authorization = 'Bearer ' + key;
     const ctl = new AbortController();
@@ -549,9 +550,9 @@
       if (!r || typeof r.token !== 'string') throw new Error('the answer has no token');
       $('token').value = r.token;
       rememberInputs();
-      result('connResult', `token for ${userId}${body.role ? ' (admin)' : ''} minted, expires ${fmtTime(r.expiresAt)}; connect to use it`, 'ok');
+      result('connResult', `token for ${userId}${body.role ? ' (admin)' : ''} minted, expires ${r.expiresAt === null ? 'never (the shared token)' : fmtTime(r.expiresAt)}; connect to use it`, 'ok');
     } catch (e) {
-      const hint = e.status === 404 || e.status === 409 ? ' (minting needs a server with auth.mode = "jwt" and an HS secret)' : '';
+      const hint = e.status === 404 || e.status === 409 ? ' (minting needs auth.mode = "jwt" with an HS secret, or auth.mode = "token")' : '';
       result('connResult', `mint: ${e.message}${hint}`, 'err');
     }
   }

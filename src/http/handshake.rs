@@ -54,18 +54,35 @@ pub struct Request {
     pub host: Option<String>,
     /// `X-API-Key`.
     pub api_key: Option<String>,
+    /// `Content-Type`, as sent.
+    pub content_type: Option<String>,
     /// `Content-Length` (0 when absent).
     pub content_length: usize,
     /// A `Transfer-Encoding` was given (we take only Content-Length bodies).
     pub transfer_encoding: bool,
     /// `Connection: close` was asked for.
     pub close: bool,
+    /// Every `Forwarded` header (RFC 7239), joined with `,` in order.
+    pub forwarded: Option<String>,
+    /// Every `X-Forwarded-For` header, joined with `,` in order.
+    pub x_forwarded_for: Option<String>,
 }
 
 impl Request {
     /// Is this request asking for a WebSocket upgrade at all?
     pub fn wants_upgrade(&self) -> bool {
         self.upgrade_websocket && self.connection_upgrade
+    }
+
+    /// Is the body declared as JSON (`Content-Type: application/json`, with
+    /// any parameters)? A browser sends that type cross-site only after a
+    /// CORS preflight, which this server never grants.
+    pub fn json_body(&self) -> bool {
+        self.content_type.as_deref().is_some_and(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+        })
     }
 
     /// A query parameter, percent-decoded.
@@ -75,6 +92,29 @@ impl Request {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             (k == name).then(|| percent_decode(v))
         })
+    }
+
+    /// The addresses the proxies in front of us name, client first, one per
+    /// hop: from `Forwarded` (its `for=` parameters) if present, else from
+    /// `X-Forwarded-For`; `None` when the request has neither. A hop that is
+    /// not an IP address (`unknown`, an obfuscated `_name`) is `None`.
+    /// Whether to believe any of it is the caller's decision
+    /// (`trusted_proxies`): a client can send these headers itself.
+    pub fn forwarded_for(&self) -> Option<Vec<Option<std::net::IpAddr>>> {
+        if let Some(f) = &self.forwarded {
+            return Some(
+                f.split(',')
+                    .map(|element| {
+                        element.split(';').find_map(|pair| {
+                            let (k, v) = pair.split_once('=')?;
+                            k.trim().eq_ignore_ascii_case("for").then(|| node_ip(v))
+                        })?
+                    })
+                    .collect(),
+            );
+        }
+        let x = self.x_forwarded_for.as_deref()?;
+        Some(x.split(',').map(node_ip).collect())
     }
 
     /// The `Sec-WebSocket-Key` is 16 random bytes in base64: 24 characters
@@ -124,6 +164,34 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An address as proxies write it: `192.0.2.1`, `192.0.2.1:4711`,
+/// `2001:db8::1`, `[2001:db8::1]:4711`, optionally quoted (RFC 7239 6).
+fn node_ip(v: &str) -> Option<std::net::IpAddr> {
+    let v = v.trim().trim_matches('"');
+    if let Some(rest) = v.strip_prefix('[') {
+        return rest.split_once(']')?.0.parse().ok();
+    }
+    if let Ok(ip) = v.parse() {
+        return Some(ip);
+    }
+    // IPv4 with a port (one colon; a bare IPv6 address parsed above).
+    let (host, port) = v.split_once(':')?;
+    port.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
+    host.parse::<std::net::Ipv4Addr>().ok().map(Into::into)
+}
+
+/// Another line of a header that may repeat: joined as one list.
+fn append(to: &mut Option<String>, value: &[u8]) {
+    let Some(v) = text(value) else { return };
+    match to {
+        Some(list) => {
+            list.push(',');
+            list.push_str(&v);
+        }
+        None => *to = Some(v),
+    }
 }
 
 fn has_token(value: &[u8], token: &str) -> bool {
@@ -198,6 +266,12 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Request, usi
             out.host = text(h.value);
         } else if name.eq_ignore_ascii_case("x-api-key") {
             out.api_key = text(h.value);
+        } else if name.eq_ignore_ascii_case("content-type") {
+            out.content_type = text(h.value);
+        } else if name.eq_ignore_ascii_case("forwarded") {
+            append(&mut out.forwarded, h.value);
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            append(&mut out.x_forwarded_for, h.value);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             out.transfer_encoding = true;
         } else if name.eq_ignore_ascii_case("content-length") {
@@ -440,5 +514,32 @@ mod tests {
         assert_eq!(percent_decode("a%2Fb+c"), "a/b c");
         assert_eq!(percent_decode("%+41"), "% 41", "a sign is not a hex digit");
         assert_eq!(percent_decode("%-1"), "%-1");
+    }
+
+    #[test]
+    fn forwarded_addresses_in_both_spellings() {
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        let head = "GET /ws HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9, 10.0.0.2:8080\r\nX-Forwarded-For: [2001:db8::7]:1\r\n\r\n";
+        let (req, _) = parse_request(head.as_bytes(), 8192).unwrap().unwrap();
+        assert_eq!(
+            req.forwarded_for(),
+            Some(vec![ip("203.0.113.9"), ip("10.0.0.2"), ip("2001:db8::7")])
+        );
+        // Forwarded wins over X-Forwarded-For; unknown and obfuscated hops are None.
+        let head = "GET /ws HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.1.1.1\r\nForwarded: for=192.0.2.60;proto=http;by=203.0.113.43, For=\"[2001:db8:cafe::17]:4711\"\r\nForwarded: for=unknown, proto=https, for=_hidden\r\n\r\n";
+        let (req, _) = parse_request(head.as_bytes(), 8192).unwrap().unwrap();
+        assert_eq!(
+            req.forwarded_for(),
+            Some(vec![
+                ip("192.0.2.60"),
+                ip("2001:db8:cafe::17"),
+                None,
+                None,
+                None
+            ])
+        );
+        let head = "GET /ws HTTP/1.1\r\nHost: x\r\n\r\n";
+        let (req, _) = parse_request(head.as_bytes(), 8192).unwrap().unwrap();
+        assert_eq!(req.forwarded_for(), None);
     }
 }

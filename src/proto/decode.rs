@@ -22,6 +22,8 @@ pub enum Kind<'a> {
     },
     Broadcast,
     Ack,
+    /// `refresh`: a new token for the open connection.
+    Refresh,
     /// `request`, or seed 004's `REQUEST` (then the dialect is upper).
     Request,
     /// Any other type: an ingestible record type if configured, else unknown.
@@ -40,6 +42,7 @@ impl<'a> Kind<'a> {
             "chat" => Kind::Direct { chat: true },
             "broadcast" => Kind::Broadcast,
             "ack" => Kind::Ack,
+            "refresh" => Kind::Refresh,
             "request" => Kind::Request,
             "REQUEST" => return (Kind::Request, Dialect::Upper),
             other => Kind::Other(other),

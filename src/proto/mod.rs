@@ -56,8 +56,13 @@ pub enum ErrorCode {
     StorageError,
     /// The token (or every token of the user) was revoked.
     TokenRevoked,
+    /// A `refresh` token names another user or tenant than the connection's.
+    TokenMismatch,
     /// The server is shutting down and could not do it.
     Unavailable,
+    /// The message was not stored: the recipient's inbox or the sender's
+    /// quota is full (`inbox.*`); the message says which.
+    InboxFull,
 }
 
 impl ErrorCode {
@@ -81,7 +86,9 @@ impl ErrorCode {
             ErrorCode::StorageDisabled => "storage_disabled",
             ErrorCode::StorageError => "storage_error",
             ErrorCode::TokenRevoked => "token_revoked",
+            ErrorCode::TokenMismatch => "token_mismatch",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::InboxFull => "inbox_full",
         }
     }
 }

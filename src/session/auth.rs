@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::auth::{Authenticator, Identity};
 use crate::env::Handling;
-use crate::policy::{MAX_ID_LEN, valid_name};
+use crate::policy::valid_id;
 use crate::proto::{Dialect, ErrorCode, Out};
 use crate::work::{StoreWait, Work};
 
@@ -25,7 +25,7 @@ impl Session {
                     .params
                     .as_ref()
                     .and_then(|p| p.dev_user.clone())
-                    .filter(|u| valid_name(u, MAX_ID_LEN))
+                    .filter(|u| valid_id(u))
                     .unwrap_or_else(|| format!("anon-{}", ctx.conn));
                 self.login(anonymous(user), ctx, out, None)
             }
@@ -48,7 +48,7 @@ impl Session {
                 if let (Authenticator::StaticToken(_), Some(u)) = (
                     &*ctx.env.auth,
                     self.params.as_ref().and_then(|p| p.dev_user.as_deref()),
-                ) && valid_name(u, MAX_ID_LEN)
+                ) && valid_id(u)
                 {
                     identity.user_id = u.to_owned();
                 }
@@ -65,6 +65,76 @@ impl Session {
                 Verdict::Close(close::AUTH_FAILED, "authentication failed")
             }
         }
+    }
+
+    /// `refresh`: a new token for the open connection, before the current
+    /// one expires. It must name the same user and tenant; its claims
+    /// (channels, role) and expiry replace the old token's for every later
+    /// check, and the subscriptions held stay. A refused token changes
+    /// nothing: the connection keeps its current token (and expiry).
+    pub(super) fn refresh(
+        &mut self,
+        token: &str,
+        ctx: &mut Handling<'_>,
+        out: &mut dyn Replies,
+        rid: Option<&[u8]>,
+    ) -> Verdict {
+        let Some(current) = self.identity.as_deref() else {
+            return Verdict::Continue; // dispatch lets only authenticated connections here
+        };
+        let fresh = match (&*ctx.env.auth, ctx.env.auth.authenticate(token)) {
+            // Modes `none` and `token` name the user from `?userId=`, not
+            // from the token, and their tokens never expire: a valid token
+            // keeps the identity as it is.
+            (Authenticator::None | Authenticator::StaticToken(_), Ok(_)) => current.clone(),
+            (Authenticator::Jwt(_), Ok(identity)) => identity,
+            (_, Err(e)) => {
+                let mut b = Vec::new();
+                Out::new(&mut b, "error")
+                    .str("code", e.code())
+                    .str("message", &e.to_string())
+                    .opt_raw("requestId", rid)
+                    .finish();
+                out.text(&b);
+                return Verdict::Continue;
+            }
+        };
+        if fresh.user_id != current.user_id || fresh.tenant != current.tenant {
+            reply_error(
+                out,
+                ErrorCode::TokenMismatch,
+                "the new token must name the same user (sub) and tenant",
+                rid,
+                Dialect::Native,
+            );
+            return Verdict::Continue;
+        }
+        if ctx.desk.revoked.covers(&fresh, crate::clock::now_ms()) {
+            reply_error(
+                out,
+                ErrorCode::TokenRevoked,
+                "this token was revoked",
+                rid,
+                Dialect::Native,
+            );
+            return Verdict::Continue;
+        }
+        let expires = fresh
+            .expires_at
+            .and_then(|e| i64::try_from(e).ok())
+            .map(|e| crate::clock::rfc3339_ms(e.saturating_mul(1000)));
+        self.identity = Some(Box::new(fresh));
+        self.expiry_warned = false;
+        let mut b = Vec::new();
+        let reply = Out::new(&mut b, "refreshed");
+        match &expires {
+            Some(at) => reply.str("expiresAt", at),
+            None => reply.raw("expiresAt", b"null"),
+        }
+        .opt_raw("requestId", rid)
+        .finish();
+        out.text(&b);
+        Verdict::Refreshed
     }
 
     fn login(
@@ -92,16 +162,12 @@ impl Session {
         // Seed 004 targeting: tenant-wide and artifact channels from claims
         // and connect parameters, joined without a permission check.
         let mut auto = Vec::new();
-        if let Some(t) = identity
-            .tenant
-            .as_deref()
-            .filter(|t| valid_name(t, MAX_ID_LEN))
-        {
+        if let Some(t) = identity.tenant.as_deref().filter(|t| valid_id(t)) {
             auto.push(format!("tenant:{t}"));
             if let Some(a) = params
                 .as_ref()
                 .and_then(|p| p.artifact_id.as_deref())
-                .filter(|a| valid_name(a, MAX_ID_LEN))
+                .filter(|a| valid_id(a))
             {
                 auto.push(format!("tenant:{t}:artifact:{a}"));
             }

@@ -7,12 +7,13 @@ use simd_json::prelude::*;
 
 use crate::auth::Identity;
 use crate::env::Handling;
-use crate::policy::{MAX_ID_LEN, rule_allows, valid_name};
+use crate::policy::{rule_allows, valid_id};
 use crate::proto::encode::shared_frame;
 use crate::proto::{Dialect, ErrorCode, Out, field, field_str};
 use crate::work::{Audience, Reply, Work, WsReply};
 
 use super::reply::{Replies, forwarded, reply_error, required};
+use super::state::Bucket;
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn direct(
@@ -22,6 +23,7 @@ pub(super) fn direct(
     rid: Option<&[u8]>,
     user: &Arc<str>,
     id: &Identity,
+    stored: &mut Bucket,
     ctx: &mut Handling<'_>,
     out: &mut dyn Replies,
 ) {
@@ -38,7 +40,7 @@ pub(super) fn direct(
     let to = ["to", "userId", "recipient"]
         .iter()
         .find_map(|k| field_str(v, k));
-    let Some(to) = to.filter(|t| valid_name(t, MAX_ID_LEN)) else {
+    let Some(to) = to.filter(|t| valid_id(t)) else {
         reply_error(
             out,
             ErrorCode::MissingField,
@@ -79,15 +81,44 @@ pub(super) fn direct(
         return;
     }
     if ctx.env.storage() && (want_ack || ctx.env.router.user_shards(&to) == 0) {
-        store_direct(ctx, to, b, rid);
+        if stored_limited(stored, ctx) {
+            ctx.desk.refused.inbox_rate += 1;
+            reply_error(
+                out,
+                ErrorCode::RateLimited,
+                "stored messages rate exceeded (inbox.stored_per_second); retry later",
+                rid,
+                Dialect::Native,
+            );
+            return;
+        }
+        store_direct(ctx, Some(user.clone()), to, b, rid);
         return;
     }
     deliver_counted(ctx, Audience::User(to.clone()), &b, rid, to);
 }
 
+/// Take one token from the connection's bucket of stored messages
+/// (`inbox.stored_per_second`, burst `inbox.stored_burst`); true if empty.
+/// Storing costs a commit and keeps bytes for days: it has its own rate,
+/// below the rate of messages.
+fn stored_limited(bucket: &mut Bucket, ctx: &Handling<'_>) -> bool {
+    let cfg = &ctx.env.cfg.inbox;
+    if cfg.stored_per_second == 0 {
+        return false;
+    }
+    !bucket.take(cfg.stored_per_second, cfg.stored_burst, 1, ctx.now)
+}
+
 /// Keep a direct message in `to`'s inbox; once stored it is delivered with
 /// its id (and redelivered until acknowledged).
-pub fn store_direct(ctx: &mut Handling<'_>, to: Arc<str>, event: Vec<u8>, rid: Option<&[u8]>) {
+pub fn store_direct(
+    ctx: &mut Handling<'_>,
+    from: Option<Arc<str>>,
+    to: Arc<str>,
+    event: Vec<u8>,
+    rid: Option<&[u8]>,
+) {
     let reply = Reply::ws(
         ctx.asker(),
         rid,
@@ -97,8 +128,7 @@ pub fn store_direct(ctx: &mut Handling<'_>, to: Arc<str>, event: Vec<u8>, rid: O
             id: 0,
         },
     );
-    let inbox = &ctx.env.cfg.inbox;
-    let work = Work::store_direct(ctx.asker(), to, event, inbox.ttl, inbox.max_per_user, reply);
+    let work = Work::store_direct(ctx.asker(), from, to, event, &ctx.env.cfg.inbox, reply);
     ctx.desk.work.push(work);
 }
 

@@ -50,13 +50,32 @@ impl Session {
         let rid = msg.request_id.as_deref();
         let kind = msg.kind();
         let name = msg.type_name();
-        if self.rate_limited(&ctx.env.cfg, ctx.now) {
+        // Refusals before the handler answer in the message's dialect too: a
+        // seed 004 client reads `ERROR` with its `error {code, message}`.
+        let dialect = msg.dialect;
+        // `history` and `presence` make other shards work and may answer
+        // with megabytes: they cost more of the bucket than a message.
+        let costly = match kind {
+            Kind::Request => true,
+            Kind::Other(k) => k.eq_ignore_ascii_case("request"),
+            _ => false,
+        } && matches!(
+            field_str(&msg.value, "action"),
+            Some("history" | "presence")
+        );
+        let cost = if costly {
+            ctx.env.cfg.rate_limit.request_cost
+        } else {
+            1
+        };
+        if self.rate_limited(&ctx.env.cfg, ctx.now, cost) {
+            ctx.desk.refused.rate += 1;
             reply_error(
                 out,
                 ErrorCode::RateLimited,
                 "message rate limit exceeded",
                 rid,
-                Dialect::Native,
+                dialect,
             );
             return Verdict::Continue;
         }
@@ -102,7 +121,7 @@ impl Session {
                     ErrorCode::NotAuthenticated,
                     "authenticate first",
                     rid,
-                    Dialect::Native,
+                    dialect,
                 );
             } else {
                 unknown_type(out, name, rid);
@@ -114,12 +133,29 @@ impl Session {
             Kind::Subscribe => self.subscribe(v, rid, &identity, ctx, out),
             Kind::Unsubscribe => self.unsubscribe(v, rid, ctx, out),
             Kind::Publish => channels::publish(v, raw, rid, &user, &identity, ctx, out),
-            Kind::Direct { chat } => direct::direct(chat, v, raw, rid, &user, &identity, ctx, out),
+            Kind::Direct { chat } => {
+                let stored = &mut self.stored;
+                direct::direct(chat, v, raw, rid, &user, &identity, stored, ctx, out)
+            }
             Kind::Broadcast => direct::broadcast(v, raw, rid, &user, &identity, ctx, out),
             Kind::Ack => direct::ack(v, rid, &user, ctx, out),
+            Kind::Refresh => {
+                let Some(token) = field_str(v, "token") else {
+                    reply_error(
+                        out,
+                        ErrorCode::MissingField,
+                        "\"token\" (string) is required",
+                        rid,
+                        Dialect::Native,
+                    );
+                    return Verdict::Continue;
+                };
+                let token = token.to_owned();
+                return self.refresh(&token, ctx, out, rid);
+            }
             Kind::Request | Kind::Other(_) if ingestible(name) => {
                 self.data_received = self.data_received.saturating_add(1);
-                ingest::ingest(name, v, rid, &user, ctx, out);
+                ingest::ingest(name, v, raw, rid, &user, ctx, out);
             }
             Kind::Request => self.request(v, rid, msg.dialect, &user, &identity, ctx, out),
             // Any other spelling of `request` is the native dialect.

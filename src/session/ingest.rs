@@ -17,6 +17,7 @@ use super::reply::{Replies, reply_error, required};
 pub(super) fn ingest(
     kind: &str,
     v: &simd_json::BorrowedValue<'_>,
+    raw: &[u8],
     rid: Option<&[u8]>,
     user: &Arc<str>,
     ctx: &mut Handling<'_>,
@@ -66,8 +67,15 @@ pub(super) fn ingest(
         );
         return;
     }
-    let stored = match crate::ingest::prepare(&ctx.env.cfg.ingest, ctx.env.sealer.as_deref(), data)
-    {
+    // The client's own text of `data`: repeated keys show there at every
+    // size (the parsed value hides them past 32 members).
+    let data_text = crate::proto::raw_field(raw, "data");
+    let stored = match crate::ingest::prepare(
+        &ctx.env.cfg.ingest,
+        ctx.env.sealer.as_deref(),
+        data,
+        data_text,
+    ) {
         Ok(s) => s,
         Err(crate::ingest::PrepareError::Invalid(e)) => {
             reply_error(

@@ -7,9 +7,9 @@
 //!
 //! | file | owns |
 //! |---|---|
-//! | `state.rs` | `Session`, connect parameters, verdicts, close codes, the rate limit |
+//! | `state.rs` | `Session`, connect parameters, verdicts, close codes, the rate limit, the token's expiry |
 //! | `dispatch.rs` | one text message: decode, rate limit, route to its handler |
-//! | `auth.rs` | authentication and login |
+//! | `auth.rs` | authentication, login, token refresh |
 //! | `channels.rs` | subscribe (recovery), unsubscribe, publish |
 //! | `direct.rs` | direct messages, the offline inbox, broadcast, acks |
 //! | `request.rs` | request/response actions |
@@ -29,4 +29,4 @@ mod state;
 pub mod render;
 
 pub use reply::Replies;
-pub use state::{ConnectParams, FEATURES, FEATURES_NO_STORAGE, Session, Verdict, close};
+pub use state::{ConnectParams, FEATURES, FEATURES_NO_STORAGE, Session, TokenStep, Verdict, close};

@@ -12,7 +12,7 @@ use crate::proto::{self, Dialect, ErrorCode, field, field_str};
 use crate::work::{HistoryQuery, Reply, Work, WsReply};
 
 use super::reply::{Replies, reply_error, visible_channel};
-use super::state::Session;
+use super::state::{MAX_PENDING_HISTORY, Session};
 
 impl Session {
     #[allow(clippy::too_many_arguments)]
@@ -108,6 +108,23 @@ impl Session {
                 else {
                     return;
                 };
+                // Checked before any shard builds a page: a client that does
+                // not read its answers would have them dropped at the
+                // slow-consumer limit after the work was done.
+                if self.pending_history >= MAX_PENDING_HISTORY
+                    || out.queued() >= ctx.env.cfg.max_outbound_bytes / 2
+                {
+                    ctx.desk.refused.history += 1;
+                    reply_error(
+                        out,
+                        ErrorCode::Overloaded,
+                        "too many history answers waiting to be read; read them, then ask again",
+                        Some(rid),
+                        dialect,
+                    );
+                    return;
+                }
+                self.pending_history += 1;
                 let num = |name: &str| match data.and_then(|d| d.get(name)) {
                     None => Ok(None),
                     Some(v) => v.as_u64().map(Some).ok_or(name.to_owned()),

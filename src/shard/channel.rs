@@ -114,6 +114,7 @@ impl Shard {
 
     pub(super) fn history_page(&mut self, channel: &str, query: &HistoryQuery) -> Page {
         let now_ms = crate::clock::now_ms();
+        self.io.c.history_pages += 1;
         // One reply stays well under the slow-consumer limit.
         let max_bytes = self.env.cfg.max_outbound_bytes / 2;
         match query {

@@ -13,6 +13,10 @@ use crate::work::{
 };
 
 use super::inbox::{ReportTo, ShardMsg};
+
+/// The answer to a client publication or message refused because a shard's
+/// queue is full (`shard_queue_bytes`).
+const QUEUE_FULL: &str = "the server is overloaded (a shard's queue is full); retry later";
 use super::state::{Gather, Shard};
 
 impl Shard {
@@ -62,6 +66,12 @@ impl Shard {
         }
     }
 
+    /// Whether every shard of `mask` has room in its queue
+    /// (`shard_queue_bytes`).
+    fn room_in(&self, mask: u64) -> bool {
+        self.peers.has_room(mask, self.env.cfg.shard_queue_bytes)
+    }
+
     /// Where a cross-shard answer for gather `g` goes: here.
     fn report(&self, gather: usize) -> ReportTo {
         ReportTo {
@@ -88,6 +98,16 @@ impl Shard {
             Audience::All => router.all(),
         };
         let me = 1u64 << self.env.shard;
+        if let Some(r) = &reply
+            && ack.is_none()
+            && !self.room_in(mask & !me)
+        {
+            // A client's (or the API's) message: refused before any copy of
+            // it is queued, so a flood cannot grow another shard's queue.
+            // Inbox deliveries (`ack`) were stored already and are sent.
+            self.refuse(r, QUEUE_FULL);
+            return;
+        }
         let local = if mask & me != 0 {
             self.deliver_local(&audience, &frame, ack, now)
         } else {
@@ -147,11 +167,29 @@ impl Shard {
 
     /// A publication goes to its channel's home shard to be numbered.
     fn publish(&mut self, channel: Arc<str>, event: PubEvent, reply: Option<Reply>, now: Instant) {
+        // The home shard, and every shard it will fan the publication out
+        // to, must have room: the publisher is told `overloaded` (and may
+        // retry) rather than the queues between shards growing.
+        // The home shard delivers to its own subscribers directly and sends
+        // one message to each other shard with subscribers (this one too).
+        let home = self.env.router.home(&channel);
+        let hop = if home == self.env.shard {
+            0
+        } else {
+            1u64 << home
+        };
+        let targets = (self.env.router.channel_shards(&channel) & !(1u64 << home)) | hop;
+        if !self.room_in(targets) {
+            match &reply {
+                Some(r) => self.refuse(r, QUEUE_FULL),
+                None => self.io.c.shard_queue_refused += 1,
+            }
+            return;
+        }
         let report = reply.map(|reply| ReportTo {
             shard: self.env.shard,
             gather: self.gathers.insert(Gather::new(reply)),
         });
-        let home = self.env.router.home(&channel);
         if home == self.env.shard {
             self.publish_home(channel, event, report, now);
             return;
@@ -273,15 +311,25 @@ mod tests {
     use crate::route::{Router, home_shard};
     use crate::work::{Asker, Audience, PubEvent, Reply, Work, WsReply};
 
-    use super::super::inbox::{Peers, ShardMsg};
+    use super::super::inbox::{Inbox, Peers, ShardMsg, weight};
     use super::super::state::{Opened, Shard, ShardSetup};
 
     /// Shard 0 of `n`, built, plus the inboxes of shards 1..n to read.
     fn shard0(n: usize) -> (Box<Shard>, Arc<Router>, Vec<Receiver<ShardMsg>>) {
+        let (shard, router, others, _) = shard0_with(n, |_| {});
+        (shard, router, others)
+    }
+
+    /// As [`shard0`] with a changed config; also shard 0's own inbox.
+    fn shard0_with(
+        n: usize,
+        tweak: impl FnOnce(&mut Config),
+    ) -> (Box<Shard>, Arc<Router>, Vec<Receiver<ShardMsg>>, Inbox) {
         let mut cfg = Config {
             shards: n,
             ..Config::default()
         };
+        tweak(&mut cfg);
         cfg.storage.backend = StorageBackend::None;
         let cfg = Arc::new(cfg);
         let opened: Vec<Opened> = (0..n).map(|_| Opened::new().unwrap()).collect();
@@ -307,8 +355,8 @@ mod tests {
             writer: None,
             cfg,
         };
-        let (shard, _, _) = first.build(setup).unwrap();
-        (shard, router, others)
+        let (shard, inbox, _) = first.build(setup).unwrap();
+        (shard, router, others, inbox)
     }
 
     fn asker() -> Asker {
@@ -447,5 +495,109 @@ mod tests {
             Ok(ShardMsg::Publish { channel, .. }) => assert_eq!(channel, away),
             _ => panic!("a publication goes to its channel's home shard"),
         }
+    }
+
+    fn publish_work(channel: &Arc<str>, bytes: usize) -> Work {
+        Work::Publish {
+            channel: channel.clone(),
+            event: PubEvent {
+                from: None,
+                data: vec![b'1'; bytes].into_boxed_slice(),
+            },
+            reply: Some(Reply::ws(
+                asker(),
+                None,
+                Dialect::Native,
+                WsReply::Published {
+                    channel: channel.clone(),
+                },
+            )),
+        }
+    }
+
+    /// Issue 12.4: a home shard that does not keep up (here: does not run
+    /// at all) gets at most `shard_queue_bytes` of publications; the rest
+    /// are refused (`overloaded`) on the publisher's shard. Before the
+    /// budget every one of them was queued.
+    #[test]
+    fn publications_for_a_full_shard_are_refused_not_queued() {
+        let budget = 64 << 10;
+        let (mut shard, _router, others, _) = shard0_with(2, |c| c.shard_queue_bytes = budget);
+        let away = homed(1, 2);
+        for _ in 0..1000 {
+            shard.desk.work.push(publish_work(&away, 1024));
+            shard.route_outgoing(Instant::now());
+        }
+        let queued: usize = others[0].try_iter().map(|m| weight(&m)).sum();
+        assert!(
+            queued > 0,
+            "publications go to the home shard while it has room"
+        );
+        assert!(
+            queued < budget + 2048,
+            "{queued} bytes queued for a shard whose budget is {budget}"
+        );
+        assert!(
+            shard.io.c.shard_queue_refused >= 900,
+            "refused {}",
+            shard.io.c.shard_queue_refused
+        );
+        // Handled messages make room again.
+        assert_eq!(shard.peers.queued(1), queued, "the count follows the queue");
+    }
+
+    /// Issue 12.4: one turn handles at most `shard_turn_bytes` of the
+    /// inbox and leaves the rest for the next turn (before: all of it).
+    #[test]
+    fn one_turn_handles_a_budget_of_the_inbox() {
+        let (mut shard, _router, _others, inbox) =
+            shard0_with(2, |c| c.shard_turn_bytes = 16 << 10);
+        for _ in 0..100 {
+            inbox.send(ShardMsg::Deliver {
+                audience: Audience::Channel(Arc::from("room:nobody")),
+                frame: Arc::from(vec![0u8; 1000]),
+                report: None,
+                ack: None,
+            });
+        }
+        let before = shard.peers.queued(0);
+        assert_eq!(before, 100 * (1000 + 64));
+        shard.drain_inbox(Instant::now(), shard.env.cfg.shard_turn_bytes);
+        let left = shard.rx.len();
+        assert!(shard.inbox_more, "the shard comes back for the rest");
+        assert!(
+            (80..=86).contains(&left),
+            "{left} messages left after one turn"
+        );
+        assert_eq!(
+            shard.queued.load(std::sync::atomic::Ordering::Acquire),
+            left * 1064
+        );
+        let mut turns = 1;
+        while shard.inbox_more {
+            shard.drain_inbox(Instant::now(), shard.env.cfg.shard_turn_bytes);
+            turns += 1;
+        }
+        assert_eq!(shard.rx.len(), 0);
+        assert_eq!(turns, 7, "100 KiB in 16 KiB turns");
+        assert_eq!(shard.peers.queued(0), 0);
+    }
+
+    /// Issue 12.13: buffers a burst grew (the cork, the parse copy) are
+    /// given back at the once-a-second sweep; before they kept the peak.
+    #[test]
+    fn the_sweep_gives_back_buffers_a_burst_grew() {
+        let (mut shard, _router, _others, _) = shard0_with(1, |_| {});
+        shard.io.cork.reserve(4 << 20);
+        shard.desk.raw.reserve(1 << 20);
+        assert!(shard.io.cork.capacity() >= 4 << 20);
+        shard.trim_buffers();
+        assert!(
+            shard.io.cork.capacity() <= 128 << 10,
+            "{}",
+            shard.io.cork.capacity()
+        );
+        assert_eq!(shard.desk.raw.capacity(), 0);
+        assert_eq!(shard.io.pool.held(), 0);
     }
 }

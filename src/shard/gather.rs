@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::conn::{Ctx, Next};
+use crate::proto::ErrorCode;
 use crate::work::{Asker, Gathered, Reply, ReplyKind, WsReply};
 
 use super::state::Shard;
@@ -77,6 +78,22 @@ impl Shard {
         if conn.id() != to.conn {
             return; // the asker is gone and its slot reused
         }
+        if let WsReply::History { .. } = what
+            && let Some(session) = conn.session_mut()
+        {
+            session.history_done();
+        }
+        if conn.queued_bytes() > self.env.cfg.max_outbound_bytes {
+            // Past the slow-consumer limit the reply would be dropped
+            // (`push_text`): do not build it.
+            if let WsReply::Subscribed { channel } = what
+                && let Some(session) = conn.session_mut()
+            {
+                session.recovered(channel, &mut self.desk.local);
+            }
+            self.io.c.replies_skipped += 1;
+            return;
+        }
         if let WsReply::Subscribed { channel } = what
             && let Some(session) = conn.session_mut()
         {
@@ -87,6 +104,26 @@ impl Shard {
         }
         let text = crate::session::render::reply_text(what, request_id.as_deref(), dialect, result);
         self.send_text(to, &text);
+    }
+
+    /// Refuse a client's or the API's operation before any work was done:
+    /// `overloaded` (HTTP 503) with `message`.
+    pub(super) fn refuse(&mut self, reply: &Reply, message: &str) {
+        self.io.c.shard_queue_refused += 1;
+        match &reply.kind {
+            ReplyKind::Api(pending) => {
+                let resp = crate::api::render::storage_failure(pending, true, message);
+                self.http_answer(reply.to, resp, pending.started, Instant::now());
+            }
+            ReplyKind::Ws { request_id, .. } => {
+                let text = crate::session::render::storage_failure(
+                    ErrorCode::Overloaded,
+                    message,
+                    request_id.as_deref(),
+                );
+                self.send_text(reply.to, &text);
+            }
+        }
     }
 
     /// An HTTP API answer for connection `key` (if it is still the same one).

@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
@@ -25,7 +25,6 @@ pub enum ShardMsg {
     Adopt {
         stream: TcpStream,
         peer: SocketAddr,
-        rate_limited: bool,
     },
     /// Stop accepting, close every client with 1001, exit by the deadline.
     Shutdown {
@@ -99,6 +98,25 @@ pub enum ShardMsg {
     },
 }
 
+/// What one queued message counts against its shard's queue budget: the
+/// bytes it carries (a publication's data, a frame, a history page) plus a
+/// fixed cost for the message itself, so many small messages count too.
+pub(super) fn weight(msg: &ShardMsg) -> usize {
+    const MESSAGE: usize = 64;
+    MESSAGE
+        + match msg {
+            ShardMsg::Deliver { frame, .. } => frame.len(),
+            ShardMsg::Publish { channel, event, .. } => channel.len() + event.data.len(),
+            ShardMsg::HistoryReply { page, .. } => {
+                page.publications.iter().map(|p| p.len()).sum::<usize>()
+            }
+            ShardMsg::Stored(done) => done.len() * MESSAGE,
+            ShardMsg::Clients { clients, .. } => clients.len() * MESSAGE,
+            ShardMsg::PresenceReply { entries, .. } => entries.len() * MESSAGE,
+            _ => 0,
+        }
+}
+
 /// Where a shard sends the result of its part of a cross-shard operation.
 #[derive(Debug, Clone, Copy)]
 pub struct ReportTo {
@@ -108,18 +126,31 @@ pub struct ReportTo {
 
 /// The sending side of a shard's inbox. Wakes coalesce: the waker is
 /// signalled only when the shard is not already due to drain the inbox.
+///
+/// The channel itself is unbounded (a shard must never block on another:
+/// two shards sending to each other would deadlock), so its size is kept
+/// in `queued` ([`weight`] of every message sent and not yet drained) and
+/// the senders that can be refused look at it first ([`Peers::has_room`]):
+/// a client's publication or message is answered `overloaded` instead of
+/// growing the queue without end.
 #[derive(Clone)]
 pub struct Inbox {
     pub(super) tx: Sender<ShardMsg>,
     pub(super) waker: Arc<Waker>,
     pub(super) notified: Arc<AtomicBool>,
+    pub(super) queued: Arc<AtomicUsize>,
 }
 
 impl Inbox {
     /// Queue a message and wake the shard if it is not already awake for its
     /// inbox. Returns false if the shard has exited.
     pub fn send(&self, msg: ShardMsg) -> bool {
+        let w = weight(&msg);
+        // Counted before the send: the receiver may drain (and subtract) it
+        // before `send` returns.
+        self.queued.fetch_add(w, Ordering::AcqRel);
         if self.tx.send(msg).is_err() {
+            self.queued.fetch_sub(w, Ordering::AcqRel);
             return false;
         }
         if !self.notified.swap(true, Ordering::AcqRel) {
@@ -145,6 +176,19 @@ impl Peers {
 
     pub fn is_empty(&self) -> bool {
         self.inboxes.is_empty()
+    }
+
+    /// Bytes queued for `shard` and not yet handled by it.
+    pub fn queued(&self, shard: usize) -> usize {
+        self.inboxes
+            .get(shard)
+            .map_or(0, |i| i.queued.load(Ordering::Acquire))
+    }
+
+    /// Whether every shard of `mask` has less than `budget` bytes queued (a
+    /// new publication or message for them may be taken).
+    pub fn has_room(&self, mask: u64, budget: usize) -> bool {
+        shards_in(mask).all(|s| self.queued(s) < budget)
     }
 
     /// Send to one shard's inbox (wakes it if needed). False if it is gone.

@@ -44,7 +44,7 @@ impl Shard {
                         let s = c.session();
                         ClientInfo {
                             id: c.id(),
-                            ip: c.peer().ip(),
+                            ip: c.client_ip(),
                             connected_at_ms: s.map_or(0, |s| s.connected_at_ms()),
                             authenticated: s.is_some_and(|s| s.is_authenticated()),
                             user: c.user().cloned(),

@@ -10,13 +10,14 @@ use crossbeam_channel::TryRecvError;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Token};
 
+use crate::admission::{AcceptBackoff, AcceptFailure};
 use crate::conn::{Conn, Ctx, Next, Transport};
 use crate::deadline::TimerKind;
 use crate::id::ConnId;
 use crate::work::ShardQuery;
 
-use super::inbox::ShardMsg;
-use super::state::{ACCEPT_RETRY, LISTENER, SWEEP_EVERY, Shard, WAKER};
+use super::inbox::{ShardMsg, weight};
+use super::state::{LISTENER, SCRATCH, SWEEP_EVERY, Shard, WAKER};
 
 impl Shard {
     pub(super) fn run(mut self: Box<Self>) {
@@ -56,10 +57,15 @@ impl Shard {
                     }
                 }
             }
-            if inbox {
-                self.drain_inbox(now);
+            if inbox || self.inbox_more {
+                let budget = self.env.cfg.shard_turn_bytes;
+                self.drain_inbox(now, budget);
             }
-            if accept || self.accept_retry.is_some_and(|t| now >= t) {
+            // While accepting is paused (descriptors exhausted), listener
+            // readiness is ignored; the pause's end brings us back.
+            if (accept || self.accept_backoff.until().is_some())
+                && self.accept_backoff.may_accept(now)
+            {
                 self.accept(now);
             }
             self.serve_ready(now);
@@ -73,7 +79,12 @@ impl Shard {
                 self.history.sweep(now_ms, idle);
                 self.desk.revoked.sweep(now_ms);
                 self.io.c.history_channels = self.history.channel_count() as u64;
+                self.trim_buffers();
             }
+            self.io.c.shard_queue_bytes = self.queued.load(Ordering::Acquire) as u64;
+            self.io.c.history_refused = self.desk.refused.history;
+            self.io.c.inbox_rate_refused = self.desk.refused.inbox_rate;
+            self.io.c.rate_limited = self.desk.refused.rate;
             self.io.c.history_bytes = self.history.bytes() as u64;
             self.io.c.history_evicted = self.history.evicted();
             self.io.c.local_users = self.desk.local.user_count() as u64;
@@ -88,7 +99,7 @@ impl Shard {
         }
         // Answer what other shards already asked (delivery counts, presence),
         // so their gathers complete even though this shard is leaving.
-        self.drain_inbox(Instant::now());
+        self.drain_inbox(Instant::now(), usize::MAX);
         let left = self.conns.len();
         if left > 0 {
             log::warn!(
@@ -101,29 +112,66 @@ impl Shard {
         log::debug!("shard {} stopped", self.env.shard);
     }
 
+    /// Give back the shard's reusable buffers once a burst has grown them
+    /// (the cork after a large reply, the parse buffers after a large
+    /// message, spare partial-frame buffers): after a flood the shard keeps
+    /// its usual working set, not the flood's. Whether the allocator returns
+    /// the memory to the OS is its own business (docs/BENCHMARKS.md, memory
+    /// after a flood).
+    pub(super) fn trim_buffers(&mut self) {
+        const KEEP_PARSE: usize = 64 << 10;
+        if self.io.cork.is_empty() && self.io.cork.capacity() > 2 * SCRATCH {
+            self.io.cork = Vec::with_capacity(SCRATCH);
+        }
+        if self.desk.raw.capacity() > KEEP_PARSE {
+            self.desk.raw = Vec::new();
+            self.desk.json = simd_json::Buffers::default();
+        }
+        self.io.pool.clear();
+    }
+
     pub(super) fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if !self.again.is_empty() || !self.run.is_empty() {
+        if !self.again.is_empty() || !self.run.is_empty() || self.inbox_more {
             return Some(Duration::ZERO);
         }
         let mut t = self.io.wheel.poll_timeout(now);
-        for deadline in [self.shutdown, self.accept_retry].into_iter().flatten() {
+        for deadline in [self.shutdown, self.accept_backoff.until()]
+            .into_iter()
+            .flatten()
+        {
             let d = deadline.saturating_duration_since(now);
             t = Some(t.map_or(d, |t| t.min(d)));
         }
         t
     }
 
-    pub(super) fn drain_inbox(&mut self, now: Instant) {
+    /// Handle inbox messages until the queue is empty or `budget` bytes
+    /// (by [`weight`]) were handled this turn. The rest waits for the next
+    /// turn: between the two, this shard's own connections are served, its
+    /// timers fire and its flush applies the slow-consumer limit, so a flood
+    /// from other shards delays them by one budget, not by the whole queue.
+    pub(super) fn drain_inbox(&mut self, now: Instant, budget: usize) {
         // Clear the flag before draining: a message sent after the last
         // try_recv sees `false` and wakes us again.
         self.notified.store(false, Ordering::Release);
+        self.inbox_more = false;
+        let queued = self.queued.load(Ordering::Acquire) as u64;
+        self.io.c.shard_queue_peak_bytes = self.io.c.shard_queue_peak_bytes.max(queued);
+        let mut handled = 0usize;
         loop {
-            match self.rx.try_recv() {
-                Ok(ShardMsg::Adopt {
-                    stream,
-                    peer,
-                    rate_limited,
-                }) => self.adopt(stream, peer, rate_limited, now),
+            if handled >= budget {
+                self.inbox_more = true;
+                self.io.c.inbox_turns_cut += 1;
+                break;
+            }
+            let msg = self.rx.try_recv();
+            if let Ok(m) = &msg {
+                let w = weight(m);
+                handled = handled.saturating_add(w);
+                self.queued.fetch_sub(w, Ordering::AcqRel);
+            }
+            match msg {
+                Ok(ShardMsg::Adopt { stream, peer }) => self.adopt(stream, peer, now),
                 Ok(ShardMsg::Shutdown { deadline }) => self.begin_shutdown(deadline, now),
                 Ok(ShardMsg::Deliver {
                     audience,
@@ -212,36 +260,36 @@ impl Shard {
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
         }
+        let handled = handled as u64;
+        self.io.c.inbox_turn_peak_bytes = self.io.c.inbox_turn_peak_bytes.max(handled);
     }
 
     pub(super) fn accept(&mut self, now: Instant) {
-        self.accept_retry = None;
         while let Some(listener) = self.listener.as_ref() {
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    let limited = self.limiter.is_limited(peer.ip(), now);
-                    self.adopt(stream, peer, limited, now);
+                    self.accept_backoff.recovered(now);
+                    self.adopt(stream, peer, now);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // EMFILE/ENFILE/ENOBUFS: the listener will not signal again
-                    // for connections already queued, so retry on a timer.
-                    log::warn!("shard {} accept failed: {e}; retrying", self.env.shard);
-                    self.accept_retry = Some(now + ACCEPT_RETRY);
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accept_backoff.recovered(now);
                     break;
                 }
+                Err(e) => match AcceptFailure::of(&e) {
+                    AcceptFailure::Connection => {}
+                    // EMFILE/ENFILE/ENOBUFS: pause (the listener will not
+                    // signal again for connections already queued, so the
+                    // pause's end is a poll timeout).
+                    AcceptFailure::Exhausted => {
+                        self.accept_backoff.exhausted(now, &e, &self.env.admission);
+                        break;
+                    }
+                },
             }
         }
     }
 
-    pub(super) fn adopt(
-        &mut self,
-        stream: TcpStream,
-        peer: SocketAddr,
-        rate_limited: bool,
-        now: Instant,
-    ) {
+    pub(super) fn adopt(&mut self, stream: TcpStream, peer: SocketAddr, now: Instant) {
         if self.shutdown.is_some() {
             return; // dropped: closes the socket
         }
@@ -260,7 +308,7 @@ impl Shard {
         let key = entry.key();
         let id = ConnId::new(self.env.shard, self.seq);
         self.seq += 1;
-        let mut conn = Conn::new(id, io, peer, rate_limited);
+        let mut conn = Conn::new(id, io, peer);
         if let Err(e) = self.poll.registry().register(
             conn.socket(),
             Token(key),
@@ -352,7 +400,7 @@ impl Shard {
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
-        self.accept_retry = None;
+        self.accept_backoff = AcceptBackoff::default();
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         log::info!(
             "shard {} shutting down: closing {} connections",

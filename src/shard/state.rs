@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use mio::net::TcpListener;
 use mio::{Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::admission::{Admission, IpLimiter};
+use crate::admission::{AcceptBackoff, Admission, IpLimiter};
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::conn::{Conn, Io};
@@ -42,9 +42,7 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// 512 slots x 100 ms = 51 s, one lap for the default 30 s heartbeat.
 const WHEEL_SLOTS: usize = 512;
 /// One read lands here; a multiple of the socket buffer's usual burst.
-const SCRATCH: usize = 64 << 10;
-/// Retry after the process ran out of file descriptors.
-pub(super) const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+pub(super) const SCRATCH: usize = 64 << 10;
 /// How often expired history and revocations are dropped.
 pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -122,9 +120,13 @@ pub struct Shard {
     pub(super) conns: Slab<Conn>,
     pub(super) rx: Receiver<ShardMsg>,
     pub(super) notified: Arc<AtomicBool>,
+    /// Bytes queued in this shard's inbox by others (see [`Inbox`]).
+    pub(super) queued: Arc<AtomicUsize>,
+    /// The last drain stopped at its budget: drain again next turn (no
+    /// wake-up announces messages that are already queued).
+    pub(super) inbox_more: bool,
     pub(super) scratch: Box<[u8]>,
     pub(super) listener: Option<TcpListener>,
-    pub(super) limiter: Arc<IpLimiter>,
     pub(super) run: Vec<usize>,
     pub(super) again: Vec<usize>,
     pub(super) fired: Vec<TimerRef>,
@@ -132,7 +134,8 @@ pub struct Shard {
     pub(super) seq: u64,
     pub(super) stats: Arc<ShardStats>,
     pub(super) shutdown: Option<Instant>,
-    pub(super) accept_retry: Option<Instant>,
+    /// Accepting paused while descriptors are exhausted (reuseport mode).
+    pub(super) accept_backoff: AcceptBackoff,
     pub(super) gathers: Slab<Gather>,
     /// Connections with output queued outside their own read turn.
     pub(super) flush: Vec<usize>,
@@ -187,6 +190,7 @@ impl Opened {
             tx,
             waker,
             notified: Arc::new(AtomicBool::new(false)),
+            queued: Arc::new(AtomicUsize::new(0)),
         };
         Ok(Opened {
             poll,
@@ -252,6 +256,7 @@ impl Opened {
             auth: setup.auth,
             router: setup.router,
             admission: setup.admission,
+            limiter: setup.limiter,
             all_stats: setup.all_stats,
             writer: setup.writer,
             sealer: setup.sealer,
@@ -272,9 +277,10 @@ impl Opened {
             conns: Slab::new(),
             rx,
             notified: inbox.notified.clone(),
+            queued: inbox.queued.clone(),
+            inbox_more: false,
             scratch: vec![0u8; SCRATCH].into_boxed_slice(),
             listener,
-            limiter: setup.limiter,
             run: Vec::new(),
             again: Vec::new(),
             fired: Vec::new(),
@@ -282,7 +288,7 @@ impl Opened {
             seq: 0,
             stats: stats.clone(),
             shutdown: None,
-            accept_retry: None,
+            accept_backoff: AcceptBackoff::default(),
             gathers: Slab::new(),
             flush: Vec::new(),
             history,

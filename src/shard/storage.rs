@@ -9,7 +9,7 @@ use crate::deadline::{TimerKind, TimerRef};
 use crate::id::ConnId;
 use crate::proto::ErrorCode;
 use crate::proto::encode::{shared_frame, with_ack_id};
-use crate::store::{Done, Op, Outcome, Request, SendError, Ticket};
+use crate::store::{Done, Op, Outcome, Refusal, Request, SendError, Ticket};
 use crate::work::{Asker, Audience, ReplyKind, ShardQuery, StoreWait, Work};
 
 use super::inbox::ShardMsg;
@@ -125,6 +125,25 @@ impl Shard {
                         ack: Some(id),
                     });
                 }
+                (StoreWait::InboxPut { reply, .. }, Ok(Outcome::Refused(r))) => {
+                    self.io.c.inbox_refused += 1;
+                    match &reply.kind {
+                        ReplyKind::Api(pending) => {
+                            let too_large = r == Refusal::TooLarge;
+                            let resp =
+                                crate::api::render::inbox_refused(pending, too_large, r.message());
+                            self.http_answer(reply.to, resp, pending.started, now);
+                        }
+                        ReplyKind::Ws { request_id, .. } => {
+                            let text = crate::session::render::storage_failure(
+                                ErrorCode::InboxFull,
+                                r.message(),
+                                request_id.as_deref(),
+                            );
+                            self.send_text(reply.to, &text);
+                        }
+                    }
+                }
                 (StoreWait::Revoke { revocation, reply }, Ok(_)) => match reply {
                     Some(reply) => self.desk.work.push(Work::Query {
                         shards: self.env.router.all(),
@@ -144,9 +163,11 @@ impl Shard {
                     }
                 }
                 (wait, Err(e)) => {
-                    // An outage is logged once by the writer, not per request.
+                    // The writer logs the episode once (an outage of the
+                    // database too); here only the count.
+                    self.io.c.store_failures += 1;
                     if !e.is_outage() {
-                        log::error!("storage request of conn={} failed: {e}", p.to.conn);
+                        log::debug!("storage request of conn={} failed: {e}", p.to.conn);
                     }
                     self.store_failed(
                         Pending {

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use super::{
-    Backend, InboxMsg, NewEpoch, Op, Outcome, PostgresBackend, Record, Revocation, RevocationKind,
-    SqliteBackend, StoreError,
+    Backend, InboxMsg, InboxQuota, NewEpoch, Op, Outcome, PostgresBackend, Record, Refusal,
+    Revocation, RevocationKind, SqliteBackend, StoreError,
 };
 use crate::clock::now_ms;
 use crate::config::{PostgresConfig, StorageConfig, SyncMode};
@@ -38,6 +38,8 @@ pub trait Fixture {
     fn dense_ids(&self) -> bool;
     /// Whether `e` is a failed statement (not a refusal before one ran).
     fn is_statement_error(&self, e: &StoreError) -> bool;
+    /// The senders of `user`'s inbox messages, oldest first (`None`: the backend).
+    fn inbox_senders(&self, user: &str) -> Vec<Option<String>>;
 }
 
 pub struct Sqlite {
@@ -118,6 +120,16 @@ impl Fixture for Sqlite {
     }
     fn is_statement_error(&self, e: &StoreError) -> bool {
         matches!(e, StoreError::Sql(_))
+    }
+    fn inbox_senders(&self, user: &str) -> Vec<Option<String>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare("SELECT sender FROM inbox WHERE user_id = ?1 ORDER BY id")
+            .unwrap();
+        st.query_map([user], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
     }
 }
 
@@ -202,6 +214,17 @@ impl Fixture for Postgres {
     fn is_statement_error(&self, e: &StoreError) -> bool {
         matches!(e, StoreError::Pg(_))
     }
+    fn inbox_senders(&self, user: &str) -> Vec<Option<String>> {
+        self.client()
+            .query(
+                "SELECT sender FROM inbox WHERE user_id = $1 ORDER BY id",
+                &[&user],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
 }
 
 impl Drop for Postgres {
@@ -227,10 +250,26 @@ fn ingest(user: &str, client_id: Option<&str>, data: &str) -> Op {
 fn put(user: &str, text: &str, expires_at_ms: i64, max_per_user: usize) -> Op {
     Op::InboxPut {
         user: user.into(),
+        sender: None,
         payload: format!(r#"{{"text":"{text}"}}"#).into_bytes(),
         created_at_ms: now_ms(),
         expires_at_ms,
-        max_per_user,
+        quota: InboxQuota {
+            max_per_user,
+            max_bytes_per_user: 1 << 20,
+            max_bytes_per_sender: 1 << 20,
+        },
+    }
+}
+
+fn put_from(user: &str, sender: Option<&str>, bytes: usize, quota: InboxQuota) -> Op {
+    Op::InboxPut {
+        user: user.into(),
+        sender: sender.map(Into::into),
+        payload: format!(r#"{{"t":"{}"}}"#, "x".repeat(bytes.saturating_sub(8))).into_bytes(),
+        created_at_ms: now_ms(),
+        expires_at_ms: FAR,
+        quota,
     }
 }
 
@@ -788,6 +827,88 @@ pub fn a_failing_record_fails_alone_among_records(f: &dyn Fixture) {
     assert_eq!(f.count("inbox"), 1);
 }
 
+/// Issue 12.7: the eviction rule and the byte quotas. A client's message
+/// pushes out only clients' messages (oldest first) and is refused when
+/// the backend's fill the inbox; the backend's push out anything; bytes
+/// per user and per sender are bounded; nothing changes on a refusal.
+pub fn inbox_quotas_and_the_eviction_rule(f: &dyn Fixture) {
+    let mut b = f.open();
+    let q = InboxQuota {
+        max_per_user: 3,
+        max_bytes_per_user: 1000,
+        max_bytes_per_sender: 500,
+    };
+    let stored = |o: Outcome| match o {
+        Outcome::Stored { id } => id,
+        o => panic!("not stored: {o:?}"),
+    };
+    stored(one(&mut b, put_from("u", Some("friend"), 100, q)));
+    for _ in 0..2 {
+        stored(one(&mut b, put_from("u", None, 100, q)));
+    }
+    // Full by count: the stranger may push out the friend's, not the backend's.
+    let first = stored(one(&mut b, put_from("u", Some("stranger"), 100, q)));
+    let second = stored(one(&mut b, put_from("u", Some("stranger"), 100, q)));
+    assert!(second > first, "ids ascend");
+    if f.dense_ids() {
+        assert_eq!(second, 5);
+    }
+    // The stranger's own older message went.
+    assert_eq!(
+        f.inbox_senders("u"),
+        vec![None, None, Some("stranger".into())]
+    );
+    // Backend messages (which push out anything, oldest first) fill it:
+    // a client's is then refused, and nothing changes.
+    for _ in 0..3 {
+        stored(one(&mut b, put_from("u", None, 100, q)));
+    }
+    assert_eq!(f.inbox_senders("u"), vec![None, None, None]);
+    let before = inbox(&mut b, "u");
+    assert_eq!(
+        one(&mut b, put_from("u", Some("stranger"), 100, q)),
+        Outcome::Refused(Refusal::UserFull)
+    );
+    assert_eq!(inbox(&mut b, "u"), before, "a refusal changes nothing");
+    // Bytes per user: a 600-byte backend message pushes out the first 600.
+    stored(one(&mut b, put_from("v", None, 600, q)));
+    stored(one(&mut b, put_from("v", None, 600, q)));
+    assert_eq!(f.count("inbox"), 4, "the first 600 went");
+    assert_eq!(
+        one(&mut b, put_from("v", None, 1001, q)),
+        Outcome::Refused(Refusal::TooLarge)
+    );
+    assert_eq!(f.count("inbox"), 4);
+    // Bytes per sender across users: 500.
+    stored(one(&mut b, put_from("w1", Some("s"), 200, q)));
+    stored(one(&mut b, put_from("w2", Some("s"), 200, q)));
+    assert_eq!(
+        one(&mut b, put_from("w3", Some("s"), 200, q)),
+        Outcome::Refused(Refusal::SenderFull)
+    );
+    assert_eq!(f.inbox_senders("w3"), Vec::<Option<String>>::new());
+    // Acknowledged messages free the sender's quota.
+    let id = inbox(&mut b, "w1")[0].id;
+    assert_eq!(
+        one(
+            &mut b,
+            Op::InboxAck {
+                user: "w1".into(),
+                id,
+            },
+        ),
+        Outcome::Acked { found: true }
+    );
+    stored(one(&mut b, put_from("w3", Some("s"), 200, q)));
+    // The sizes and senders survive reopening.
+    drop(b);
+    let mut b = f.open();
+    assert_eq!(
+        one(&mut b, put_from("w4", Some("s"), 200, q)),
+        Outcome::Refused(Refusal::SenderFull)
+    );
+}
+
 /// Every test above, once per backend.
 macro_rules! for_each_backend {
     ($($name:ident),* $(,)?) => {
@@ -821,4 +942,5 @@ for_each_backend!(
     a_failing_statement_is_isolated_and_the_rest_retried,
     a_failed_transaction_fails_every_write_and_applies_nothing,
     a_failing_record_fails_alone_among_records,
+    inbox_quotas_and_the_eviction_rule,
 );

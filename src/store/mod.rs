@@ -313,6 +313,49 @@ pub struct InboxMsg {
     pub expires_at_ms: i64,
 }
 
+/// What one user's inbox and one sender may hold.
+///
+/// The eviction rule: a new message that does not fit the user's count or
+/// bytes pushes out the user's oldest messages, but a message from a user
+/// (a client) pushes out only messages from users, never one the backend
+/// sent; when the backend's messages fill the inbox, a client's message is
+/// refused instead. A sender's stored messages, to all users together, are
+/// bounded by `max_bytes_per_sender` (past it the sender is refused: its own
+/// messages are not pushed out either). The backend has no sender quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxQuota {
+    pub max_per_user: usize,
+    pub max_bytes_per_user: usize,
+    pub max_bytes_per_sender: usize,
+}
+
+/// Why a message was not stored (nothing was changed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The message alone is larger than `max_bytes_per_user`.
+    TooLarge,
+    /// The user's inbox is full of messages the sender may not push out.
+    UserFull,
+    /// The sender has `max_bytes_per_sender` stored already.
+    SenderFull,
+}
+
+impl Refusal {
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::TooLarge => {
+                "the message is larger than a user's inbox (inbox.max_bytes_per_user)"
+            }
+            Refusal::UserFull => {
+                "the user's inbox is full of messages from the backend (inbox.max_per_user, inbox.max_bytes_per_user)"
+            }
+            Refusal::SenderFull => {
+                "you have too many undelivered stored messages (inbox.max_bytes_per_sender); wait until they are read"
+            }
+        }
+    }
+}
+
 /// One publication of a channel's history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredPublication {
@@ -396,15 +439,18 @@ pub enum Op {
         keep: usize,
     },
     /// Store a message in a user's offline inbox under a new id (ids are
-    /// never reused and ascend), then drop the user's oldest past
-    /// `max_per_user`. The payload is JSON object text without the id (the
-    /// shard inserts it when sending). Result: [`Outcome::Stored`].
+    /// never reused and ascend), within `quota` (see [`InboxQuota`] for the
+    /// eviction rule). The payload is JSON object text without the id (the
+    /// shard inserts it when sending). Result: [`Outcome::Stored`], or
+    /// [`Outcome::Refused`] with nothing changed.
     InboxPut {
         user: Arc<str>,
+        /// The sending user; `None`: the backend (HTTP API).
+        sender: Option<Arc<str>>,
         payload: Vec<u8>,
         created_at_ms: i64,
         expires_at_ms: i64,
-        max_per_user: usize,
+        quota: InboxQuota,
     },
     /// The user acknowledged message `id`: delete it if it is theirs.
     /// Result: [`Outcome::Acked`].
@@ -425,6 +471,19 @@ pub enum Op {
 }
 
 impl Op {
+    /// What the op counts against the writer's byte budget
+    /// (`storage.queue_bytes`): the bytes it carries, plus a fixed cost.
+    pub fn weight(&self) -> usize {
+        const OP: usize = 128;
+        OP + match self {
+            Op::Ingest { data, .. } => data.len(),
+            Op::Publication { payload, .. } => payload.len(),
+            Op::InboxPut { payload, .. } => payload.len(),
+            Op::Revoke(r) => r.value.len() + r.reason.len(),
+            Op::InboxAck { .. } | Op::Inbox { .. } | Op::Records { .. } => 0,
+        }
+    }
+
     /// Whether the op only reads (answered after the batch's commit).
     pub fn is_read(&self) -> bool {
         matches!(self, Op::Inbox { .. } | Op::Records { .. })
@@ -434,9 +493,18 @@ impl Op {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Done,
-    Ingested { id: i64, duplicate: bool },
-    Stored { id: i64 },
-    Acked { found: bool },
+    Ingested {
+        id: i64,
+        duplicate: bool,
+    },
+    Stored {
+        id: i64,
+    },
+    /// An inbox message was not stored: why.
+    Refused(Refusal),
+    Acked {
+        found: bool,
+    },
     Inbox(Vec<InboxMsg>),
     Records(Vec<Record>),
 }

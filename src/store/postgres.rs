@@ -33,15 +33,16 @@ use postgres::types::ToSql;
 use postgres::{Client, Statement, Transaction};
 
 use super::{
-    Backend, InboxMsg, Loaded, LoadedChannel, NewEpoch, Op, Outcome, Record, Revocation,
-    RevocationKind, StoreError, StoredPublication,
+    Backend, InboxMsg, InboxQuota, Loaded, LoadedChannel, NewEpoch, Op, Outcome, Record, Refusal,
+    Revocation, RevocationKind, StoreError, StoredPublication,
 };
 use crate::clock::now_ms;
 use crate::config::{PgTls, PostgresConfig, SyncMode};
 
 /// Schema migrations, in order: entry `i` brings the schema to version `i + 1`.
 /// Never edit an entry once released; append a new one. Version 1 is the
-/// SQLite schema's version 2 (history, inbox, revocations, meta).
+/// SQLite schema's version 2 (history, inbox, revocations, meta), version 2
+/// its version 3 (inbox senders and sizes).
 pub const MIGRATIONS: &[&str] = &[
     // 1: history, offline inbox, revocations, the clean-shutdown token. The
     // ingest table is created separately: its name is configurable.
@@ -85,6 +86,15 @@ pub const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     );
     "#,
+    // 2: inbox quotas (the SQLite schema's version 3). Who sent each message
+    // (NULL: the backend, which a client's message may not push out) and its
+    // size in bytes, for the byte quotas per user and per sender.
+    r#"
+    ALTER TABLE inbox ADD COLUMN sender TEXT;
+    ALTER TABLE inbox ADD COLUMN bytes BIGINT NOT NULL DEFAULT 0;
+    UPDATE inbox SET bytes = octet_length(payload);
+    CREATE INDEX inbox_sender ON inbox (sender, bytes) WHERE sender IS NOT NULL;
+    "#,
 ];
 
 /// The `meta` key of the clean-shutdown token (as in SQLite).
@@ -110,7 +120,11 @@ struct Stmts {
     history_insert: Statement,
     history_trim: Statement,
     inbox_insert: Statement,
-    inbox_trim: Statement,
+    inbox_sender_bytes: Statement,
+    inbox_user_usage: Statement,
+    inbox_oldest_any: Statement,
+    inbox_oldest_clients: Statement,
+    inbox_delete: Statement,
     inbox_ack: Statement,
     inbox_read: Statement,
     revoke: Statement,
@@ -143,13 +157,22 @@ impl Stmts {
                    RETURNING octet_length(payload)::BIGINT"#,
             )?,
             inbox_insert: c.prepare(
-                "INSERT INTO inbox (user_id, payload, created_at_ms, expires_at_ms) \
-                 VALUES ($1, $2, $3, $4) RETURNING id",
+                "INSERT INTO inbox (user_id, payload, created_at_ms, expires_at_ms, sender, bytes) \
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
             )?,
-            inbox_trim: c.prepare(
-                "DELETE FROM inbox WHERE user_id = $1 AND id <= (SELECT id FROM inbox \
-                 WHERE user_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
+            inbox_sender_bytes: c
+                .prepare("SELECT COALESCE(SUM(bytes), 0)::BIGINT FROM inbox WHERE sender = $1")?,
+            inbox_user_usage: c.prepare(
+                "SELECT COUNT(*)::BIGINT, COALESCE(SUM(bytes), 0)::BIGINT FROM inbox \
+                 WHERE user_id = $1",
             )?,
+            inbox_oldest_any: c
+                .prepare("SELECT id, bytes FROM inbox WHERE user_id = $1 ORDER BY id")?,
+            inbox_oldest_clients: c.prepare(
+                "SELECT id, bytes FROM inbox WHERE user_id = $1 AND sender IS NOT NULL \
+                 ORDER BY id",
+            )?,
+            inbox_delete: c.prepare("DELETE FROM inbox WHERE id = ANY($1)")?,
             inbox_ack: c.prepare("DELETE FROM inbox WHERE id = $1 AND user_id = $2")?,
             inbox_read: c.prepare(
                 "SELECT id, payload, created_at_ms, expires_at_ms FROM inbox \
@@ -270,6 +293,10 @@ impl PostgresBackend {
                 // password or a schema too new will not fix itself.
                 Err(e) if is_unreachable(&e) && Instant::now() + backoff < deadline => {
                     if !said {
+                        // Start-up lines are held back until the start
+                        // succeeds or fails (`logging::hold`); a wait of up
+                        // to `start_retry` must be visible while it lasts.
+                        crate::logging::release();
                         log::warn!(
                             "storage: cannot reach PostgreSQL at {} ({e}); retrying for up to {:?}",
                             b.describe,
@@ -1201,20 +1228,34 @@ fn write(
         }
         Op::InboxPut {
             user,
+            sender,
             payload,
             created_at_ms,
             expires_at_ms,
-            max_per_user,
+            quota,
         } => {
+            let bytes = payload.len();
             let payload = text(payload, "the inbox message")?;
             no_nul(user, "the user id")?;
+            if let Some(s) = sender {
+                no_nul(s, "the sender")?;
+            }
+            let sender = sender.as_deref();
+            if let Some(refusal) = make_room(tx, st, user, sender, bytes, quota)? {
+                return Ok(Outcome::Refused(refusal));
+            }
             let r = tx.query_one(
                 &st.inbox_insert,
-                &[&&**user, &payload, created_at_ms, expires_at_ms],
+                &[
+                    &&**user,
+                    &payload,
+                    created_at_ms,
+                    expires_at_ms,
+                    &sender,
+                    &sat(bytes),
+                ],
             )?;
             let id: i64 = r.try_get(0)?;
-            // Everything from the (max_per_user + 1)-th newest down goes.
-            tx.execute(&st.inbox_trim, &[&&**user, &sat(*max_per_user)])?;
             Ok(Outcome::Stored { id })
         }
         Op::InboxAck { user, id } => {
@@ -1238,6 +1279,59 @@ fn write(
         }
         Op::Inbox { .. } | Op::Records { .. } => Err(Fail::Invalid(StoreError::NoResult)),
     }
+}
+
+/// Check the quotas for a message of `bytes` from `sender` (`None`: the
+/// backend) to `user` and delete what it pushes out, as in SQLite (the rule
+/// is on [`InboxQuota`]); `Some` if it must be refused, with nothing deleted.
+fn make_room(
+    tx: &mut Transaction<'_>,
+    st: &Stmts,
+    user: &str,
+    sender: Option<&str>,
+    bytes: usize,
+    quota: &InboxQuota,
+) -> Result<Option<Refusal>, Fail> {
+    let size = |v: i64| usize::try_from(v).unwrap_or(0);
+    if bytes > quota.max_bytes_per_user {
+        return Ok(Some(Refusal::TooLarge));
+    }
+    if let Some(s) = sender {
+        let held: i64 = tx.query_one(&st.inbox_sender_bytes, &[&s])?.try_get(0)?;
+        if size(held).saturating_add(bytes) > quota.max_bytes_per_sender {
+            return Ok(Some(Refusal::SenderFull));
+        }
+    }
+    let r = tx.query_one(&st.inbox_user_usage, &[&user])?;
+    let (count, total): (i64, i64) = (r.try_get(0)?, r.try_get(1)?);
+    let mut extra_count = (size(count) + 1).saturating_sub(quota.max_per_user);
+    let mut extra_bytes = size(total)
+        .saturating_add(bytes)
+        .saturating_sub(quota.max_bytes_per_user);
+    if extra_count == 0 && extra_bytes == 0 {
+        return Ok(None);
+    }
+    // Oldest first; a client's message may push out only clients' messages.
+    let candidates = if sender.is_some() {
+        &st.inbox_oldest_clients
+    } else {
+        &st.inbox_oldest_any
+    };
+    let mut evict: Vec<i64> = Vec::new();
+    for row in tx.query(candidates, &[&user])? {
+        if extra_count == 0 && extra_bytes == 0 {
+            break;
+        }
+        let (id, b): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        evict.push(id);
+        extra_count = extra_count.saturating_sub(1);
+        extra_bytes = extra_bytes.saturating_sub(size(b));
+    }
+    if extra_count > 0 || extra_bytes > 0 {
+        return Ok(Some(Refusal::UserFull));
+    }
+    tx.execute(&st.inbox_delete, &[&evict])?;
+    Ok(None)
 }
 
 /// Create an ingest table, its dedup index and its statements if missing

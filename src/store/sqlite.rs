@@ -27,8 +27,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    Backend, CLEAN_MARKER, InboxMsg, Loaded, LoadedChannel, NewEpoch, Op, Outcome, Record,
-    Revocation, RevocationKind, StoreError, StoredPublication,
+    Backend, CLEAN_MARKER, InboxMsg, InboxQuota, Loaded, LoadedChannel, NewEpoch, Op, Outcome,
+    Record, Refusal, Revocation, RevocationKind, StoreError, StoredPublication,
 };
 use crate::config::{IntegrityCheck, StorageConfig, SyncMode};
 
@@ -80,6 +80,15 @@ pub const MIGRATIONS: &[&str] = &[
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
     ) WITHOUT ROWID;
+    "#,
+    // 3: inbox quotas. Who sent each message (NULL: the backend, which a
+    // client's message may not push out) and its size, for the byte quotas
+    // per user and per sender.
+    r#"
+    ALTER TABLE inbox ADD COLUMN sender TEXT;
+    ALTER TABLE inbox ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+    UPDATE inbox SET bytes = length(CAST(payload AS BLOB));
+    CREATE INDEX inbox_sender ON inbox (sender, bytes) WHERE sender IS NOT NULL;
     "#,
 ];
 
@@ -672,24 +681,30 @@ fn write(
         }
         Op::InboxPut {
             user,
+            sender,
             payload,
             created_at_ms,
             expires_at_ms,
-            max_per_user,
+            quota,
         } => {
-            let payload = utf8(payload, "the inbox message")?;
+            let text = utf8(payload, "the inbox message")?;
+            let bytes = payload.len();
+            if let Some(refusal) = make_room(conn, user, sender.as_deref(), bytes, quota)? {
+                return Ok(Outcome::Refused(refusal));
+            }
             conn.prepare_cached(
-                "INSERT INTO inbox (user_id, payload, created_at_ms, expires_at_ms) \
-                 VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO inbox (user_id, payload, created_at_ms, expires_at_ms, sender, bytes) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
-            .execute(params![&**user, payload, created_at_ms, expires_at_ms])?;
+            .execute(params![
+                &**user,
+                text,
+                created_at_ms,
+                expires_at_ms,
+                sender.as_deref(),
+                sat(bytes)
+            ])?;
             let id = conn.last_insert_rowid();
-            // Everything from the (max_per_user + 1)-th newest down goes.
-            conn.prepare_cached(
-                "DELETE FROM inbox WHERE user_id = ?1 AND id <= (SELECT id FROM inbox \
-                 WHERE user_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-            )?
-            .execute(params![&**user, sat(*max_per_user)])?;
             Ok(Outcome::Stored { id })
         }
         Op::InboxAck { user, id } => {
@@ -718,6 +733,71 @@ fn write(
         }
         Op::Inbox { .. } | Op::Records { .. } => Err(Fail::Invalid(StoreError::NoResult)),
     }
+}
+
+/// Check the quotas for a message of `bytes` from `sender` (`None`: the
+/// backend) to `user` and delete what it pushes out (the rule is on
+/// [`InboxQuota`]); `Some` if it must be refused, with nothing deleted.
+fn make_room(
+    conn: &Connection,
+    user: &str,
+    sender: Option<&str>,
+    bytes: usize,
+    quota: &InboxQuota,
+) -> Result<Option<Refusal>, Fail> {
+    if bytes > quota.max_bytes_per_user {
+        return Ok(Some(Refusal::TooLarge));
+    }
+    if let Some(s) = sender {
+        let held: i64 = conn
+            .prepare_cached("SELECT COALESCE(SUM(bytes), 0) FROM inbox WHERE sender = ?1")?
+            .query_row(params![s], |r| r.get(0))?;
+        if usize::try_from(held)
+            .unwrap_or(usize::MAX)
+            .saturating_add(bytes)
+            > quota.max_bytes_per_sender
+        {
+            return Ok(Some(Refusal::SenderFull));
+        }
+    }
+    let (count, total): (i64, i64) = conn
+        .prepare_cached("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM inbox WHERE user_id = ?1")?
+        .query_row(params![user], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let count = usize::try_from(count).unwrap_or(usize::MAX);
+    let total = usize::try_from(total).unwrap_or(usize::MAX);
+    let mut extra_count = (count + 1).saturating_sub(quota.max_per_user);
+    let mut extra_bytes = total
+        .saturating_add(bytes)
+        .saturating_sub(quota.max_bytes_per_user);
+    if extra_count == 0 && extra_bytes == 0 {
+        return Ok(None);
+    }
+    // Oldest first; a client's message may push out only clients' messages.
+    let sql = if sender.is_some() {
+        "SELECT id, bytes FROM inbox WHERE user_id = ?1 AND sender IS NOT NULL ORDER BY id"
+    } else {
+        "SELECT id, bytes FROM inbox WHERE user_id = ?1 ORDER BY id"
+    };
+    let mut evict = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(params![user])?;
+        while extra_count > 0 || extra_bytes > 0 {
+            let Some(row) = rows.next()? else {
+                return Ok(Some(Refusal::UserFull));
+            };
+            let id: i64 = row.get(0)?;
+            let b: i64 = row.get(1)?;
+            evict.push(id);
+            extra_count = extra_count.saturating_sub(1);
+            extra_bytes = extra_bytes.saturating_sub(usize::try_from(b).unwrap_or(0));
+        }
+    }
+    let mut del = conn.prepare_cached("DELETE FROM inbox WHERE id = ?1")?;
+    for id in evict {
+        del.execute(params![id])?;
+    }
+    Ok(None)
 }
 
 fn configure(conn: &Connection, sync: SyncMode) -> rusqlite::Result<()> {
@@ -1033,5 +1113,32 @@ mod tests {
         let err = SqliteBackend::open(&cfg(&file), TABLE).err().unwrap();
         assert!(matches!(err, StoreError::Io { .. }), "{err}");
         assert!(err.to_string().contains("storage.data_dir"), "{err}");
+    }
+
+    /// A database of schema 1 gets the inbox's sender and size columns, the
+    /// sizes of the messages already there filled in.
+    #[test]
+    fn schema_1_inboxes_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO inbox (user_id, payload, created_at_ms, expires_at_ms) \
+                 VALUES ('old', '{\"a\":1}', 1, 9223372036854775807)",
+                [],
+            )
+            .unwrap();
+        }
+        let b = open(dir.path());
+        assert_eq!(b.version().unwrap(), schema_version());
+        let (sender, bytes): (Option<String>, i64) = b
+            .conn
+            .query_row("SELECT sender, bytes FROM inbox", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((sender, bytes), (None, 7));
     }
 }

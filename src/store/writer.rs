@@ -65,6 +65,10 @@ pub struct WriterStats {
     pub commit_us: u64,
     /// Expired rows deleted.
     pub pruned: u64,
+    /// Bytes of the requests queued or being applied (`storage.queue_bytes`).
+    pub queued_bytes: u64,
+    /// Requests refused because `storage.queue_bytes` were queued.
+    pub refused_bytes: u64,
 }
 
 #[derive(Default)]
@@ -76,6 +80,7 @@ struct Counters {
     max_batch: AtomicU64,
     commit_us: AtomicU64,
     pruned: AtomicU64,
+    refused_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -89,6 +94,8 @@ impl Counters {
             max_batch: get(&self.max_batch),
             commit_us: get(&self.commit_us),
             pruned: get(&self.pruned),
+            queued_bytes: 0,
+            refused_bytes: get(&self.refused_bytes),
         }
     }
 }
@@ -127,6 +134,11 @@ struct Shared {
     closing: AtomicBool,
     /// Senders between their `closing` check and their send.
     inflight: AtomicUsize,
+    /// Bytes (by [`Op::weight`]) of the requests queued or in the batch
+    /// being applied: the queue is bounded by count (`queue_capacity`) and by
+    /// these (`queue_bytes`), so large requests cannot pile up gigabytes.
+    bytes: AtomicUsize,
+    max_bytes: usize,
     counters: Counters,
     /// Touched only when a history copy is lost (rare): a lock is fine.
     lost: Mutex<LostHistory>,
@@ -159,12 +171,28 @@ impl WriterHandle {
     )]
     pub fn try_send(&self, req: Request) -> Result<(), SendError> {
         self.shared.inflight.fetch_add(1, Ordering::SeqCst);
-        let res = if self.shared.closing.load(Ordering::SeqCst) {
+        let w = req.op.weight();
+        let shared = &self.shared;
+        let res = if shared.closing.load(Ordering::SeqCst) {
             Err(SendError::Closed(req))
+        } else if over_budget(
+            shared.bytes.fetch_add(w, Ordering::AcqRel),
+            w,
+            shared.max_bytes,
+        ) {
+            shared.bytes.fetch_sub(w, Ordering::AcqRel);
+            shared
+                .counters
+                .refused_bytes
+                .fetch_add(1, Ordering::Relaxed);
+            Err(SendError::Full(req))
         } else {
-            self.tx.try_send(req).map_err(|e| match e {
-                TrySendError::Full(r) => SendError::Full(r),
-                TrySendError::Disconnected(r) => SendError::Closed(r),
+            self.tx.try_send(req).map_err(|e| {
+                shared.bytes.fetch_sub(w, Ordering::AcqRel);
+                match e {
+                    TrySendError::Full(r) => SendError::Full(r),
+                    TrySendError::Disconnected(r) => SendError::Closed(r),
+                }
             })
         };
         self.shared.inflight.fetch_sub(1, Ordering::SeqCst);
@@ -183,7 +211,9 @@ impl WriterHandle {
     }
 
     pub fn stats(&self) -> WriterStats {
-        self.shared.counters.snapshot()
+        let mut st = self.shared.counters.snapshot();
+        st.queued_bytes = self.shared.bytes.load(Ordering::Acquire) as u64;
+        st
     }
 
     /// Whether the backend can take writes now (false while the database
@@ -191,6 +221,13 @@ impl WriterHandle {
     pub fn available(&self) -> bool {
         self.shared.available.load(Ordering::Relaxed)
     }
+}
+
+/// With `before` bytes queued, may a request of `w` more not be taken?
+/// An empty queue takes any one request, so one larger than the budget is
+/// not refused for ever.
+fn over_budget(before: usize, w: usize, max: usize) -> bool {
+    before > 0 && before.saturating_add(w) > max
 }
 
 /// The running writer thread (named "writer").
@@ -216,6 +253,8 @@ impl Writer {
         let shared = Arc::new(Shared {
             closing: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_bytes: cfg.queue_bytes.max(1),
             counters: Counters::default(),
             lost: Mutex::new(LostHistory::default()),
             available: AtomicBool::new(backend.available()),
@@ -225,6 +264,7 @@ impl Writer {
             notify,
             shared: shared.clone(),
             max_batch: cfg.max_batch.max(1),
+            episode: crate::stats::Episode::new("storage writes", log::Level::Error),
         };
         let thread = std::thread::Builder::new()
             .name("writer".into())
@@ -291,6 +331,8 @@ struct Run {
     notify: Arc<dyn Notify>,
     shared: Arc<Shared>,
     max_batch: usize,
+    /// Failed writes, logged once per episode.
+    episode: crate::stats::Episode,
 }
 
 impl Run {
@@ -347,6 +389,7 @@ impl Run {
 
     fn run_batch(&mut self, batch: Vec<Request>) {
         let n = batch.len();
+        let weight: usize = batch.iter().map(|r| r.op.weight()).sum();
         // The channel of each history copy, to remember it if it fails.
         let copies: Vec<Option<Arc<str>>> = batch
             .iter()
@@ -387,8 +430,18 @@ impl Run {
                 if let Some(channel) = &copy {
                     self.shared.lost_copy(channel);
                 }
-                if ticket.is_none() && !e.is_outage() {
-                    log::warn!("storage write failed (nobody waits for it): {e}");
+                // One line per episode (a full disk fails every request
+                // until space returns), not one per request; the count is
+                // in `switchboard_store_errors_total`. An outage of the
+                // database is logged once by the backend (lost connection,
+                // reconnected), so it does not open an episode here too.
+                if !e.is_outage() {
+                    let waits = if ticket.is_some() {
+                        "the client got storage_error"
+                    } else {
+                        "nobody waits for it"
+                    };
+                    self.episode.failed(started, &format_args!("{e} ({waits})"));
                 }
             }
             let Some(ticket) = ticket else { continue };
@@ -405,6 +458,13 @@ impl Run {
         self.shared
             .available
             .store(self.backend.available(), Ordering::Relaxed);
+        // The batch's memory is released here (its ops are dropped with
+        // `apply`): its room in the budget is free again.
+        self.shared.bytes.fetch_sub(weight, Ordering::AcqRel);
+        if errors == 0 {
+            // Ends the failure episode if the last failure is a while ago.
+            let _ended = self.episode.succeeded(Instant::now());
+        }
         for (shard, results) in per_shard {
             self.notify.done(shard, results);
         }
@@ -705,5 +765,77 @@ mod tests {
             .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 500);
+    }
+
+    fn ingest(token: u64, bytes: usize) -> Request {
+        Request {
+            op: Op::Ingest {
+                table: "records".into(),
+                kind: "sensor_data".into(),
+                user: "u".into(),
+                connection: "0.1".into(),
+                client_id: None,
+                received_at_ms: 1,
+                data: vec![b'1'; bytes],
+            },
+            ticket: Some(Ticket { shard: 0, token }),
+        }
+    }
+
+    /// Issue 12.5: the queue is bounded in bytes too. With room for 65,536
+    /// requests but 4 MB of budget, 1 MB requests are refused from the
+    /// fifth on (before: all 1,500 were taken and held 1.5 GB); once the
+    /// batch is applied the room is back.
+    #[test]
+    fn the_queue_is_bounded_in_bytes() {
+        let (entered_tx, entered) = crossbeam_channel::unbounded();
+        let (gate, gate_rx) = crossbeam_channel::unbounded::<()>();
+        let (tx, results) = crossbeam_channel::unbounded();
+        let cfg = StorageConfig {
+            queue_capacity: 65_536,
+            queue_bytes: (4 << 20) + 1024,
+            ..StorageConfig::default()
+        };
+        let backend = Gated {
+            entered: entered_tx,
+            gate: gate_rx,
+            panic_first: false,
+        };
+        let writer = Writer::spawn(Box::new(backend), &cfg, Arc::new(ChanNotify(tx))).unwrap();
+        let h = writer.handle();
+        let mb = 1 << 20;
+        h.try_send(ingest(0, mb)).unwrap();
+        entered.recv().unwrap(); // the writer holds it inside apply
+        let mut taken = 1;
+        let mut refused = 0;
+        for token in 1..1500 {
+            match h.try_send(ingest(token, mb)) {
+                Ok(()) => taken += 1,
+                Err(SendError::Full(_)) => refused += 1,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        let st = h.stats();
+        drop(gate); // first: a failed assertion must not leave the writer blocked
+        assert_eq!(taken, 4, "4 MB of 1 MB requests");
+        assert_eq!(refused, 1496);
+        assert_eq!(st.refused_bytes, 1496);
+        assert!(st.queued_bytes <= (4 << 20) + 1024, "{}", st.queued_bytes);
+        collect(&results, 4);
+        wait_for(|| h.stats().queued_bytes == 0);
+        h.try_send(ingest(9999, mb)).unwrap();
+        // One request larger than the whole budget is taken by an empty queue.
+        wait_for(|| h.stats().queued_bytes == 0);
+        h.try_send(ingest(10_000, 8 * mb)).unwrap();
+    }
+
+    fn wait_for(mut f: impl FnMut() -> bool) {
+        for _ in 0..1000 {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("timed out");
     }
 }

@@ -233,6 +233,13 @@ impl BufPool {
     pub fn held(&self) -> usize {
         self.spare.iter().map(Vec::capacity).sum()
     }
+
+    /// Free the spare buffers (the shard does so once a second: a stream of
+    /// large frames reuses them within the second, a flood that ended does
+    /// not keep them).
+    pub fn clear(&mut self) {
+        self.spare = Vec::new();
+    }
 }
 
 /// Decode whole frames from the front of `buf`; returns bytes consumed.
