@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 use crate::deadline::{TimerKind, TimerRef};
 use crate::env::{Desk, Env, Handling};
 use crate::id::ConnId;
+use crate::proto::socketio::EioPacket;
 use crate::proto::{self, ErrorCode};
-use crate::session::{Replies, Session, Verdict, close};
+use crate::session::{Replies, Session, SioState, Verdict, close};
 use crate::stats::{Counters, LocalHistos};
 use crate::timer::{TimerKey, TimerWheel};
 use crate::ws::frame::{self, CloseCode, OpCode};
@@ -43,6 +44,8 @@ pub enum Endpoint {
     Echo,
     /// The Switchboard JSON protocol.
     App,
+    /// Engine.IO v4 / Socket.IO v5 over WebSocket (docs/SOCKETIO.md).
+    SocketIo,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -372,9 +375,26 @@ impl Conn {
         let result = inbound.feed_pooled(data, &ctx.env.limits, pool, &mut |m| {
             match m {
                 Message::Text(bytes) => {
+                    if ep == Endpoint::SocketIo
+                        && matches!(proto::socketio::decode_eio(bytes), Ok(EioPacket::Pong(_)))
+                    {
+                        // The Engine.IO heartbeat answer, as a WebSocket pong.
+                        *awaiting_pong = false;
+                        return Flow::Continue;
+                    }
                     *last_seen = now_tick; // data, not control frames, counts as activity
                     c.messages_in += 1;
                     match (ep, session.as_deref_mut()) {
+                        (Endpoint::SocketIo, Some(s)) => {
+                            match s.on_sio_text(bytes, &mut actx, &mut sink) {
+                                v @ Verdict::Close(..) => {
+                                    verdict = v;
+                                    return Flow::Stop;
+                                }
+                                Verdict::Authenticated => verdict = Verdict::Authenticated,
+                                Verdict::Continue => {}
+                            }
+                        }
                         (Endpoint::App, Some(s)) => {
                             // Keep the strongest verdict of the read (Close >
                             // Authenticated > Continue): an `authenticate`
@@ -398,7 +418,14 @@ impl Conn {
                 Message::Binary(b) => {
                     *last_seen = now_tick;
                     c.messages_in += 1;
-                    if ep == Endpoint::App {
+                    if ep == Endpoint::SocketIo {
+                        // Binary attachments (BINARY_EVENT) are not supported yet.
+                        verdict = Verdict::Close(
+                            crate::session::sio_close::UNSUPPORTED,
+                            "binary packets are not supported yet",
+                        );
+                        return Flow::Stop;
+                    } else if ep == Endpoint::App {
                         let mut e = Vec::new();
                         proto::error(
                             &mut e,
@@ -485,10 +512,31 @@ impl Conn {
                 }
             }
             Verdict::Authenticated => {
-                self.set_timer(ctx, ctx.env.cfg.heartbeat_interval, TimerKind::Ping);
+                self.set_timer(ctx, self.ping_interval(ctx), TimerKind::Ping);
             }
             Verdict::Close(code, reason) => self.close_code(code, reason, ctx),
         }
+    }
+
+    /// Heartbeat period: Engine.IO's `pingInterval` for Socket.IO clients.
+    fn ping_interval(&self, ctx: &Ctx<'_>) -> Duration {
+        match self.state {
+            State::Open(Endpoint::SocketIo) => ctx.env.cfg.socketio.ping_interval,
+            _ => ctx.env.cfg.heartbeat_interval,
+        }
+    }
+
+    /// How long a ping may go unanswered.
+    fn pong_timeout(&self, ctx: &Ctx<'_>) -> Duration {
+        match self.state {
+            State::Open(Endpoint::SocketIo) => ctx.env.cfg.socketio.ping_timeout,
+            _ => ctx.env.cfg.pong_timeout,
+        }
+    }
+
+    /// Is this a Socket.IO connection (native messages are re-encoded)?
+    pub fn is_socketio(&self) -> bool {
+        matches!(self.state, State::Open(Endpoint::SocketIo))
     }
 
     /// Queue a text frame for this connection (a reply produced outside its
@@ -498,7 +546,18 @@ impl Conn {
     /// bounded.
     pub fn push_text(&mut self, json: &[u8], limit: usize) {
         if self.is_open() && self.out.bytes() <= limit {
-            self.out.push_frame(OpCode::Text, json);
+            if self.is_socketio() {
+                if let Some(b) = self
+                    .session
+                    .as_mut()
+                    .and_then(|s| s.sio_mut())
+                    .and_then(|st| st.render(json, None))
+                {
+                    self.out.push_frame(OpCode::Text, &b);
+                }
+            } else {
+                self.out.push_frame(OpCode::Text, json);
+            }
         }
     }
 
@@ -546,7 +605,19 @@ impl Conn {
         if !self.is_open() {
             return;
         }
-        let mut f = Vec::with_capacity(4 + reason.len());
+        let mut f = Vec::with_capacity(16 + reason.len());
+        if let Some(home) = self
+            .session
+            .as_ref()
+            .and_then(|s| s.sio())
+            .and_then(SioState::home)
+        {
+            // Socket.IO DISCONNECT first: the client does not reconnect
+            // to a server that sent it ("io server disconnect").
+            let mut d = Vec::with_capacity(4 + home.len());
+            proto::socketio::disconnect(&mut d, home);
+            frame::encode_frame(&mut f, OpCode::Text, &d);
+        }
         frame::encode_close(&mut f, code, reason);
         Sink {
             cork: &mut ctx.io.cork,
@@ -656,10 +727,14 @@ impl Conn {
                     self.close(CloseCode::Normal, "idle timeout", ctx);
                     return self.after_io(ctx);
                 }
-                self.out.push_frame(OpCode::Ping, b"");
+                if self.is_socketio() {
+                    self.out.push_frame(OpCode::Text, b"2"); // Engine.IO ping
+                } else {
+                    self.out.push_frame(OpCode::Ping, b"");
+                }
                 self.awaiting_pong = true;
                 ctx.io.c.pings_sent += 1;
-                self.set_timer(ctx, ctx.env.cfg.pong_timeout, TimerKind::PongDeadline);
+                self.set_timer(ctx, self.pong_timeout(ctx), TimerKind::PongDeadline);
                 self.after_io(ctx)
             }
             (TimerKind::PongDeadline, State::Open(_)) => {
@@ -668,17 +743,15 @@ impl Conn {
                     log::info!(
                         "conn={} no pong within {:?}, closing",
                         self.id,
-                        ctx.env.cfg.pong_timeout
+                        self.pong_timeout(ctx)
                     );
                     self.close(CloseCode::Error, "heartbeat timeout", ctx);
                     return self.after_io(ctx);
                 }
                 // The next ping is due one interval after the last one.
-                let rest = ctx
-                    .env
-                    .cfg
-                    .heartbeat_interval
-                    .saturating_sub(ctx.env.cfg.pong_timeout);
+                let rest = self
+                    .ping_interval(ctx)
+                    .saturating_sub(self.pong_timeout(ctx));
                 if rest.is_zero() {
                     return self.on_timer(TimerKind::Ping, ctx);
                 }
@@ -686,6 +759,13 @@ impl Conn {
                 Next::Keep
             }
             (TimerKind::Auth, State::Open(_)) => {
+                if self.is_socketio()
+                    && self.session.as_ref().is_some_and(|s| !s.is_authenticated())
+                {
+                    // No namespace CONNECT succeeded in time (connectTimeout).
+                    self.close_code(close::AUTH_TIMEOUT, "no CONNECT in time", ctx);
+                    return self.after_io(ctx);
+                }
                 if self.session.as_ref().is_some_and(|s| !s.is_authenticated()) {
                     let mut e = Vec::new();
                     proto::error(
@@ -699,7 +779,7 @@ impl Conn {
                     return self.after_io(ctx);
                 }
                 // Authenticated meanwhile: the heartbeat takes over the timer.
-                self.set_timer(ctx, ctx.env.cfg.heartbeat_interval, TimerKind::Ping);
+                self.set_timer(ctx, self.ping_interval(ctx), TimerKind::Ping);
                 Next::Keep
             }
             (TimerKind::Linger, _) => Next::Drop,
@@ -722,12 +802,53 @@ impl Conn {
     /// Queue a frame encoded once for many connections (fan-out).
     /// Returns false if the connection is no longer open.
     pub fn deliver(&mut self, frame: Arc<[u8]>) -> bool {
+        if self.is_socketio() {
+            let mut none = None;
+            return self.deliver_as(frame, &mut none);
+        }
         if self.is_open() {
             self.out.push_shared(frame);
             true
         } else {
             false
         }
+    }
+
+    /// Queue a native frame shared by many connections; a Socket.IO client
+    /// gets it re-encoded as an event, once per fan-out: `sio` keeps the
+    /// re-encoded frame (with its namespace) for the next such recipient.
+    pub fn deliver_as(
+        &mut self,
+        frame: Arc<[u8]>,
+        sio: &mut Option<(Box<str>, Arc<[u8]>)>,
+    ) -> bool {
+        if !self.is_socketio() {
+            return self.deliver(frame);
+        }
+        let Some(home) = self
+            .session
+            .as_ref()
+            .and_then(|s| s.sio())
+            .and_then(SioState::home)
+        else {
+            return false; // no namespace connected yet: nothing to receive on
+        };
+        let shared = match sio {
+            Some((nsp, f)) if **nsp == *home => f.clone(),
+            _ => {
+                let Some(json) = proto::socketio::frame_payload(&frame) else {
+                    return false;
+                };
+                let name = proto::socketio::native_type(json).unwrap_or("message");
+                let mut b = Vec::with_capacity(json.len() + name.len() + 16);
+                proto::socketio::event(&mut b, home, name, json);
+                let f = proto::encode::shared_frame(&b);
+                *sio = Some((home.into(), f.clone()));
+                f
+            }
+        };
+        self.out.push_shared(shared);
+        true
     }
 
     /// The authenticated user on the protocol path.

@@ -74,6 +74,8 @@ pub struct Session {
     pub(super) recovering: Vec<Arc<str>>,
     /// When the upgrade completed (ms since the epoch).
     pub(super) connected_at_ms: i64,
+    /// Socket.IO wire state (None for a native client).
+    pub(super) sio: Option<Box<super::socketio::SioState>>,
 }
 
 /// What the connection should do after a handler ran.
@@ -98,6 +100,7 @@ impl Session {
             data_received: 0,
             recovering: Vec::new(),
             connected_at_ms: crate::clock::now_ms(),
+            sio: None,
         }
     }
 

@@ -1,0 +1,391 @@
+//! The Socket.IO front end (docs/SOCKETIO.md): Engine.IO v4 packets over
+//! the WebSocket transport, Socket.IO v5 packets inside them, turned into
+//! the native protocol's messages for the same handlers, and native
+//! answers rendered back as Socket.IO events and acks.
+//!
+//! A Socket.IO client is a Switchboard connection: its namespace CONNECT
+//! authenticates it (token from the `auth` payload, the `Authorization`
+//! header or the query), `socket.emit(type, {...})` is the native message
+//! `{"type": type, ...}`, an ack id becomes its `requestId` and the answer
+//! carrying it becomes the ACK; every other server message reaches the
+//! client as an event named after its `type`, on the first namespace it
+//! connected (its home namespace).
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
+
+use crate::env::Handling;
+use crate::proto::socketio::{self as sio, EioPacket, SioKind, SioPacket};
+use crate::proto::{Dialect, ErrorCode};
+
+use super::reply::{Replies, reply_error};
+use super::state::{ConnectParams, Session, Verdict};
+
+/// Close codes for Engine.IO-level failures (the WebSocket close that ends
+/// the Engine.IO session; socket.io-client reports "transport close").
+pub mod close {
+    /// A packet that is not Engine.IO/Socket.IO (socket.io closes on a parse error).
+    pub const PROTOCOL: u16 = 1002;
+    /// A packet over `maxPayload`.
+    pub const TOO_BIG: u16 = 1009;
+    /// Binary attachments are not supported yet.
+    pub const UNSUPPORTED: u16 = 1003;
+}
+
+/// Client ack ids whose answer is still due, per connection: past this the
+/// oldest is forgotten (its answer then arrives as a plain event).
+const MAX_PENDING_ACKS: usize = 256;
+
+/// The Socket.IO state of a connection (beside the native [`Session`] state).
+#[derive(Debug)]
+pub struct SioState {
+    /// The Engine.IO session id sent in the open packet.
+    sid: Box<str>,
+    /// Connected namespaces; the first is home (server pushes go there).
+    nsps: Vec<Box<str>>,
+    /// Ack ids of client events still to be answered, with their namespace.
+    pending: Vec<(u64, Box<str>)>,
+}
+
+/// Random URL-safe id (the Engine.IO sid, a namespace socket's id).
+fn random_id() -> String {
+    use base64::Engine;
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 15];
+    // A failing system RNG leaves zeros: ids are not secrets (the token is).
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+impl SioState {
+    /// The home namespace, once one is connected.
+    pub fn home(&self) -> Option<&str> {
+        self.nsps.first().map(|n| &**n)
+    }
+
+    /// A native server message as the Socket.IO text this client gets: the
+    /// ACK of a pending ack id it carries as `requestId`, else an event
+    /// named by its `type` on `nsp` (default: home). `None` when no
+    /// namespace is connected (nothing can be delivered).
+    pub fn render(&mut self, json: &[u8], nsp: Option<&str>) -> Option<Vec<u8>> {
+        if !self.pending.is_empty() {
+            #[derive(Deserialize)]
+            struct Rid {
+                #[serde(rename = "requestId")]
+                request_id: Option<u64>,
+            }
+            if let Ok(Rid {
+                request_id: Some(id),
+            }) = serde_json::from_slice::<Rid>(json)
+                && let Some(i) = self.pending.iter().position(|(p, _)| *p == id)
+            {
+                let (_, nsp) = self.pending.remove(i);
+                let mut b = Vec::with_capacity(json.len() + 16);
+                sio::ack(&mut b, &nsp, id, json);
+                return Some(b);
+            }
+        }
+        let nsp = nsp.or(self.home())?;
+        let name = sio::native_type(json).unwrap_or("message");
+        let mut b = Vec::with_capacity(json.len() + name.len() + 16);
+        sio::event(&mut b, nsp, name, json);
+        Some(b)
+    }
+
+    /// The Engine.IO open packet for this session.
+    pub fn open_packet(&self, cfg: &crate::config::SocketIoConfig) -> Vec<u8> {
+        let mut b = Vec::with_capacity(128);
+        sio::eio_open(
+            &mut b,
+            &self.sid,
+            cfg.ping_interval.as_millis(),
+            cfg.ping_timeout.as_millis(),
+            cfg.max_payload,
+        );
+        b
+    }
+}
+
+/// Native replies rendered for a Socket.IO client on the way to the sink.
+struct SioOut<'a> {
+    out: &'a mut dyn Replies,
+    st: &'a mut SioState,
+    nsp: &'a str,
+}
+
+impl Replies for SioOut<'_> {
+    fn text(&mut self, json: &[u8]) {
+        if let Some(b) = self.st.render(json, Some(self.nsp)) {
+            self.out.text(&b);
+        }
+    }
+}
+
+/// Native replies kept aside (a CONNECT answers before them).
+#[derive(Default)]
+struct Capture(Vec<Vec<u8>>);
+
+impl Replies for Capture {
+    fn text(&mut self, json: &[u8]) {
+        self.0.push(json.to_vec());
+    }
+}
+
+impl Session {
+    /// A Socket.IO connection, right after the WebSocket upgrade.
+    pub fn socketio(params: ConnectParams) -> Session {
+        let mut s = Session::new(params);
+        s.sio = Some(Box::new(SioState {
+            sid: random_id().into(),
+            nsps: Vec::new(),
+            pending: Vec::new(),
+        }));
+        s
+    }
+
+    pub fn sio(&self) -> Option<&SioState> {
+        self.sio.as_deref()
+    }
+
+    pub fn sio_mut(&mut self) -> Option<&mut SioState> {
+        self.sio.as_deref_mut()
+    }
+
+    /// One Engine.IO packet (a text frame). Pongs are the connection's
+    /// business (its heartbeat) and never reach here.
+    pub fn on_sio_text(
+        &mut self,
+        text: &[u8],
+        ctx: &mut Handling<'_>,
+        out: &mut dyn Replies,
+    ) -> Verdict {
+        if text.len() > ctx.env.cfg.socketio.max_payload {
+            return Verdict::Close(close::TOO_BIG, "packet over maxPayload");
+        }
+        let packet = match sio::decode_eio(text) {
+            Ok(p) => p,
+            Err(e) => {
+                log::debug!("conn={} Engine.IO: {e}", ctx.conn);
+                return Verdict::Close(close::PROTOCOL, "malformed Engine.IO packet");
+            }
+        };
+        match packet {
+            EioPacket::Close => Verdict::Close(1000, "client closed"),
+            EioPacket::Ping(d) => {
+                // v4 clients do not ping, but answering one costs nothing.
+                let mut b = Vec::with_capacity(1 + d.len());
+                b.push(b'3');
+                b.extend_from_slice(d);
+                out.text(&b);
+                Verdict::Continue
+            }
+            EioPacket::Open | EioPacket::Pong(_) | EioPacket::Upgrade | EioPacket::Noop => {
+                Verdict::Continue
+            }
+            EioPacket::Message(m) => match sio::decode_sio(m) {
+                Ok(p) => self.on_sio_packet(p, ctx, out),
+                Err(sio::SioDecodeError::BinaryNotSupported) => {
+                    Verdict::Close(close::UNSUPPORTED, "binary packets are not supported yet")
+                }
+                Err(e) => {
+                    log::debug!("conn={} Socket.IO: {e}", ctx.conn);
+                    Verdict::Close(close::PROTOCOL, "malformed Socket.IO packet")
+                }
+            },
+        }
+    }
+
+    fn on_sio_packet(
+        &mut self,
+        p: SioPacket<'_>,
+        ctx: &mut Handling<'_>,
+        out: &mut dyn Replies,
+    ) -> Verdict {
+        let Some(mut st) = self.sio.take() else {
+            return Verdict::Continue;
+        };
+        let verdict = match p.kind {
+            SioKind::Connect => self.sio_connect(&p, &mut st, ctx, out),
+            SioKind::Disconnect => {
+                let was_home = st.home() == Some(p.nsp);
+                st.nsps.retain(|n| &**n != p.nsp);
+                if was_home {
+                    // Server pushes have nowhere to go: the connection ends.
+                    Verdict::Close(1000, "client disconnected")
+                } else {
+                    Verdict::Continue
+                }
+            }
+            SioKind::Event if st.nsps.iter().any(|n| &**n == p.nsp) => {
+                self.sio_event(&p, &mut st, ctx, out)
+            }
+            // An event on a namespace not connected: socket.io drops it too.
+            SioKind::Event => Verdict::Continue,
+            // Acks of server events: the server asks for none yet.
+            SioKind::Ack => Verdict::Continue,
+            SioKind::ConnectError | SioKind::BinaryEvent | SioKind::BinaryAck => {
+                Verdict::Close(close::PROTOCOL, "a client does not send this packet")
+            }
+        };
+        self.sio = Some(st);
+        verdict
+    }
+
+    fn sio_connect(
+        &mut self,
+        p: &SioPacket<'_>,
+        st: &mut SioState,
+        ctx: &mut Handling<'_>,
+        out: &mut dyn Replies,
+    ) -> Verdict {
+        let mut b = Vec::new();
+        if !ctx.env.cfg.socketio.has_namespace(p.nsp) {
+            sio::connect_error(&mut b, p.nsp, "Invalid namespace");
+            out.text(&b);
+            return Verdict::Continue;
+        }
+        if self.is_authenticated() {
+            // One identity per connection: another namespace joins it.
+            if !st.nsps.iter().any(|n| &**n == p.nsp) {
+                st.nsps.push(p.nsp.into());
+            }
+            sio::connect_ok(&mut b, p.nsp, &random_id());
+            out.text(&b);
+            return Verdict::Continue;
+        }
+        #[derive(Deserialize)]
+        struct Auth {
+            token: Option<String>,
+        }
+        let token = p
+            .data
+            .and_then(|d| serde_json::from_slice::<Auth>(d).ok())
+            .and_then(|a| a.token);
+        // The CONNECT's token is for this attempt only: a refused one must
+        // not stand in for the header's or the query's on the next.
+        let connect_time = self.params.as_ref().and_then(|p| p.token.clone());
+        if let (Some(t), Some(params)) = (token, self.params.as_mut()) {
+            params.token = Some(t);
+        }
+        let mut kept = Capture::default();
+        let verdict = self.on_open(ctx, &mut kept);
+        if verdict != Verdict::Authenticated
+            && let Some(params) = self.params.as_mut()
+        {
+            params.token = connect_time;
+        }
+        match verdict {
+            Verdict::Authenticated => {
+                st.nsps.push(p.nsp.into());
+                sio::connect_ok(&mut b, p.nsp, &random_id());
+                out.text(&b);
+                for json in &kept.0 {
+                    if let Some(e) = st.render(json, Some(p.nsp)) {
+                        out.text(&e);
+                    }
+                }
+                Verdict::Authenticated
+            }
+            Verdict::Close(_, reason) => {
+                // The error reply says why; the Engine.IO session stays
+                // open so the client may try again (or its auth timer ends it).
+                #[derive(Deserialize)]
+                struct Err {
+                    message: String,
+                }
+                let why = kept
+                    .0
+                    .iter()
+                    .find_map(|j| serde_json::from_slice::<Err>(j).ok())
+                    .map_or_else(|| reason.to_owned(), |e| e.message);
+                sio::connect_error(&mut b, p.nsp, &why);
+                out.text(&b);
+                Verdict::Continue
+            }
+            Verdict::Continue => {
+                sio::connect_error(
+                    &mut b,
+                    p.nsp,
+                    "authentication required: send auth: { token }, an Authorization: Bearer header or ?token=",
+                );
+                out.text(&b);
+                Verdict::Continue
+            }
+        }
+    }
+
+    /// `emit(type, {fields})` is the native `{"type": type, fields...}`.
+    fn sio_event(
+        &mut self,
+        p: &SioPacket<'_>,
+        st: &mut SioState,
+        ctx: &mut Handling<'_>,
+        out: &mut dyn Replies,
+    ) -> Verdict {
+        let mut sink = SioOut {
+            out,
+            st,
+            nsp: p.nsp,
+        };
+        let parsed = p
+            .data
+            .and_then(|d| serde_json::from_slice::<Vec<&RawValue>>(d).ok())
+            .unwrap_or_default();
+        let mut args = parsed.iter();
+        let name: String = match args
+            .next()
+            .map(|n| serde_json::from_str::<serde_json::Value>(n.get()))
+        {
+            Some(Ok(serde_json::Value::String(s))) => s,
+            Some(Ok(serde_json::Value::Number(n))) => n.to_string(),
+            _ => String::new(),
+        };
+        let arg = args.next().map(|a| a.get().trim());
+        let body = match arg {
+            None => Some(""),
+            Some(a) if a.starts_with('{') => {
+                let keys =
+                    serde_json::from_str::<HashMap<String, IgnoredAny>>(a).unwrap_or_default();
+                if keys.contains_key("type") || (p.id.is_some() && keys.contains_key("requestId")) {
+                    None
+                } else {
+                    let inner = a
+                        .get(1..a.len().saturating_sub(1))
+                        .unwrap_or_default()
+                        .trim();
+                    Some(inner)
+                }
+            }
+            Some(_) => None,
+        };
+        let Some(body) = body else {
+            reply_error(
+                &mut sink,
+                ErrorCode::BadJson,
+                "an event carries at most one argument, a JSON object without \"type\" (the event name is the type; with an ack, without \"requestId\")",
+                None,
+                Dialect::Native,
+            );
+            return Verdict::Continue;
+        };
+        let mut native = Vec::with_capacity(name.len() + body.len() + 40);
+        native.extend_from_slice(b"{\"type\":");
+        crate::proto::write_str(&mut native, &name);
+        if let Some(id) = p.id {
+            if sink.st.pending.len() >= MAX_PENDING_ACKS {
+                sink.st.pending.remove(0);
+            }
+            sink.st.pending.push((id, p.nsp.into()));
+            native.extend_from_slice(format!(",\"requestId\":{id}").as_bytes());
+        }
+        if !body.is_empty() {
+            native.push(b',');
+            native.extend_from_slice(body.as_bytes());
+        }
+        native.push(b'}');
+        self.on_text(&mut native, ctx, &mut sink)
+    }
+}

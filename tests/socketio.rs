@@ -1,0 +1,459 @@
+//! Socket.IO v4 over the WebSocket transport with a real server and real
+//! WebSocket clients speaking Engine.IO v4 / Socket.IO v5 packets by hand
+//! (tests/socketio_client.rs drives the real socket.io-client): the open
+//! packet, the heartbeat, namespaces, CONNECT with its auth, events and
+//! acks mapped onto the native protocol, publications from the HTTP API
+//! reaching native and Socket.IO subscribers alike, revocation, and every
+//! bad input answered while the server keeps serving.
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use serde_json::{Value, json};
+use switchboard::auth::{Claims, SigningKeySource, SigningSettings, mint};
+use switchboard::config::{AuthMode, Config, Rule};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::{Message, WebSocket};
+
+const SECRET: &str = "socketio-test-secret";
+const KEY: &str = "socketio-api-key";
+
+fn config() -> Config {
+    let mut cfg = test_config(2);
+    cfg.api.keys = vec![KEY.into()];
+    cfg.channels.subscribe = Rule::Any;
+    cfg.channels.publish = Rule::Any;
+    cfg.socketio.namespaces = vec!["/custom".into()];
+    cfg
+}
+
+fn jwt_config() -> Config {
+    let mut cfg = config();
+    cfg.auth.mode = AuthMode::Jwt;
+    cfg.auth.jwt.secret = Some(SECRET.into());
+    cfg.auth.jwt.algorithms = vec!["HS256".into()];
+    cfg
+}
+
+fn token(sub: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let c = Claims {
+        sub: sub.into(),
+        exp: Some(now + 3600),
+        nbf: None,
+        iat: Some(now),
+        iss: None,
+        aud: None,
+        jti: None,
+        channels: Vec::new(),
+        role: None,
+        tenant: None,
+    };
+    mint(
+        &SigningSettings {
+            algorithm: jsonwebtoken::Algorithm::HS256,
+            key: SigningKeySource::Secret(SECRET.as_bytes().to_vec()),
+            kid: None,
+        },
+        &c,
+    )
+    .unwrap()
+}
+
+/// An Engine.IO client over WebSocket that has read the open packet.
+struct Eio {
+    ws: WebSocket<TcpStream>,
+    open: Value,
+}
+
+impl Eio {
+    fn connect(addr: SocketAddr, path_and_query: &str) -> Eio {
+        Eio::connect_with(addr, path_and_query, None)
+    }
+    fn connect_with(addr: SocketAddr, path_and_query: &str, bearer: Option<&str>) -> Eio {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut req = format!("ws://{addr}{path_and_query}")
+            .into_client_request()
+            .unwrap();
+        if let Some(t) = bearer {
+            req.headers_mut()
+                .insert("Authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        let (mut ws, resp) = tungstenite::client::client(req, stream).expect("upgrade");
+        assert_eq!(resp.status(), 101);
+        let first = read_text(&mut ws);
+        let body = first.strip_prefix('0').expect("an open packet first");
+        let open: Value = serde_json::from_str(body).unwrap();
+        Eio { ws, open }
+    }
+    fn send(&mut self, packet: &str) {
+        self.ws.send(Message::text(packet)).unwrap();
+    }
+    /// The next text packet, answering server pings on the way.
+    fn recv(&mut self) -> String {
+        loop {
+            let t = read_text(&mut self.ws);
+            if t == "2" {
+                self.send("3");
+                continue;
+            }
+            return t;
+        }
+    }
+    /// The next `42` event on namespace prefix `nsp` ("" for `/`): (name, argument).
+    fn event(&mut self, nsp: &str) -> (String, Value) {
+        let p = self.recv();
+        let body = p
+            .strip_prefix(&format!("42{nsp}"))
+            .unwrap_or_else(|| panic!("an event, got {p}"));
+        let v: Value = serde_json::from_str(body).unwrap();
+        (v[0].as_str().unwrap().to_owned(), v[1].clone())
+    }
+    /// CONNECT to `/` (with `auth`) and expect success; returns the welcome.
+    fn join(&mut self, auth: Option<Value>) -> Value {
+        match auth {
+            Some(a) => self.send(&format!("40{a}")),
+            None => self.send("40"),
+        }
+        let ok = self.recv();
+        let sid: Value = serde_json::from_str(ok.strip_prefix("40").expect("40")).unwrap();
+        assert!(sid["sid"].is_string(), "{ok}");
+        let (name, welcome) = self.event("");
+        assert_eq!(name, "connected", "{welcome}");
+        welcome
+    }
+    /// The connection ends with close `code` (after any packets before it).
+    fn expect_close(&mut self, code: u16) -> Vec<String> {
+        let mut before = Vec::new();
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => before.push(t.to_string()),
+                Ok(Message::Close(Some(f))) => {
+                    assert_eq!(u16::from(f.code), code, "{f:?} after {before:?}");
+                    return before;
+                }
+                other => panic!("expected close {code}, got {other:?} after {before:?}"),
+            }
+        }
+    }
+}
+
+/// An HTTP API call with the test's API key; the whole response.
+fn post(addr: SocketAddr, path: &str, body: Value) -> String {
+    let body = body.to_string();
+    http(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+fn read_text(ws: &mut WebSocket<TcpStream>) -> String {
+    loop {
+        match ws.read().expect("a packet") {
+            Message::Text(t) => return t.to_string(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+const WS: &str = "/socket.io/?EIO=4&transport=websocket";
+
+#[test]
+fn open_packet_at_the_path_with_and_without_slash() {
+    let mut cfg = config();
+    cfg.socketio.ping_interval = Duration::from_millis(300);
+    cfg.socketio.ping_timeout = Duration::from_millis(200);
+    cfg.socketio.max_payload = 1000;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    for path in [WS, "/socket.io?EIO=4&transport=websocket"] {
+        let c = Eio::connect(addr, path);
+        assert!(c.open["sid"].as_str().is_some_and(|s| !s.is_empty()));
+        assert_eq!(c.open["upgrades"], json!([]));
+        assert_eq!(c.open["pingInterval"], 300);
+        assert_eq!(c.open["pingTimeout"], 200);
+        assert_eq!(c.open["maxPayload"], 1000);
+    }
+    // A second session has another sid.
+    let a = Eio::connect(addr, WS);
+    let b = Eio::connect(addr, WS);
+    assert_ne!(a.open["sid"], b.open["sid"]);
+}
+
+#[test]
+fn configured_path_and_what_is_refused_there() {
+    let mut cfg = config();
+    cfg.socketio.path = "/realtime".into();
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let mut c = Eio::connect(addr, "/realtime/?EIO=4&transport=websocket");
+    c.join(None);
+    // Long-polling is not served yet: Engine.IO's own error, not a 404.
+    let r = http(
+        addr,
+        "GET /realtime/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(
+        r.ends_with("{\"code\":0,\"message\":\"Transport unknown\"}"),
+        "{r}"
+    );
+    let r = http(
+        addr,
+        "GET /realtime/?EIO=3&transport=websocket HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(r.contains("\"code\":5"), "{r}");
+    // The default path is not served once another is configured.
+    let r = http(
+        addr,
+        "GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+}
+
+#[test]
+fn events_become_native_messages_and_acks_their_answers() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let mut c = Eio::connect(addr, &format!("{WS}&userId=alice"));
+    let welcome = c.join(None);
+    assert_eq!(welcome["userId"], "alice");
+    // emit('ping') without an ack: the answer is an event.
+    c.send("42[\"ping\"]");
+    let (name, v) = c.event("");
+    assert_eq!((name.as_str(), &v["type"]), ("pong", &json!("pong")));
+    // emitWithAck('ping'): the answer is the ACK of id 7.
+    c.send("427[\"ping\"]");
+    let p = c.recv();
+    let body = p.strip_prefix("437").unwrap_or_else(|| panic!("{p}"));
+    let v: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v[0]["type"], "pong", "{p}");
+    // A handler's error comes back as an `error` event, and the session stays.
+    c.send("42[\"subscribe\",{}]");
+    let (name, v) = c.event("");
+    assert_eq!(
+        (name.as_str(), &v["code"]),
+        ("error", &json!("missing_field"))
+    );
+    c.send("42[\"no_such_type\"]");
+    let (name, v) = c.event("");
+    assert_eq!(
+        (name.as_str(), &v["code"]),
+        ("error", &json!("unknown_type"))
+    );
+    // Arguments the mapping cannot take: one clear error each.
+    for bad in [
+        "42[\"ping\",\"a string\"]",
+        "42[\"ping\",{\"type\":\"publish\"}]",
+        "423[\"ping\",{\"requestId\":1}]",
+    ] {
+        c.send(bad);
+        let (name, v) = c.event("");
+        assert_eq!(
+            (name.as_str(), &v["code"]),
+            ("error", &json!("bad_json")),
+            "{bad}"
+        );
+    }
+    c.send("428[\"ping\"]");
+    assert!(c.recv().starts_with("438["));
+}
+
+#[test]
+fn namespaces_configured_and_not() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let mut c = Eio::connect(addr, WS);
+    c.send("40/nope,");
+    assert_eq!(c.recv(), "44/nope,{\"message\":\"Invalid namespace\"}");
+    c.send("40/custom,");
+    assert!(c.recv().starts_with("40/custom,{\"sid\":"));
+    let (name, _) = c.event("/custom,");
+    assert_eq!(name, "connected");
+    // `/` joins the same identity; answers go to the namespace asked on.
+    c.send("40");
+    assert!(c.recv().starts_with("40{\"sid\":"));
+    c.send("42/custom,5[\"ping\"]");
+    assert!(c.recv().starts_with("43/custom,5[{\"type\":\"pong\""));
+    c.send("42[\"ping\"]");
+    assert!(c.recv().starts_with("42[\"pong\""));
+    // Events on a namespace not joined are dropped, as socket.io does.
+    c.send("42/other,[\"ping\"]");
+    c.send("421[\"ping\"]");
+    assert!(c.recv().starts_with("431["));
+}
+
+#[test]
+fn connect_authenticates_like_a_native_client() {
+    let server = start(jwt_config());
+    let addr = server.local_addr();
+    // auth: { token } (seeds 001, 004).
+    let mut c = Eio::connect(addr, WS);
+    let w = c.join(Some(json!({ "token": token("alice") })));
+    assert_eq!(w["userId"], "alice");
+    // Authorization: Bearer (seed 002) and ?token=.
+    let mut c = Eio::connect_with(addr, WS, Some(&token("bob")));
+    assert_eq!(c.join(None)["userId"], "bob");
+    let mut c = Eio::connect(addr, &format!("{WS}&token={}", token("carol")));
+    assert_eq!(c.join(None)["userId"], "carol");
+    // Refused: CONNECT_ERROR with the reason, and the session may retry.
+    let mut c = Eio::connect(addr, WS);
+    c.send("40{\"token\":\"not-a-jwt\"}");
+    let p = c.recv();
+    let e: Value = serde_json::from_str(p.strip_prefix("44").expect("44")).unwrap();
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{p}");
+    c.send("40");
+    let p = c.recv();
+    assert!(
+        p.starts_with("44{\"message\":\"authentication required"),
+        "{p}"
+    );
+    // Nothing is answered before authentication.
+    c.send("421[\"ping\"]");
+    c.send(&format!("40{}", json!({ "token": token("dave") })));
+    assert!(c.recv().starts_with("40{"));
+    let (name, w) = c.event("");
+    assert_eq!((name.as_str(), &w["userId"]), ("connected", &json!("dave")));
+}
+
+#[test]
+fn server_pings_and_a_silent_client_is_closed() {
+    let mut cfg = config();
+    cfg.socketio.ping_interval = Duration::from_millis(200);
+    cfg.socketio.ping_timeout = Duration::from_millis(200);
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let mut c = Eio::connect(addr, WS);
+    c.join(None);
+    // Three pings answered: the session lives on.
+    for _ in 0..3 {
+        assert_eq!(read_text(&mut c.ws), "2");
+        c.send("3");
+    }
+    c.send("421[\"ping\"]");
+    assert!(c.recv().starts_with("431["));
+    // A ping not answered ends it (after Socket.IO's DISCONNECT).
+    assert_eq!(read_text(&mut c.ws), "2");
+    let before = c.expect_close(1011);
+    assert_eq!(before, vec!["41".to_owned()]);
+}
+
+#[test]
+fn a_publication_reaches_native_and_socketio_subscribers() {
+    let server = start(config());
+    let addr = server.local_addr();
+    // Two Socket.IO subscribers (one on each shard) and a native one.
+    let mut sio: Vec<Eio> = (0..2)
+        .map(|i| {
+            let mut c = Eio::connect(addr, &format!("{WS}&userId=s{i}"));
+            c.join(None);
+            c.send("421[\"subscribe\",{\"channel\":\"news\"}]");
+            let p = c.recv();
+            assert!(p.starts_with("431[{\"type\":\"subscribed\""), "{p}");
+            c
+        })
+        .collect();
+    let mut native = ws(addr, "/ws?userId=n");
+    let w: Value = serde_json::from_str(&read_text(&mut native)).unwrap();
+    assert_eq!(w["type"], "connected");
+    native
+        .send(Message::text(r#"{"type":"subscribe","channel":"news"}"#))
+        .unwrap();
+    let s: Value = serde_json::from_str(&read_text(&mut native)).unwrap();
+    assert_eq!(s["type"], "subscribed");
+    let r = post(
+        addr,
+        "/api/publish",
+        json!({"channel":"news","data":{"headline":"Hi"}}),
+    );
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let n: Value = serde_json::from_str(&read_text(&mut native)).unwrap();
+    assert_eq!(n["data"]["headline"], "Hi");
+    for c in &mut sio {
+        let (name, v) = c.event("");
+        assert_eq!(name, "message");
+        assert_eq!(v, n, "the same message under both wire formats");
+    }
+    // A Socket.IO client publishes; the native subscriber gets it.
+    sio[0].send("429[\"publish\",{\"channel\":\"news\",\"data\":[1,2]}]");
+    let n: Value = serde_json::from_str(&read_text(&mut native)).unwrap();
+    assert_eq!((&n["data"], &n["from"]), (&json!([1, 2]), &json!("s0")));
+}
+
+#[test]
+fn revocation_sends_token_revoked_then_disconnects() {
+    let mut cfg = jwt_config();
+    cfg.api.keys = vec![KEY.into()];
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let mut c = Eio::connect(addr, WS);
+    c.join(Some(json!({ "token": token("alice") })));
+    let r = post(addr, "/api/revoke", json!({"userId":"alice"}));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let (name, v) = c.event("");
+    assert_eq!(
+        (name.as_str(), &v["type"]),
+        ("token_revoked", &json!("token_revoked"))
+    );
+    let before = c.expect_close(4001);
+    assert_eq!(before, vec!["41".to_owned()], "DISCONNECT: no reconnection");
+}
+
+#[test]
+fn bad_packets_close_that_session_only() {
+    let mut cfg = config();
+    cfg.socketio.max_payload = 100;
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let cases: [(&str, u16); 6] = [
+        ("9", 1002),
+        ("4x", 1002),
+        ("42[\"unterminated\"", 1002),
+        ("451-[\"a\",{\"_placeholder\":true,\"num\":0}]", 1003),
+        ("1", 1000),
+        ("", 1002),
+    ];
+    for (packet, code) in cases {
+        let mut c = Eio::connect(addr, WS);
+        c.join(None);
+        c.send(packet);
+        c.expect_close(code);
+    }
+    let mut c = Eio::connect(addr, WS);
+    c.join(None);
+    c.send(&format!("42[\"ping\",{{\"pad\":\"{}\"}}]", "x".repeat(100)));
+    c.expect_close(1009);
+    let mut c = Eio::connect(addr, WS);
+    c.join(None);
+    c.ws.send(Message::binary(vec![1u8, 2, 3])).unwrap();
+    c.expect_close(1003);
+    // The server still serves.
+    let mut c = Eio::connect(addr, WS);
+    c.join(None);
+    c.send("421[\"ping\"]");
+    assert!(c.recv().starts_with("431["));
+}
+
+#[test]
+fn a_session_that_never_connects_a_namespace_is_closed() {
+    let mut cfg = config();
+    cfg.auth.timeout = Duration::from_millis(300);
+    cfg.socketio.ping_interval = Duration::from_secs(60);
+    let server = start(cfg);
+    let mut c = Eio::connect(server.local_addr(), WS);
+    let before = c.expect_close(4008);
+    assert!(before.is_empty(), "{before:?}");
+}
