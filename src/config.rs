@@ -374,6 +374,10 @@ pub struct SocketIoConfig {
     pub ping_timeout: Duration,
     /// Engine.IO `maxPayload`: the largest packet accepted (socket.io's default 1e6).
     pub max_payload: usize,
+    /// The echo applications the official protocol test suites expect
+    /// (docs/SOCKETIO.md), instead of the mapping onto the native protocol:
+    /// off in production, like `/echo` for Autobahn.
+    pub conformance: bool,
 }
 
 impl Default for SocketIoConfig {
@@ -385,6 +389,7 @@ impl Default for SocketIoConfig {
             ping_interval: Duration::from_secs(25),
             ping_timeout: Duration::from_secs(20),
             max_payload: 1_000_000,
+            conformance: false,
         }
     }
 }
@@ -393,6 +398,11 @@ impl SocketIoConfig {
     /// Is `path` the Socket.IO path (the client may drop the trailing slash)?
     pub fn serves(&self, path: &str) -> bool {
         self.enabled && path.trim_end_matches('/') == self.path.trim_end_matches('/')
+    }
+
+    /// Is `path` the plain Engine.IO echo of the conformance suites?
+    pub fn serves_plain(&self, path: &str) -> bool {
+        self.enabled && self.conformance && path.trim_end_matches('/') == "/engine.io"
     }
 
     /// May a client join namespace `nsp`?
@@ -723,6 +733,7 @@ const OPTIONS: &[&str] = &[
     "socketio.ping_interval",
     "socketio.ping_timeout",
     "socketio.max_payload",
+    "socketio.conformance",
 ];
 
 fn env_value(raw: &str) -> toml::Value {

@@ -457,3 +457,113 @@ fn a_session_that_never_connects_a_namespace_is_closed() {
     let before = c.expect_close(4008);
     assert!(before.is_empty(), "{before:?}");
 }
+
+#[test]
+fn disconnect_keeps_the_engine_io_session_as_socketio_does() {
+    let mut cfg = config();
+    cfg.socketio.ping_interval = Duration::from_millis(200);
+    cfg.socketio.ping_timeout = Duration::from_millis(1000);
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let mut c = Eio::connect(addr, &format!("{WS}&userId=alice"));
+    c.join(None);
+    c.send("41");
+    // Still pinged: the Engine.IO session lives on, without a namespace.
+    assert_eq!(read_text(&mut c.ws), "2");
+    c.send("3");
+    // Events on the namespace left are dropped; joining again works, as the
+    // same identity (no second welcome).
+    c.send("421[\"ping\"]");
+    c.send("40");
+    assert!(c.recv().starts_with("40{\"sid\":"));
+    c.send("422[\"ping\"]");
+    let p = c.recv();
+    assert!(p.starts_with("432[{\"type\":\"pong\""), "{p}");
+}
+
+#[test]
+fn the_heartbeat_starts_before_connect_and_connect_time_is_bounded() {
+    let mut cfg = config();
+    cfg.socketio.ping_interval = Duration::from_millis(200);
+    cfg.socketio.ping_timeout = Duration::from_millis(1000);
+    cfg.auth.timeout = Duration::from_millis(1500);
+    let server = start(cfg);
+    let mut c = Eio::connect(server.local_addr(), WS);
+    // Pings from the open packet on, answered, yet no CONNECT: closed once
+    // auth.timeout has passed, with the pings it answered before that.
+    let mut pings = 0;
+    loop {
+        match c.ws.read().expect("a packet or the close") {
+            Message::Text(t) if t.as_str() == "2" => {
+                pings += 1;
+                c.send("3");
+            }
+            Message::Close(Some(f)) => {
+                assert_eq!(u16::from(f.code), 4008, "{f:?}");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(pings >= 2, "{pings} pings before the connect deadline");
+}
+
+/// The conformance configuration the official suites run against.
+fn conformance() -> Config {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/socketio/conformance.toml"),
+    )
+    .unwrap();
+    let mut cfg: Config = toml::from_str(&text).unwrap();
+    cfg.port = 0;
+    cfg.shards = 2;
+    cfg.validate().unwrap();
+    cfg
+}
+
+#[test]
+fn conformance_echo_applications() {
+    let server = start(conformance());
+    let addr = server.local_addr();
+    let mut c = Eio::connect(addr, WS);
+    assert_eq!(c.open["pingInterval"], 300);
+    c.send("40/custom,{\"token\":\"abc\"}");
+    assert!(c.recv().starts_with("40/custom,{\"sid\":"));
+    assert_eq!(c.recv(), "42/custom,[\"auth\",{\"token\":\"abc\"}]");
+    c.send("40");
+    assert!(c.recv().starts_with("40{\"sid\":"));
+    assert_eq!(c.recv(), "42[\"auth\",{}]");
+    c.send("42[\"message\",1,\"2\",{\"3\":[true]}]");
+    assert_eq!(c.recv(), "42[\"message-back\",1,\"2\",{\"3\":[true]}]");
+    c.send("42456[\"message-with-ack\",1,\"2\",{\"3\":[false]}]");
+    assert_eq!(c.recv(), "43456[1,\"2\",{\"3\":[false]}]");
+    // Plain Engine.IO at /engine.io/: every data packet back, text and binary.
+    let mut e = Eio::connect(addr, "/engine.io/?EIO=4&transport=websocket");
+    e.send("4hello");
+    assert_eq!(e.recv(), "4hello");
+    e.ws.send(Message::binary(vec![1u8, 2, 3, 4])).unwrap();
+    match e.ws.read().unwrap() {
+        Message::Binary(b) => assert_eq!(&b[..], &[1, 2, 3, 4]),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_conformance_endpoints_are_off_by_default() {
+    let server = start(config());
+    let addr = server.local_addr();
+    let r = http(
+        addr,
+        "GET /engine.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    let mut c = Eio::connect(addr, WS);
+    c.join(None);
+    c.send("42[\"message\",{\"a\":1}]");
+    // The native mapping: `message` is not a native type.
+    let (name, v) = c.event("");
+    assert_eq!(
+        (name.as_str(), &v["code"]),
+        ("error", &json!("unknown_type"))
+    );
+}

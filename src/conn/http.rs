@@ -260,7 +260,8 @@ impl Conn {
                 artifact_id: req.query_param("artifactId"),
                 dev_user: req.query_param("userId"),
             };
-            let session = Box::new(Session::socketio(params));
+            let plain = ctx.env.cfg.socketio.serves_plain(&req.path);
+            let session = Box::new(Session::engine_io(params, plain));
             if let Some(st) = session.sio() {
                 let open = st.open_packet(&ctx.env.cfg.socketio);
                 Sink {
@@ -270,9 +271,19 @@ impl Conn {
                 .frame(OpCode::Text, &open);
             }
             self.session = Some(session);
-            // Until a namespace CONNECT authenticates it (the auth timer
-            // bounds how long); then the Engine.IO heartbeat.
-            self.set_timer(ctx, ctx.env.cfg.auth.timeout, TimerKind::Auth);
+            // The Engine.IO heartbeat starts with the session; until a
+            // namespace CONNECT succeeds it also keeps `auth.timeout`
+            // (`connect_left`).
+            let first = if plain {
+                ctx.env.cfg.socketio.ping_interval
+            } else {
+                ctx.env
+                    .cfg
+                    .socketio
+                    .ping_interval
+                    .min(ctx.env.cfg.auth.timeout)
+            };
+            self.set_timer(ctx, first, TimerKind::Ping);
         } else if ep == Endpoint::App {
             let token = req
                 .authorization
@@ -304,7 +315,7 @@ impl Conn {
             Endpoint::Echo
         } else if req.path == cfg.ws_path {
             Endpoint::App
-        } else if cfg.socketio.serves(&req.path) {
+        } else if cfg.socketio.serves(&req.path) || cfg.socketio.serves_plain(&req.path) {
             if let Some(refused) = engine_io_refusal(req) {
                 return Route::Reject(refused);
             }

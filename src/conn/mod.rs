@@ -418,7 +418,16 @@ impl Conn {
                 Message::Binary(b) => {
                     *last_seen = now_tick;
                     c.messages_in += 1;
-                    if ep == Endpoint::SocketIo {
+                    if ep == Endpoint::SocketIo
+                        && session
+                            .as_deref()
+                            .and_then(Session::sio)
+                            .is_some_and(SioState::is_plain)
+                    {
+                        // The conformance Engine.IO echo: binary data back.
+                        c.messages_out += 1;
+                        sink.frame(OpCode::Binary, b);
+                    } else if ep == Endpoint::SocketIo {
                         // Binary attachments (BINARY_EVENT) are not supported yet.
                         verdict = Verdict::Close(
                             crate::session::sio_close::UNSUPPORTED,
@@ -532,6 +541,20 @@ impl Conn {
             State::Open(Endpoint::SocketIo) => ctx.env.cfg.socketio.ping_timeout,
             _ => ctx.env.cfg.pong_timeout,
         }
+    }
+
+    /// A Socket.IO session that has not connected a namespace yet: the time
+    /// left of `auth.timeout` since the upgrade (its heartbeat timer never
+    /// waits longer, so the deadline holds within a wheel tick). None for
+    /// every other connection.
+    pub(super) fn connect_left(&self, ctx: &Ctx<'_>) -> Option<Duration> {
+        let s = self.session.as_ref()?;
+        if !self.is_socketio() || s.is_authenticated() || s.sio().is_none_or(SioState::is_plain) {
+            return None;
+        }
+        let waited = crate::clock::now_ms().saturating_sub(s.connected_at_ms());
+        let waited = Duration::from_millis(u64::try_from(waited).unwrap_or(0));
+        Some(ctx.env.cfg.auth.timeout.saturating_sub(waited))
     }
 
     /// Is this a Socket.IO connection (native messages are re-encoded)?
@@ -716,6 +739,13 @@ impl Conn {
                 Next::Drop
             }
             (TimerKind::Ping, State::Open(_)) => {
+                let tick = ctx.io.wheel.tick_len();
+                if self.connect_left(ctx).is_some_and(|d| d < tick) {
+                    // No namespace CONNECT within `auth.timeout` (connectTimeout;
+                    // within a wheel tick: the wall clock counts whole ms).
+                    self.close_code(close::AUTH_TIMEOUT, "no CONNECT in time", ctx);
+                    return self.after_io(ctx);
+                }
                 let idle = ctx.env.cfg.idle_timeout;
                 let now_tick = ctx.io.wheel.tick_of(ctx.now) as u32;
                 // Ticks are floored: one tick less than measured, so never early.
@@ -752,6 +782,7 @@ impl Conn {
                 let rest = self
                     .ping_interval(ctx)
                     .saturating_sub(self.pong_timeout(ctx));
+                let rest = self.connect_left(ctx).map_or(rest, |left| rest.min(left));
                 if rest.is_zero() {
                     return self.on_timer(TimerKind::Ping, ctx);
                 }

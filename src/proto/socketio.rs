@@ -260,7 +260,8 @@ pub fn event(b: &mut Vec<u8>, nsp: &str, name: &str, arg: &[u8]) {
     b.push(b']');
 }
 
-/// `43[nsp,]<id>[<arg>]`: the answer to the client's ack id `id`.
+/// `43[nsp,]<id>[<arg>]`: the answer to the client's ack id `id` (`arg`
+/// may be several JSON values joined by commas).
 pub fn ack(b: &mut Vec<u8>, nsp: &str, id: u64, arg: &[u8]) {
     b.extend_from_slice(b"43");
     nsp_prefix(b, nsp);

@@ -48,6 +48,9 @@ pub struct SioState {
     nsps: Vec<Box<str>>,
     /// Ack ids of client events still to be answered, with their namespace.
     pending: Vec<(u64, Box<str>)>,
+    /// Plain Engine.IO (the conformance echo at `/engine.io/`): no
+    /// Socket.IO inside, every message packet is sent back.
+    plain: bool,
 }
 
 /// Random URL-safe id (the Engine.IO sid, a namespace socket's id).
@@ -61,6 +64,10 @@ fn random_id() -> String {
 }
 
 impl SioState {
+    pub fn is_plain(&self) -> bool {
+        self.plain
+    }
+
     /// The home namespace, once one is connected.
     pub fn home(&self) -> Option<&str> {
         self.nsps.first().map(|n| &**n)
@@ -137,11 +144,17 @@ impl Replies for Capture {
 impl Session {
     /// A Socket.IO connection, right after the WebSocket upgrade.
     pub fn socketio(params: ConnectParams) -> Session {
+        Session::engine_io(params, false)
+    }
+
+    /// `plain`: the conformance suites' Engine.IO echo (no Socket.IO).
+    pub fn engine_io(params: ConnectParams, plain: bool) -> Session {
         let mut s = Session::new(params);
         s.sio = Some(Box::new(SioState {
             sid: random_id().into(),
             nsps: Vec::new(),
             pending: Vec::new(),
+            plain,
         }));
         s
     }
@@ -185,6 +198,10 @@ impl Session {
             EioPacket::Open | EioPacket::Pong(_) | EioPacket::Upgrade | EioPacket::Noop => {
                 Verdict::Continue
             }
+            EioPacket::Message(_) if self.sio.as_ref().is_some_and(|st| st.plain) => {
+                out.text(text); // the Engine.IO echo: the packet as it came
+                Verdict::Continue
+            }
             EioPacket::Message(m) => match sio::decode_sio(m) {
                 Ok(p) => self.on_sio_packet(p, ctx, out),
                 Err(sio::SioDecodeError::BinaryNotSupported) => {
@@ -210,14 +227,17 @@ impl Session {
         let verdict = match p.kind {
             SioKind::Connect => self.sio_connect(&p, &mut st, ctx, out),
             SioKind::Disconnect => {
-                let was_home = st.home() == Some(p.nsp);
+                // As socket.io: the Engine.IO session stays; server pushes
+                // go to the next namespace still connected (none: dropped).
                 st.nsps.retain(|n| &**n != p.nsp);
-                if was_home {
-                    // Server pushes have nowhere to go: the connection ends.
-                    Verdict::Close(1000, "client disconnected")
-                } else {
-                    Verdict::Continue
-                }
+                st.pending.retain(|(_, n)| &**n != p.nsp);
+                Verdict::Continue
+            }
+            SioKind::Event
+                if ctx.env.cfg.socketio.conformance && st.nsps.iter().any(|n| &**n == p.nsp) =>
+            {
+                conformance_echo(&p, out);
+                Verdict::Continue
             }
             SioKind::Event if st.nsps.iter().any(|n| &**n == p.nsp) => {
                 self.sio_event(&p, &mut st, ctx, out)
@@ -254,6 +274,9 @@ impl Session {
             }
             sio::connect_ok(&mut b, p.nsp, &random_id());
             out.text(&b);
+            if ctx.env.cfg.socketio.conformance {
+                conformance_auth(p, out);
+            }
             return Verdict::Continue;
         }
         #[derive(Deserialize)]
@@ -282,6 +305,10 @@ impl Session {
                 st.nsps.push(p.nsp.into());
                 sio::connect_ok(&mut b, p.nsp, &random_id());
                 out.text(&b);
+                if ctx.env.cfg.socketio.conformance {
+                    conformance_auth(p, out);
+                    return Verdict::Authenticated;
+                }
                 for json in &kept.0 {
                     if let Some(e) = st.render(json, Some(p.nsp)) {
                         out.text(&e);
@@ -388,4 +415,50 @@ impl Session {
         native.push(b'}');
         self.on_text(&mut native, ctx, &mut sink)
     }
+}
+
+/// The conformance application's answer to a CONNECT: its auth payload
+/// back as the `auth` event (`{}` without one).
+fn conformance_auth(p: &SioPacket<'_>, out: &mut dyn Replies) {
+    let mut b = Vec::new();
+    sio::event(&mut b, p.nsp, "auth", p.data.unwrap_or(b"{}"));
+    out.text(&b);
+}
+
+/// The conformance application: `message` is answered with `message-back`
+/// and the same arguments, `message-with-ack` is acknowledged with them.
+fn conformance_echo(p: &SioPacket<'_>, out: &mut dyn Replies) {
+    let parsed = p
+        .data
+        .and_then(|d| serde_json::from_slice::<Vec<&RawValue>>(d).ok())
+        .unwrap_or_default();
+    let Some((name, args)) = parsed.split_first() else {
+        return;
+    };
+    let mut rest = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        if i > 0 {
+            rest.push(b',');
+        }
+        rest.extend_from_slice(a.get().as_bytes());
+    }
+    let mut b = Vec::new();
+    match (name.get(), p.id) {
+        ("\"message\"", _) => {
+            b.extend_from_slice(b"42");
+            if p.nsp != "/" {
+                b.extend_from_slice(p.nsp.as_bytes());
+                b.push(b',');
+            }
+            b.extend_from_slice(b"[\"message-back\"");
+            if !rest.is_empty() {
+                b.push(b',');
+                b.extend_from_slice(&rest);
+            }
+            b.push(b']');
+        }
+        ("\"message-with-ack\"", Some(id)) => sio::ack(&mut b, p.nsp, id, &rest),
+        _ => return,
+    }
+    out.text(&b);
 }
