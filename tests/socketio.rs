@@ -484,9 +484,11 @@ fn disconnect_keeps_the_engine_io_session_as_socketio_does() {
 #[test]
 fn the_heartbeat_starts_before_connect_and_connect_time_is_bounded() {
     let mut cfg = config();
-    cfg.socketio.ping_interval = Duration::from_millis(200);
-    cfg.socketio.ping_timeout = Duration::from_millis(1000);
-    cfg.auth.timeout = Duration::from_millis(1500);
+    // Pings at 300 ms intervals (each wait at most a 100 ms tick late):
+    // the second is due by 900 ms, well before the 2 s connect deadline.
+    cfg.socketio.ping_interval = Duration::from_millis(300);
+    cfg.socketio.ping_timeout = Duration::from_millis(100);
+    cfg.auth.timeout = Duration::from_millis(2000);
     let server = start(cfg);
     let mut c = Eio::connect(server.local_addr(), WS);
     // Pings from the open packet on, answered, yet no CONNECT: closed once
