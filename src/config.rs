@@ -378,6 +378,10 @@ pub struct SocketIoConfig {
     /// (docs/SOCKETIO.md), instead of the mapping onto the native protocol:
     /// off in production, like `/echo` for Autobahn.
     pub conformance: bool,
+    /// Every server message reaches Socket.IO clients as the `message`
+    /// event carrying the native JSON as a string (seed 004's clients
+    /// `JSON.parse` it), instead of an event named by its `type`.
+    pub message_strings: bool,
 }
 
 impl Default for SocketIoConfig {
@@ -390,6 +394,7 @@ impl Default for SocketIoConfig {
             ping_timeout: Duration::from_secs(20),
             max_payload: 1_000_000,
             conformance: false,
+            message_strings: false,
         }
     }
 }
@@ -734,6 +739,7 @@ const OPTIONS: &[&str] = &[
     "socketio.ping_timeout",
     "socketio.max_payload",
     "socketio.conformance",
+    "socketio.message_strings",
 ];
 
 fn env_value(raw: &str) -> toml::Value {

@@ -569,3 +569,60 @@ fn the_conformance_endpoints_are_off_by_default() {
         ("error", &json!("unknown_type"))
     );
 }
+
+#[test]
+fn message_strings_for_seed_004_clients() {
+    let mut cfg = config();
+    cfg.socketio.message_strings = true;
+    cfg.socketio.path = "/realtime".into();
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let mut c = Eio::connect(addr, "/realtime/?EIO=4&transport=websocket&userId=u4");
+    c.send("40");
+    assert!(c.recv().starts_with("40{"));
+    // The welcome too is a `message` string.
+    let (name, w) = c.event("");
+    assert_eq!(name, "message");
+    let w: Value = serde_json::from_str(w.as_str().expect("a JSON string")).unwrap();
+    assert_eq!(w["type"], "connected");
+    // emit('message', JSON.stringify({type: 'REQUEST', ...})) -> RESPONSE.
+    let req = json!({"type":"REQUEST","requestId":"r-1","action":"whoami"}).to_string();
+    c.send(&format!("42{}", json!(["message", req])));
+    let (name, r) = c.event("");
+    assert_eq!(name, "message");
+    let r: Value = serde_json::from_str(r.as_str().unwrap()).unwrap();
+    assert_eq!(
+        (&r["type"], &r["requestId"]),
+        (&json!("RESPONSE"), &json!("r-1")),
+        "{r}"
+    );
+    assert_eq!(r["data"]["userId"], "u4");
+    // A channel publication, shared with the other string clients.
+    c.send(&format!(
+        "42{}",
+        json!([
+            "message",
+            json!({"type":"subscribe","channel":"t"}).to_string()
+        ])
+    ));
+    let (_, s) = c.event("");
+    assert!(s.as_str().unwrap().contains("\"subscribed\""), "{s}");
+    let r = post(addr, "/api/publish", json!({"channel":"t","data":{"k":1}}));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let (name, m) = c.event("");
+    let m: Value = serde_json::from_str(m.as_str().unwrap()).unwrap();
+    assert_eq!((name.as_str(), &m["data"]["k"]), ("message", &json!(1)));
+    // An UPDATE the backend sends to the user.
+    let r = post(
+        addr,
+        "/api/send",
+        json!({"userId":"u4","type":"UPDATE","data":{"status":"completed"}}),
+    );
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let (_, u) = c.event("");
+    let u: Value = serde_json::from_str(u.as_str().unwrap()).unwrap();
+    assert_eq!(
+        (&u["type"], &u["data"]["status"]),
+        (&json!("UPDATE"), &json!("completed"))
+    );
+}

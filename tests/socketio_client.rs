@@ -2,7 +2,8 @@
 //! seeds' client code (001 `auth: {token}`, `connected`, API-sent
 //! `area_updated`, `token_revoked` then no reconnection; 002 `extraHeaders`
 //! Authorization, `ping`/`pong`, API-sent `message`; 004 at `/realtime`
-//! with `sessionId`, `connect_error` for a refused token) and acks of
+//! with `sessionId`, `connect_error` for a refused token, `REQUEST` ->
+//! `RESPONSE` and an `UPDATE` as `message` JSON strings) and acks of
 //! client events, over the WebSocket transport (`transports:
 //! ['websocket']`: long-polling is not served yet, docs/SOCKETIO.md).
 //!
@@ -127,7 +128,13 @@ fn seed_002_extra_headers_ping_pong_and_messages() {
 fn seed_004_realtime_path_and_connect_error() {
     let mut cfg = config();
     cfg.socketio.path = "/realtime".into();
-    scenario("seed004", cfg);
+    cfg.socketio.message_strings = true;
+    let out = scenario("seed004", cfg);
+    if let Some(out) = out {
+        assert!(out.contains("\"step\":\"RESPONSE\""), "{out}");
+        assert!(out.contains("\"userId\":\"carol\""), "{out}");
+        assert!(out.contains("\"step\":\"UPDATE\""), "{out}");
+    }
 }
 
 #[test]

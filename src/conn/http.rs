@@ -261,7 +261,11 @@ impl Conn {
                 dev_user: req.query_param("userId"),
             };
             let plain = ctx.env.cfg.socketio.serves_plain(&req.path);
-            let session = Box::new(Session::engine_io(params, plain));
+            let session = Box::new(Session::engine_io(
+                params,
+                plain,
+                ctx.env.cfg.socketio.message_strings,
+            ));
             if let Some(st) = session.sio() {
                 let open = st.open_packet(&ctx.env.cfg.socketio);
                 Sink {

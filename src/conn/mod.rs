@@ -851,30 +851,25 @@ impl Conn {
     pub fn deliver_as(
         &mut self,
         frame: Arc<[u8]>,
-        sio: &mut Option<(Box<str>, Arc<[u8]>)>,
+        sio: &mut Option<(Box<str>, bool, Arc<[u8]>)>,
     ) -> bool {
         if !self.is_socketio() {
             return self.deliver(frame);
         }
-        let Some(home) = self
-            .session
-            .as_ref()
-            .and_then(|s| s.sio())
-            .and_then(SioState::home)
-        else {
+        let Some(st) = self.session.as_ref().and_then(|s| s.sio()) else {
+            return false;
+        };
+        let Some(home) = st.home() else {
             return false; // no namespace connected yet: nothing to receive on
         };
         let shared = match sio {
-            Some((nsp, f)) if **nsp == *home => f.clone(),
+            Some((nsp, strings, f)) if **nsp == *home && *strings == st.strings() => f.clone(),
             _ => {
                 let Some(json) = proto::socketio::frame_payload(&frame) else {
                     return false;
                 };
-                let name = proto::socketio::native_type(json).unwrap_or("message");
-                let mut b = Vec::with_capacity(json.len() + name.len() + 16);
-                proto::socketio::event(&mut b, home, name, json);
-                let f = proto::encode::shared_frame(&b);
-                *sio = Some((home.into(), f.clone()));
+                let f = proto::encode::shared_frame(&st.push(home, json));
+                *sio = Some((home.into(), st.strings(), f.clone()));
                 f
             }
         };

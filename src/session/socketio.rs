@@ -51,6 +51,8 @@ pub struct SioState {
     /// Plain Engine.IO (the conformance echo at `/engine.io/`): no
     /// Socket.IO inside, every message packet is sent back.
     plain: bool,
+    /// `socketio.message_strings`: server messages as `message` strings.
+    strings: bool,
 }
 
 /// Random URL-safe id (the Engine.IO sid, a namespace socket's id).
@@ -96,10 +98,32 @@ impl SioState {
             }
         }
         let nsp = nsp.or(self.home())?;
-        let name = sio::native_type(json).unwrap_or("message");
-        let mut b = Vec::with_capacity(json.len() + name.len() + 16);
-        sio::event(&mut b, nsp, name, json);
-        Some(b)
+        Some(self.push(nsp, json))
+    }
+
+    /// Is every server message a `message` string for this client?
+    pub fn strings(&self) -> bool {
+        self.strings
+    }
+
+    /// A server message as the event this client receives on `nsp`: named
+    /// by its `type` with the object as argument, or (`message_strings`)
+    /// `message` with the JSON text as a string argument.
+    pub fn push(&self, nsp: &str, json: &[u8]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(json.len() + 32);
+        if self.strings {
+            let mut arg = Vec::with_capacity(json.len() + 16);
+            crate::proto::write_str(&mut arg, &String::from_utf8_lossy(json));
+            sio::event(&mut b, nsp, "message", &arg);
+        } else {
+            sio::event(
+                &mut b,
+                nsp,
+                sio::native_type(json).unwrap_or("message"),
+                json,
+            );
+        }
+        b
     }
 
     /// The Engine.IO open packet for this session.
@@ -144,17 +168,18 @@ impl Replies for Capture {
 impl Session {
     /// A Socket.IO connection, right after the WebSocket upgrade.
     pub fn socketio(params: ConnectParams) -> Session {
-        Session::engine_io(params, false)
+        Session::engine_io(params, false, false)
     }
 
     /// `plain`: the conformance suites' Engine.IO echo (no Socket.IO).
-    pub fn engine_io(params: ConnectParams, plain: bool) -> Session {
+    pub fn engine_io(params: ConnectParams, plain: bool, strings: bool) -> Session {
         let mut s = Session::new(params);
         s.sio = Some(Box::new(SioState {
             sid: random_id().into(),
             nsps: Vec::new(),
             pending: Vec::new(),
             plain,
+            strings,
         }));
         s
     }
@@ -371,6 +396,17 @@ impl Session {
             _ => String::new(),
         };
         let arg = args.next().map(|a| a.get().trim());
+        if name == "message"
+            && args.next().is_none()
+            && let Some(Ok(serde_json::Value::String(text))) =
+                arg.map(serde_json::from_str::<serde_json::Value>)
+        {
+            // Seed 004: `emit('message', JSON.stringify({type: 'REQUEST', ...}))`
+            // is the native message itself; it names its own `requestId`,
+            // so an ack id has nothing to answer it with.
+            let mut native = text.into_bytes();
+            return self.on_text(&mut native, ctx, &mut sink);
+        }
         let body = match arg {
             None => Some(""),
             Some(a) if a.starts_with('{') => {

@@ -87,7 +87,8 @@ const scenarios = {
   },
 
   // Seed 004: path '/realtime', query sessionId, auth token; a refused
-  // token is a connect_error with the reason.
+  // token is a connect_error with the reason; REQUEST -> RESPONSE and an
+  // UPDATE as JSON strings in `message` (socketio.message_strings).
   async seed004() {
     const bad = io(base, {
       path: "/realtime",
@@ -109,6 +110,28 @@ const scenarios = {
     });
     await next(socket, "connect");
     step("connect", socket.id);
+    // The seed's handler: `message` strings, parsed, switched on `type`.
+    const seen = [];
+    const wanted = new Promise((resolve) => {
+      socket.on("message", (message) => {
+        const parsed = JSON.parse(message);
+        seen.push(parsed.type);
+        if (parsed.type === "RESPONSE" || parsed.type === "UPDATE") {
+          step(parsed.type, parsed);
+          if (seen.includes("RESPONSE") && seen.includes("UPDATE")) resolve();
+        }
+      });
+    });
+    // sendAction(socket, 'whoami', {}) as the seed writes it.
+    socket.emit(
+      "message",
+      JSON.stringify({ type: "REQUEST", requestId: Date.now().toString(), action: "whoami", data: {} }),
+    );
+    await api("/api/send", { userId: "carol", type: "UPDATE", data: { status: "completed" } });
+    await Promise.race([
+      wanted,
+      new Promise((_, reject) => setTimeout(() => reject(new Error(`got only ${seen}`)), 5000)),
+    ]);
     socket.disconnect();
   },
 
