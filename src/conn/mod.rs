@@ -34,6 +34,10 @@ use crate::ws::{BufPool, Flow, Inbound, Message};
 /// the connection is dropped (answers normally take milliseconds).
 const AWAIT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// One fan-out's Socket.IO encoding, made for its first Socket.IO recipient
+/// and shared by the next ones: (namespace, `message_strings`, frame).
+pub type SioShared = Option<(Box<str>, bool, Arc<[u8]>)>;
+
 pub use outq::OutQueue;
 pub use transport::{ReadOutcome, Transport, WriteOutcome};
 
@@ -848,11 +852,7 @@ impl Conn {
     /// Queue a native frame shared by many connections; a Socket.IO client
     /// gets it re-encoded as an event, once per fan-out: `sio` keeps the
     /// re-encoded frame (with its namespace) for the next such recipient.
-    pub fn deliver_as(
-        &mut self,
-        frame: Arc<[u8]>,
-        sio: &mut Option<(Box<str>, bool, Arc<[u8]>)>,
-    ) -> bool {
+    pub fn deliver_as(&mut self, frame: Arc<[u8]>, sio: &mut SioShared) -> bool {
         if !self.is_socketio() {
             return self.deliver(frame);
         }
