@@ -626,3 +626,53 @@ fn message_strings_for_seed_004_clients() {
         (&json!("UPDATE"), &json!("completed"))
     );
 }
+
+#[test]
+fn inbox_deliveries_are_acknowledged_with_socketio_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = stored_config(2, dir.path());
+    cfg.api.keys = vec![KEY.into()];
+    let server = start(cfg);
+    let addr = server.local_addr();
+    let query = format!("{WS}&userId=alice");
+    let mut c = Eio::connect(addr, &query);
+    c.join(None);
+    // The next event with an ack id: (ack id, event name, argument).
+    let acked = |c: &mut Eio| {
+        let p = c.recv();
+        let rest = p.strip_prefix("42").unwrap_or_else(|| panic!("{p}"));
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        assert!(digits > 0, "an event with an ack id: {p}");
+        let id: u64 = rest[..digits].parse().unwrap();
+        let v: Value = serde_json::from_str(&rest[digits..]).unwrap();
+        (id, v[0].as_str().unwrap().to_owned(), v[1].clone())
+    };
+    let send = |n: u32| {
+        let r = post(
+            addr,
+            "/api/send",
+            json!({"userId":"alice","type":"notice","data":{"n":n},"ack":true}),
+        );
+        assert!(r.contains("\"stored\":true"), "{r}");
+    };
+    send(1);
+    let (k1, name, v) = acked(&mut c);
+    assert_eq!(
+        (name.as_str(), &v["data"]["n"], &v["ack"]),
+        ("notice", &json!(1), &json!(true))
+    );
+    c.send(&format!("43{k1}[]"));
+    send(2);
+    let (k2, _, v) = acked(&mut c);
+    assert_eq!(v["data"]["n"], 2);
+    assert_ne!(k1, k2);
+    // Not acknowledged: n=2 waits in the inbox; n=1 was acknowledged and is gone.
+    drop(c);
+    let mut c = Eio::connect(addr, &query);
+    c.join(None);
+    let (_, _, v) = acked(&mut c);
+    assert_eq!(
+        v["data"]["n"], 2,
+        "only the unacknowledged message comes again: {v}"
+    );
+}

@@ -3,9 +3,10 @@
 //! `area_updated`, `token_revoked` then no reconnection; 002 `extraHeaders`
 //! Authorization, `ping`/`pong`, API-sent `message`; 004 at `/realtime`
 //! with `sessionId`, `connect_error` for a refused token, `REQUEST` ->
-//! `RESPONSE` and an `UPDATE` as `message` JSON strings) and acks of
-//! client events, over the WebSocket transport (`transports:
-//! ['websocket']`: long-polling is not served yet, docs/SOCKETIO.md).
+//! `RESPONSE` and an `UPDATE` as `message` JSON strings), acks of client
+//! events and server acks of offline inbox deliveries, over the WebSocket
+//! transport (`transports: ['websocket']`: long-polling is not served yet,
+//! docs/SOCKETIO.md).
 //!
 //! Needs node and `npm ci --prefix tests/socketio` (bash .ci/run does it);
 //! `SWITCHBOARD_SKIP_NODE=1` skips it.
@@ -135,6 +136,15 @@ fn seed_004_realtime_path_and_connect_error() {
         assert!(out.contains("\"userId\":\"carol\""), "{out}");
         assert!(out.contains("\"step\":\"UPDATE\""), "{out}");
     }
+}
+
+#[test]
+fn server_acks_for_the_offline_inbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config();
+    cfg.storage.backend = switchboard::config::StorageBackend::Sqlite;
+    cfg.storage.data_dir = dir.path().to_path_buf();
+    scenario("inbox", cfg);
 }
 
 #[test]

@@ -838,8 +838,20 @@ impl Conn {
     /// Returns false if the connection is no longer open.
     pub fn deliver(&mut self, frame: Arc<[u8]>) -> bool {
         if self.is_socketio() {
-            let mut none = None;
-            return self.deliver_as(frame, &mut none);
+            // For this connection alone: an inbox delivery gets an ack id.
+            let packet = self
+                .session
+                .as_mut()
+                .and_then(|s| s.sio_mut())
+                .zip(proto::socketio::frame_payload(&frame))
+                .and_then(|(st, json)| st.delivery(json));
+            return match packet {
+                Some(p) => {
+                    self.out.push_frame(OpCode::Text, &p);
+                    true
+                }
+                None => false,
+            };
         }
         if self.is_open() {
             self.out.push_shared(frame);

@@ -250,9 +250,17 @@ pub fn disconnect(b: &mut Vec<u8>, nsp: &str) {
 
 /// `42[nsp,]["name",<arg>]`: an event with one JSON argument.
 pub fn event(b: &mut Vec<u8>, nsp: &str, name: &str, arg: &[u8]) {
-    b.reserve(8 + nsp.len() + name.len() + arg.len());
+    event_acked(b, nsp, None, name, arg);
+}
+
+/// `42[nsp,][id]["name",<arg>]`: an event the client acknowledges with `id`.
+pub fn event_acked(b: &mut Vec<u8>, nsp: &str, id: Option<u64>, name: &str, arg: &[u8]) {
+    b.reserve(28 + nsp.len() + name.len() + arg.len());
     b.extend_from_slice(b"42");
     nsp_prefix(b, nsp);
+    if let Some(id) = id {
+        b.extend_from_slice(id.to_string().as_bytes());
+    }
     b.push(b'[');
     write_str(b, name);
     b.push(b',');
@@ -369,6 +377,10 @@ mod tests {
         b.clear();
         event(&mut b, "/", "message", b"{\"a\":1}");
         assert_eq!(b, b"42[\"message\",{\"a\":1}]");
+        b.clear();
+        event_acked(&mut b, "/c", Some(4), "direct", b"{}");
+        assert_eq!(b, b"42/c,4[\"direct\",{}]");
+        assert_eq!(decode_sio(b.get(1..).unwrap()).map(|p| p.id), Ok(Some(4)));
         b.clear();
         ack(&mut b, "/c", 7, b"1");
         assert_eq!(b, b"43/c,7[1]");

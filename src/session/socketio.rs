@@ -36,7 +36,9 @@ pub mod close {
 }
 
 /// Client ack ids whose answer is still due, per connection: past this the
-/// oldest is forgotten (its answer then arrives as a plain event).
+/// oldest is forgotten (its answer then arrives as a plain event). The same
+/// bound holds for server events awaiting the client's ACK (inbox
+/// deliveries; a forgotten one is redelivered under a new id).
 const MAX_PENDING_ACKS: usize = 256;
 
 /// The Socket.IO state of a connection (beside the native [`Session`] state).
@@ -53,6 +55,10 @@ pub struct SioState {
     plain: bool,
     /// `socketio.message_strings`: server messages as `message` strings.
     strings: bool,
+    /// Server events sent with an ack id, awaiting the client's ACK:
+    /// (ack id, offline inbox message id).
+    awaiting: Vec<(u64, i64)>,
+    next_ack: u64,
 }
 
 /// Random URL-safe id (the Engine.IO sid, a namespace socket's id).
@@ -99,6 +105,43 @@ impl SioState {
         }
         let nsp = nsp.or(self.home())?;
         Some(self.push(nsp, json))
+    }
+
+    /// A server message for this client alone (not a shared fan-out): an
+    /// offline inbox delivery (`"ack": true` with its `id`) is sent as an
+    /// event with an ack id, and the client's ACK of it acknowledges the
+    /// inbox message. `None` when no namespace is connected.
+    pub fn delivery(&mut self, json: &[u8]) -> Option<Vec<u8>> {
+        #[derive(Deserialize)]
+        struct Inbox {
+            id: Option<i64>,
+            ack: Option<bool>,
+        }
+        let nsp = self.home()?;
+        let Ok(Inbox {
+            id: Some(inbox_id),
+            ack: Some(true),
+        }) = serde_json::from_slice::<Inbox>(json)
+        else {
+            return Some(self.push(nsp, json));
+        };
+        let nsp: Box<str> = nsp.into();
+        let id = self.next_ack;
+        self.next_ack = (self.next_ack + 1) % (1 << 53);
+        if self.awaiting.len() >= MAX_PENDING_ACKS {
+            self.awaiting.remove(0);
+        }
+        self.awaiting.push((id, inbox_id));
+        let mut b = Vec::with_capacity(json.len() + 48);
+        if self.strings {
+            let mut arg = Vec::with_capacity(json.len() + 16);
+            crate::proto::write_str(&mut arg, &String::from_utf8_lossy(json));
+            sio::event_acked(&mut b, &nsp, Some(id), "message", &arg);
+        } else {
+            let name = sio::native_type(json).unwrap_or("message");
+            sio::event_acked(&mut b, &nsp, Some(id), name, json);
+        }
+        Some(b)
     }
 
     /// Is every server message a `message` string for this client?
@@ -180,6 +223,8 @@ impl Session {
             pending: Vec::new(),
             plain,
             strings,
+            awaiting: Vec::new(),
+            next_ack: 0,
         }));
         s
     }
@@ -269,8 +314,25 @@ impl Session {
             }
             // An event on a namespace not connected: socket.io drops it too.
             SioKind::Event => Verdict::Continue,
-            // Acks of server events: the server asks for none yet.
-            SioKind::Ack => Verdict::Continue,
+            // The client acknowledged an inbox delivery: the native `ack`.
+            SioKind::Ack => {
+                let found = st.awaiting.iter().position(|(a, _)| Some(*a) == p.id);
+                match found {
+                    Some(i) => {
+                        let (_, inbox_id) = st.awaiting.remove(i);
+                        let mut native =
+                            format!("{{\"type\":\"ack\",\"id\":{inbox_id}}}").into_bytes();
+                        let mut sink = SioOut {
+                            out,
+                            st: &mut st,
+                            nsp: p.nsp,
+                        };
+                        self.on_text(&mut native, ctx, &mut sink)
+                    }
+                    // Unknown or already acknowledged: socket.io ignores it too.
+                    None => Verdict::Continue,
+                }
+            }
             SioKind::ConnectError | SioKind::BinaryEvent | SioKind::BinaryAck => {
                 Verdict::Close(close::PROTOCOL, "a client does not send this packet")
             }

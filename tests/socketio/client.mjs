@@ -159,6 +159,32 @@ const scenarios = {
     a.disconnect();
     b.disconnect();
   },
+
+  // Acks from the server: an offline inbox delivery is acknowledged with
+  // the event handler's callback, so it does not come again.
+  async inbox() {
+    const opts = { transports: ["websocket"], reconnection: false, auth: { token: env.SB_TOKEN_ALICE } };
+    let socket = io(base, opts);
+    await next(socket, "connect");
+    const got = new Promise((resolve) => {
+      socket.on("notice", (m, ack) => {
+        step("notice", m);
+        check(typeof ack === "function", "the delivery asks for an ack");
+        if (m.data.n === 1) ack();
+        if (m.data.n === 2) resolve();
+      });
+    });
+    await api("/api/send", { userId: "alice", type: "notice", data: { n: 1 }, ack: true });
+    await api("/api/send", { userId: "alice", type: "notice", data: { n: 2 }, ack: true });
+    await got;
+    socket.disconnect();
+    // Reconnect: only the one not acknowledged comes again.
+    socket = io(base, opts);
+    const [again] = await next(socket, "notice");
+    step("again", again);
+    check(again.data.n === 2, "only the unacknowledged message is redelivered");
+    socket.disconnect();
+  },
 };
 
 const run = scenarios[scenario];
