@@ -418,11 +418,12 @@ fn bad_packets_close_that_session_only() {
     cfg.socketio.max_payload = 100;
     let server = start(cfg);
     let addr = server.local_addr();
-    let cases: [(&str, u16); 6] = [
+    let cases: [(&str, u16); 7] = [
         ("9", 1002),
         ("4x", 1002),
         ("42[\"unterminated\"", 1002),
-        ("451-[\"a\",{\"_placeholder\":true,\"num\":0}]", 1003),
+        ("450-[\"a\"]", 1002),
+        ("4565-[\"a\"]", 1002),
         ("1", 1000),
         ("", 1002),
     ];
@@ -440,6 +441,31 @@ fn bad_packets_close_that_session_only() {
     c.join(None);
     c.ws.send(Message::binary(vec![1u8, 2, 3])).unwrap();
     c.expect_close(1003);
+    // A text packet while attachments are due (socket.io's parser refuses it too).
+    let mut c = Eio::connect(addr, WS);
+    c.join(None);
+    c.send("451-[\"a\",{\"_placeholder\":true,\"num\":0}]");
+    c.send("42[\"ping\"]");
+    c.expect_close(1002);
+    // Attachments over maxPayload together.
+    let mut c = Eio::connect(addr, WS);
+    c.join(None);
+    c.send("452-[\"a\",{\"_placeholder\":true,\"num\":0},{\"_placeholder\":true,\"num\":1}]");
+    c.ws.send(Message::binary(vec![0u8; 60])).unwrap();
+    c.ws.send(Message::binary(vec![0u8; 60])).unwrap();
+    c.expect_close(1009);
+    // A complete binary event has no native mapping: an error, the session stays.
+    let mut c = Eio::connect(addr, WS);
+    c.join(None);
+    c.send("451-[\"publish\",{\"_placeholder\":true,\"num\":0}]");
+    c.ws.send(Message::binary(vec![7u8; 3])).unwrap();
+    let (name, v) = c.event("");
+    assert_eq!(
+        (name.as_str(), &v["code"]),
+        ("error", &json!("binary_not_supported"))
+    );
+    c.send("421[\"ping\"]");
+    assert!(c.recv().starts_with("431["));
     // The server still serves.
     let mut c = Eio::connect(addr, WS);
     c.join(None);
@@ -539,6 +565,30 @@ fn conformance_echo_applications() {
     assert_eq!(c.recv(), "42[\"message-back\",1,\"2\",{\"3\":[true]}]");
     c.send("42456[\"message-with-ack\",1,\"2\",{\"3\":[false]}]");
     assert_eq!(c.recv(), "43456[1,\"2\",{\"3\":[false]}]");
+    // Binary attachments come back with their placeholders.
+    let binary = |c: &mut Eio| match c.ws.read().unwrap() {
+        Message::Binary(b) => b.to_vec(),
+        other => panic!("{other:?}"),
+    };
+    c.send("452-[\"message\",{\"_placeholder\":true,\"num\":0},{\"_placeholder\":true,\"num\":1}]");
+    c.ws.send(Message::binary(vec![1u8, 2, 3])).unwrap();
+    c.ws.send(Message::binary(vec![4u8, 5, 6])).unwrap();
+    assert_eq!(
+        c.recv(),
+        "452-[\"message-back\",{\"_placeholder\":true,\"num\":0},{\"_placeholder\":true,\"num\":1}]"
+    );
+    assert_eq!(
+        (binary(&mut c), binary(&mut c)),
+        (vec![1, 2, 3], vec![4, 5, 6])
+    );
+    c.send("452-789[\"message-with-ack\",{\"_placeholder\":true,\"num\":0},{\"_placeholder\":true,\"num\":1}]");
+    c.ws.send(Message::binary(vec![1u8])).unwrap();
+    c.ws.send(Message::binary(vec![2u8])).unwrap();
+    assert_eq!(
+        c.recv(),
+        "462-789[{\"_placeholder\":true,\"num\":0},{\"_placeholder\":true,\"num\":1}]"
+    );
+    assert_eq!((binary(&mut c), binary(&mut c)), (vec![1], vec![2]));
     // Plain Engine.IO at /engine.io/: every data packet back, text and binary.
     let mut e = Eio::connect(addr, "/engine.io/?EIO=4&transport=websocket");
     e.send("4hello");

@@ -171,6 +171,9 @@ impl Replies for Sink<'_> {
     fn text(&mut self, json: &[u8]) {
         self.frame(OpCode::Text, json);
     }
+    fn binary(&mut self, data: &[u8]) {
+        self.frame(OpCode::Binary, data);
+    }
 }
 
 impl Conn {
@@ -431,13 +434,12 @@ impl Conn {
                         // The conformance Engine.IO echo: binary data back.
                         c.messages_out += 1;
                         sink.frame(OpCode::Binary, b);
-                    } else if ep == Endpoint::SocketIo {
-                        // Binary attachments (BINARY_EVENT) are not supported yet.
-                        verdict = Verdict::Close(
-                            crate::session::sio_close::UNSUPPORTED,
-                            "binary packets are not supported yet",
-                        );
-                        return Flow::Stop;
+                    } else if let (Endpoint::SocketIo, Some(s)) = (ep, session.as_deref_mut()) {
+                        // An attachment of the BINARY_EVENT/BINARY_ACK before it.
+                        if let v @ Verdict::Close(..) = s.on_sio_binary(b, &mut actx, &mut sink) {
+                            verdict = v;
+                            return Flow::Stop;
+                        }
                     } else if ep == Endpoint::App {
                         let mut e = Vec::new();
                         proto::error(

@@ -17,6 +17,11 @@ const MAX_ACK_ID: u64 = (1 << 53) - 1;
 /// The longest namespace name accepted (a name is configuration, not data).
 pub const MAX_NAMESPACE_LEN: usize = 128;
 
+/// Most binary attachments one BINARY_EVENT/BINARY_ACK may announce (each
+/// is one WebSocket binary frame that follows; their bytes together are
+/// bounded by `maxPayload` too).
+pub const MAX_ATTACHMENTS: u32 = 64;
+
 /// One Engine.IO v4 packet, borrowed from its frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EioPacket<'a> {
@@ -57,6 +62,8 @@ pub struct SioPacket<'a> {
     pub id: Option<u64>,
     /// The JSON payload, checked to be well-formed JSON of the kind's shape.
     pub data: Option<&'a [u8]>,
+    /// Binary attachments that follow (BINARY_EVENT/BINARY_ACK), at least 1.
+    pub attachments: u32,
 }
 
 /// Why a packet was refused; the client sent it, so the client is to blame.
@@ -68,8 +75,9 @@ pub enum SioDecodeError {
     UnknownEioType(u8),
     /// The Socket.IO packet type is not 0-6.
     UnknownSioType(u8),
-    /// Binary attachments (BINARY_EVENT/BINARY_ACK) are not supported yet.
-    BinaryNotSupported,
+    /// The attachment count of a binary packet is missing, 0, or over
+    /// [`MAX_ATTACHMENTS`].
+    BadAttachments,
     /// The namespace is not UTF-8, too long, or not ended by `,`.
     BadNamespace,
     /// The ack id is not a number below 2^53.
@@ -90,8 +98,11 @@ impl fmt::Display for SioDecodeError {
             SioDecodeError::UnknownSioType(t) => {
                 write!(f, "unknown Socket.IO packet type {:?}", char::from(*t))
             }
-            SioDecodeError::BinaryNotSupported => {
-                f.write_str("binary Socket.IO packets are not supported yet")
+            SioDecodeError::BadAttachments => {
+                write!(
+                    f,
+                    "a binary packet announces 1 to {MAX_ATTACHMENTS} attachments"
+                )
             }
             SioDecodeError::BadNamespace => f.write_str("malformed namespace"),
             SioDecodeError::BadAckId => f.write_str("malformed ack id"),
@@ -129,8 +140,19 @@ pub fn decode_sio(b: &[u8]) -> Result<SioPacket<'_>, SioDecodeError> {
         b'6' => SioKind::BinaryAck,
         other => return Err(SioDecodeError::UnknownSioType(other)),
     };
+    let mut attachments = 0;
     if matches!(kind, SioKind::BinaryEvent | SioKind::BinaryAck) {
-        return Err(SioDecodeError::BinaryNotSupported);
+        // `<count>-` before everything else.
+        let digits = rest.iter().take_while(|c| c.is_ascii_digit()).count();
+        attachments = std::str::from_utf8(rest.get(..digits).unwrap_or_default())
+            .ok()
+            .and_then(|t| t.parse::<u32>().ok())
+            .filter(|n| (1..=MAX_ATTACHMENTS).contains(n))
+            .ok_or(SioDecodeError::BadAttachments)?;
+        if rest.get(digits) != Some(&b'-') {
+            return Err(SioDecodeError::BadAttachments);
+        }
+        rest = rest.get(digits + 1..).unwrap_or_default();
     }
     let mut nsp = "/";
     if rest.first() == Some(&b'/') {
@@ -171,18 +193,20 @@ pub fn decode_sio(b: &[u8]) -> Result<SioPacket<'_>, SioDecodeError> {
         (SioKind::Connect, Some(v)) => v.is_object(),
         (SioKind::Disconnect, v) => v.is_none(),
         (SioKind::ConnectError, Some(v)) => v.is_object() || v.is_string(),
-        (SioKind::Event, Some(serde_json::Value::Array(a))) => {
+        (SioKind::Event | SioKind::BinaryEvent, Some(serde_json::Value::Array(a))) => {
             a.first().is_some_and(|n| n.is_string() || n.is_number())
         }
-        (SioKind::Ack, Some(serde_json::Value::Array(_))) => id.is_some(),
+        (SioKind::Ack | SioKind::BinaryAck, Some(serde_json::Value::Array(_))) => id.is_some(),
         _ => false,
     };
     if !ok {
         return Err(SioDecodeError::BadPayload(match kind {
             SioKind::Connect => "a CONNECT payload is an object",
             SioKind::Disconnect => "a DISCONNECT has no payload",
-            SioKind::Event => "an EVENT payload is an array starting with the event name",
-            SioKind::Ack => "an ACK has an id and an array payload",
+            SioKind::Event | SioKind::BinaryEvent => {
+                "an EVENT payload is an array starting with the event name"
+            }
+            SioKind::Ack | SioKind::BinaryAck => "an ACK has an id and an array payload",
             _ => "a client does not send this packet type",
         }));
     }
@@ -191,6 +215,7 @@ pub fn decode_sio(b: &[u8]) -> Result<SioPacket<'_>, SioDecodeError> {
         nsp,
         id,
         data,
+        attachments,
     })
 }
 
@@ -353,9 +378,27 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+        for bad in [
+            &b"5[\"a\"]"[..],
+            b"50-[\"a\"]",
+            b"565-[\"a\"]",
+            b"51[\"a\"]",
+            b"61-[1]",
+        ] {
+            assert_eq!(
+                decode_sio(bad).err().map(|e| matches!(
+                    e,
+                    SioDecodeError::BadAttachments | SioDecodeError::BadPayload(_)
+                )),
+                Some(true),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let p = decode_sio(b"52-/c,9[\"a\",{\"_placeholder\":true,\"num\":0}]").unwrap();
         assert_eq!(
-            decode_sio(b"51-[\"a\",{\"_placeholder\":true,\"num\":0}]"),
-            Err(SioDecodeError::BinaryNotSupported)
+            (p.kind, p.attachments, p.nsp, p.id),
+            (SioKind::BinaryEvent, 2, "/c", Some(9))
         );
         assert_eq!(decode_sio(b"0/\xff,{}"), Err(SioDecodeError::BadNamespace));
     }

@@ -31,7 +31,7 @@ pub mod close {
     pub const PROTOCOL: u16 = 1002;
     /// A packet over `maxPayload`.
     pub const TOO_BIG: u16 = 1009;
-    /// Binary attachments are not supported yet.
+    /// A binary frame that is no announced attachment.
     pub const UNSUPPORTED: u16 = 1003;
 }
 
@@ -59,6 +59,21 @@ pub struct SioState {
     /// (ack id, offline inbox message id).
     awaiting: Vec<(u64, i64)>,
     next_ack: u64,
+    /// A BINARY_EVENT/BINARY_ACK waiting for its attachments.
+    binary: Option<Box<PendingBinary>>,
+}
+
+/// A binary packet and the attachments received so far.
+#[derive(Debug)]
+struct PendingBinary {
+    kind: SioKind,
+    nsp: Box<str>,
+    id: Option<u64>,
+    /// The packet's JSON (with its placeholders).
+    data: Box<[u8]>,
+    need: u32,
+    parts: Vec<Vec<u8>>,
+    bytes: usize,
 }
 
 /// Random URL-safe id (the Engine.IO sid, a namespace socket's id).
@@ -225,6 +240,7 @@ impl Session {
             strings,
             awaiting: Vec::new(),
             next_ack: 0,
+            binary: None,
         }));
         s
     }
@@ -272,11 +288,12 @@ impl Session {
                 out.text(text); // the Engine.IO echo: the packet as it came
                 Verdict::Continue
             }
+            // socket.io's parser refuses text while attachments are due.
+            EioPacket::Message(_) if self.sio.as_ref().is_some_and(|st| st.binary.is_some()) => {
+                Verdict::Close(close::PROTOCOL, "a text packet while attachments were due")
+            }
             EioPacket::Message(m) => match sio::decode_sio(m) {
                 Ok(p) => self.on_sio_packet(p, ctx, out),
-                Err(sio::SioDecodeError::BinaryNotSupported) => {
-                    Verdict::Close(close::UNSUPPORTED, "binary packets are not supported yet")
-                }
                 Err(e) => {
                     log::debug!("conn={} Socket.IO: {e}", ctx.conn);
                     Verdict::Close(close::PROTOCOL, "malformed Socket.IO packet")
@@ -333,12 +350,85 @@ impl Session {
                     None => Verdict::Continue,
                 }
             }
-            SioKind::ConnectError | SioKind::BinaryEvent | SioKind::BinaryAck => {
+            SioKind::BinaryEvent | SioKind::BinaryAck => {
+                st.binary = Some(Box::new(PendingBinary {
+                    kind: p.kind,
+                    nsp: p.nsp.into(),
+                    id: p.id,
+                    data: p.data.unwrap_or_default().into(),
+                    need: p.attachments,
+                    parts: Vec::new(),
+                    bytes: 0,
+                }));
+                Verdict::Continue
+            }
+            SioKind::ConnectError => {
                 Verdict::Close(close::PROTOCOL, "a client does not send this packet")
             }
         };
         self.sio = Some(st);
         verdict
+    }
+
+    /// One binary frame: the next attachment of the pending binary packet.
+    pub fn on_sio_binary(
+        &mut self,
+        data: &[u8],
+        ctx: &mut Handling<'_>,
+        out: &mut dyn Replies,
+    ) -> Verdict {
+        let Some(st) = self.sio.as_deref_mut() else {
+            return Verdict::Continue;
+        };
+        let Some(pending) = st.binary.as_deref_mut() else {
+            return Verdict::Close(close::UNSUPPORTED, "a binary frame without a binary packet");
+        };
+        pending.bytes = pending.bytes.saturating_add(data.len());
+        if pending.bytes > ctx.env.cfg.socketio.max_payload {
+            return Verdict::Close(close::TOO_BIG, "attachments over maxPayload");
+        }
+        pending.parts.push(data.to_vec());
+        if pending.parts.len() < pending.need as usize {
+            return Verdict::Continue;
+        }
+        let Some(done) = st.binary.take() else {
+            return Verdict::Continue;
+        };
+        if !st.nsps.contains(&done.nsp) {
+            return Verdict::Continue; // a namespace not joined: dropped, as events are
+        }
+        if ctx.env.cfg.socketio.conformance {
+            conformance_binary_echo(&done, out);
+            return Verdict::Continue;
+        }
+        match done.kind {
+            SioKind::BinaryAck => {
+                // The ACK of an inbox delivery, with binary arguments.
+                let p = SioPacket {
+                    kind: SioKind::Ack,
+                    nsp: &done.nsp,
+                    id: done.id,
+                    data: Some(&done.data),
+                    attachments: 0,
+                };
+                self.on_sio_packet(p, ctx, out)
+            }
+            _ => {
+                let mut sink = SioOut {
+                    out,
+                    st,
+                    nsp: &done.nsp,
+                };
+                reply_error(
+                    &mut sink,
+                    ErrorCode::BinaryNotSupported,
+                    "binary attachments have no mapping onto the JSON protocol; send JSON (e.g. base64)",
+                    None,
+                    Dialect::Native,
+                );
+                Verdict::Continue
+            }
+        }
     }
 
     fn sio_connect(
@@ -559,4 +649,43 @@ fn conformance_echo(p: &SioPacket<'_>, out: &mut dyn Replies) {
         _ => return,
     }
     out.text(&b);
+}
+
+/// The conformance application for binary packets: `message` comes back as
+/// `message-back`, `message-with-ack` as a BINARY_ACK, with the same
+/// arguments (placeholders included) and the same attachments.
+fn conformance_binary_echo(p: &PendingBinary, out: &mut dyn Replies) {
+    let parsed = serde_json::from_slice::<Vec<&RawValue>>(&p.data).unwrap_or_default();
+    let Some((name, args)) = parsed.split_first() else {
+        return;
+    };
+    let args: Vec<&str> = args.iter().map(|a| a.get()).collect();
+    let mut b = format!("45{}-", p.need).into_bytes();
+    match (name.get(), p.id) {
+        ("\"message\"", _) => {
+            if &*p.nsp != "/" {
+                b.extend_from_slice(p.nsp.as_bytes());
+                b.push(b',');
+            }
+            b.extend_from_slice(b"[\"message-back\"");
+            for a in &args {
+                b.push(b',');
+                b.extend_from_slice(a.as_bytes());
+            }
+            b.push(b']');
+        }
+        ("\"message-with-ack\"", Some(id)) => {
+            b = format!("46{}-", p.need).into_bytes();
+            if &*p.nsp != "/" {
+                b.extend_from_slice(p.nsp.as_bytes());
+                b.push(b',');
+            }
+            b.extend_from_slice(format!("{id}[{}]", args.join(",")).as_bytes());
+        }
+        _ => return,
+    }
+    out.text(&b);
+    for part in &p.parts {
+        out.binary(part);
+    }
 }
