@@ -327,6 +327,18 @@ fn connect_authenticates_like_a_native_client() {
     assert!(c.recv().starts_with("40{"));
     let (name, w) = c.event("");
     assert_eq!((name.as_str(), &w["userId"]), ("connected", &json!("dave")));
+    // Three refusals are answered; the fourth closes the session.
+    let mut c = Eio::connect(addr, WS);
+    for _ in 0..3 {
+        c.send("40{\"token\":\"x\"}");
+        assert!(c.recv().starts_with("44{"));
+    }
+    c.send("40{\"token\":\"x\"}");
+    let before = c.expect_close(4003);
+    assert!(
+        before.len() == 1 && before[0].starts_with("44{"),
+        "{before:?}"
+    );
 }
 
 #[test]

@@ -41,6 +41,11 @@ pub mod close {
 /// deliveries; a forgotten one is redelivered under a new id).
 const MAX_PENDING_ACKS: usize = 256;
 
+/// Refused CONNECTs one Engine.IO session may make; the next refusal closes
+/// it (4003), so a client cannot make the server verify tokens forever on
+/// one connection.
+const MAX_REFUSED_CONNECTS: u8 = 3;
+
 /// The Socket.IO state of a connection (beside the native [`Session`] state).
 #[derive(Debug)]
 pub struct SioState {
@@ -61,6 +66,8 @@ pub struct SioState {
     next_ack: u64,
     /// A BINARY_EVENT/BINARY_ACK waiting for its attachments.
     binary: Option<Box<PendingBinary>>,
+    /// CONNECTs refused so far (see [`MAX_REFUSED_CONNECTS`]).
+    refused: u8,
 }
 
 /// A binary packet and the attachments received so far.
@@ -241,6 +248,7 @@ impl Session {
             awaiting: Vec::new(),
             next_ack: 0,
             binary: None,
+            refused: 0,
         }));
         s
     }
@@ -472,6 +480,9 @@ impl Session {
         }
         let mut kept = Capture::default();
         let verdict = self.on_open(ctx, &mut kept);
+        if verdict != Verdict::Authenticated {
+            st.refused = st.refused.saturating_add(1);
+        }
         if verdict != Verdict::Authenticated
             && let Some(params) = self.params.as_mut()
         {
@@ -507,7 +518,7 @@ impl Session {
                     .map_or_else(|| reason.to_owned(), |e| e.message);
                 sio::connect_error(&mut b, p.nsp, &why);
                 out.text(&b);
-                Verdict::Continue
+                refused(st)
             }
             Verdict::Continue => {
                 sio::connect_error(
@@ -516,7 +527,7 @@ impl Session {
                     "authentication required: send auth: { token }, an Authorization: Bearer header or ?token=",
                 );
                 out.text(&b);
-                Verdict::Continue
+                refused(st)
             }
         }
     }
@@ -687,5 +698,15 @@ fn conformance_binary_echo(p: &PendingBinary, out: &mut dyn Replies) {
     out.text(&b);
     for part in &p.parts {
         out.binary(part);
+    }
+}
+
+/// After a refused CONNECT (its CONNECT_ERROR is queued): the session may
+/// try again, up to [`MAX_REFUSED_CONNECTS`] refusals.
+fn refused(st: &SioState) -> Verdict {
+    if st.refused > MAX_REFUSED_CONNECTS {
+        Verdict::Close(super::close::AUTH_FAILED, "too many refused CONNECTs")
+    } else {
+        Verdict::Continue
     }
 }
