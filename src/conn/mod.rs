@@ -920,6 +920,63 @@ impl Conn {
 mod tests {
     use super::*;
 
+    /// A Socket.IO connection joined to `/`, over a real loopback socket.
+    fn socketio_conn(seq: u64, env: &Env, desk: &mut Desk) -> (Conn, std::net::TcpStream) {
+        struct Discard;
+        impl Replies for Discard {
+            fn text(&mut self, _: &[u8]) {}
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        let io = Transport::Plain(mio::net::TcpStream::from_std(server));
+        let mut conn = Conn::new(ConnId::new(0, seq), io, peer, false);
+        conn.state = State::Open(Endpoint::SocketIo);
+        let mut session = Session::socketio(crate::session::ConnectParams::default());
+        let mut h = Handling {
+            env,
+            desk,
+            key: seq as usize,
+            conn: conn.id,
+            now: Instant::now(),
+        };
+        assert_eq!(
+            session.on_sio_text(b"40", &mut h, &mut Discard),
+            Verdict::Authenticated
+        );
+        conn.session = Some(Box::new(session));
+        (conn, client)
+    }
+
+    /// A fan-out is encoded once for its Socket.IO recipients: every one of
+    /// them queues the same shared frame (one allocation), an event carrying
+    /// the native message.
+    #[test]
+    fn socketio_fan_out_shares_one_encoding() {
+        let env = Env::detached(
+            crate::config::Config::default(),
+            crate::auth::Authenticator::None,
+            None,
+        );
+        let mut desk = Desk::default();
+        let (mut a, _ca) = socketio_conn(1, &env, &mut desk);
+        let (mut b, _cb) = socketio_conn(2, &env, &mut desk);
+        let native =
+            crate::proto::encode::shared_frame(br#"{"type":"message","channel":"c","data":1}"#);
+        let mut shared = None;
+        assert!(a.deliver_as(native.clone(), &mut shared));
+        assert!(b.deliver_as(native.clone(), &mut shared));
+        let (fa, fb) = (a.out.front().unwrap(), b.out.front().unwrap());
+        assert_eq!(fa.as_ptr(), fb.as_ptr(), "one frame, shared");
+        assert_eq!(
+            proto::socketio::frame_payload(fa),
+            Some(&br#"42["message",{"type":"message","channel":"c","data":1}]"#[..])
+        );
+        // It is a new encoding beside the native frame, which native
+        // recipients keep sharing.
+        assert!(!std::ptr::eq(fa.as_ptr(), native.as_ptr()));
+    }
+
     /// The per-connection footprint is a design target (about 1 KiB per idle
     /// connection in all, see docs/BENCHMARKS.md): keep the struct small.
     #[test]
