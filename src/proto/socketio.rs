@@ -316,6 +316,25 @@ pub fn native_type(json: &[u8]) -> Option<&str> {
     std::str::from_utf8(rest.get(..end)?).ok()
 }
 
+/// The event name a Socket.IO client receives a server message under: its
+/// native `type`, except the names socket.io-client keeps for itself
+/// (`connect`, `disconnect`, ...: an event so named would fire the client's
+/// own handlers), which arrive as `message` with the `type` inside.
+pub fn event_name(json: &[u8]) -> &str {
+    const RESERVED: [&str; 6] = [
+        "connect",
+        "connect_error",
+        "disconnect",
+        "disconnecting",
+        "newListener",
+        "removeListener",
+    ];
+    match native_type(json) {
+        Some(t) if !RESERVED.contains(&t) => t,
+        _ => "message",
+    }
+}
+
 /// The payload of a server-to-client WebSocket frame (unmasked, as
 /// `ws::frame` writes them), to re-encode a shared native frame.
 pub fn frame_payload(frame: &[u8]) -> Option<&[u8]> {
@@ -437,6 +456,9 @@ mod tests {
         assert_eq!(native_type(b"{\"type\":\"pong\"}"), Some("pong"));
         assert_eq!(native_type(b"{\"a\":1}"), None);
         assert_eq!(native_type(b"{\"type\":\"x\\\"y\"}"), None);
+        assert_eq!(event_name(b"{\"type\":\"area_updated\"}"), "area_updated");
+        assert_eq!(event_name(b"{\"type\":\"disconnect\"}"), "message");
+        assert_eq!(event_name(b"[1]"), "message");
         let f = crate::ws::frame::frame_bytes(crate::ws::frame::OpCode::Text, &[b'x'; 300]);
         assert_eq!(frame_payload(&f).map(<[u8]>::len), Some(300));
     }

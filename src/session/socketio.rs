@@ -160,7 +160,7 @@ impl SioState {
             crate::proto::write_str(&mut arg, &String::from_utf8_lossy(json));
             sio::event_acked(&mut b, &nsp, Some(id), "message", &arg);
         } else {
-            let name = sio::native_type(json).unwrap_or("message");
+            let name = sio::event_name(json);
             sio::event_acked(&mut b, &nsp, Some(id), name, json);
         }
         Some(b)
@@ -181,12 +181,7 @@ impl SioState {
             crate::proto::write_str(&mut arg, &String::from_utf8_lossy(json));
             sio::event(&mut b, nsp, "message", &arg);
         } else {
-            sio::event(
-                &mut b,
-                nsp,
-                sio::native_type(json).unwrap_or("message"),
-                json,
-            );
+            sio::event(&mut b, nsp, sio::event_name(json), json);
         }
         b
     }
