@@ -408,7 +408,10 @@ fn a_publication_reaches_native_and_socketio_subscribers() {
     );
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     let (name, v) = sio[1].event("");
-    assert_eq!((name.as_str(), &v["type"]), ("message", &json!("disconnect")));
+    assert_eq!(
+        (name.as_str(), &v["type"]),
+        ("message", &json!("disconnect"))
+    );
     // A Socket.IO client publishes; the native subscriber gets it.
     sio[0].send("429[\"publish\",{\"channel\":\"news\",\"data\":[1,2]}]");
     let n: Value = serde_json::from_str(&read_text(&mut native)).unwrap();
