@@ -635,14 +635,18 @@ impl Conn {
             return;
         }
         let mut f = Vec::with_capacity(16 + reason.len());
-        if let Some(home) = self
-            .session
-            .as_ref()
-            .and_then(|s| s.sio())
-            .and_then(SioState::home)
+        if code == close::TOKEN_REVOKED
+            && let Some(home) = self
+                .session
+                .as_ref()
+                .and_then(|s| s.sio())
+                .and_then(SioState::home)
         {
             // Socket.IO DISCONNECT first: the client does not reconnect
-            // to a server that sent it ("io server disconnect").
+            // to a server that sent it ("io server disconnect"). Only for a
+            // revocation: after a shutdown, a heartbeat timeout or a slow
+            // consumer close the client should reconnect, as it does when
+            // socket.io closes the transport ("transport close").
             let mut d = Vec::with_capacity(4 + home.len());
             proto::socketio::disconnect(&mut d, home);
             frame::encode_frame(&mut f, OpCode::Text, &d);
