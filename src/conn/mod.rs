@@ -412,42 +412,31 @@ impl Conn {
                     }
                     *last_seen = now_tick; // data, not control frames, counts as activity
                     c.messages_in += 1;
-                    match (ep, session.as_deref_mut()) {
+                    // Keep the strongest verdict of the read (Close >
+                    // Authenticated > Refreshed > Continue): an `authenticate`
+                    // followed by another message in the same read must
+                    // still start the heartbeat.
+                    let v = match (ep, session.as_deref_mut()) {
                         (Endpoint::SocketIo, Some(s)) => {
-                            match s.on_sio_text(bytes, &mut actx, &mut sink) {
-                                v @ Verdict::Close(..) => {
-                                    verdict = v;
-                                    return Flow::Stop;
-                                }
-                                Verdict::Authenticated => verdict = Verdict::Authenticated,
-                                Verdict::Refreshed => {
-                                    if verdict == Verdict::Continue {
-                                        verdict = Verdict::Refreshed;
-                                    }
-                                }
-                                Verdict::Continue => {}
+                            Some(s.on_sio_text(bytes, &mut actx, &mut sink))
+                        }
+                        (Endpoint::App, Some(s)) => Some(s.on_text(bytes, &mut actx, &mut sink)),
+                        _ => None,
+                    };
+                    match v {
+                        Some(v @ Verdict::Close(..)) => {
+                            verdict = v;
+                            return Flow::Stop;
+                        }
+                        Some(Verdict::Authenticated) => verdict = Verdict::Authenticated,
+                        Some(Verdict::Refreshed) => {
+                            if verdict == Verdict::Continue {
+                                verdict = Verdict::Refreshed;
                             }
                         }
-                        (Endpoint::App, Some(s)) => {
-                            // Keep the strongest verdict of the read (Close >
-                            // Authenticated > Refreshed > Continue): an `authenticate`
-                            // followed by another message in the same read
-                            // must still start the heartbeat.
-                            match s.on_text(bytes, &mut actx, &mut sink) {
-                                v @ Verdict::Close(..) => {
-                                    verdict = v;
-                                    return Flow::Stop;
-                                }
-                                Verdict::Authenticated => verdict = Verdict::Authenticated,
-                                Verdict::Refreshed => {
-                                    if verdict == Verdict::Continue {
-                                        verdict = Verdict::Refreshed;
-                                    }
-                                }
-                                Verdict::Continue => {}
-                            }
-                        }
-                        _ => {
+                        Some(Verdict::Continue) => {}
+                        None => {
+                            // The echo endpoint: the message goes back as is.
                             c.messages_out += 1;
                             sink.frame(OpCode::Text, bytes);
                         }
