@@ -120,6 +120,26 @@ def main():
           cuts(every_byte=True) + FRAMES["fragmented-text-ping"])
     for name, data in POLICY.items():
         write("channel_policy", name, data)
+    # socketio: Engine.IO text frames separated by 0xFF; an even first
+    # byte sends a CONNECT to / first.
+    for name, frames in SOCKETIO.items():
+        write("socketio", name, b"\xff".join(frames))
+
+
+SOCKETIO = {
+    "connect-events-acks": [b"0", b"40/custom,", b"42[\"ping\"]", b"427[\"ping\"]",
+                            b"42/custom,3[\"subscribe\",{\"channel\":\"news\"}]",
+                            b"42[\"publish\",{\"channel\":\"news\",\"data\":[1]}]"],
+    "connect-auth-payload": [b"1", b"40{\"token\":\"abc\"}", b"40/nope,", b"2probe", b"3"],
+    "bad-packets": [b"0", b"42[\"ping\",\"x\"]", b"42[\"ping\",{\"type\":1}]",
+                    b"451-[\"a\",{\"_placeholder\":true,\"num\":0}]"],
+    "disconnect": [b"0", b"40/custom,", b"41/custom,", b"41"],
+    # \xfe starts a binary frame (an attachment); the second byte's bit 0
+    # switches the conformance echo on.
+    "binary-conformance": [b"01", b"452-[\"message\",{\"_placeholder\":true,\"num\":0},{\"_placeholder\":true,\"num\":1}]",
+                           b"\xfe\x01\x02", b"\xfe\x03", b"451-7[\"message-with-ack\",{\"_placeholder\":true,\"num\":0}]", b"\xfe\x00"],
+    "binary-native": [b"0", b"451-[\"publish\",{\"_placeholder\":true,\"num\":0}]", b"\xfe\x09", b"\xfe\x09"],
+}
 
 
 if __name__ == "__main__":

@@ -520,6 +520,67 @@ impl Default for InboxConfig {
     }
 }
 
+/// Socket.IO v4 compatibility (docs/SOCKETIO.md): Engine.IO v4 over the
+/// WebSocket transport with Socket.IO v5 on top, beside the native protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SocketIoConfig {
+    /// Serve Socket.IO clients at `path`.
+    pub enabled: bool,
+    /// socket.io-client's default; matched with and without the trailing slash.
+    pub path: String,
+    /// Namespaces besides `/` that any authenticated client may join.
+    pub namespaces: Vec<String>,
+    /// Engine.IO `pingInterval`: the server pings this often (socket.io's default).
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub ping_interval: Duration,
+    /// Engine.IO `pingTimeout`: a ping not answered within this closes the session.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub ping_timeout: Duration,
+    /// Engine.IO `maxPayload`: the largest packet accepted (socket.io's default 1e6).
+    pub max_payload: usize,
+    /// The echo applications the official protocol test suites expect
+    /// (docs/SOCKETIO.md), instead of the mapping onto the native protocol:
+    /// off in production, like `/echo` for Autobahn.
+    pub conformance: bool,
+    /// Every server message reaches Socket.IO clients as the `message`
+    /// event carrying the native JSON as a string (seed 004's clients
+    /// `JSON.parse` it), instead of an event named by its `type`.
+    pub message_strings: bool,
+}
+
+impl Default for SocketIoConfig {
+    fn default() -> Self {
+        SocketIoConfig {
+            enabled: true,
+            path: "/socket.io/".into(),
+            namespaces: Vec::new(),
+            ping_interval: Duration::from_secs(25),
+            ping_timeout: Duration::from_secs(20),
+            max_payload: 1_000_000,
+            conformance: false,
+            message_strings: false,
+        }
+    }
+}
+
+impl SocketIoConfig {
+    /// Is `path` the Socket.IO path (the client may drop the trailing slash)?
+    pub fn serves(&self, path: &str) -> bool {
+        self.enabled && path.trim_end_matches('/') == self.path.trim_end_matches('/')
+    }
+
+    /// Is `path` the plain Engine.IO echo of the conformance suites?
+    pub fn serves_plain(&self, path: &str) -> bool {
+        self.enabled && self.conformance && path.trim_end_matches('/') == "/engine.io"
+    }
+
+    /// May a client join namespace `nsp`?
+    pub fn has_namespace(&self, nsp: &str) -> bool {
+        nsp == "/" || self.namespaces.iter().any(|n| n == nsp)
+    }
+}
+
 /// The HTTP API for backends (docs/API.md).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -710,6 +771,7 @@ pub struct Config {
     pub history: HistoryConfig,
     pub inbox: InboxConfig,
     pub api: ApiConfig,
+    pub socketio: SocketIoConfig,
 }
 
 impl Default for Config {
@@ -752,6 +814,7 @@ impl Default for Config {
             history: HistoryConfig::default(),
             inbox: InboxConfig::default(),
             api: ApiConfig::default(),
+            socketio: SocketIoConfig::default(),
         }
     }
 }
@@ -883,6 +946,13 @@ const OPTIONS: &[&str] = &[
     "api.allow_anonymous",
     "api.max_body_bytes",
     "api.console",
+    "socketio.enabled",
+    "socketio.path",
+    "socketio.ping_interval",
+    "socketio.ping_timeout",
+    "socketio.max_payload",
+    "socketio.conformance",
+    "socketio.message_strings",
 ];
 
 fn env_value(raw: &str) -> toml::Value {
@@ -959,6 +1029,7 @@ impl Config {
                     || *key == "storage.postgres.url"
                     || *key == "storage.postgres.schema"
                     || *key == "storage.postgres.ca_file"
+                    || *key == "socketio.path"
                     || *key == "ingest.table"
                     || *key == "ingest.key"
                     || *key == "ingest.key_id"
@@ -1043,6 +1114,49 @@ impl Config {
         }
         if self.echo_enabled && self.ws_path == self.echo_path {
             return bad("echo_path", format!("{:?} is also ws_path", self.echo_path));
+        }
+        let sio = &self.socketio;
+        if sio.enabled {
+            let p = &sio.path;
+            if !p.starts_with('/')
+                || p.contains('?')
+                || p.contains(' ')
+                || p.trim_matches('/').is_empty()
+            {
+                return bad(
+                    "socketio.path",
+                    format!("{p:?} must be an absolute path like /socket.io/"),
+                );
+            }
+            if sio.serves(&self.ws_path) || (self.echo_enabled && sio.serves(&self.echo_path)) {
+                return bad(
+                    "socketio.path",
+                    format!("{p:?} is also ws_path or echo_path"),
+                );
+            }
+            for ns in &sio.namespaces {
+                if !ns.starts_with('/')
+                    || ns.len() > 128 // proto::socketio::MAX_NAMESPACE_LEN (config imports only id)
+                    || ns.contains(',')
+                    || ns.chars().any(char::is_control)
+                {
+                    return bad(
+                        "socketio.namespaces",
+                        format!("{ns:?} must start with / and hold no comma (at most 128 bytes)"),
+                    );
+                }
+            }
+            for (name, d) in [
+                ("socketio.ping_interval", sio.ping_interval),
+                ("socketio.ping_timeout", sio.ping_timeout),
+            ] {
+                if d.is_zero() || d > Duration::from_secs(86_400) {
+                    return bad(name, format!("{d:?} is outside (0, 1 day]"));
+                }
+            }
+            if sio.max_payload == 0 {
+                return bad("socketio.max_payload", "must be greater than 0".into());
+            }
         }
         for (name, v) in [
             ("max_connections", self.max_connections),

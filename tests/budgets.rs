@@ -533,3 +533,77 @@ fn stored_messages_have_a_rate_per_sender() {
     assert_eq!(e["code"], "rate_limited", "{e}");
     wait_until("counted", || server.stats().inbox_rate_refused == 1);
 }
+
+/// Issue 12.5 from a real client: the writer's queue is bounded in bytes,
+/// not only in requests. While the test holds SQLite's write lock the
+/// writer cannot commit; a client pipelines 40 records of 100 KB (4 MB)
+/// against a 1 MiB budget. Every record gets exactly one answer: the ones
+/// that found room are acknowledged after the lock is released, the rest
+/// are refused `overloaded` at once, and what was taken fits the budget.
+/// Before the byte budget all 40 were queued (the count limit is 65,536).
+#[test]
+fn the_writer_queue_holds_a_byte_budget_against_a_real_client() {
+    const RECORDS: usize = 40;
+    const SIZE: usize = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = stored_config(1, dir.path());
+    cfg.storage.queue_bytes = 1 << 20;
+    let server = start(cfg);
+    let mut c = Client::user(server.local_addr(), "loader");
+    // A hang is a failure too (the refusals never come without the budget).
+    c.ws.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // One record first, so the table exists and the writer is idle again.
+    let first = c.ask(
+        json!({"type":"sensor_data","id":"warm","data":{"v":1},"requestId":"warm"}),
+        "ack",
+    );
+    assert_eq!(first["requestId"], "warm");
+
+    let lock = rusqlite::Connection::open(dir.path().join("switchboard.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let big = "x".repeat(SIZE);
+    let msgs: Vec<Value> = (0..RECORDS)
+        .map(|i| json!({"type":"sensor_data","id":i,"data":{"v":big},"requestId":i}))
+        .collect();
+    c.ws.get_mut().write_all(&frames(&msgs)).unwrap();
+    // While the lock is held nothing commits: the answers that come are
+    // refusals, and the last record is refused once the queue is full.
+    let mut refused = Vec::new();
+    loop {
+        let m = c.recv();
+        assert_eq!(m["type"], "error", "nothing commits while locked: {m}");
+        assert_eq!(m["code"], "overloaded", "{m}");
+        let rid = m["requestId"].as_u64().unwrap() as usize;
+        refused.push(rid);
+        if rid == RECORDS - 1 {
+            break;
+        }
+    }
+    lock.execute_batch("ROLLBACK").unwrap();
+    drop(lock);
+    let mut acked = Vec::new();
+    while acked.len() + refused.len() < RECORDS {
+        let m = c.recv();
+        assert_eq!(m["type"], "ack", "after the lock only acks come: {m}");
+        acked.push(m["requestId"].as_u64().unwrap() as usize);
+    }
+    // One answer each, and what was queued fits the budget (plus the one
+    // request an empty queue always takes).
+    let mut all: Vec<usize> = acked.iter().chain(&refused).copied().collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..RECORDS).collect::<Vec<_>>());
+    assert!(!acked.is_empty(), "some records found room");
+    assert!(
+        acked.len() * SIZE <= (1 << 20) + SIZE,
+        "{} records of {SIZE} B queued against a 1 MiB budget",
+        acked.len()
+    );
+    let stored: i64 = rusqlite::Connection::open(dir.path().join("switchboard.db"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM sensors_data", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(stored as usize, acked.len() + 1, "every ack is a row");
+    server.shutdown();
+}

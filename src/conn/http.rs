@@ -12,7 +12,26 @@ use crate::env::Handling;
 use crate::http::{Request, Response, parse_request};
 use crate::session::{ConnectParams, Session};
 
-use super::{AWAIT_TIMEOUT, Conn, Ctx, Endpoint, Next, Sink, State, TimerKind};
+use super::{AWAIT_TIMEOUT, Conn, Ctx, Endpoint, Next, OpCode, Sink, State, TimerKind};
+
+/// An Engine.IO handshake this server cannot take, answered as Engine.IO
+/// servers do: 400 with `{"code","message"}` (codes of the Engine.IO
+/// protocol: 0 transport unknown, 3 bad request, 5 unsupported version).
+fn engine_io_refusal(req: &Request) -> Option<Response> {
+    let (code, message) = if req.query_param("EIO").as_deref() != Some("4") {
+        (5, "Unsupported protocol version")
+    } else if req.query_param("transport").as_deref() != Some("websocket") {
+        // Long-polling is not served yet (docs/SOCKETIO.md).
+        (0, "Transport unknown")
+    } else if req.query_param("sid").is_some() {
+        // An upgrade of a polling session: there are none yet.
+        (1, "Session ID unknown")
+    } else {
+        return None;
+    };
+    let body = format!("{{\"code\":{code},\"message\":\"{message}\"}}");
+    Some(Response::json(400, body.as_bytes(), true))
+}
 
 pub(super) enum Route {
     Upgrade(Endpoint),
@@ -250,7 +269,47 @@ impl Conn {
         ctx.io.c.connections += 1;
         self.last_seen = ctx.io.wheel.tick_of(ctx.now) as u32;
         log::debug!("conn={} upgraded {} from {}", self.id, req.path, self.peer);
-        if ep == Endpoint::App {
+        if ep == Endpoint::SocketIo {
+            let token = req
+                .authorization
+                .as_deref()
+                .and_then(crate::auth::bearer_token)
+                .map(str::to_owned)
+                .or_else(|| req.query_param("token"));
+            let params = ConnectParams {
+                token,
+                artifact_id: req.query_param("artifactId"),
+                dev_user: req.query_param("userId"),
+            };
+            let plain = ctx.env.cfg.socketio.serves_plain(&req.path);
+            let session = Box::new(Session::engine_io(
+                params,
+                plain,
+                ctx.env.cfg.socketio.message_strings,
+            ));
+            if let Some(st) = session.sio() {
+                let open = st.open_packet(&ctx.env.cfg.socketio);
+                Sink {
+                    cork: &mut ctx.io.cork,
+                    out: &mut self.out,
+                }
+                .frame(OpCode::Text, &open);
+            }
+            self.session = Some(session);
+            // The Engine.IO heartbeat starts with the session; until a
+            // namespace CONNECT succeeds it also keeps `auth.timeout`
+            // (`connect_left`).
+            let first = if plain {
+                ctx.env.cfg.socketio.ping_interval
+            } else {
+                ctx.env
+                    .cfg
+                    .socketio
+                    .ping_interval
+                    .min(ctx.env.cfg.auth.timeout)
+            };
+            self.set_timer(ctx, first, TimerKind::Ping);
+        } else if ep == Endpoint::App {
             let token = req
                 .authorization
                 .as_deref()
@@ -305,6 +364,11 @@ impl Conn {
             Endpoint::Echo
         } else if req.path == cfg.ws_path {
             Endpoint::App
+        } else if cfg.socketio.serves(&req.path) || cfg.socketio.serves_plain(&req.path) {
+            if let Some(refused) = engine_io_refusal(req) {
+                return Route::Reject(refused);
+            }
+            Endpoint::SocketIo
         } else {
             return Route::Http;
         };

@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 use crate::deadline::{TimerKind, TimerRef};
 use crate::env::{Desk, Env, Handling};
 use crate::id::ConnId;
+use crate::proto::socketio::EioPacket;
 use crate::proto::{self, ErrorCode};
-use crate::session::{Replies, Session, TokenStep, Verdict, close};
+use crate::session::{Replies, Session, SioState, TokenStep, Verdict, close};
 use crate::stats::{Counters, LocalHistos};
 use crate::timer::{TimerKey, TimerWheel};
 use crate::ws::frame::{self, CloseCode, OpCode};
@@ -32,6 +33,10 @@ use crate::ws::{BufPool, Flow, Inbound, Message};
 /// How long an HTTP request may wait for other shards or the store before
 /// the connection is dropped (answers normally take milliseconds).
 const AWAIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One fan-out's Socket.IO encoding, made for its first Socket.IO recipient
+/// and shared by the next ones: (namespace, `message_strings`, frame).
+pub type SioShared = Option<(Box<str>, bool, Arc<[u8]>)>;
 
 pub use outq::OutQueue;
 pub use transport::{ReadOutcome, Transport, WriteOutcome};
@@ -43,6 +48,8 @@ pub enum Endpoint {
     Echo,
     /// The Switchboard JSON protocol.
     App,
+    /// Engine.IO v4 / Socket.IO v5 over WebSocket (docs/SOCKETIO.md).
+    SocketIo,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +177,10 @@ impl Replies for Sink<'_> {
     fn text(&mut self, json: &[u8]) {
         self.frame(OpCode::Text, json);
     }
+    fn binary(&mut self, data: &[u8]) {
+        self.frame(OpCode::Binary, data);
+    }
+
     fn queued(&self) -> usize {
         // The cork holds only this connection's replies during its turn.
         self.cork.len() + self.out.bytes()
@@ -392,29 +403,40 @@ impl Conn {
         let result = inbound.feed_pooled(data, &ctx.env.limits, pool, &mut |m| {
             match m {
                 Message::Text(bytes) => {
+                    if ep == Endpoint::SocketIo
+                        && matches!(proto::socketio::decode_eio(bytes), Ok(EioPacket::Pong(_)))
+                    {
+                        // The Engine.IO heartbeat answer, as a WebSocket pong.
+                        *awaiting_pong = false;
+                        return Flow::Continue;
+                    }
                     *last_seen = now_tick; // data, not control frames, counts as activity
                     c.messages_in += 1;
-                    match (ep, session.as_deref_mut()) {
-                        (Endpoint::App, Some(s)) => {
-                            // Keep the strongest verdict of the read (Close >
-                            // Authenticated > Refreshed > Continue): an `authenticate`
-                            // followed by another message in the same read
-                            // must still start the heartbeat.
-                            match s.on_text(bytes, &mut actx, &mut sink) {
-                                v @ Verdict::Close(..) => {
-                                    verdict = v;
-                                    return Flow::Stop;
-                                }
-                                Verdict::Authenticated => verdict = Verdict::Authenticated,
-                                Verdict::Refreshed => {
-                                    if verdict == Verdict::Continue {
-                                        verdict = Verdict::Refreshed;
-                                    }
-                                }
-                                Verdict::Continue => {}
+                    // Keep the strongest verdict of the read (Close >
+                    // Authenticated > Refreshed > Continue): an `authenticate`
+                    // followed by another message in the same read must
+                    // still start the heartbeat.
+                    let v = match (ep, session.as_deref_mut()) {
+                        (Endpoint::SocketIo, Some(s)) => {
+                            Some(s.on_sio_text(bytes, &mut actx, &mut sink))
+                        }
+                        (Endpoint::App, Some(s)) => Some(s.on_text(bytes, &mut actx, &mut sink)),
+                        _ => None,
+                    };
+                    match v {
+                        Some(v @ Verdict::Close(..)) => {
+                            verdict = v;
+                            return Flow::Stop;
+                        }
+                        Some(Verdict::Authenticated) => verdict = Verdict::Authenticated,
+                        Some(Verdict::Refreshed) => {
+                            if verdict == Verdict::Continue {
+                                verdict = Verdict::Refreshed;
                             }
                         }
-                        _ => {
+                        Some(Verdict::Continue) => {}
+                        None => {
+                            // The echo endpoint: the message goes back as is.
                             c.messages_out += 1;
                             sink.frame(OpCode::Text, bytes);
                         }
@@ -423,7 +445,22 @@ impl Conn {
                 Message::Binary(b) => {
                     *last_seen = now_tick;
                     c.messages_in += 1;
-                    if ep == Endpoint::App {
+                    if ep == Endpoint::SocketIo
+                        && session
+                            .as_deref()
+                            .and_then(Session::sio)
+                            .is_some_and(SioState::is_plain)
+                    {
+                        // The conformance Engine.IO echo: binary data back.
+                        c.messages_out += 1;
+                        sink.frame(OpCode::Binary, b);
+                    } else if let (Endpoint::SocketIo, Some(s)) = (ep, session.as_deref_mut()) {
+                        // An attachment of the BINARY_EVENT/BINARY_ACK before it.
+                        if let v @ Verdict::Close(..) = s.on_sio_binary(b, &mut actx, &mut sink) {
+                            verdict = v;
+                            return Flow::Stop;
+                        }
+                    } else if ep == Endpoint::App {
                         let mut e = Vec::new();
                         proto::error(
                             &mut e,
@@ -529,12 +566,47 @@ impl Conn {
                 }
             }
             Verdict::Authenticated => {
-                self.set_timer(ctx, ctx.env.cfg.heartbeat_interval, TimerKind::Ping);
+                self.set_timer(ctx, self.ping_interval(ctx), TimerKind::Ping);
                 self.schedule_token(ctx);
             }
             Verdict::Refreshed => self.schedule_token(ctx),
             Verdict::Close(code, reason) => self.close_code(code, reason, ctx),
         }
+    }
+
+    /// Heartbeat period: Engine.IO's `pingInterval` for Socket.IO clients.
+    fn ping_interval(&self, ctx: &Ctx<'_>) -> Duration {
+        match self.state {
+            State::Open(Endpoint::SocketIo) => ctx.env.cfg.socketio.ping_interval,
+            _ => ctx.env.cfg.heartbeat_interval,
+        }
+    }
+
+    /// How long a ping may go unanswered.
+    fn pong_timeout(&self, ctx: &Ctx<'_>) -> Duration {
+        match self.state {
+            State::Open(Endpoint::SocketIo) => ctx.env.cfg.socketio.ping_timeout,
+            _ => ctx.env.cfg.pong_timeout,
+        }
+    }
+
+    /// A Socket.IO session that has not connected a namespace yet: the time
+    /// left of `auth.timeout` since the upgrade (its heartbeat timer never
+    /// waits longer, so the deadline holds within a wheel tick). None for
+    /// every other connection.
+    pub(super) fn connect_left(&self, ctx: &Ctx<'_>) -> Option<Duration> {
+        let s = self.session.as_ref()?;
+        if !self.is_socketio() || s.is_authenticated() || s.sio().is_none_or(SioState::is_plain) {
+            return None;
+        }
+        let waited = crate::clock::now_ms().saturating_sub(s.connected_at_ms());
+        let waited = Duration::from_millis(u64::try_from(waited).unwrap_or(0));
+        Some(ctx.env.cfg.auth.timeout.saturating_sub(waited))
+    }
+
+    /// Is this a Socket.IO connection (native messages are re-encoded)?
+    pub fn is_socketio(&self) -> bool {
+        matches!(self.state, State::Open(Endpoint::SocketIo))
     }
 
     /// (Re)arm the token's expiry timer from the session's current token:
@@ -590,7 +662,18 @@ impl Conn {
     /// bounded.
     pub fn push_text(&mut self, json: &[u8], limit: usize) {
         if self.is_open() && self.out.bytes() <= limit {
-            self.out.push_frame(OpCode::Text, json);
+            if self.is_socketio() {
+                if let Some(b) = self
+                    .session
+                    .as_mut()
+                    .and_then(|s| s.sio_mut())
+                    .and_then(|st| st.render(json, None))
+                {
+                    self.out.push_frame(OpCode::Text, &b);
+                }
+            } else {
+                self.out.push_frame(OpCode::Text, json);
+            }
         }
     }
 
@@ -643,7 +726,23 @@ impl Conn {
         if !self.is_open() {
             return;
         }
-        let mut f = Vec::with_capacity(4 + reason.len());
+        let mut f = Vec::with_capacity(16 + reason.len());
+        if code == close::TOKEN_REVOKED
+            && let Some(home) = self
+                .session
+                .as_ref()
+                .and_then(|s| s.sio())
+                .and_then(SioState::home)
+        {
+            // Socket.IO DISCONNECT first: the client does not reconnect
+            // to a server that sent it ("io server disconnect"). Only for a
+            // revocation: after a shutdown, a heartbeat timeout or a slow
+            // consumer close the client should reconnect, as it does when
+            // socket.io closes the transport ("transport close").
+            let mut d = Vec::with_capacity(4 + home.len());
+            proto::socketio::disconnect(&mut d, home);
+            frame::encode_frame(&mut f, OpCode::Text, &d);
+        }
         frame::encode_close(&mut f, code, reason);
         Sink {
             cork: &mut ctx.io.cork,
@@ -754,6 +853,13 @@ impl Conn {
                 Next::Drop
             }
             (TimerKind::Ping, State::Open(_)) => {
+                let tick = ctx.io.wheel.tick_len();
+                if self.connect_left(ctx).is_some_and(|d| d < tick) {
+                    // No namespace CONNECT within `auth.timeout` (connectTimeout;
+                    // within a wheel tick: the wall clock counts whole ms).
+                    self.close_code(close::AUTH_TIMEOUT, "no CONNECT in time", ctx);
+                    return self.after_io(ctx);
+                }
                 let idle = ctx.env.cfg.idle_timeout;
                 let now_tick = ctx.io.wheel.tick_of(ctx.now) as u32;
                 // Ticks are floored: one tick less than measured, so never early.
@@ -765,7 +871,11 @@ impl Conn {
                     self.close(CloseCode::Normal, "idle timeout", ctx);
                     return self.after_io(ctx);
                 }
-                self.out.push_frame(OpCode::Ping, b"");
+                if self.is_socketio() {
+                    self.out.push_frame(OpCode::Text, b"2"); // Engine.IO ping
+                } else {
+                    self.out.push_frame(OpCode::Ping, b"");
+                }
                 if !self.awaiting_pong {
                     self.awaiting_pong = true;
                     self.unanswered = 0;
@@ -774,8 +884,8 @@ impl Conn {
                 ctx.io.c.pings_sent += 1;
                 // One timer per connection: whichever comes first, the next
                 // ping (every interval, as documented) or the pong deadline
-                // (pong_timeout after the first unanswered ping).
-                let interval = ctx.env.cfg.heartbeat_interval;
+                // (the pong timeout after the first unanswered ping).
+                let interval = self.ping_interval(ctx);
                 let left = self.pong_time_left(ctx);
                 if left <= interval {
                     self.set_timer(ctx, left, TimerKind::PongDeadline);
@@ -790,18 +900,17 @@ impl Conn {
                     log::info!(
                         "conn={} no pong within {:?}, closing",
                         self.id,
-                        ctx.env.cfg.pong_timeout
+                        self.pong_timeout(ctx)
                     );
                     self.close(CloseCode::Error, "heartbeat timeout", ctx);
                     return self.after_io(ctx);
                 }
                 // The deadline came `left` after the last ping; the next
                 // ping is due one interval after that ping.
-                let rest = ctx
-                    .env
-                    .cfg
-                    .heartbeat_interval
+                let rest = self
+                    .ping_interval(ctx)
                     .saturating_sub(self.pong_time_left(ctx));
+                let rest = self.connect_left(ctx).map_or(rest, |left| rest.min(left));
                 if rest.is_zero() {
                     return self.on_timer(TimerKind::Ping, ctx);
                 }
@@ -809,6 +918,13 @@ impl Conn {
                 Next::Keep
             }
             (TimerKind::Auth, State::Open(_)) => {
+                if self.is_socketio()
+                    && self.session.as_ref().is_some_and(|s| !s.is_authenticated())
+                {
+                    // No namespace CONNECT succeeded in time (connectTimeout).
+                    self.close_code(close::AUTH_TIMEOUT, "no CONNECT in time", ctx);
+                    return self.after_io(ctx);
+                }
                 if self.session.as_ref().is_some_and(|s| !s.is_authenticated()) {
                     let mut e = Vec::new();
                     proto::error(
@@ -822,7 +938,7 @@ impl Conn {
                     return self.after_io(ctx);
                 }
                 // Authenticated meanwhile: the heartbeat takes over the timer.
-                self.set_timer(ctx, ctx.env.cfg.heartbeat_interval, TimerKind::Ping);
+                self.set_timer(ctx, self.ping_interval(ctx), TimerKind::Ping);
                 Next::Keep
             }
             (TimerKind::Linger, _) => Next::Drop,
@@ -835,11 +951,10 @@ impl Conn {
     /// interval apart (timers never fire early, so the deadline is never
     /// early either).
     fn pong_time_left(&self, ctx: &Ctx<'_>) -> Duration {
-        let cfg = &ctx.env.cfg;
-        let waited = cfg
-            .heartbeat_interval
+        let waited = self
+            .ping_interval(ctx)
             .saturating_mul(self.unanswered.saturating_sub(1));
-        cfg.pong_timeout.saturating_sub(waited)
+        self.pong_timeout(ctx).saturating_sub(waited)
     }
 
     /// Server shutdown: close open connections with 1001, drop handshakes.
@@ -857,12 +972,56 @@ impl Conn {
     /// Queue a frame encoded once for many connections (fan-out).
     /// Returns false if the connection is no longer open.
     pub fn deliver(&mut self, frame: Arc<[u8]>) -> bool {
+        if self.is_socketio() {
+            // For this connection alone: an inbox delivery gets an ack id.
+            let packet = self
+                .session
+                .as_mut()
+                .and_then(|s| s.sio_mut())
+                .zip(proto::socketio::frame_payload(&frame))
+                .and_then(|(st, json)| st.delivery(json));
+            return match packet {
+                Some(p) => {
+                    self.out.push_frame(OpCode::Text, &p);
+                    true
+                }
+                None => false,
+            };
+        }
         if self.is_open() {
             self.out.push_shared(frame);
             true
         } else {
             false
         }
+    }
+
+    /// Queue a native frame shared by many connections; a Socket.IO client
+    /// gets it re-encoded as an event, once per fan-out: `sio` keeps the
+    /// re-encoded frame (with its namespace) for the next such recipient.
+    pub fn deliver_as(&mut self, frame: Arc<[u8]>, sio: &mut SioShared) -> bool {
+        if !self.is_socketio() {
+            return self.deliver(frame);
+        }
+        let Some(st) = self.session.as_ref().and_then(|s| s.sio()) else {
+            return false;
+        };
+        let Some(home) = st.home() else {
+            return false; // no namespace connected yet: nothing to receive on
+        };
+        let shared = match sio {
+            Some((nsp, strings, f)) if **nsp == *home && *strings == st.strings() => f.clone(),
+            _ => {
+                let Some(json) = proto::socketio::frame_payload(&frame) else {
+                    return false;
+                };
+                let f = proto::encode::shared_frame(&st.push(home, json));
+                *sio = Some((home.into(), st.strings(), f.clone()));
+                f
+            }
+        };
+        self.out.push_shared(shared);
+        true
     }
 
     /// The authenticated user on the protocol path.
@@ -893,6 +1052,63 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Socket.IO connection joined to `/`, over a real loopback socket.
+    fn socketio_conn(seq: u64, env: &Env, desk: &mut Desk) -> (Conn, std::net::TcpStream) {
+        struct Discard;
+        impl Replies for Discard {
+            fn text(&mut self, _: &[u8]) {}
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        let io = Transport::Plain(mio::net::TcpStream::from_std(server));
+        let mut conn = Conn::new(ConnId::new(0, seq), io, peer);
+        conn.state = State::Open(Endpoint::SocketIo);
+        let mut session = Session::socketio(crate::session::ConnectParams::default());
+        let mut h = Handling {
+            env,
+            desk,
+            key: seq as usize,
+            conn: conn.id,
+            now: Instant::now(),
+        };
+        assert_eq!(
+            session.on_sio_text(b"40", &mut h, &mut Discard),
+            Verdict::Authenticated
+        );
+        conn.session = Some(Box::new(session));
+        (conn, client)
+    }
+
+    /// A fan-out is encoded once for its Socket.IO recipients: every one of
+    /// them queues the same shared frame (one allocation), an event carrying
+    /// the native message.
+    #[test]
+    fn socketio_fan_out_shares_one_encoding() {
+        let env = Env::detached(
+            crate::config::Config::default(),
+            crate::auth::Authenticator::None,
+            None,
+        );
+        let mut desk = Desk::default();
+        let (mut a, _ca) = socketio_conn(1, &env, &mut desk);
+        let (mut b, _cb) = socketio_conn(2, &env, &mut desk);
+        let native =
+            crate::proto::encode::shared_frame(br#"{"type":"message","channel":"c","data":1}"#);
+        let mut shared = None;
+        assert!(a.deliver_as(native.clone(), &mut shared));
+        assert!(b.deliver_as(native.clone(), &mut shared));
+        let (fa, fb) = (a.out.front().unwrap(), b.out.front().unwrap());
+        assert_eq!(fa.as_ptr(), fb.as_ptr(), "one frame, shared");
+        assert_eq!(
+            proto::socketio::frame_payload(fa),
+            Some(&br#"42["message",{"type":"message","channel":"c","data":1}]"#[..])
+        );
+        // It is a new encoding beside the native frame, which native
+        // recipients keep sharing.
+        assert!(!std::ptr::eq(fa.as_ptr(), native.as_ptr()));
+    }
 
     /// The per-connection footprint is a design target (about 1 KiB per idle
     /// connection in all, see docs/BENCHMARKS.md): keep the struct small.

@@ -13,6 +13,7 @@
 
 pub mod decode;
 pub mod encode;
+pub mod socketio;
 
 pub use decode::{ClientMsg, DecodeError, Kind, decode, field, field_str, raw_field};
 pub use encode::{Out, error, write_str};

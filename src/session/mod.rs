@@ -15,6 +15,7 @@
 //! | `request.rs` | request/response actions |
 //! | `ingest.rs` | sensor-data records |
 //! | `reply.rs` | the reply sink and the shared argument checks |
+//! | `socketio.rs` | the Socket.IO front end: Engine.IO/Socket.IO packets to native messages, native answers to events and acks |
 //! | `render.rs` | answers built from gathered cross-shard results |
 
 mod auth;
@@ -24,9 +25,11 @@ mod dispatch;
 mod ingest;
 mod reply;
 mod request;
+mod socketio;
 mod state;
 
 pub mod render;
 
 pub use reply::Replies;
+pub use socketio::{SioState, close as sio_close};
 pub use state::{ConnectParams, FEATURES, FEATURES_NO_STORAGE, Session, TokenStep, Verdict, close};

@@ -14,6 +14,8 @@ use crate::proto::{self, Dialect, ErrorCode, field, field_str};
 /// Replies to the connection itself: each call is one text frame.
 pub trait Replies {
     fn text(&mut self, json: &[u8]);
+    /// A binary frame (Socket.IO attachments); the native protocol has none.
+    fn binary(&mut self, _data: &[u8]) {}
     /// Bytes already waiting to be sent to this connection (replies of this
     /// read and its outbound queue): a handler checks it before costly work
     /// whose answer would only be dropped at the slow-consumer limit.

@@ -78,6 +78,8 @@ pub struct Session {
     pub(super) recovering: Vec<Arc<str>>,
     /// When the upgrade completed (ms since the epoch).
     pub(super) connected_at_ms: i64,
+    /// Socket.IO wire state (None for a native client).
+    pub(super) sio: Option<Box<super::socketio::SioState>>,
     /// `history` requests whose page is on its way (at most
     /// [`MAX_PENDING_HISTORY`]).
     pub(super) pending_history: u8,
@@ -127,6 +129,7 @@ impl Session {
             data_received: 0,
             recovering: Vec::new(),
             connected_at_ms: crate::clock::now_ms(),
+            sio: None,
             pending_history: 0,
             token_timer: None,
             expiry_warned: false,

@@ -207,6 +207,9 @@ impl Shard {
             Audience::All => Box::new(self.desk.local.authed().iter().copied()),
         };
         let mut n = 0;
+        // The Socket.IO encoding of `frame`, made for the first Socket.IO
+        // recipient and shared by the others (one encoding per wire format).
+        let mut sio = None;
         for key in keys {
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
@@ -216,7 +219,7 @@ impl Shard {
             {
                 continue; // its recovery, on the way, carries this publication
             }
-            if conn.deliver(frame.clone()) {
+            if conn.deliver_as(frame.clone(), &mut sio) {
                 n += 1;
                 conn.queue_flush(key, &mut self.flush);
             }
