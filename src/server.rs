@@ -371,10 +371,14 @@ fn open_storage(cfg: &Config) -> Result<(Option<Box<dyn Backend>>, store::Loaded
                     err,
                 })
             })?;
-            let mut b = store::PostgresBackend::open(
+            // Start-up lines are held back until the start succeeds or
+            // fails (`logging::hold`); a wait of up to `start_retry` for the
+            // database must be visible while it lasts.
+            let mut b = store::PostgresBackend::open_waiting(
                 &cfg.storage.postgres,
                 cfg.storage.synchronous,
                 &cfg.ingest.table,
+                &mut crate::logging::release,
             )
             .map_err(StartError::Storage)?;
             b.set_history_budget(history_budget);

@@ -266,6 +266,18 @@ impl PostgresBackend {
         sync: SyncMode,
         ingest_table: &str,
     ) -> Result<PostgresBackend, StoreError> {
+        Self::open_waiting(cfg, sync, ingest_table, &mut || {})
+    }
+
+    /// [`Self::open`], calling `on_wait` once before it starts waiting for
+    /// an unreachable database (the server writes out its held start-up
+    /// log lines then, so the wait is visible while it lasts).
+    pub fn open_waiting(
+        cfg: &PostgresConfig,
+        sync: SyncMode,
+        ingest_table: &str,
+        on_wait: &mut dyn FnMut(),
+    ) -> Result<PostgresBackend, StoreError> {
         let (pg, tls) = client_config(cfg)?;
         let describe = describe(&pg, &cfg.schema);
         let mut b = PostgresBackend {
@@ -293,10 +305,7 @@ impl PostgresBackend {
                 // password or a schema too new will not fix itself.
                 Err(e) if is_unreachable(&e) && Instant::now() + backoff < deadline => {
                     if !said {
-                        // Start-up lines are held back until the start
-                        // succeeds or fails (`logging::hold`); a wait of up
-                        // to `start_retry` must be visible while it lasts.
-                        crate::logging::release();
+                        on_wait();
                         log::warn!(
                             "storage: cannot reach PostgreSQL at {} ({e}); retrying for up to {:?}",
                             b.describe,
