@@ -944,3 +944,35 @@ for_each_backend!(
     a_failing_record_fails_alone_among_records,
     inbox_quotas_and_the_eviction_rule,
 );
+
+/// A PostgreSQL schema of version 1 gets the inbox's sender and size
+/// columns, the sizes of the messages already there filled in (as SQLite's
+/// `schema_1_inboxes_are_migrated`).
+#[test]
+fn postgres_schema_1_inboxes_are_migrated() {
+    let f = Postgres::new();
+    {
+        let mut c = f.client();
+        c.batch_execute(&format!("CREATE SCHEMA \"{}\"", f.schema))
+            .unwrap();
+        c.batch_execute(&format!("SET search_path TO \"{}\"", f.schema))
+            .unwrap();
+        c.batch_execute(super::postgres::MIGRATIONS[0]).unwrap();
+        c.batch_execute(
+            "CREATE TABLE switchboard_schema (version INTEGER PRIMARY KEY, \
+             applied_at_ms BIGINT NOT NULL); \
+             INSERT INTO switchboard_schema VALUES (1, 1); \
+             INSERT INTO inbox (user_id, payload, created_at_ms, expires_at_ms) \
+             VALUES ('old', '{\"a\":1}', 1, 9223372036854775807);",
+        )
+        .unwrap();
+    }
+    let mut b = PostgresBackend::open(&f.config(), SyncMode::Full, TABLE).unwrap();
+    assert_eq!(b.version().unwrap(), super::postgres::schema_version());
+    let r = f
+        .client()
+        .query_one("SELECT sender, bytes FROM inbox", &[])
+        .unwrap();
+    let (sender, bytes): (Option<String>, i64) = (r.get(0), r.get(1));
+    assert_eq!((sender, bytes), (None, 7));
+}
