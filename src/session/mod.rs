@@ -25,11 +25,13 @@ mod dispatch;
 mod ingest;
 mod reply;
 mod request;
+mod sio_state;
 mod socketio;
 mod state;
 
 pub mod render;
 
 pub use reply::Replies;
-pub use socketio::{SioState, close as sio_close};
+pub use sio_state::SioState;
+pub use socketio::close as sio_close;
 pub use state::{ConnectParams, FEATURES, FEATURES_NO_STORAGE, Session, TokenStep, Verdict, close};

@@ -79,7 +79,7 @@ pub struct Session {
     /// When the upgrade completed (ms since the epoch).
     pub(super) connected_at_ms: i64,
     /// Socket.IO wire state (None for a native client).
-    pub(super) sio: Option<Box<super::socketio::SioState>>,
+    pub(super) sio: Option<Box<super::sio_state::SioState>>,
     /// `history` requests whose page is on its way (at most
     /// [`MAX_PENDING_HISTORY`]).
     pub(super) pending_history: u8,
