@@ -16,6 +16,7 @@
 //! | `ingest.rs` | sensor-data records |
 //! | `reply.rs` | the reply sink and the shared argument checks |
 //! | `socketio.rs` | the Socket.IO front end: Engine.IO/Socket.IO packets to native messages, native answers to events and acks |
+//! | `sio_state.rs` | a connection's Socket.IO wire state (sid, namespaces, ack ids, binary reassembly) and how a server message is rendered for it |
 //! | `render.rs` | answers built from gathered cross-shard results |
 
 mod auth;
