@@ -9,11 +9,10 @@
 mod common;
 
 use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use switchboard::auth::{Claims, SigningKeySource, SigningSettings, mint};
 use switchboard::config::{AuthMode, Config, Rule};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::{Message, WebSocket};
@@ -39,31 +38,7 @@ fn jwt_config() -> Config {
 }
 
 fn token(sub: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let c = Claims {
-        sub: sub.into(),
-        exp: Some(now + 3600),
-        nbf: None,
-        iat: Some(now),
-        iss: None,
-        aud: None,
-        jti: None,
-        channels: Vec::new(),
-        role: None,
-        tenant: None,
-    };
-    mint(
-        &SigningSettings {
-            algorithm: jsonwebtoken::Algorithm::HS256,
-            key: SigningKeySource::Secret(SECRET.as_bytes().to_vec()),
-            kid: None,
-        },
-        &c,
-    )
-    .unwrap()
+    hs256_token(SECRET, sub)
 }
 
 /// An Engine.IO client over WebSocket that has read the open packet.

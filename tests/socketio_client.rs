@@ -15,10 +15,9 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::*;
-use switchboard::auth::{Claims, SigningKeySource, SigningSettings, mint};
 use switchboard::config::{AuthMode, Config, Rule};
 
 const SECRET: &str = "socketio-client-secret";
@@ -36,31 +35,7 @@ fn config() -> Config {
 }
 
 fn token(sub: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let c = Claims {
-        sub: sub.into(),
-        exp: Some(now + 3600),
-        nbf: None,
-        iat: Some(now),
-        iss: None,
-        aud: None,
-        jti: None,
-        channels: Vec::new(),
-        role: None,
-        tenant: None,
-    };
-    mint(
-        &SigningSettings {
-            algorithm: jsonwebtoken::Algorithm::HS256,
-            key: SigningKeySource::Secret(SECRET.as_bytes().to_vec()),
-            kid: None,
-        },
-        &c,
-    )
-    .unwrap()
+    hs256_token(SECRET, sub)
 }
 
 /// Run one scenario of tests/socketio/client.mjs against `cfg`; its output

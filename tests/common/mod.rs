@@ -201,3 +201,31 @@ pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
     panic!("timed out waiting for {what}");
 }
+
+/// An HS256 token for `sub` signed with `secret`, valid for an hour (tests
+/// that need other claims build their own `Claims`).
+pub fn hs256_token(secret: &str, sub: &str) -> String {
+    use switchboard::auth::{Claims, SigningKeySource, SigningSettings, mint};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    let claims = Claims {
+        sub: sub.into(),
+        exp: Some(now + 3600),
+        nbf: None,
+        iat: Some(now),
+        iss: None,
+        aud: None,
+        jti: None,
+        channels: Vec::new(),
+        role: None,
+        tenant: None,
+    };
+    let key = SigningSettings {
+        algorithm: switchboard::auth::Algorithm::HS256,
+        key: SigningKeySource::Secret(secret.as_bytes().to_vec()),
+        kid: None,
+    };
+    mint(&key, &claims).expect("an HS256 token")
+}
